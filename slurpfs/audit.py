@@ -1,0 +1,130 @@
+"""Append-only, hash-chained audit log of access decisions.
+
+One JSON object per line. Each entry carries the BLAKE2b hash of the previous
+entry's line (`prev`) and its own hash (`hash`, over the line without it), so a
+removed, reordered or edited entry breaks the chain at that point and
+`verify()` says where. Entries name who, which role, which address and the
+decision; never any content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slurpfs.errors import Corrupt
+
+GENESIS = "0" * 64
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=32).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    seq: int
+    time: float
+    who: str
+    action: str
+    address: str
+    role: str
+    allowed: bool
+    reason: str
+
+
+class AuditLog:
+    """Appends entries to `path` (0600); thread-safe; resumes the chain on open."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._seq, self._prev = self._tail()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def _tail(self) -> tuple[int, str]:
+        try:
+            with self._path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 4096))
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return 0, GENESIS
+        if not lines:
+            return 0, GENESIS
+        last = json.loads(lines[-1])
+        return int(last["seq"]), str(last["hash"])
+
+    def record(
+        self, *, who: str, action: str, address: str, role: str, allowed: bool, reason: str = ""
+    ) -> None:
+        with self._lock:
+            self._seq += 1
+            body = {
+                "seq": self._seq,
+                "time": round(time.time(), 6),
+                "who": who,
+                "action": action,
+                "address": address,
+                "role": role,
+                "allowed": allowed,
+                "reason": reason,
+                "prev": self._prev,
+            }
+            text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            entry_hash = _digest(text)
+            body["hash"] = entry_hash
+            os.write(
+                self._fd, (json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            )
+            self._prev = entry_hash
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def verify(path: Path) -> int:
+    """Check the whole chain; returns the number of entries. Raises Corrupt at the first break."""
+    prev = GENESIS
+    count = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                body = json.loads(raw)
+                claimed = body.pop("hash")
+            except (ValueError, KeyError, AttributeError):
+                raise Corrupt(f"audit log line {lineno}: not an audit entry") from None
+            if body.get("prev") != prev:
+                raise Corrupt(f"audit log line {lineno}: chain broken (entry removed or reordered)")
+            if _digest(json.dumps(body, sort_keys=True, separators=(",", ":"))) != claimed:
+                raise Corrupt(f"audit log line {lineno}: entry altered")
+            prev = claimed
+            count += 1
+    return count
+
+
+def read(path: Path, limit: int | None = None) -> list[AuditEntry]:
+    """The last `limit` entries (all when None), oldest first."""
+    out: list[AuditEntry] = []
+    with path.open("rb") as f:
+        for raw in f:
+            body = json.loads(raw)
+            out.append(
+                AuditEntry(
+                    body["seq"],
+                    body["time"],
+                    body["who"],
+                    body["action"],
+                    body["address"],
+                    body["role"],
+                    body["allowed"],
+                    body["reason"],
+                )
+            )
+    return out[-limit:] if limit else out

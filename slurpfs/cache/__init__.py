@@ -1,0 +1,1 @@
+"""Caches: in-memory plaintext LRU (and later a Redis tier for envelopes)."""

@@ -1,0 +1,343 @@
+"""Configuration: one TOML file plus ``SLURPFS_*`` overrides, into a frozen object.
+
+Precedence: command line > environment > file > default. Unknown keys and bad
+values raise `ConfigError` naming the key. Nothing else in slurpfs reads
+``os.environ``: callers pass the environment in.
+
+File layout::
+
+    [node]        data_dir, name
+    [durability]  sync_interval
+    [store]       map_size, max_context_bytes, cascade_depth
+    [cache]       plaintext_bytes, redis_url
+    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other
+    [search]      engine
+    [http]        listen
+    [replication] write_quorum
+    [roles.NAME]  readers, users, groups
+
+Environment keys are ``SLURPFS_<SECTION>_<KEY>`` (``SLURPFS_DURABILITY_SYNC_INTERVAL=0.5``);
+lists are comma separated. ``SLURPFS_CONFIG`` names the file and
+``SLURPFS_PASSPHRASE`` carries the key passphrase (read by the CLI, never stored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from slurpfs.errors import ConfigError
+
+ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
+    # role -> roles that may also read its contexts
+    "developer": ("architect",),
+    "reviewer": ("architect",),
+    "architect": (),
+}
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME", "/root")) / ".local/share")
+    return Path(base) / "slurpfs"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    data_dir: str = ""
+    name: str = "node"
+
+
+@dataclasses.dataclass(frozen=True)
+class DurabilityConfig:
+    sync_interval: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    map_size: int = 8 << 30
+    max_context_bytes: int = 256 << 20
+    cascade_depth: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    plaintext_bytes: int = 64 << 20
+    redis_url: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MountConfig:
+    entry_timeout: float = 60.0
+    attr_timeout: float = 60.0
+    scratch_bytes: int = 256 << 20
+    allow_other: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    engine: str = "whoosh"
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:0"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    write_quorum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleConfig:
+    """A role: who else reads its contexts, and which unix users/groups hold it."""
+
+    name: str
+    readers: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "node": NodeConfig,
+    "durability": DurabilityConfig,
+    "store": StoreConfig,
+    "cache": CacheConfig,
+    "mount": MountConfig,
+    "search": SearchConfig,
+    "http": HttpConfig,
+    "replication": ReplicationConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    durability: DurabilityConfig
+    store: StoreConfig
+    cache: CacheConfig
+    mount: MountConfig
+    search: SearchConfig
+    http: HttpConfig
+    replication: ReplicationConfig
+    roles: Mapping[str, RoleConfig]
+    source: str = "<defaults>"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.roles))
+
+    def readers_of(self, role: str) -> tuple[str, ...]:
+        """Every role an envelope written for `role` is sealed to: itself first."""
+        return (role, *(r for r in self.roles[role].readers if r != role))
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+def _coerce(key: str, value: Any, typ: Any, *, from_env: bool) -> Any:
+    """Check or convert one value to the field's type; ConfigError names the key."""
+    if typ is bool:
+        if from_env and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip(), 0)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if from_env and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typing.get_origin(typ) is tuple:
+        if from_env and isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
+
+
+def _build(cls: type[Any], key: str, table: Mapping[str, Any], **extra: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)} - set(extra)
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    values = {
+        name: _coerce(f"{key}.{name}", value, hints[name], from_env=False)
+        for name, value in table.items()
+    }
+    return cls(**values, **extra)
+
+
+def _check(config: Config) -> None:
+    if config.durability.sync_interval <= 0:
+        raise ConfigError("durability.sync_interval: must be positive")
+    if config.store.map_size < 1 << 20:
+        raise ConfigError("store.map_size: must be at least 1 MiB")
+    if config.store.max_context_bytes < 1:
+        raise ConfigError("store.max_context_bytes: must be positive")
+    if not 0 <= config.store.cascade_depth <= 64:
+        raise ConfigError("store.cascade_depth: must be between 0 and 64")
+    if config.mount.scratch_bytes < 0:
+        raise ConfigError("mount.scratch_bytes: must not be negative")
+    if config.search.engine not in ("whoosh", "tantivy"):
+        raise ConfigError(
+            f"search.engine: must be 'whoosh' or 'tantivy', not {config.search.engine!r}"
+        )
+    if config.replication.write_quorum < 1:
+        raise ConfigError("replication.write_quorum: must be at least 1")
+    if not config.roles:
+        raise ConfigError("roles: at least one role must be configured")
+    for name, role in config.roles.items():
+        if not ROLE_NAME.match(name):
+            raise ConfigError(f"roles.{name}: role names are [a-z][a-z0-9_-]{{0,31}}")
+        for reader in role.readers:
+            if reader not in config.roles:
+                raise ConfigError(f"roles.{name}.readers: unknown role {reader!r}")
+
+
+def load(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the configuration.
+
+    `path` (or ``SLURPFS_CONFIG``) names a TOML file; without one, the file
+    ``config.toml`` in the data directory is read when it exists. `overrides`
+    are command-line values as ``{"node.data_dir": "/x"}``: they beat everything.
+    """
+    env = dict(os.environ if environ is None else environ)
+    overrides = dict(overrides or {})
+    if path is None and env.get("SLURPFS_CONFIG"):
+        path = Path(env["SLURPFS_CONFIG"])
+    if path is None:
+        data_dir = overrides.get("node.data_dir") or env.get("SLURPFS_NODE_DATA_DIR")
+        candidate = Path(data_dir or default_data_dir(env)) / "config.toml"
+        if candidate.is_file():
+            path = candidate
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+
+    unknown = sorted(set(table) - set(_SECTIONS) - {"roles"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: roles, {', '.join(_SECTIONS)})")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = table.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: must be a table")
+        merged = dict(raw)
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            key = f"{name}.{field.name}"
+            env_key = "SLURPFS_" + key.replace(".", "_").upper()
+            if env_key in env:
+                merged[field.name] = _coerce(
+                    env_key, env[env_key], hints[field.name], from_env=True
+                )
+            if key in overrides and overrides[key] is not None:
+                merged[field.name] = overrides[key]
+        sections[name] = _build(cls, name, merged)
+    stray = sorted(
+        k
+        for k in env
+        if k.startswith("SLURPFS_")
+        and k not in ("SLURPFS_CONFIG", "SLURPFS_PASSPHRASE", "SLURPFS_PASSPHRASE_FILE")
+        and not any(
+            k == "SLURPFS_" + f"{s}_{f.name}".upper()
+            for s, c in _SECTIONS.items()
+            for f in dataclasses.fields(c)
+        )
+    )
+    if stray:
+        raise ConfigError(f"{stray[0]}: unknown environment setting")
+    if not sections["node"].data_dir:
+        sections["node"] = dataclasses.replace(
+            sections["node"], data_dir=str(default_data_dir(env))
+        )
+
+    raw_roles = table.get("roles")
+    roles: dict[str, RoleConfig] = {}
+    if raw_roles is None:
+        roles = {n: RoleConfig(n, readers=r) for n, r in DEFAULT_ROLES.items()}
+    elif not isinstance(raw_roles, dict):
+        raise ConfigError("roles: must be a table of [roles.NAME] tables")
+    else:
+        for name, raw in raw_roles.items():
+            if not isinstance(raw, dict):
+                raise ConfigError(f"roles.{name}: must be a table")
+            roles[name] = _build(RoleConfig, f"roles.{name}", raw, name=name)
+    config = Config(**sections, roles=roles, source=str(path) if path else "<defaults>")
+    _check(config)
+    return config
+
+
+def render_toml(config: Config) -> str:
+    """A TOML file that loads back to `config` (used by ``slurpfs init``)."""
+    lines: list[str] = []
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for field in dataclasses.fields(section):
+            lines.append(f"{field.name} = {_toml_value(getattr(section, field.name))}")
+        lines.append("")
+    for role in config.roles.values():
+        lines.append(f"[roles.{role.name}]")
+        lines.append(f"readers = {_toml_value(role.readers)}")
+        lines.append(f"users = {_toml_value(role.users)}")
+        lines.append(f"groups = {_toml_value(role.groups)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise AssertionError(f"cannot render {value!r}")  # pragma: no cover

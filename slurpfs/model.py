@@ -1,0 +1,612 @@
+"""The context model: what the filesystem, the CLI and replication call.
+
+`ContextStore` joins the pieces below it: UCXL addresses (`slurpfs.ucxl`),
+envelopes and keys (`slurpfs.crypto`), the LMDB store (`slurpfs.store`) and the
+plaintext cache. It owns the rules every front end shares: which names are
+valid, who may read which role, how a write becomes exactly one new version,
+how temporal segments pick a version, and the CSS-like cascade of front matter.
+
+Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slurpfs import frontmatter, hlc
+from slurpfs.audit import AuditLog
+from slurpfs.cache.memory import CacheStatistics, PlaintextCache
+from slurpfs.config import Config, render_toml
+from slurpfs.crypto import envelope as env
+from slurpfs.crypto.keys import Keyring, RolePublicKey
+from slurpfs.crypto.keystore import KdfParams, Keystore
+from slurpfs.errors import (
+    AccessDenied,
+    AlreadyExists,
+    Corrupt,
+    InvalidAddress,
+    KeyMissing,
+    NotFound,
+    SlurpError,
+    StoreFull,
+)
+from slurpfs.store import Commit, StaleHead, Store, StoreStatistics, VersionRecord
+from slurpfs.ucxl import Address, TemporalKind, validate_component
+
+VersionInfo = VersionRecord
+"""Metadata of one version (an alias: the store's record is the public shape)."""
+
+_COMMIT_RETRIES = 8
+
+
+class ContextTooLarge(SlurpError):
+    errno = 27  # EFBIG
+    exit_code = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """One decrypted version: its metadata and the exact bytes that were written."""
+
+    info: VersionInfo
+    data: bytes
+
+    @property
+    def front_matter(self) -> frontmatter.FrontMatter:
+        return frontmatter.parse(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """An address directory: subdirectories, live role files and losing conflict leaves."""
+
+    dirs: tuple[str, ...]
+    roles: tuple[str, ...]
+    conflicts: tuple[tuple[str, VersionInfo], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    address: Address
+    role: str
+    data: bytes
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    committed: tuple[VersionInfo, ...]
+    failed: tuple[tuple[str, str], ...]  # (label, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The cascaded view of a context: merged front matter and where it came from."""
+
+    address: str
+    role: str
+    fields: dict[str, Any]
+    sources: tuple[str, ...]  # address keys, farthest ancestor first
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    store: StoreStatistics
+    cache: CacheStatistics
+    puts: int
+    gets: int
+    denied: int
+    corrupt: int
+
+
+def data_paths(data_dir: Path) -> dict[str, Path]:
+    """Where things live inside a data directory."""
+    return {
+        "config": data_dir / "config.toml",
+        "store": data_dir / "store",
+        "audit": data_dir / "audit.log",
+        "keys": data_dir / "keys",
+    }
+
+
+class ContextStore:
+    """The encrypted, versioned context store of one node."""
+
+    def __init__(self, config: Config, keyring: Keyring, store: Store, audit: AuditLog) -> None:
+        self.config = config
+        self.keyring = keyring
+        self._store = store
+        self._audit = audit
+        self._clock = hlc.HybridClock()
+        self._cache = PlaintextCache(config.cache.plaintext_bytes)
+        self._write_lock = threading.Lock()
+        self._subscribers: list[Callable[[VersionInfo], None]] = []
+        self._puts = self._gets = self._denied = self._corrupt = 0
+        self.role_names: tuple[str, ...] = config.role_names
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        config: Config,
+        passphrase: bytes | None = None,
+        *,
+        kdf: KdfParams | None = None,
+        held: Iterable[str] | None = None,
+    ) -> ContextStore:
+        """Create a data directory: config file, node identity, role keys, empty store."""
+        paths = data_paths(config.data_dir)
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keystore = Keystore(config.data_dir, passphrase, kdf or KdfParams.default())
+        if keystore.exists():
+            raise AlreadyExists(f"{config.data_dir} is already initialised")
+        keystore.create(config.role_names, held=held)
+        if not paths["config"].exists():
+            paths["config"].write_text(render_toml(config), encoding="utf-8")
+        return cls.open(config, passphrase, kdf=kdf)
+
+    @classmethod
+    def open(
+        cls, config: Config, passphrase: bytes | None = None, *, kdf: KdfParams | None = None
+    ) -> ContextStore:
+        """Open an initialised data directory (NotInitialised, WrongPassphrase, ConfigError)."""
+        paths = data_paths(config.data_dir)
+        keyring = Keystore(config.data_dir, passphrase, kdf or KdfParams.default()).load()
+        unknown = sorted(set(config.role_names) - keyring.roles())
+        if unknown:
+            raise SlurpError(
+                f"role {unknown[0]!r} is configured but has no key: run `slurpfs keys add {unknown[0]}`"
+            )
+        store = Store(paths["store"], map_size=config.store.map_size)
+        return cls(config, keyring, store, AuditLog(paths["audit"]))
+
+    def close(self) -> None:
+        self._store.close()
+        self._audit.close()
+        self._cache.clear()
+
+    def __enter__(self) -> ContextStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def sync(self) -> None:
+        """Make every commit so far survive power loss."""
+        self._store.sync()
+
+    def subscribe(self, callback: Callable[[VersionInfo], None]) -> None:
+        """Call `callback(info)` after every local commit (from the committing thread)."""
+        self._subscribers.append(callback)
+
+    # -- names and access ----------------------------------------------------
+
+    def held_roles(self) -> frozenset[str]:
+        return self.keyring.held_roles() & frozenset(self.role_names)
+
+    def readable_roles(self, caller_roles: Collection[str]) -> frozenset[str]:
+        """Role files that a caller holding `caller_roles` can open on this node."""
+        usable = frozenset(caller_roles) & self.held_roles()
+        return frozenset(r for r in self.role_names if usable & set(self.config.readers_of(r)))
+
+    def check_component(self, name: str) -> None:
+        """InvalidAddress unless `name` may be an address path component."""
+        validate_component(name)
+        if name in self.config.roles:
+            raise InvalidAddress(f"path component {name!r} is a role name; role names are files")
+
+    def _check_address(self, address: Address, *, writing: bool) -> None:
+        for name in address.path:
+            if name in self.config.roles:
+                raise InvalidAddress(
+                    f"invalid address {str(address)!r}: path component {name!r} is a role name"
+                )
+        if writing and address.temporal is not None:
+            raise InvalidAddress(f"cannot write to a temporal address {str(address)!r}")
+
+    def _check_role(self, role: str) -> None:
+        if role not in self.config.roles:
+            raise NotFound(f"no role {role!r} (configured: {', '.join(self.role_names)})")
+
+    def _authorise(
+        self, address: str, role: str, caller_roles: Collection[str] | None, who: str, action: str
+    ) -> frozenset[str]:
+        """The roles whose keys may open `role`'s envelopes for this caller; audited."""
+        readers = set(self.config.readers_of(role))
+        caller = self.held_roles() if caller_roles is None else frozenset(caller_roles)
+        entitled = readers & caller
+        if not entitled:
+            self._denied += 1
+            self._audit.record(
+                who=who,
+                action=action,
+                address=address,
+                role=role,
+                allowed=False,
+                reason="caller holds no reader role",
+            )
+            raise AccessDenied(f"reading {role!r} needs one of the roles {sorted(readers)}")
+        usable = entitled & self.held_roles()
+        if not usable:
+            self._denied += 1
+            self._audit.record(
+                who=who,
+                action=action,
+                address=address,
+                role=role,
+                allowed=False,
+                reason="node holds no key",
+            )
+            raise KeyMissing(f"this node holds no private key for {sorted(entitled)}")
+        self._audit.record(who=who, action=action, address=address, role=role, allowed=True)
+        return frozenset(usable)
+
+    # -- writing ---------------------------------------------------------------
+
+    def put(
+        self, address: Address, role: str, data: bytes, *, ttl: float | None = None
+    ) -> VersionInfo:
+        """Store `data` as the new latest version of (address, role): one LMDB transaction."""
+        self._check_address(address, writing=True)
+        self._check_role(role)
+        if len(data) > self.config.store.max_context_bytes:
+            raise ContextTooLarge(
+                f"{len(data)} bytes is over store.max_context_bytes ({self.config.store.max_context_bytes})"
+            )
+        expires = None if ttl is None else int((time.time() + ttl) * 1000)
+        info = self._write(address.key, role, data, deleted=False, expires_ms=expires)
+        self._puts += 1
+        return info
+
+    def delete(self, address: Address, role: str) -> VersionInfo:
+        """Store a deletion (tombstone); history stays. NotFound if nothing live is there."""
+        self._check_address(address, writing=True)
+        self._check_role(role)
+        head = self._store.head(address.key, role)
+        if head is None or head.deleted:
+            raise NotFound(f"no context at {address} for role {role!r}")
+        return self._write(address.key, role, b"", deleted=True, expires_ms=None)
+
+    def _write(
+        self,
+        address: str,
+        role: str,
+        data: bytes,
+        *,
+        deleted: bool,
+        expires_ms: int | None,
+        extra_parents: Sequence[bytes] = (),
+    ) -> VersionInfo:
+        readers = [self.keyring.current_public(r) for r in self.config.readers_of(role)]
+        with self._write_lock:
+            for _ in range(_COMMIT_RETRIES):
+                leaves = self._store.leaves(address, role)
+                parents = ((leaves[0].version_id,) if leaves else ()) + tuple(extra_parents)
+                for leaf in leaves:
+                    self._clock.observe(leaf.hlc)
+                record, commit = self._seal(
+                    address, role, data, parents, deleted, readers, expires_ms
+                )
+                commit = Commit(
+                    record,
+                    commit.envelope,
+                    commit.slots,
+                    expected_leaves=tuple(v.version_id for v in leaves),
+                    expires_ms=expires_ms,
+                )
+                try:
+                    self._store.commit([commit])
+                except StaleHead:
+                    continue  # another process committed in between: re-seal on the new head
+                break
+            else:
+                raise StoreFull(
+                    f"{address} [{role}]: gave up after {_COMMIT_RETRIES} concurrent commits"
+                )
+        if not deleted:
+            self._cache.put(record.version_id, data)
+        for callback in self._subscribers:
+            callback(record)
+        return record
+
+    def _seal(
+        self,
+        address: str,
+        role: str,
+        data: bytes,
+        parents: tuple[bytes, ...],
+        deleted: bool,
+        readers: Sequence[RolePublicKey],
+        expires_ms: int | None,
+    ) -> tuple[VersionRecord, Commit]:
+        stamp = self._clock.now()
+        sealed = env.seal(
+            data,
+            address=address,
+            role=role,
+            parents=parents,
+            hlc=stamp,
+            deleted=deleted,
+            readers=readers,
+            node=self.keyring.node,
+        )
+        record = VersionRecord(
+            version_id=sealed.version_id,
+            address=address,
+            role=role,
+            parents=parents,
+            hlc=stamp,
+            author=self.keyring.node.node_id,
+            size=len(data),
+            deleted=deleted,
+        )
+        return record, Commit(record, sealed.encoded, sealed.slots, expires_ms=expires_ms)
+
+    def put_many(self, items: Iterable[BatchItem]) -> BatchReport:
+        """Store many contexts in one transaction; bad items are reported, not fatal."""
+        failed: list[tuple[str, str]] = []
+        with self._write_lock:
+            heads: dict[tuple[str, str], bytes] = {}
+            commits: list[Commit] = []
+            for item in items:
+                label = item.label or f"{item.address} [{item.role}]"
+                try:
+                    self._check_address(item.address, writing=True)
+                    self._check_role(item.role)
+                    if len(item.data) > self.config.store.max_context_bytes:
+                        raise ContextTooLarge(
+                            f"{len(item.data)} bytes is over store.max_context_bytes"
+                        )
+                    ctx = (item.address.key, item.role)
+                    parent = heads.get(ctx)
+                    if ctx not in heads:
+                        head = self._store.head(*ctx)
+                        if head is not None:
+                            self._clock.observe(head.hlc)
+                            parent = head.version_id
+                    readers = [
+                        self.keyring.current_public(r) for r in self.config.readers_of(item.role)
+                    ]
+                    record, commit = self._seal(
+                        ctx[0],
+                        item.role,
+                        item.data,
+                        (parent,) if parent else (),
+                        False,
+                        readers,
+                        None,
+                    )
+                except SlurpError as exc:
+                    failed.append((label, str(exc)))
+                    continue
+                heads[ctx] = record.version_id
+                commits.append(commit)
+            if commits:
+                self._store.commit(commits)
+        for commit in commits:
+            for callback in self._subscribers:
+                callback(commit.record)
+        self._puts += len(commits)
+        return BatchReport(tuple(c.record for c in commits), tuple(failed))
+
+    def resolve_conflict(self, address: Address, role: str, version_id: bytes) -> VersionInfo:
+        """Drop a losing leaf: a merge version (content of the head) with both as parents."""
+        leaves = self._store.leaves(address.key, role)
+        losers = [leaf for leaf in leaves[1:] if leaf.version_id == version_id]
+        if not losers:
+            raise NotFound(f"no conflict {version_id.hex()[:16]} at {address} for role {role!r}")
+        head = leaves[0]
+        data = b"" if head.deleted else self._decrypt(head, self.held_roles())
+        return self._write(
+            address.key,
+            role,
+            data,
+            deleted=head.deleted,
+            expires_ms=None,
+            extra_parents=(version_id,),
+        )
+
+    def mkdir(self, address: Address) -> None:
+        self._check_address(address, writing=True)
+        if self._store.is_dir(address.key):
+            raise AlreadyExists(f"{address} exists")
+        self._store.mkdir(address.key)
+
+    def rmdir(self, address: Address) -> None:
+        self._check_address(address, writing=True)
+        self._store.rmdir(address.key)
+
+    def expire(self, now: float | None = None) -> int:
+        """TTL cleanup pass: purge every context whose TTL has passed. Returns versions removed."""
+        now_ms = int((time.time() if now is None else now) * 1000)
+        removed = 0
+        for address, role in self._store.expired(now_ms):
+            for leaf in self._store.history(address, role):
+                self._cache.discard(leaf.version_id)
+            removed += self._store.purge(address, role)
+        return removed
+
+    # -- reading ---------------------------------------------------------------
+
+    def stat(self, address: Address, role: str) -> VersionInfo:
+        """Metadata of the version the address (and its temporal segment) selects."""
+        self._check_address(address, writing=False)
+        self._check_role(role)
+        return self._select(address, role)
+
+    def _select(self, address: Address, role: str) -> VersionInfo:
+        key = address.key
+        t = address.temporal
+        missing = NotFound(f"no context at {address} for role {role!r}")
+        if t is None or t.kind is TemporalKind.LATEST:
+            head = self._store.head(key, role)
+            if head is None or head.deleted:
+                raise missing
+            return head
+        every = self._store.history(key, role)
+        if t.kind is TemporalKind.AT:
+            assert t.at is not None
+            limit = hlc.from_datetime(t.at)
+            before = [v for v in every if v.hlc <= limit]
+            if not before or before[-1].deleted:
+                raise missing
+            return before[-1]
+        content = [v for v in every if not v.deleted]
+        index = {
+            TemporalKind.FIRST: 0,
+            TemporalKind.FORWARD: t.n,
+            TemporalKind.BACK: len(content) - 1 - t.n,
+        }[t.kind]
+        if not 0 <= index < len(content):
+            raise NotFound(f"{address}: {role!r} has {len(content)} versions")
+        return content[index]
+
+    def get(
+        self,
+        address: Address,
+        role: str,
+        caller_roles: Collection[str] | None = None,
+        *,
+        who: str = "local",
+    ) -> Context:
+        """The decrypted version the address selects. AccessDenied/KeyMissing/Corrupt/NotFound."""
+        info = self.stat(address, role)
+        usable = self._authorise(info.address, role, caller_roles, who, "read")
+        return Context(info, self._decrypt(info, usable))
+
+    def get_version(
+        self,
+        address: Address,
+        role: str,
+        version_id: bytes,
+        caller_roles: Collection[str] | None = None,
+        *,
+        who: str = "local",
+    ) -> Context:
+        self._check_role(role)
+        info = self._store.record(version_id)
+        if info is None or info.address != address.key or info.role != role:
+            raise NotFound(f"no version {version_id.hex()[:16]} of {address} for role {role!r}")
+        usable = self._authorise(info.address, role, caller_roles, who, "read")
+        return Context(info, b"" if info.deleted else self._decrypt(info, usable))
+
+    def _decrypt(self, info: VersionInfo, usable: frozenset[str]) -> bytes:
+        cached = self._cache.get(info.version_id)
+        if cached is not None:
+            return cached
+        stored = self._store.read_version(info.version_id)
+        if stored is None:
+            self._corrupt += 1
+            raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
+        raw, slots = stored
+        try:
+            envelope = env.Envelope.decode(raw)
+            self._check_matches(envelope, info)
+            env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
+            data = env.decrypt(
+                envelope, env.unwrap_data_key([s for s in slots if s.role in usable], self.keyring)
+            )
+        except Corrupt:
+            self._corrupt += 1
+            self._audit.record(
+                who="node",
+                action="verify",
+                address=info.address,
+                role=info.role,
+                allowed=False,
+                reason=f"version {info.short_id} failed authentication",
+            )
+            raise
+        self._cache.put(info.version_id, data)
+        self._gets += 1
+        return data
+
+    @staticmethod
+    def _check_matches(envelope: env.Envelope, info: VersionInfo) -> None:
+        h = envelope.header
+        if (h.hlc, h.size, h.deleted, h.author, tuple(h.parents)) != (
+            info.hlc,
+            info.size,
+            info.deleted,
+            info.author,
+            info.parents,
+        ):
+            raise Corrupt(f"version {info.short_id}: metadata disagrees with its signed header")
+        if envelope.version_id != info.version_id:
+            raise Corrupt(f"version {info.short_id}: envelope does not hash to its id")
+
+    def history(self, address: Address, role: str) -> tuple[VersionInfo, ...]:
+        """Content versions (not deletions), oldest first: `.history/<role>/<n>` is [n-1]."""
+        self._check_role(role)
+        return tuple(v for v in self._store.history(address.key, role) if not v.deleted)
+
+    def all_versions(self, address: Address, role: str) -> tuple[VersionInfo, ...]:
+        """Every version, deletions included, oldest first."""
+        return tuple(self._store.history(address.key, role))
+
+    def conflicts(self, address: Address, role: str) -> tuple[VersionInfo, ...]:
+        return tuple(v for v in self._store.leaves(address.key, role)[1:] if not v.deleted)
+
+    def is_dir(self, address: Address) -> bool:
+        return self._store.is_dir(address.key)
+
+    def list_dir(self, address: Address | None) -> Listing:
+        """Subdirectories, live roles and conflicts; `None` lists the authorities."""
+        if address is None:
+            return Listing(tuple(self._store.children("")), (), ())
+        key = address.key
+        if not self._store.is_dir(key):
+            raise NotFound(f"no directory {address}")
+        roles: list[str] = []
+        conflicts: list[tuple[str, VersionInfo]] = []
+        for role in self._store.roles_at(key):
+            leaves = self._store.leaves(key, role)
+            if leaves and not leaves[0].deleted:
+                roles.append(role)
+            conflicts.extend((role, v) for v in leaves[1:] if not v.deleted)
+        return Listing(tuple(self._store.children(key)), tuple(roles), tuple(conflicts))
+
+    def resolve(
+        self, address: Address, role: str, caller_roles: Collection[str] | None = None
+    ) -> Resolved:
+        """Front matter cascaded over the address's ancestors (bounded depth)."""
+        chain = [address.without_temporal(), *address.ancestors()][
+            : self.config.store.cascade_depth + 1
+        ]
+        layers: list[frontmatter.FrontMatter] = []
+        sources: list[str] = []
+        for ancestor in reversed(chain):
+            try:
+                ctx = self.get(ancestor, role, caller_roles)
+            except NotFound:
+                continue
+            layers.append(ctx.front_matter)
+            sources.append(ancestor.key)
+        if not sources or sources[-1] != address.key:
+            raise NotFound(f"no context at {address} for role {role!r}")
+        return Resolved(address.key, role, frontmatter.cascade(layers), tuple(sources))
+
+    def changes_since(self, seq: int) -> tuple[int, list[tuple[str, str]]]:
+        """(new sequence, [(address key, role)]) committed after `seq`, by any process."""
+        last, records = self._store.changes_since(seq)
+        return last, [(r.address, r.role) for r in records]
+
+    def statistics(self) -> ModelStatistics:
+        return ModelStatistics(
+            self._store.statistics(),
+            self._cache.statistics(),
+            self._puts,
+            self._gets,
+            self._denied,
+            self._corrupt,
+        )

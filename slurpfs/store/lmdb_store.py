@@ -1,0 +1,438 @@
+"""The LMDB store: versions, heads, history, the address tree, TTLs, changes.
+
+The store keeps sealed envelopes and their metadata; it never sees plaintext
+or private keys. Everything one commit writes goes in one LMDB write
+transaction, so a commit is all-or-nothing and survives a crash of the process
+once `commit` returns. The environment is opened without a per-commit fsync;
+`sync()` (called periodically by the daemon, and for every `fsync`) makes
+commits survive power loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from slurpfs.crypto.envelope import KeySlot
+from slurpfs.errors import Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
+from slurpfs.store import schema as s
+from slurpfs.store.schema import VersionRecord
+
+
+class StaleHead(SlurpError):
+    """The context's leaves changed between reading them and committing (retry)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One version to store. `expected_leaves` (when given) must still be the leaves."""
+
+    record: VersionRecord
+    envelope: bytes
+    slots: Sequence[KeySlot]
+    expected_leaves: tuple[bytes, ...] | None = None
+    expires_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    versions: int
+    contexts: int
+    directories: int
+    envelope_bytes: int
+    plaintext_bytes: int
+    sequence: int
+    map_size: int
+    map_used: int
+
+
+@dataclass
+class _Counters:
+    commits: int = 0
+    commit_failures: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _scan(
+    txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes
+) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) pairs whose key starts with `prefix`, in key order."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return
+    for key, value in cur:
+        key = bytes(key)
+        if not key.startswith(prefix):
+            return
+        yield key, bytes(value)
+
+
+class Store:
+    """A handle on one LMDB environment (a directory). Thread-safe."""
+
+    def __init__(self, path: Path, *, map_size: int, readonly: bool = False) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=len(s.ALL_DBS) + 4,
+                subdir=True,
+                sync=False,  # durability comes from sync(); see module docstring
+                metasync=False,
+                readahead=False,
+                readonly=readonly,
+                mode=0o600,
+            )
+        except lmdb.Error as exc:
+            raise SlurpError(f"cannot open store at {path}: {exc}") from exc
+        self._dbs = {name: self._env.open_db(name, create=not readonly) for name in s.ALL_DBS}
+        self._path = path
+        self._counters = _Counters()
+        self._lock = threading.Lock()
+        if not readonly:
+            with self._env.begin(write=True) as txn:
+                stored = txn.get(s.INFO_FORMAT, db=self._dbs[s.DB_INFO])
+                if stored is None:
+                    txn.put(s.INFO_FORMAT, s.U32.pack(s.FORMAT_VERSION), db=self._dbs[s.DB_INFO])
+                elif s.U32.unpack(stored)[0] > s.FORMAT_VERSION:
+                    raise SlurpError(f"store at {path} has a newer format than this slurpfs")
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        self.sync()
+        self._env.close()
+
+    def sync(self) -> None:
+        """Flush committed transactions to stable storage."""
+        self._env.sync(True)
+
+    # -- writing ---------------------------------------------------------
+
+    def commit(self, commits: Sequence[Commit]) -> int:
+        """Store versions in one transaction; returns the new change sequence.
+
+        Raises `StaleHead` if a commit's `expected_leaves` no longer match (nothing
+        is written then), `StoreFull` when the map or the disk is full.
+        """
+        try:
+            with self._env.begin(write=True) as txn:
+                seq = self._sequence(txn)
+                for c in commits:
+                    seq += 1
+                    self._commit_one(txn, c, seq)
+                txn.put(s.INFO_SEQUENCE, s.U64.pack(seq), db=self._dbs[s.DB_INFO])
+        except lmdb.MapFullError:
+            self._counters.commit_failures += 1
+            raise StoreFull("the store's map is full (raise store.map_size)") from None
+        except lmdb.DiskError as exc:
+            self._counters.commit_failures += 1
+            raise StoreFull(f"disk error while committing: {exc}") from None
+        except lmdb.Error as exc:
+            self._counters.commit_failures += 1
+            if exc.args and isinstance(exc.args[0], str) and "No space" in exc.args[0]:
+                raise StoreFull(f"no space left on device: {exc}") from None
+            raise SlurpError(f"commit failed: {exc}") from exc
+        except OSError as exc:
+            self._counters.commit_failures += 1
+            if exc.errno == errno.ENOSPC:
+                raise StoreFull("no space left on device") from None
+            raise
+        self._counters.commits += len(commits)
+        return seq
+
+    def _commit_one(self, txn: lmdb.Transaction, c: Commit, seq: int) -> None:
+        rec = c.record
+        ctx = s.context_key(rec.address, rec.role)
+        dbs = self._dbs
+        current = self._leaf_ids(txn, ctx)
+        if c.expected_leaves is not None and set(current) != set(c.expected_leaves):
+            raise StaleHead(f"{rec.address} [{rec.role}] changed concurrently")
+        if not txn.put(rec.version_id, c.envelope, db=dbs[s.DB_ENVELOPES], overwrite=False):
+            return  # content-addressed: already stored, nothing else to do
+        txn.put(rec.version_id, rec.pack(), db=dbs[s.DB_META])
+        for slot in c.slots:
+            txn.put(
+                s.slot_key(rec.version_id, slot.role, slot.generation),
+                slot.sealed,
+                db=dbs[s.DB_SLOTS],
+            )
+        leaves = [v for v in current if v not in rec.parents]
+        leaves.append(rec.version_id)
+        self._put_leaves(txn, ctx, leaves)
+        txn.put(
+            s.history_key(rec.address, rec.role, rec.hlc, rec.author, rec.version_id),
+            b"",
+            db=dbs[s.DB_HISTORY],
+        )
+        self._ensure_dirs(txn, rec.address)
+        if c.expires_ms is not None:
+            self._set_ttl(txn, ctx, c.expires_ms)
+        txn.put(s.U64.pack(seq), rec.version_id, db=dbs[s.DB_CHANGES])
+
+    def _put_leaves(self, txn: lmdb.Transaction, ctx: bytes, leaves: list[bytes]) -> None:
+        records = [self._record(txn, v) for v in leaves]
+        records.sort(key=lambda r: r.order, reverse=True)
+        txn.put(ctx, b"".join(r.version_id for r in records), db=self._dbs[s.DB_LEAVES])
+
+    def _set_ttl(self, txn: lmdb.Transaction, ctx: bytes, expires_ms: int) -> None:
+        old = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+        if old is not None:
+            txn.delete(bytes(old) + ctx, db=self._dbs[s.DB_TTL])
+        packed = s.U64.pack(expires_ms)
+        txn.put(ctx, packed, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+        txn.put(packed + ctx, b"", db=self._dbs[s.DB_TTL])
+
+    def _ensure_dirs(self, txn: lmdb.Transaction, address: str) -> None:
+        parts = address.split("/")
+        parent = ""
+        for i, name in enumerate(parts):
+            txn.put(s.tree_key(parent, name), b"", db=self._dbs[s.DB_TREE])
+            parent = "/".join(parts[: i + 1])
+
+    def resolve(self, address: str, role: str, keep: bytes, drop: bytes, merge: Commit) -> int:
+        """Resolve a conflict: `merge` (parents keep+drop) replaces both leaves."""
+        if set(merge.record.parents) != {keep, drop}:
+            raise ValueError("a merge commit must have exactly the two leaves as parents")
+        return self.commit([merge])
+
+    def mkdir(self, address: str) -> None:
+        """Create an address directory and its ancestors (idempotent)."""
+        with self._env.begin(write=True) as txn:
+            self._ensure_dirs(txn, address)
+
+    def rmdir(self, address: str) -> None:
+        """Remove an empty address directory; its stored history stays."""
+        with self._env.begin(write=True) as txn:
+            parent, _, name = address.rpartition("/")
+            if txn.get(s.tree_key(parent, name), db=self._dbs[s.DB_TREE]) is None:
+                raise NotFound(f"no directory {address}")
+            if self._first_child(txn, address) is not None:
+                raise NotEmpty(f"{address} has subdirectories")
+            for role in self._roles_at(txn, address):
+                head = self._leaf_ids(txn, s.context_key(address, role))
+                if head and not self._record(txn, head[0]).deleted:
+                    raise NotEmpty(f"{address} holds a context for role {role}")
+            txn.delete(s.tree_key(parent, name), db=self._dbs[s.DB_TREE])
+
+    def purge(self, address: str, role: str) -> int:
+        """Remove every version of a context (TTL expiry). Returns versions removed."""
+        ctx = s.context_key(address, role)
+        removed = 0
+        with self._env.begin(write=True) as txn:
+            prefix = s.history_prefix(address, role)
+            keys = [k for k, _ in _scan(txn, self._dbs[s.DB_HISTORY], prefix)]
+            for key in keys:
+                vid = key[-s.VERSION_ID_LEN :]
+                txn.delete(key, db=self._dbs[s.DB_HISTORY])
+                txn.delete(vid, db=self._dbs[s.DB_ENVELOPES])
+                txn.delete(vid, db=self._dbs[s.DB_META])
+                for slot_key in self._slot_keys(txn, vid):
+                    txn.delete(slot_key, db=self._dbs[s.DB_SLOTS])
+                removed += 1
+            txn.delete(ctx, db=self._dbs[s.DB_LEAVES])
+            old = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+            if old is not None:
+                txn.delete(bytes(old) + ctx, db=self._dbs[s.DB_TTL])
+                txn.delete(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+        return removed
+
+    def replace_slots(
+        self, version_id: bytes, add: Sequence[KeySlot], remove: Sequence[tuple[str, int]]
+    ) -> None:
+        """Key rotation: add re-wrapped slots and drop old-generation ones, atomically."""
+        with self._env.begin(write=True) as txn:
+            for slot in add:
+                txn.put(
+                    s.slot_key(version_id, slot.role, slot.generation),
+                    slot.sealed,
+                    db=self._dbs[s.DB_SLOTS],
+                )
+            for role, generation in remove:
+                txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
+
+    # -- reading ---------------------------------------------------------
+
+    def _sequence(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(s.INFO_SEQUENCE, db=self._dbs[s.DB_INFO])
+        return 0 if raw is None else int(s.U64.unpack(raw)[0])
+
+    def _leaf_ids(self, txn: lmdb.Transaction, ctx: bytes) -> list[bytes]:
+        raw = txn.get(ctx, db=self._dbs[s.DB_LEAVES])
+        if raw is None:
+            return []
+        n = s.VERSION_ID_LEN
+        return [bytes(raw[i : i + n]) for i in range(0, len(raw), n)]
+
+    def _record(self, txn: lmdb.Transaction, version_id: bytes) -> VersionRecord:
+        raw = txn.get(version_id, db=self._dbs[s.DB_META])
+        if raw is None:
+            raise Corrupt(f"version {version_id.hex()[:16]} is referenced but missing")
+        return VersionRecord.unpack(version_id, bytes(raw))
+
+    def _slot_keys(self, txn: lmdb.Transaction, version_id: bytes) -> list[bytes]:
+        return [k for k, _ in _scan(txn, self._dbs[s.DB_SLOTS], version_id)]
+
+    def _roles_at(self, txn: lmdb.Transaction, address: str) -> list[str]:
+        prefix = address.encode() + b"\0"
+        return [k[len(prefix) :].decode() for k, _ in _scan(txn, self._dbs[s.DB_LEAVES], prefix)]
+
+    def _first_child(self, txn: lmdb.Transaction, address: str) -> str | None:
+        prefix = s.tree_prefix(address)
+        for key, _ in _scan(txn, self._dbs[s.DB_TREE], prefix):
+            return key[len(prefix) :].decode()
+        return None
+
+    def leaves(self, address: str, role: str) -> list[VersionRecord]:
+        """The context's leaves, head first; empty if it was never written."""
+        with self._env.begin() as txn:
+            return [self._record(txn, v) for v in self._leaf_ids(txn, s.context_key(address, role))]
+
+    def head(self, address: str, role: str) -> VersionRecord | None:
+        with self._env.begin() as txn:
+            ids = self._leaf_ids(txn, s.context_key(address, role))
+            return self._record(txn, ids[0]) if ids else None
+
+    def record(self, version_id: bytes) -> VersionRecord | None:
+        with self._env.begin() as txn:
+            raw = txn.get(version_id, db=self._dbs[s.DB_META])
+            return None if raw is None else VersionRecord.unpack(version_id, raw)
+
+    def envelope(self, version_id: bytes) -> bytes | None:
+        with self._env.begin() as txn:
+            raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
+            return None if raw is None else bytes(raw)
+
+    def slots(self, version_id: bytes) -> list[KeySlot]:
+        with self._env.begin() as txn:
+            return self._slots(txn, version_id)
+
+    def _slots(self, txn: lmdb.Transaction, version_id: bytes) -> list[KeySlot]:
+        out = []
+        for key, value in _scan(txn, self._dbs[s.DB_SLOTS], version_id):
+            _, role, generation = s.split_slot_key(key)
+            out.append(KeySlot(role, generation, value))
+        return out
+
+    def read_version(self, version_id: bytes) -> tuple[bytes, list[KeySlot]] | None:
+        """Envelope and key slots of a version in one read transaction."""
+        with self._env.begin() as txn:
+            raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
+            if raw is None:
+                return None
+            return bytes(raw), self._slots(txn, version_id)
+
+    def history(self, address: str, role: str) -> list[VersionRecord]:
+        """Every version of a context (tombstones included), oldest first."""
+        prefix = s.history_prefix(address, role)
+        with self._env.begin() as txn:
+            return [
+                self._record(txn, key[-s.VERSION_ID_LEN :])
+                for key, _ in _scan(txn, self._dbs[s.DB_HISTORY], prefix)
+            ]
+
+    def children(self, address: str) -> list[str]:
+        """Subdirectory names of an address directory ("" is the root of authorities)."""
+        prefix = s.tree_prefix(address)
+        with self._env.begin() as txn:
+            return [k[len(prefix) :].decode() for k, _ in _scan(txn, self._dbs[s.DB_TREE], prefix)]
+
+    def roles_at(self, address: str) -> list[str]:
+        """Roles that have ever had a version at this address."""
+        with self._env.begin() as txn:
+            return self._roles_at(txn, address)
+
+    def is_dir(self, address: str) -> bool:
+        parent, _, name = address.rpartition("/")
+        with self._env.begin() as txn:
+            return txn.get(s.tree_key(parent, name), db=self._dbs[s.DB_TREE]) is not None
+
+    def expired(self, now_ms: int) -> list[tuple[str, str]]:
+        """Contexts whose TTL has passed."""
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._dbs[s.DB_TTL])
+            out = []
+            for key in cur.iternext(values=False):
+                if s.U64.unpack(key[:8])[0] > now_ms:
+                    break
+                out.append(s.split_context(bytes(key[8:])))
+            return out
+
+    def sequence(self) -> int:
+        with self._env.begin() as txn:
+            return self._sequence(txn)
+
+    def changes_since(self, seq: int, limit: int = 10_000) -> tuple[int, list[VersionRecord]]:
+        """Versions committed after sequence number `seq` (by any process)."""
+        out: list[VersionRecord] = []
+        with self._env.begin() as txn:
+            last = seq
+            cur = txn.cursor(db=self._dbs[s.DB_CHANGES])
+            if cur.set_range(s.U64.pack(seq + 1)):
+                for key, value in cur:
+                    last = s.U64.unpack(key)[0]
+                    raw = txn.get(bytes(value), db=self._dbs[s.DB_META])
+                    if raw is not None:  # purged since
+                        out.append(VersionRecord.unpack(bytes(value), raw))
+                    if len(out) >= limit:
+                        break
+            return last, out
+
+    def iter_contexts(self) -> Iterator[tuple[str, str, list[bytes]]]:
+        """(address, role, leaf ids) for every context; a snapshot."""
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._dbs[s.DB_LEAVES])
+            n = s.VERSION_ID_LEN
+            items = [(bytes(k), bytes(v)) for k, v in cur]
+        for key, raw in items:
+            address, role = s.split_context(key)
+            yield address, role, [raw[i : i + n] for i in range(0, len(raw), n)]
+
+    def iter_records(self) -> Iterator[VersionRecord]:
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._dbs[s.DB_META])
+            items = [(bytes(k), bytes(v)) for k, v in cur]
+        for key, raw in items:
+            yield VersionRecord.unpack(key, raw)
+
+    def iter_history_keys(self) -> Iterator[bytes]:
+        with self._env.begin() as txn:
+            keys = [bytes(k) for k in txn.cursor(db=self._dbs[s.DB_HISTORY]).iternext(values=False)]
+        yield from keys
+
+    def iter_tree(self) -> Iterator[tuple[str, str]]:
+        with self._env.begin() as txn:
+            keys = [bytes(k) for k in txn.cursor(db=self._dbs[s.DB_TREE]).iternext(values=False)]
+        for key in keys:
+            parent, _, child = key.partition(b"\0")
+            yield parent.decode(), child.decode()
+
+    def statistics(self) -> StoreStatistics:
+        with self._env.begin() as txn:
+            dbs = self._dbs
+            envelope_bytes = 0
+            plaintext = 0
+            for _, value in txn.cursor(db=dbs[s.DB_ENVELOPES]):
+                envelope_bytes += len(value)
+            for key, value in txn.cursor(db=dbs[s.DB_META]):
+                plaintext += VersionRecord.unpack(bytes(key), bytes(value)).size
+            info = self._env.info()
+            stat = self._env.stat()
+            return StoreStatistics(
+                versions=txn.stat(dbs[s.DB_META])["entries"],
+                contexts=txn.stat(dbs[s.DB_LEAVES])["entries"],
+                directories=txn.stat(dbs[s.DB_TREE])["entries"],
+                envelope_bytes=envelope_bytes,
+                plaintext_bytes=plaintext,
+                sequence=self._sequence(txn),
+                map_size=info["map_size"],
+                map_used=(info["last_pgno"] + 1) * stat["psize"],
+            )
