@@ -105,6 +105,11 @@ class RoleConfig:
     groups: tuple[str, ...] = ()
 
 
+# Environment variables that are not configuration keys.
+_NON_CONFIG_ENV = frozenset(
+    {"SLURPFS_CONFIG", "SLURPFS_PASSPHRASE", "SLURPFS_PASSPHRASE_FILE", "SLURPFS_TEST_WEAK_KDF"}
+)
+
 _SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig,
     "durability": DurabilityConfig,
@@ -283,7 +288,7 @@ def load(
         k
         for k in env
         if k.startswith("SLURPFS_")
-        and k not in ("SLURPFS_CONFIG", "SLURPFS_PASSPHRASE", "SLURPFS_PASSPHRASE_FILE")
+        and k not in _NON_CONFIG_ENV
         and not any(
             k == "SLURPFS_" + f"{s}_{f.name}".upper()
             for s, c in _SECTIONS.items()

@@ -1,0 +1,492 @@
+"""The `slurpfs` command.
+
+Exit codes (also in README.md):
+  0 success          1 other failure     2 usage error
+  3 not found        4 access denied     5 corrupt data (failed authentication)
+  6 invalid address  7 not initialised / bad configuration
+  8 store full or context too large      9 partial failure (import/export/fsck)
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from slurpfs import audit, config, fsck
+from slurpfs.crypto.keystore import KdfParams, Keystore
+from slurpfs.errors import InvalidAddress, SlurpError, WrongPassphrase, exit_code
+from slurpfs.model import BatchItem, ContextStore, VersionInfo, data_paths
+from slurpfs.ucxl import Address, Authority, parse
+
+EXIT_PARTIAL = 9
+Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
+
+
+class Abort(SlurpError):
+    """A user error the CLI reports as-is."""
+
+
+def _common(*, top: bool) -> argparse.ArgumentParser:
+    """Options every subcommand takes (defined once).
+
+    They are accepted before and after the subcommand; a subcommand's copy must
+    not reset what was given before it, hence SUPPRESS below the top level.
+    """
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--data", metavar="DIR", help="data directory (default: ~/.local/share/slurpfs)", **d
+    )
+    p.add_argument("--config", metavar="FILE", type=Path, help="configuration file (TOML)", **d)
+    p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+    p.add_argument(
+        "--passphrase-file", metavar="FILE", type=Path, help="file holding the key passphrase", **d
+    )
+    return p
+
+
+def _passphrase(args: argparse.Namespace, environ: Mapping[str, str]) -> bytes | None:
+    """The key passphrase: --passphrase-file, SLURPFS_PASSPHRASE_FILE, SLURPFS_PASSPHRASE, or none."""
+    path = args.passphrase_file or (
+        Path(environ["SLURPFS_PASSPHRASE_FILE"]) if environ.get("SLURPFS_PASSPHRASE_FILE") else None
+    )
+    if path is not None:
+        if path.stat().st_mode & 0o077:
+            raise Abort(f"passphrase file {path} is readable by group or others; chmod 600 it")
+        return path.read_bytes().rstrip(b"\r\n")
+    if environ.get("SLURPFS_PASSPHRASE"):
+        return environ["SLURPFS_PASSPHRASE"].encode()
+    return None
+
+
+def _kdf(environ: Mapping[str, str]) -> KdfParams:
+    # Tests only: a weak KDF keeps suites fast. Never set in production.
+    return KdfParams.weak() if environ.get("SLURPFS_TEST_WEAK_KDF") == "1" else KdfParams.default()
+
+
+def open_model(
+    cfg: config.Config, passphrase: bytes | None, environ: Mapping[str, str]
+) -> ContextStore:
+    try:
+        return ContextStore.open(cfg, passphrase, kdf=_kdf(environ))
+    except WrongPassphrase:
+        if passphrase is None and sys.stdin.isatty():
+            return ContextStore.open(
+                cfg, getpass.getpass("slurpfs passphrase: ").encode(), kdf=_kdf(environ)
+            )
+        raise
+
+
+def _address(text: str) -> Address:
+    return parse(text if text.startswith("ucxl://") else "ucxl://" + text)
+
+
+def _info_dict(info: VersionInfo, n: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "version": info.version_id.hex(),
+        "address": "ucxl://" + info.address,
+        "role": info.role,
+        "hlc": info.hlc,
+        "time": info.mtime,
+        "author": info.author.hex(),
+        "size": info.size,
+        "deleted": info.deleted,
+        "parents": [p.hex() for p in info.parents],
+    }
+    if n is not None:
+        out["n"] = n
+    return out
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif text:
+        print(text)
+
+
+def _notify(cfg: config.Config) -> None:
+    """Tell a daemon serving this data directory that contexts changed (cache invalidation)."""
+    try:
+        from slurpfs.service.control import notify_daemon
+    except ImportError:  # pragma: no cover - the mount layer is not installed
+        return
+    notify_daemon(cfg.data_dir, timeout=5.0)
+
+
+# -- commands ---------------------------------------------------------------
+
+
+class Commands:
+    """One method per subcommand; each gets (args, config, passphrase) and returns an exit code."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def model(self, cfg: config.Config, passphrase: bytes | None) -> ContextStore:
+        return open_model(cfg, passphrase, self.environ)
+
+    def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        if args.roles:
+            names = [r.strip() for r in args.roles.split(",") if r.strip()]
+            cfg = cfg.replace(roles={n: cfg.roles.get(n, config.RoleConfig(n)) for n in names})
+            config._check(cfg)
+        held = [r.strip() for r in args.hold.split(",")] if args.hold else None
+        with ContextStore.init(cfg, passphrase, kdf=_kdf(self.environ), held=held) as model:
+            node = model.keyring.node.node_id_hex
+            roles = sorted(model.held_roles())
+        _emit(
+            args,
+            {
+                "data_dir": str(cfg.data_dir),
+                "node_id": node,
+                "roles": list(cfg.role_names),
+                "held": roles,
+            },
+            f"initialised {cfg.data_dir}\n  node id: {node}\n  roles:   {', '.join(cfg.role_names)}"
+            f"\n  held:    {', '.join(roles) or '(none)'}"
+            + ("\n  keys are encrypted with the passphrase" if passphrase else ""),
+        )
+        return 0
+
+    def put(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        address = _address(args.address)
+        data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+        with self.model(cfg, passphrase) as model:
+            info = model.put(address, args.role, data, ttl=args.ttl)
+            model.sync()
+        _notify(cfg)
+        _emit(
+            args,
+            _info_dict(info),
+            f"{address} [{args.role}] version {info.short_id} ({info.size} bytes)",
+        )
+        return 0
+
+    def get(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        with self.model(cfg, passphrase) as model:
+            ctx = model.get(_address(args.address), args.role)
+        if args.output:
+            Path(args.output).write_bytes(ctx.data)
+        else:
+            sys.stdout.buffer.write(ctx.data)
+            sys.stdout.buffer.flush()
+        return 0
+
+    def history(
+        self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
+    ) -> int:
+        address = _address(args.address)
+        with self.model(cfg, passphrase) as model:
+            versions = model.history(address, args.role)
+        rows = [_info_dict(v, n) for n, v in enumerate(versions, 1)]
+        text = "\n".join(
+            f"{r['n']:>4}  {v.short_id}  {_iso(v.mtime)}  {v.size:>9}  {v.author.hex()[:12]}"
+            for r, v in zip(rows, versions, strict=True)
+        )
+        _emit(args, rows, text or f"no versions of {address} for role {args.role}")
+        return 0
+
+    def ls(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        address = _address(args.address) if args.address else None
+        with self.model(cfg, passphrase) as model:
+            listing = model.list_dir(address)
+        data = {
+            "dirs": list(listing.dirs),
+            "roles": list(listing.roles),
+            "conflicts": [f"{role}.conflict-{v.short_id}" for role, v in listing.conflicts],
+        }
+        text = "\n".join([d + "/" for d in listing.dirs] + list(listing.roles) + data["conflicts"])
+        _emit(args, data, text)
+        return 0
+
+    def rm(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        with self.model(cfg, passphrase) as model:
+            info = model.delete(_address(args.address), args.role)
+            model.sync()
+        _notify(cfg)
+        _emit(args, _info_dict(info), f"deleted (version {info.short_id}; history kept)")
+        return 0
+
+    def fsck(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        with self.model(cfg, passphrase) as model:
+            report = fsck.check(model, deep=not args.shallow)
+        summary = (
+            f"{report.versions} versions, {report.contexts} contexts, {report.directories} directories,"
+            f" {report.decrypted} decrypted: "
+            + ("clean" if report.ok else f"{len(report.problems)} problems")
+        )
+        _emit(
+            args,
+            {
+                "ok": report.ok,
+                "versions": report.versions,
+                "contexts": report.contexts,
+                "decrypted": report.decrypted,
+                "problems": report.problems,
+            },
+            "\n".join([*report.problems, summary]),
+        )
+        return 0 if report.ok else 5
+
+    def import_(
+        self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
+    ) -> int:
+        root = Path(args.dir)
+        if not root.is_dir():
+            raise Abort(f"{root} is not a directory")
+        authority = Authority.parse(args.authority)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        failed: list[tuple[str, str]] = []
+        committed = 0
+        with self.model(cfg, passphrase) as model:
+            batch: list[BatchItem] = []
+            for path in tqdm(files, desc="import", unit="file", disable=None, file=sys.stderr):
+                rel = path.relative_to(root)
+                try:
+                    address = Address(authority, tuple(rel.parts))
+                    batch.append(BatchItem(address, args.role, path.read_bytes(), label=str(rel)))
+                except (InvalidAddress, OSError) as exc:
+                    failed.append((str(rel), str(exc)))
+                if len(batch) >= 500:
+                    report = model.put_many(batch)
+                    committed += len(report.committed)
+                    failed.extend(report.failed)
+                    batch = []
+            report = model.put_many(batch)
+            committed += len(report.committed)
+            failed.extend(report.failed)
+            model.sync()
+        _notify(cfg)
+        return self._summary(args, "imported", committed, failed)
+
+    def export(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        out = Path(args.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        failed: list[tuple[str, str]] = []
+        written = 0
+        with self.model(cfg, passphrase) as model:
+            readable = model.readable_roles(model.held_roles())
+            jobs = list(_walk(model, None))
+            for address, role in tqdm(
+                jobs, desc="export", unit="ctx", disable=None, file=sys.stderr
+            ):
+                target = out.joinpath(*address.to_mount_parts()[1:], role)
+                if role not in readable:
+                    failed.append((f"{address} [{role}]", "no key for this role on this node"))
+                    continue
+                try:
+                    ctx = model.get(address, role)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(ctx.data)
+                    os.utime(target, (ctx.info.mtime, ctx.info.mtime))
+                    written += 1
+                except (SlurpError, OSError) as exc:
+                    failed.append((f"{address} [{role}]", str(exc)))
+            for address in _walk_dirs(model, None):
+                out.joinpath(*address.to_mount_parts()[1:]).mkdir(parents=True, exist_ok=True)
+        return self._summary(args, "exported", written, failed)
+
+    def _summary(
+        self, args: argparse.Namespace, verb: str, ok: int, failed: list[tuple[str, str]]
+    ) -> int:
+        text = "\n".join(
+            [f"FAILED {label}: {reason}" for label, reason in failed]
+            + [f"{verb} {ok}, failed {len(failed)}"]
+        )
+        _emit(
+            args,
+            {verb: ok, "failed": [{"item": label, "reason": reason} for label, reason in failed]},
+            text,
+        )
+        return EXIT_PARTIAL if failed else 0
+
+    def status(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        with self.model(cfg, passphrase) as model:
+            st = model.store.statistics()
+            data = {
+                "data_dir": str(cfg.data_dir),
+                "node_id": model.keyring.node.node_id_hex,
+                "roles": list(model.role_names),
+                "held": sorted(model.held_roles()),
+                "versions": st.versions,
+                "contexts": st.contexts,
+                "stored_bytes": st.envelope_bytes,
+                "plaintext_bytes": st.plaintext_bytes,
+            }
+        _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+        return 0
+
+    def keys(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        keystore = Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
+        if args.keys_cmd == "list":
+            ring = keystore.load()
+            rows = [
+                {
+                    "role": r,
+                    "generation": ring.current_public(r).generation,
+                    "held": r in ring.held_roles(),
+                }
+                for r in sorted(ring.roles())
+            ]
+            _emit(
+                args,
+                {"node_id": ring.node.node_id_hex, "roles": rows},
+                f"node {ring.node.node_id_hex}\n"
+                + "\n".join(
+                    f"{r['role']:<16} gen {r['generation']}  {'held' if r['held'] else 'public only'}"
+                    for r in rows
+                ),
+            )
+        elif args.keys_cmd == "add":
+            keystore.add_role(args.role)
+            _emit(args, {"added": args.role}, f"added role {args.role}")
+        elif args.keys_cmd == "drop":
+            keystore.drop_private(args.role)
+            _emit(
+                args, {"dropped": args.role}, f"destroyed this node's private key for {args.role}"
+            )
+        return 0
+
+    def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        path = data_paths(cfg.data_dir)["audit"]
+        if args.audit_cmd == "verify":
+            n = audit.verify(path)
+            _emit(args, {"ok": True, "entries": n}, f"audit log intact: {n} entries")
+        else:
+            entries = audit.read(path, args.n)
+            _emit(
+                args,
+                [_entry(e) for e in entries],
+                "\n".join(
+                    f"{_iso(e.time)} {'ALLOW' if e.allowed else 'DENY '} {e.who:<10} {e.action:<6} {e.role:<10} ucxl://{e.address} {e.reason}"
+                    for e in entries
+                ),
+            )
+        return 0
+
+
+def _entry(e: audit.AuditEntry) -> dict[str, Any]:
+    return {name: getattr(e, name) for name in e.__slots__}
+
+
+def _iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _walk(model: ContextStore, address: Address | None) -> Iterator[tuple[Address, str]]:
+    listing = model.list_dir(address)
+    if address is not None:
+        for role in listing.roles:
+            yield address, role
+    for name in listing.dirs:
+        child = Address(Authority.parse(name)) if address is None else address.child(name)
+        yield from _walk(model, child)
+
+
+def _walk_dirs(model: ContextStore, address: Address | None) -> Iterator[Address]:
+    for name in model.list_dir(address).dirs:
+        child = Address(Authority.parse(name)) if address is None else address.child(name)
+        yield child
+        yield from _walk_dirs(model, child)
+
+
+def build_parser(commands: Commands) -> argparse.ArgumentParser:
+    common = _common(top=False)
+    parser = argparse.ArgumentParser(
+        prog="slurpfs",
+        description="The SLURP encrypted context store, as a filesystem and on the command line.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common(top=True)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[common], description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("init", commands.init, "create a data directory, node identity and role keys")
+    p.add_argument("--roles", help="comma-separated role names (default: from the config)")
+    p.add_argument("--hold", help="roles whose private keys this node keeps (default: all)")
+    p = add("put", commands.put, "store a new version of a context")
+    p.add_argument("address")
+    p.add_argument("--role", required=True)
+    p.add_argument("file", nargs="?", help="file to read (default: standard input)")
+    p.add_argument("--ttl", type=float, help="expire the context after this many seconds")
+    p = add("get", commands.get, "print a context (temporal segments work)")
+    p.add_argument("address")
+    p.add_argument("--role", required=True)
+    p.add_argument("-o", "--output", help="write to this file instead of standard output")
+    p = add("history", commands.history, "list the versions of a context")
+    p.add_argument("address")
+    p.add_argument("--role", required=True)
+    p = add("ls", commands.ls, "list an address directory (the authorities without one)")
+    p.add_argument("address", nargs="?")
+    p = add("rm", commands.rm, "delete a context (history stays)")
+    p.add_argument("address")
+    p.add_argument("--role", required=True)
+    p = add("fsck", commands.fsck, "check the store's consistency and authenticity")
+    p.add_argument("--shallow", action="store_true", help="do not decrypt")
+    p = add(
+        "import", commands.import_, "import a directory tree as contexts of one authority and role"
+    )
+    p.add_argument("dir")
+    p.add_argument("--authority", required=True, help="agent:role@project:task")
+    p.add_argument("--role", required=True)
+    p = add("export", commands.export, "export every readable context as <authority>/<path>/<role>")
+    p.add_argument("dir")
+    add("status", commands.status, "show the store's status")
+    p = add("keys", commands.keys, "manage role keys")
+    keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
+    keys_sub.add_parser("list", parents=[common])
+    for name in ("add", "drop"):
+        kp = keys_sub.add_parser(name, parents=[common])
+        kp.add_argument("role")
+    p = add("audit", commands.audit, "show or verify the audit log")
+    audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
+    audit_sub.add_parser("verify", parents=[common])
+    ap = audit_sub.add_parser("show", parents=[common])
+    ap.add_argument("-n", type=int, default=50)
+    try:
+        from slurpfs.service import mountcmd
+    except ImportError:  # pragma: no cover - FUSE layer not installed
+        pass
+    else:
+        mountcmd.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    env = dict(os.environ if environ is None else environ)
+    commands = Commands(env)
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config, env, {"node.data_dir": args.data})
+        passphrase = _passphrase(args, env)
+        handler: Handler = args.handler
+        return handler(args, cfg, passphrase)
+    except SlurpError as exc:
+        print(f"slurpfs: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
