@@ -310,6 +310,15 @@ class Commands:
         )
         return EXIT_PARTIAL if failed else 0
 
+    def demo(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        from slurpfs import demo
+
+        with self.model(cfg, passphrase) as model:
+            n = demo.load(model)
+        _notify(cfg)
+        _emit(args, {"stored": n}, f"stored {n} demo contexts")
+        return 0
+
     def status(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         with self.model(cfg, passphrase) as model:
             st = model.store.statistics()
@@ -449,6 +458,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p = add("export", commands.export, "export every readable context as <authority>/<path>/<role>")
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
+    add("demo", commands.demo, "store a few dozen demo contexts")
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])

@@ -118,6 +118,11 @@ def test_not_initialised_and_already_exists(tmp_path: Path) -> None:
     ks.create(ROLES)
     with pytest.raises(AlreadyExists):
         ks.create(ROLES)
+    # an interrupted create (no public.json yet) is never silently overwritten
+    (tmp_path / "keys" / "public.json").unlink()
+    assert not ks.exists()
+    with pytest.raises(AlreadyExists, match="key files already present"):
+        ks.create(ROLES)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,13 @@ from nacl.exceptions import CryptoError
 from nacl.public import PublicKey, SealedBox
 from nacl.utils import random as random_bytes
 
-from slurpfs.crypto.keys import Keyring, NodeIdentity, RolePublicKey, verify_signature
+from slurpfs.crypto.keys import (
+    Keyring,
+    NodeIdentity,
+    RolePublicKey,
+    validate_role,
+    verify_signature,
+)
 from slurpfs.errors import (
     AuthenticationFailed,
     BadSignature,
@@ -342,12 +348,14 @@ def seal(
     """Compress, encrypt, sign and wrap one new version.
 
     The data key is sealed to each distinct reader (role, generation). Raises
-    :class:`InvalidAddress` for an empty or over-long address, :class:`StoreFull` for a
+    :class:`InvalidAddress` for an empty or over-long address, :class:`ConfigError` for
+    an invalid role name, :class:`StoreFull` for a
     plaintext over :data:`MAX_PLAINTEXT_SIZE`, ``ValueError`` for no readers or
     malformed parents.
     """
     if not readers:
         raise ValueError("seal needs at least one reader")
+    validate_role(role)
     if not address or len(address.encode()) > 0xFFFF:
         raise InvalidAddress("address is empty or longer than 65535 bytes")
     if len(plaintext) > MAX_PLAINTEXT_SIZE:

@@ -45,7 +45,6 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
@@ -151,12 +150,16 @@ class Keystore:
         """Create a node key and a generation-1 key pair per role.
 
         Private key files are written only for roles in ``held`` (default: all).
-        :class:`AlreadyExists` if a keystore is present; :class:`ConfigError` for bad
+        :class:`AlreadyExists` if a keystore (or any key file) is present;
+        :class:`ConfigError` for bad
         role names or a ``held`` role not in ``roles``.
         """
         with self._lock:
             if self.exists():
                 raise AlreadyExists(f"a keystore already exists in {self.keys_dir}")
+            if self._node_path.exists() or any(self._roles_dir.glob("*.key")):
+                # Never overwrite keys that an incomplete keystore may still need.
+                raise AlreadyExists(f"key files already present in {self.keys_dir}; move them")
             role_list = sorted({validate_role(r) for r in roles})
             held_set = set(role_list) if held is None else {validate_role(r) for r in held}
             if not held_set <= set(role_list):
@@ -294,8 +297,15 @@ class Keystore:
         return state
 
     def _write_public(self, state: _State) -> None:
-        doc = json.dumps(_public_doc(state), indent=2, sort_keys=True)
-        _write_atomic(self._public_path, doc.encode() + b"\n")
+        doc = {
+            "format": PUBLIC_FORMAT,
+            "roles": {
+                role: [{"generation": g, "public": gens[g].hex()} for g in sorted(gens)]
+                for role, gens in sorted(state.publics.items())
+            },
+            "trusted_nodes": [t.hex() for t in state.trusted],
+        }
+        _write_atomic(self._public_path, json.dumps(doc, indent=2).encode() + b"\n")
 
     def _write_pair(self, pair: RoleKeyPair) -> None:
         path = self._role_path(pair.role, pair.generation)
@@ -401,17 +411,6 @@ def _read_public(path: Path, node: NodeIdentity) -> _State:
     return _State(node, publics, trusted)
 
 
-def _public_doc(state: _State) -> dict[str, Any]:
-    return {
-        "format": PUBLIC_FORMAT,
-        "roles": {
-            role: [{"generation": g, "public": gens[g].hex()} for g in sorted(gens)]
-            for role, gens in sorted(state.publics.items())
-        },
-        "trusted_nodes": [t.hex() for t in state.trusted],
-    }
-
-
 def _make_private_dir(path: Path) -> None:
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
@@ -425,10 +424,13 @@ def _check_private_dir(path: Path) -> None:
         raise NotInitialised(f"key directory missing: {path}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is not a directory")
+    _check_owner_only(path, st, "chmod 700 it")
+
+
+def _check_owner_only(path: Path, st: os.stat_result, fix: str) -> None:
     if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{path} is accessible by group/others (mode {st.st_mode & 0o777:o}); chmod 700 it"
-        )
+        mode = st.st_mode & 0o777
+        raise ConfigError(f"{path} is accessible by group/others (mode {mode:o}); {fix}")
     if st.st_uid != os.geteuid():
         raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by this user")
 
@@ -447,12 +449,7 @@ def _read_private_file(path: Path) -> bytes | None:
         st = os.fstat(fd)  # check the file we opened, not the path (no TOCTOU)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"{path} is accessible by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it"
-            )
-        if st.st_uid != os.geteuid():
-            raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by this user")
+        _check_owner_only(path, st, "chmod 600 it")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(4096)
     finally:
