@@ -1,0 +1,45 @@
+"""Domain errors to errno, in one place.
+
+Every request handler runs its body inside `errmap`: a `SlurpError` becomes
+`pyfuse3.FUSEError` carrying the error's ``errno``; `FUSEError` passes through;
+anything else is a bug and propagates (loudly) to pyfuse3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections.abc import Iterator
+
+import pyfuse3
+
+from slurpfs.errors import AccessDenied, Corrupt, InvalidAddress, SlurpError
+
+log = logging.getLogger("slurpfs.fs")
+
+
+def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
+    """The `FUSEError` for a domain error (logging what a user or operator must see)."""
+    if isinstance(exc, InvalidAddress):
+        # The caller only sees EINVAL; the log line says why.
+        log.info("invalid name: %s", exc)
+    elif isinstance(exc, Corrupt):
+        log.error("refusing to serve corrupt data: %s", exc)
+    elif isinstance(exc, AccessDenied):
+        log.debug("access denied: %s", exc)
+    return pyfuse3.FUSEError(exc.errno or errno.EIO)
+
+
+@contextlib.contextmanager
+def errmap() -> Iterator[None]:
+    """Turn `SlurpError` raised in the block into the matching `FUSEError`."""
+    try:
+        yield
+    except SlurpError as exc:
+        raise fuse_error(exc) from None
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    """Shorthand for handlers: ``raise fail(errno.ENOENT)``."""
+    return pyfuse3.FUSEError(code)
