@@ -359,6 +359,20 @@ class Commands:
         elif args.keys_cmd == "add":
             keystore.add_role(args.role)
             _emit(args, {"added": args.role}, f"added role {args.role}")
+        elif args.keys_cmd == "rotate":
+            with self.model(cfg, passphrase) as model:
+                rep = model.rotate_role(args.role)
+            _emit(
+                args,
+                {
+                    "role": rep.role,
+                    "old": rep.old_generation,
+                    "new": rep.new_generation,
+                    "rewrapped": rep.rewrapped,
+                },
+                f"{rep.role}: generation {rep.old_generation} -> {rep.new_generation},"
+                f" {rep.rewrapped} versions re-wrapped, old private key destroyed",
+            )
         elif args.keys_cmd == "drop":
             keystore.drop_private(args.role)
             _emit(
@@ -462,7 +476,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])
-    for name in ("add", "drop"):
+    for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
     p = add("audit", commands.audit, "show or verify the audit log")

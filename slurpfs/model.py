@@ -95,6 +95,14 @@ class Resolved:
 
 
 @dataclass(frozen=True, slots=True)
+class RotationReport:
+    role: str
+    old_generation: int | None
+    new_generation: int
+    rewrapped: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelStatistics:
     store: StoreStatistics
     cache: CacheStatistics
@@ -117,8 +125,11 @@ def data_paths(data_dir: Path) -> dict[str, Path]:
 class ContextStore:
     """The encrypted, versioned context store of one node."""
 
-    def __init__(self, config: Config, keyring: Keyring, store: Store, audit: AuditLog) -> None:
+    def __init__(
+        self, config: Config, keystore: Keystore, keyring: Keyring, store: Store, audit: AuditLog
+    ) -> None:
         self.config = config
+        self._keystore = keystore
         self.keyring = keyring
         self._store = store
         self._audit = audit
@@ -157,14 +168,15 @@ class ContextStore:
     ) -> ContextStore:
         """Open an initialised data directory (NotInitialised, WrongPassphrase, ConfigError)."""
         paths = data_paths(config.data_dir)
-        keyring = Keystore(config.data_dir, passphrase, kdf or KdfParams.default()).load()
+        keystore = Keystore(config.data_dir, passphrase, kdf or KdfParams.default())
+        keyring = keystore.load()
         unknown = sorted(set(config.role_names) - keyring.roles())
         if unknown:
             raise SlurpError(
                 f"role {unknown[0]!r} is configured but has no key: run `slurpfs keys add {unknown[0]}`"
             )
         store = Store(paths["store"], map_size=config.store.map_size)
-        return cls(config, keyring, store, AuditLog(paths["audit"]))
+        return cls(config, keystore, keyring, store, AuditLog(paths["audit"]))
 
     def close(self) -> None:
         self._store.close()
@@ -435,6 +447,38 @@ class ContextStore:
                 self._cache.discard(leaf.version_id)
             removed += self._store.purge(address, role)
         return removed
+
+    def rotate_role(self, role: str) -> RotationReport:
+        """Move `role` to a new key generation and destroy the old private key.
+
+        Every version sealed to the old generation gets a slot for the new one and
+        loses the old one, one version per transaction, so reads keep working
+        throughout. Content is not re-encrypted. Run it where no other process
+        (a mount) is writing with this data directory: they would keep sealing to
+        the old generation until restarted.
+        """
+        self._check_role(role)
+        with self._write_lock:
+            new, old = self._keystore.rotate(role)
+            self.keyring = self._keystore.load()
+            rewrapped = 0
+            if old is not None:
+                for vid in self._store.versions_sealed_to(role, old.generation):
+                    slots = [
+                        s
+                        for s in self._store.slots(vid)
+                        if (s.role, s.generation) == (role, old.generation)
+                    ]
+                    data_key = env.unwrap_data_key(slots, self.keyring)
+                    self._store.replace_slots(
+                        vid, [env.wrap_data_key(data_key, new.public)], [(role, old.generation)]
+                    )
+                    rewrapped += 1
+                self._keystore.destroy_generation(role, old.generation)
+                self.keyring = self._keystore.load()
+        return RotationReport(
+            role, None if old is None else old.generation, new.generation, rewrapped
+        )
 
     # -- reading ---------------------------------------------------------------
 

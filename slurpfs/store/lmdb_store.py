@@ -330,6 +330,15 @@ class Store:
                 return None
             return bytes(raw), self._slots(txn, version_id)
 
+    def versions_sealed_to(self, role: str, generation: int) -> list[bytes]:
+        """Ids of versions with a key slot for this role generation (key rotation)."""
+        suffix = role.encode() + b"\0" + s.U32.pack(generation)
+        with self._env.begin() as txn:
+            keys = txn.cursor(db=self._dbs[s.DB_SLOTS]).iternext(values=False)
+            return [
+                bytes(k[: s.VERSION_ID_LEN]) for k in keys if bytes(k[s.VERSION_ID_LEN :]) == suffix
+            ]
+
     def history(self, address: str, role: str) -> list[VersionRecord]:
         """Every version of a context (tombstones included), oldest first."""
         prefix = s.history_prefix(address, role)

@@ -1,0 +1,179 @@
+"""Scratch files: what editors and tools create beside the files they save.
+
+Any regular file (or symlink) in an address directory whose name is not a role
+name is a scratch file. It lives only in this process's memory: never written
+to disk, never replicated, gone at unmount. Its bytes count against one bound
+(``mount.scratch_bytes``); going past it is `StoreFull` (``ENOSPC``).
+
+The same module keeps the other half of the editor overlay: role names hidden
+by a backup-by-rename (``rename(developer, developer~)``) until the next
+version of that role is written.
+
+Lifetime: a scratch file is *linked* while a directory entry names it. Its memory
+is released once it is unlinked and no inode or open handle refers to it
+(`ScratchStore.maybe_release`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import stat
+import time
+from dataclasses import dataclass, field
+
+from slurpfs.errors import StoreFull
+
+DirKey = tuple[str, ...]
+"""An address directory, as its mount parts without a temporal segment."""
+
+
+@dataclass(eq=False)
+class ScratchFile:
+    """One scratch file (or symlink). Identity, not name, is what inodes refer to."""
+
+    serial: int
+    data: bytearray = field(default_factory=bytearray)
+    mode: int = stat.S_IFREG | 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = field(default_factory=time.time_ns)
+    ctime_ns: int = 0
+    target: bytes | None = None  # symlink target
+    # Set by a backup-by-rename: (role, version id) it is a copy of, until modified.
+    origin: tuple[str, bytes] | None = None
+    linked: bool = True
+    opens: int = 0
+    referenced: bool = False  # an inode is bound to it
+    released: bool = False
+
+    def __post_init__(self) -> None:
+        self.ctime_ns = self.ctime_ns or self.mtime_ns
+
+    @property
+    def size(self) -> int:
+        return len(self.target) if self.target is not None else len(self.data)
+
+    def touch(self) -> None:
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+
+class ScratchStore:
+    """All scratch files of a mount, by directory and name, with one memory bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._serials = itertools.count(1)
+        self._dirs: dict[DirKey, dict[bytes, ScratchFile]] = {}
+        self._hidden: dict[DirKey, set[str]] = {}
+
+    # -- names ---------------------------------------------------------------
+
+    def get(self, where: DirKey, name: bytes) -> ScratchFile | None:
+        return self._dirs.get(where, {}).get(name)
+
+    def names(self, where: DirKey) -> list[tuple[bytes, ScratchFile]]:
+        return sorted(self._dirs.get(where, {}).items())
+
+    def has_any(self, where: DirKey) -> bool:
+        return bool(self._dirs.get(where))
+
+    def create(
+        self, where: DirKey, name: bytes, mode: int, uid: int = 0, gid: int = 0
+    ) -> ScratchFile:
+        """A new empty scratch file named `name` (replacing any scratch file of that name)."""
+        sf = ScratchFile(next(self._serials), mode=mode, uid=uid, gid=gid)
+        self.link(where, name, sf)
+        return sf
+
+    def link(self, where: DirKey, name: bytes, sf: ScratchFile) -> ScratchFile | None:
+        """Name `sf` in `where`; returns the scratch file that name displaced, if any."""
+        entries = self._dirs.setdefault(where, {})
+        old = entries.get(name)
+        entries[name] = sf
+        sf.linked = True
+        if old is not None and old is not sf:
+            old.linked = False
+            self.maybe_release(old)
+            return old
+        return None
+
+    def unlink(self, where: DirKey, name: bytes) -> ScratchFile | None:
+        """Remove the name; the file's memory goes once nothing refers to it."""
+        entries = self._dirs.get(where)
+        if entries is None or name not in entries:
+            return None
+        sf = entries.pop(name)
+        if not entries:
+            del self._dirs[where]
+        sf.linked = False
+        self.maybe_release(sf)
+        return sf
+
+    def maybe_release(self, sf: ScratchFile) -> None:
+        """Free `sf`'s memory if no name, inode or handle refers to it any more."""
+        if sf.linked or sf.referenced or sf.opens or sf.released:
+            return
+        sf.released = True
+        self.used -= len(sf.data)
+        sf.data = bytearray()
+
+    def copy_of(self, data: bytes, mode: int, origin: tuple[str, bytes] | None) -> ScratchFile:
+        """An unlinked scratch file holding `data` (accounted; link it with `link`)."""
+        self._reserve(len(data))
+        sf = ScratchFile(next(self._serials), data=bytearray(data), mode=mode, origin=origin)
+        sf.linked = False
+        return sf
+
+    # -- content -------------------------------------------------------------
+
+    def write(self, sf: ScratchFile, offset: int, buf: bytes) -> int:
+        end = offset + len(buf)
+        grow = max(0, end - len(sf.data))
+        self._reserve(grow)
+        if offset > len(sf.data):
+            sf.data.extend(bytes(offset - len(sf.data)))
+        sf.data[offset:end] = buf
+        sf.origin = None
+        sf.touch()
+        return len(buf)
+
+    def truncate(self, sf: ScratchFile, size: int) -> None:
+        delta = size - len(sf.data)
+        if delta > 0:
+            self._reserve(delta)
+            sf.data.extend(bytes(delta))
+        elif delta < 0:
+            del sf.data[size:]
+            self.used += delta
+        if delta:
+            sf.origin = None
+        sf.touch()
+
+    def _reserve(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.used + n > self.limit:
+            raise StoreFull(
+                f"scratch memory is full ({self.used} of {self.limit} bytes in use;"
+                " raise mount.scratch_bytes)"
+            )
+        self.used += n
+
+    # -- hidden role names (backup-by-rename) -----------------------------------
+
+    def hide(self, where: DirKey, role: str) -> None:
+        self._hidden.setdefault(where, set()).add(role)
+
+    def unhide(self, where: DirKey, role: str) -> None:
+        hidden = self._hidden.get(where)
+        if hidden is not None:
+            hidden.discard(role)
+            if not hidden:
+                del self._hidden[where]
+
+    def is_hidden(self, where: DirKey, role: str) -> bool:
+        return role in self._hidden.get(where, ())
+
+    def count(self) -> int:
+        return sum(len(entries) for entries in self._dirs.values())
