@@ -67,6 +67,17 @@ def _passphrase(args: argparse.Namespace, environ: Mapping[str, str]) -> bytes |
     return None
 
 
+def _ask_new_passphrase() -> bytes:
+    if not sys.stdin.isatty():
+        raise Abort("--ask-passphrase needs a terminal; use SLURPFS_PASSPHRASE_FILE instead")
+    first = getpass.getpass("new slurpfs passphrase: ")
+    if not first:
+        raise Abort("the passphrase must not be empty")
+    if getpass.getpass("repeat passphrase: ") != first:
+        raise Abort("the passphrases do not match")
+    return first.encode()
+
+
 def _kdf(environ: Mapping[str, str]) -> KdfParams:
     # Tests only: a weak KDF keeps suites fast. Never set in production.
     return KdfParams.weak() if environ.get("SLURPFS_TEST_WEAK_KDF") == "1" else KdfParams.default()
@@ -141,6 +152,8 @@ class Commands:
             cfg = cfg.replace(roles={n: cfg.roles.get(n, config.RoleConfig(n)) for n in names})
             config._check(cfg)
         held = [r.strip() for r in args.hold.split(",")] if args.hold else None
+        if args.ask_passphrase and passphrase is None:
+            passphrase = _ask_new_passphrase()
         with ContextStore.init(cfg, passphrase, kdf=_kdf(self.environ), held=held) as model:
             node = model.keyring.node.node_id_hex
             roles = sorted(model.held_roles())
@@ -444,6 +457,11 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p = add("init", commands.init, "create a data directory, node identity and role keys")
     p.add_argument("--roles", help="comma-separated role names (default: from the config)")
     p.add_argument("--hold", help="roles whose private keys this node keeps (default: all)")
+    p.add_argument(
+        "--ask-passphrase",
+        action="store_true",
+        help="prompt for a passphrase to encrypt the private keys (Argon2id)",
+    )
     p = add("put", commands.put, "store a new version of a context")
     p.add_argument("address")
     p.add_argument("--role", required=True)
