@@ -58,8 +58,15 @@ class AuditLog:
             return 0, GENESIS
         if not lines:
             return 0, GENESIS
-        last = json.loads(lines[-1])
-        return int(last["seq"]), str(last["hash"])
+        try:
+            last = json.loads(lines[-1])
+            return int(last["seq"]), str(last["hash"])
+        except (ValueError, KeyError, TypeError):
+            # A torn last line (power loss, full disk) or an edit: refuse to extend
+            # a chain that cannot be checked, with a typed error rather than a traceback.
+            raise Corrupt(
+                f"audit log {self._path}: the last entry is damaged (see `slurpfs audit verify`)"
+            ) from None
 
     def record(
         self, *, who: str, action: str, address: str, role: str, allowed: bool, reason: str = ""

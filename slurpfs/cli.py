@@ -34,6 +34,28 @@ class Abort(SlurpError):
     """A user error the CLI reports as-is."""
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: operands and options in any order.
+
+    Plain argparse binds every positional at the first operand it meets, so in
+    ``put ADDRESS --role R FILE`` the optional FILE is already spent (as empty)
+    when it arrives and is refused. Leaf commands parse intermixed instead.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # the intermixed parse calls back in here
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _common(*, top: bool) -> argparse.ArgumentParser:
     """Options every subcommand takes (defined once).
 
@@ -447,7 +469,9 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_common(top=True)],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[common], description=help)

@@ -30,6 +30,7 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from slurpfs.errors import ConfigError
@@ -313,7 +314,9 @@ def load(
             if not isinstance(raw, dict):
                 raise ConfigError(f"roles.{name}: must be a table")
             roles[name] = _build(RoleConfig, f"roles.{name}", raw, name=name)
-    config = Config(**sections, roles=roles, source=str(path) if path else "<defaults>")
+    config = Config(
+        **sections, roles=MappingProxyType(roles), source=str(path) if path else "<defaults>"
+    )
     _check(config)
     return config
 

@@ -112,6 +112,23 @@ class WrongKey(Corrupt):
     """A key slot for a held role does not open with that role's private key."""
 
 
+class QueryError(SlurpError):
+    """A search query (or an option in a `.search/` name) does not parse.
+
+    The message says what is wrong in words a user can act on.
+    """
+
+    errno = errno.EINVAL
+    exit_code = 2
+
+
+class Busy(SlurpError):
+    """Other writers kept changing the same context; the write was not stored. Retry."""
+
+    errno = errno.EAGAIN
+    exit_code = 1
+
+
 class StoreFull(SlurpError):
     errno = errno.ENOSPC
     exit_code = 8

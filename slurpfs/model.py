@@ -11,6 +11,7 @@ Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -28,12 +29,13 @@ from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import (
     AccessDenied,
     AlreadyExists,
+    Busy,
     Corrupt,
+    EnvelopeMisplaced,
     InvalidAddress,
     KeyMissing,
     NotFound,
     SlurpError,
-    StoreFull,
 )
 from slurpfs.store import Commit, StaleHead, Store, StoreStatistics, VersionRecord
 from slurpfs.ucxl import Address, TemporalKind, validate_component
@@ -41,7 +43,11 @@ from slurpfs.ucxl import Address, TemporalKind, validate_component
 VersionInfo = VersionRecord
 """Metadata of one version (an alias: the store's record is the public shape)."""
 
-_COMMIT_RETRIES = 8
+# Optimistic concurrency with other processes writing the same context: re-seal on
+# the new head and retry, backing off a random moment so two busy writers do not
+# keep overtaking each other in lockstep.
+_COMMIT_RETRIES = 64
+_RETRY_BACKOFF = 0.0005  # seconds, times the attempt number (capped at 20)
 
 
 class ContextTooLarge(SlurpError):
@@ -176,7 +182,12 @@ class ContextStore:
                 f"role {unknown[0]!r} is configured but has no key: run `slurpfs keys add {unknown[0]}`"
             )
         store = Store(paths["store"], map_size=config.store.map_size)
-        return cls(config, keystore, keyring, store, AuditLog(paths["audit"]))
+        try:
+            audit = AuditLog(paths["audit"])
+        except BaseException:
+            store.close()
+            raise
+        return cls(config, keystore, keyring, store, audit)
 
     def close(self) -> None:
         self._store.close()
@@ -301,7 +312,9 @@ class ContextStore:
     ) -> VersionInfo:
         readers = [self.keyring.current_public(r) for r in self.config.readers_of(role)]
         with self._write_lock:
-            for _ in range(_COMMIT_RETRIES):
+            for attempt in range(_COMMIT_RETRIES):
+                if attempt:
+                    time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
                 leaves = self._store.leaves(address, role)
                 parents = ((leaves[0].version_id,) if leaves else ()) + tuple(extra_parents)
                 for leaf in leaves:
@@ -322,7 +335,7 @@ class ContextStore:
                     continue  # another process committed in between: re-seal on the new head
                 break
             else:
-                raise StoreFull(
+                raise Busy(
                     f"{address} [{role}]: gave up after {_COMMIT_RETRIES} concurrent commits"
                 )
         if not deleted:
@@ -486,7 +499,24 @@ class ContextStore:
         """Metadata of the version the address (and its temporal segment) selects."""
         self._check_address(address, writing=False)
         self._check_role(role)
-        return self._select(address, role)
+        info = self._select(address, role)
+        if (info.address, info.role) != (address.key, role):
+            # The index names a version written for another context (a replay): its
+            # envelope is authentic, but it must never be served from here.
+            self._corrupt += 1
+            self._audit.record(
+                who="node",
+                action="verify",
+                address=address.key,
+                role=role,
+                allowed=False,
+                reason=f"version {info.short_id} belongs to another context",
+            )
+            raise EnvelopeMisplaced(
+                f"version {info.short_id} of {info.address} [{info.role}]"
+                f" is filed under {address.key} [{role}]"
+            )
+        return info
 
     def _select(self, address: Address, role: str) -> VersionInfo:
         key = address.key

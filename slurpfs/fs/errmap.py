@@ -10,13 +10,53 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 
 from slurpfs.errors import AccessDenied, Corrupt, InvalidAddress, SlurpError
 
 log = logging.getLogger("slurpfs.fs")
+
+
+class ReadOnly(SlurpError):
+    """History, temporal views, conflicts and status files cannot be changed."""
+
+    errno = errno.EROFS
+
+
+class NotPermitted(SlurpError):
+    """The operation makes no sense at this place in the tree (a file in ucxl/, a link)."""
+
+    errno = errno.EPERM
+
+
+class IsADirectory(SlurpError):
+    errno = errno.EISDIR
+
+
+class NotADirectory(SlurpError):
+    errno = errno.ENOTDIR
+
+
+class CrossDevice(SlurpError):
+    """A rename that would move stored history: tools fall back to copy and delete."""
+
+    errno = errno.EXDEV
+
+
+class NameTooLong(SlurpError):
+    errno = errno.ENAMETOOLONG
+
+
+class TooLarge(SlurpError):
+    errno = errno.EFBIG
+
+
+class Unsupported(SlurpError):
+    """A valid request this filesystem does not do (e.g. RENAME_EXCHANGE)."""
+
+    errno = errno.EINVAL
 
 
 def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
@@ -32,12 +72,18 @@ def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
 
 
 @contextlib.contextmanager
-def errmap() -> Iterator[None]:
-    """Turn `SlurpError` raised in the block into the matching `FUSEError`."""
+def errmap(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn `SlurpError` raised in the block into the matching `FUSEError`.
+
+    `cleanup` runs when the block ends, however it ends.
+    """
     try:
         yield
     except SlurpError as exc:
         raise fuse_error(exc) from None
+    finally:
+        if cleanup is not None:
+            cleanup()
 
 
 def fail(code: int) -> pyfuse3.FUSEError:

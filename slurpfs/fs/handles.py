@@ -14,25 +14,37 @@ scratch file.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from slurpfs.fs.access import Caller
 from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
+from slurpfs.fs.tree import Entry
+from slurpfs.model import Context, ContextStore, VersionInfo
+from slurpfs.ucxl import Address
+
+T = TypeVar("T")
+INLINE_BYTES = 256 << 10
 
 
 class Content:
     """The open state of one role file: a buffer, whether it is dirty, and its base version."""
 
-    __slots__ = ("base", "buffer", "dirty", "lock", "mtime_ns")
+    __slots__ = ("base", "buffer", "dirty", "lock", "mtime_ns", "seq")
 
     def __init__(self) -> None:
         self.buffer: bytearray | None = None  # None: not loaded yet
         self.dirty = False
+        # Bumped by every change: a commit clears `dirty` only if no write came
+        # in while it was sealing (writes do not wait for the commit lock).
+        self.seq = 0
         self.base: bytes | None = None  # version id the buffer started from
         self.mtime_ns = time.time_ns()
         # Guards load and commit: each is a read-modify-write across an await.
@@ -50,7 +62,11 @@ class Content:
     def start_empty(self) -> None:
         """A new (or truncated-to-zero) file: nothing to load, something to commit."""
         self.buffer = bytearray()
+        self._changed()
+
+    def _changed(self) -> None:
         self.dirty = True
+        self.seq += 1
         self.mtime_ns = time.time_ns()
 
     def write(self, offset: int, buf: bytes) -> None:
@@ -58,8 +74,7 @@ class Content:
         if offset > len(self.buffer):
             self.buffer.extend(bytes(offset - len(self.buffer)))
         self.buffer[offset : offset + len(buf)] = buf
-        self.dirty = True
-        self.mtime_ns = time.time_ns()
+        self._changed()
 
     def truncate(self, size: int) -> None:
         assert self.buffer is not None
@@ -67,8 +82,7 @@ class Content:
             del self.buffer[size:]
         else:
             self.buffer.extend(bytes(size - len(self.buffer)))
-        self.dirty = True
-        self.mtime_ns = time.time_ns()
+        self._changed()
 
 
 @dataclass(eq=False)
@@ -92,8 +106,7 @@ class DirHandle:
     fh: int
     node: Node
     caller: Caller
-    entries: list[tuple[bytes, Node]] | None = None
-    served: int = 0
+    entries: list[Entry] | None = None
 
 
 @dataclass
@@ -149,3 +162,66 @@ class HandleTable:
                 seen.add(handle.node.ino)
                 out.append(handle)
         return out
+
+
+class Gateway:
+    """Model calls from the trio loop.
+
+    Small contexts are sealed or opened inline: a worker-thread round trip costs
+    more than the work. Big ones (and every fsync) run in worker threads under a
+    `CapacityLimiter`, so the FUSE loop keeps answering meanwhile.
+    """
+
+    def __init__(self, model: ContextStore, *, inline_bytes: int = INLINE_BYTES) -> None:
+        self.model = model
+        self.inline_bytes = inline_bytes
+        self.limiter = trio.CapacityLimiter(4)
+        self.commits = 0
+        self.commit_failures = 0
+
+    async def _run(self, big: bool, fn: Callable[[], T]) -> T:
+        if not big:
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    async def put(self, address: Address, role: str, data: bytes) -> VersionInfo:
+        try:
+            info = await self._run(
+                len(data) > self.inline_bytes,
+                functools.partial(self.model.put, address, role, data),
+            )
+        except BaseException:
+            self.commit_failures += 1
+            raise
+        self.commits += 1
+        return info
+
+    async def delete(self, address: Address, role: str) -> VersionInfo:
+        info = self.model.delete(address, role)
+        self.commits += 1
+        return info
+
+    async def get(self, address: Address, role: str, caller: Caller) -> Context:
+        size = self.model.stat(address, role).size
+        return await self._run(
+            size > self.inline_bytes,
+            functools.partial(self.model.get, address, role, caller.roles, who=caller.who),
+        )
+
+    async def get_version(
+        self, address: Address, role: str, info: VersionInfo, caller: Caller
+    ) -> Context:
+        return await self._run(
+            info.size > self.inline_bytes,
+            functools.partial(
+                self.model.get_version,
+                address,
+                role,
+                info.version_id,
+                caller.roles,
+                who=caller.who,
+            ),
+        )
+
+    async def sync(self) -> None:
+        await trio.to_thread.run_sync(self.model.sync, limiter=self.limiter)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import pyfuse3
 
+from slurpfs.store import VersionRecord as VersionInfo
 from slurpfs.ucxl import Address
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class Node:
     __slots__ = (
         "address",
         "cached_version",
+        "info",
         "content",
         "ino",
         "key",
@@ -89,7 +91,7 @@ class Node:
         "opens",
         "parent",
         "scratch",
-        "version",
+        "written",
     )
 
     def __init__(
@@ -103,12 +105,16 @@ class Node:
         self.address = address
         self.lookups = 0
         self.opens = 0
-        # ROLE: the version id last reported to the kernel; HISTORY_FILE/CONFLICT: theirs.
-        self.version: bytes | None = None
+        # ROLE: the version last reported to the kernel; HISTORY_FILE/CONFLICT: theirs.
+        self.info: VersionInfo | None = None
         # The version whose pages the kernel may still cache (for keep_cache).
         self.cached_version: bytes | None = None
         self.content: Content | None = None
         self.scratch: ScratchFile | None = None
+        # (version id, mtime) of the last version written through this node: its
+        # mtime stays the time of the last write(), not of the commit at close,
+        # so tools that fstat before close (emacs) see no change afterwards.
+        self.written: tuple[bytes, int] | None = None
 
     @property
     def readonly(self) -> bool:
@@ -132,6 +138,8 @@ class InodeTable:
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[Key, int] = {}
         self._by_address: dict[str, set[int]] = {}
+        # Nodes bound while resolving a request but not (yet) handed to the kernel.
+        self._pending: set[int] = set()
         self._on_purge = on_purge
         root = Node(ROOT_INODE, Key(Kind.ROOT), ROOT_INODE, b"", None)
         root.lookups = 1  # the kernel never forgets the root
@@ -185,6 +193,7 @@ class InodeTable:
         node = Node(self._allocate(key), key, parent, name, address)
         self._nodes[node.ino] = node
         self._by_key[key] = node.ino
+        self._pending.add(node.ino)
         if address is not None:
             self._by_address.setdefault(address.key, set()).add(node.ino)
         return node
@@ -197,6 +206,15 @@ class InodeTable:
 
     def ref(self, node: Node, n: int = 1) -> None:
         node.lookups += n
+        self._pending.discard(node.ino)
+
+    def sweep(self) -> None:
+        """Purge nodes a request resolved but never handed to the kernel (end of a handler)."""
+        pending, self._pending = self._pending, set()
+        for ino in pending:
+            node = self._nodes.get(ino)
+            if node is not None:
+                self.maybe_purge(node)
 
     def forget(self, ino: int, n: int) -> None:
         node = self._nodes.get(ino)
@@ -212,6 +230,7 @@ class InodeTable:
         if self._nodes.get(node.ino) is not node:
             return
         del self._nodes[node.ino]
+        self._pending.discard(node.ino)
         self._unbind(node)
         if node.address is not None:
             inos = self._by_address.get(node.address.key)

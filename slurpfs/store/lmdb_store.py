@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +81,7 @@ class Store:
             self._env = lmdb.open(
                 str(path),
                 map_size=map_size,
-                max_dbs=len(s.ALL_DBS) + 4,
+                max_dbs=len(s.ALL_DBS) + 32,  # room for auxiliary tables (search index)
                 subdir=True,
                 sync=False,  # durability comes from sync(); see module docstring
                 metasync=False,
@@ -95,6 +95,7 @@ class Store:
         self._path = path
         self._counters = _Counters()
         self._lock = threading.Lock()
+        self._aux: dict[bytes, lmdb._Database] = {}
         if not readonly:
             with self._env.begin(write=True) as txn:
                 stored = txn.get(s.INFO_FORMAT, db=self._dbs[s.DB_INFO])
@@ -258,6 +259,68 @@ class Store:
                 )
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
+
+    # -- auxiliary sub-databases ---------------------------------------------
+    # Other components keep their own (already sealed) records here, e.g. the
+    # search index; the store neither reads nor interprets them. `name` is
+    # prefixed with "aux:" so it can never collide with the store's own tables.
+
+    def _aux_db(self, name: bytes, *, create: bool) -> lmdb._Database | None:
+        with self._lock:
+            db = self._aux.get(name)
+            if db is None:
+                try:
+                    db = self._env.open_db(b"aux:" + name, create=create)
+                except lmdb.NotFoundError:
+                    return None
+                self._aux[name] = db
+            return db
+
+    def aux_get(self, name: bytes, key: bytes) -> bytes | None:
+        """The value under `key` in auxiliary table `name`, or None."""
+        db = self._aux_db(name, create=False)
+        if db is None:
+            return None
+        with self._env.begin() as txn:
+            raw = txn.get(key, db=db)
+            return None if raw is None else bytes(raw)
+
+    def aux_scan(self, name: bytes, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of auxiliary table `name` whose key starts with `prefix`."""
+        db = self._aux_db(name, create=False)
+        if db is None:
+            return []
+        with self._env.begin() as txn:
+            return list(_scan(txn, db, prefix))
+
+    def aux_write(
+        self,
+        name: bytes,
+        puts: Mapping[bytes, bytes],
+        deletes: Iterable[bytes] = (),
+        *,
+        expect: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        """Put and delete keys of auxiliary table `name` in one transaction.
+
+        With `expect=(key, value)`, the write happens only if `key` currently holds
+        `value` (None: is absent); otherwise `StaleHead` is raised and nothing is
+        written. `StoreFull` when the map or the disk is full.
+        """
+        db = self._aux_db(name, create=True)
+        assert db is not None
+        try:
+            with self._env.begin(write=True) as txn:
+                if expect is not None:
+                    current = txn.get(expect[0], db=db)
+                    if (None if current is None else bytes(current)) != expect[1]:
+                        raise StaleHead(f"auxiliary record {expect[0]!r} changed concurrently")
+                for key in deletes:
+                    txn.delete(key, db=db)
+                for key, value in puts.items():
+                    txn.put(key, value, db=db)
+        except lmdb.MapFullError:
+            raise StoreFull("the store's map is full (raise store.map_size)") from None
 
     # -- reading ---------------------------------------------------------
 

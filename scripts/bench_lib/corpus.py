@@ -1,0 +1,178 @@
+"""A deterministic corpus of realistic contexts: YAML front matter plus varied prose.
+
+Every document is exactly `size` bytes of ASCII text. The text is assembled from
+sentence templates, a few hundred technical words, generated identifiers, paths
+and numbers, so that zstd compresses a 4 KiB document about as well as real
+engineering prose (2-2.5x), not like random bytes (1x) or a repeated string (100x).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ROLE = "developer"
+
+_AGENTS = ("claude", "gpt", "gemini", "alice", "bob", "ci")
+_PROJECTS = ("bzzz", "hive", "whoosh", "ledger", "atlas", "relay")
+_TASKS = ("auth", "storage", "search", "billing", "ui", "infra", "sync", "api")
+_DIRS = (
+    "src", "internal", "pkg", "cmd", "lib", "services", "handlers", "models", "store",
+    "crypto", "net", "api", "web", "jobs", "config", "tests", "docs", "migrations",
+)  # fmt: skip
+_EXTS = (".go", ".py", ".rs", ".ts", ".md", ".sql", ".yaml", ".proto")
+
+_NOUNS = (
+    "token", "session", "key set", "cache", "index", "query planner", "scheduler", "worker pool",
+    "replica", "leader", "follower", "snapshot", "write-ahead log", "compaction", "shard",
+    "tenant", "request", "response", "handler", "middleware", "router", "connection pool",
+    "transaction", "lock", "lease", "heartbeat", "timeout", "retry budget", "rate limiter",
+    "circuit breaker", "queue", "consumer", "producer", "offset", "checkpoint", "manifest",
+    "schema", "migration", "column", "bloom filter", "page", "segment", "tombstone", "bucket",
+    "object", "blob", "chunk", "digest", "signature", "certificate", "nonce", "cipher",
+    "envelope", "role", "permission", "policy", "audit trail", "metric", "histogram",
+    "trace", "span", "log line", "alert", "dashboard", "deployment", "rollout", "canary",
+    "feature flag", "config file", "secret", "vault", "build", "pipeline", "artifact",
+    "container", "volume", "mount", "inode", "directory", "symlink", "parser", "lexer",
+    "serializer", "codec", "buffer", "stream", "socket", "peer", "gossip message", "quorum",
+    "vector clock", "conflict", "merge", "diff", "patch", "version", "branch", "release",
+)  # fmt: skip
+_VERBS = (
+    "validates", "rotates", "caches", "evicts", "retries", "batches", "flushes", "serialises",
+    "rejects", "accepts", "forwards", "replays", "signs", "verifies", "encrypts", "decrypts",
+    "compresses", "indexes", "prunes", "merges", "splits", "schedules", "throttles", "drains",
+    "renews", "revokes", "tracks", "records", "exports", "imports", "hydrates", "snapshots",
+    "migrates", "reconciles", "deduplicates", "streams", "buffers", "pins", "shards", "locks",
+)  # fmt: skip
+_ADJS = (
+    "stale", "expired", "concurrent", "idempotent", "partial", "corrupt", "untrusted",
+    "rotating", "cold", "warm", "hot", "large", "small", "pending", "orphaned", "duplicate",
+    "signed", "sealed", "encrypted", "compressed", "cached", "replicated", "local", "remote",
+    "slow", "flaky", "noisy", "critical", "optional", "legacy", "experimental", "deprecated",
+)  # fmt: skip
+_REASONS = (
+    "the upstream provider rate-limits bursts",
+    "clients on old releases still send the legacy header",
+    "a crash between the two writes left orphaned rows last quarter",
+    "the p99 latency budget for this path is tight",
+    "auditors asked for a complete trail of every decision",
+    "the previous design leaked memory under sustained load",
+    "replicas may observe writes in a different order",
+    "we cannot trust the clock on edge devices",
+    "the data set no longer fits in memory on small nodes",
+    "operators need to roll back without downtime",
+    "a security review flagged the old behaviour",
+    "retries without jitter caused a thundering herd",
+    "the vendor library is not safe for concurrent use",
+    "support tickets showed users hitting this weekly",
+    "the batch job overlaps with the nightly backup window",
+    "we want the same behaviour on every platform",
+)  # fmt: skip
+_TECH = (
+    "go", "python", "rust", "typescript", "postgres", "redis", "kafka", "grpc", "jwt",
+    "oauth2", "lmdb", "zstd", "libsodium", "kubernetes", "terraform", "nginx", "s3",
+    "prometheus", "opentelemetry", "sqlite", "protobuf", "graphql", "react", "wasm",
+)  # fmt: skip
+_TAGS = (
+    "security", "backend", "frontend", "performance", "reliability", "storage", "api",
+    "compliance", "observability", "migration", "testing", "ops", "ux", "data", "crypto",
+)  # fmt: skip
+_TEMPLATES = (
+    "The {n1} {v1} every {a1} {n2} because {r}.",
+    "We keep the {n1} {a1} on purpose: {r}.",
+    "`{ident}` {v1} the {n1} before the {n2} is {a1}; see {path}.",
+    "If the {n1} is {a1}, the {n2} {v1} it and logs `{ident}` with code {num}.",
+    "Decision {num}: the {n1} {v1} the {n2} at most {num2} times, since {r}.",
+    "Note that {path} {v1} the {n1} in a background task every {num2} ms.",
+    "Do not remove the {a1} check in `{ident}`; {r}.",
+    "An alternative was to let the {n2} handle it, but {r}.",
+    "Benchmarks on {num2} nodes showed the {n1} at {num} requests per second.",
+    "The {n1} and the {n2} share `{ident}`, which {v1} {a1} entries.",
+    "Ownership of the {n1} moved to the {team} team in release {ver}.",
+    "Open question: should the {n1} {v2} the {n2} when it is {a1}?",
+    "Changing the {n1} format needs a migration, because {r}.",
+    "Tests in {path} cover the {a1} {n1} and the {a2} {n2}.",
+)  # fmt: skip
+_TEAMS = ("platform", "identity", "storage", "search", "payments", "infra", "mobile", "sre")
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """One context: its UCXL address, the mount path parts below `ucxl/`, and its bytes."""
+
+    address: str
+    parts: tuple[str, ...]  # (authority, p1, ..., pn); the role file is parts + (ROLE,)
+    data: bytes
+
+
+def _stem(verb: str) -> str:
+    """'verifies' -> 'verify', 'pushes' -> 'push', 'signs' -> 'sign'."""
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if verb.endswith(("shes", "ches", "sses", "xes")):
+        return verb[:-2]
+    return verb[:-1]
+
+
+def _ident(rng: random.Random) -> str:
+    words = [rng.choice(_NOUNS).title().replace(" ", "").replace("-", "") for _ in range(2)]
+    return f"{_stem(rng.choice(_VERBS))}{words[0]}{words[1]}()"
+
+
+def _path(rng: random.Random) -> str:
+    depth = rng.randint(1, 3)
+    dirs = "/".join(rng.choice(_DIRS) for _ in range(depth))
+    name = rng.choice(_NOUNS).replace(" ", "_")
+    return f"{dirs}/{name}{rng.choice(_EXTS)}"
+
+
+def _sentence(rng: random.Random) -> str:
+    return rng.choice(_TEMPLATES).format(
+        n1=rng.choice(_NOUNS), n2=rng.choice(_NOUNS), v1=rng.choice(_VERBS),
+        v2=_stem(rng.choice(_VERBS)), a1=rng.choice(_ADJS), a2=rng.choice(_ADJS),
+        r=rng.choice(_REASONS), ident=_ident(rng), path=_path(rng),
+        num=rng.randint(2, 99_999), num2=rng.choice((2, 3, 5, 8, 16, 30, 64, 250, 1000)),
+        team=rng.choice(_TEAMS), ver=f"{rng.randint(0, 9)}.{rng.randint(0, 40)}",
+    )  # fmt: skip
+
+
+def _authority(rng: random.Random) -> str:
+    return f"{rng.choice(_AGENTS)}:architect@{rng.choice(_PROJECTS)}:{rng.choice(_TASKS)}"
+
+
+def _document(rng: random.Random, address: str, size: int) -> bytes:
+    lines = [
+        "---",
+        f"summary: {_sentence(rng)}",
+        f"purpose: {_sentence(rng)}",
+        f"tags: [{', '.join(rng.sample(_TAGS, rng.randint(1, 4)))}]",
+        f"technologies: [{', '.join(rng.sample(_TECH, rng.randint(1, 4)))}]",
+        "insights:",
+        *(f"  - {_sentence(rng)}" for _ in range(rng.randint(1, 3))),
+        f"influences: [ucxl://{_authority(rng)}/{_path(rng)}]",
+        "---",
+        f"# {address.rsplit('/', 1)[-1]}",
+        "",
+    ]
+    text = "\n".join(lines) + "\n"
+    while len(text) < size:
+        paragraph = " ".join(_sentence(rng) for _ in range(rng.randint(2, 6)))
+        if rng.random() < 0.15:
+            paragraph = f"## {rng.choice(_ADJS).title()} {rng.choice(_NOUNS)}\n\n{paragraph}"
+        text += paragraph + "\n\n"
+    return text[: size - 1].encode("ascii") + b"\n"
+
+
+def generate(count: int, size: int = 4096, seed: int = 1) -> Iterator[Doc]:
+    """`count` documents at distinct addresses, grouped a few dozen per directory."""
+    rng = random.Random(seed)
+    authorities = sorted({_authority(rng) for _ in range(40)})[:12]
+    for i in range(count):
+        authority = authorities[i % len(authorities)]
+        directory = f"{_DIRS[(i // 7) % len(_DIRS)]}/m{i // 40:04d}"
+        stem = rng.choice(_NOUNS).replace(" ", "_").replace("-", "_")
+        name = f"{stem}_{i:05d}{rng.choice(_EXTS)}"
+        parts = (authority, *directory.split("/"), name)
+        address = "ucxl://" + "/".join(parts)
+        yield Doc(address, parts, _document(rng, address, size))

@@ -1,0 +1,416 @@
+"""Section `mount`: the same documents in a plain directory, gocryptfs and a slurpfs mount.
+
+Every column holds the same tree, laid out as the slurpfs mount shows it:
+``ucxl/<authority>/<p1>/.../<role>``, one 4 KiB file per context. The tools run on
+``<root>/ucxl`` so that slurpfs' virtual ``.search`` and ``.slurp`` are not walked.
+Whole-tree tool runs are timed after one untimed warm-up run (warm caches); per-op
+latencies come from `os.stat` / open-read-close in this process, also after a warm-up
+pass. Every process started here is stopped by its PID, every mount unmounted, in
+`finally` blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench_lib import corpus
+from bench_lib.common import Json, Options, Section, latency, table, timed_loop
+
+NEEDLE = "rotating"  # appears in a fraction of the documents (an adjective of the corpus)
+PASSWORD_CMD = "echo pw"
+
+# metric -> (label, unit, how to read the value, goal for slurpfs/gocryptfs from the issue)
+METRICS: dict[str, tuple[str, str, str, float | None]] = {
+    "find": ("`find` walk", "ms", "wall", 1.0),
+    "cat": ("`cat` of all files (warm)", "ms", "wall", 1.0),
+    "grep": ("`grep -r`", "ms", "wall", 1.3),
+    "ls_lR": ("`ls -lR`", "ms", "wall", None),
+    "stat": ("stat, per op (p50)", "µs", "p50_us", 1.5),
+    "open_read": ("open/read/close, per op (p50)", "µs", "p50_us", None),
+    "mkdir": ("mkdir of new address dirs (total)", "ms", "wall_s", None),
+    "create_write": ("create+write+close (total)", "ms", "wall_s", 1.5),
+    "create_write_op": ("create+write+close, per op (p50)", "µs", "create_write.p50_us", None),
+    "save": ("atomic save loop, per save (p50)", "µs", "p50_us", None),
+}
+BACKENDS = ("plain", "gocryptfs", "slurpfs")
+
+
+@dataclass(frozen=True)
+class Workload:
+    docs: list[corpus.Doc]
+    files: list[str]  # relative to a column's root: ucxl/<authority>/.../<role>
+    new_docs: list[corpus.Doc]  # for create+write
+    list_file: Path  # NUL-separated `files`, outside every mount (for xargs)
+
+
+def run(opts: Options) -> Section:
+    base = opts.workdir / f"bench-mount-{os.getpid()}"
+    base.mkdir(parents=True)
+    try:
+        docs = list(corpus.generate(opts.docs))
+        files = [_rel(d) for d in docs]
+        list_file = base / "files.list"
+        list_file.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
+        work = Workload(docs, files, list(corpus.generate(opts.creates, seed=2)), list_file)
+        columns: dict[str, Json] = {}
+        for name, setup in (("plain", _plain), ("gocryptfs", _gocryptfs), ("slurpfs", _slurpfs)):
+            with setup(base / name, work) as (root, note):
+                if root is None:
+                    columns[name] = {"skipped": note}
+                    print(f"mount: {name}: skipped: {note}", file=sys.stderr)
+                    continue
+                print(f"mount: {name}: measuring {root}", file=sys.stderr)
+                columns[name] = {"note": note, **_measure(root, work, opts)}
+    finally:
+        _remove(base)
+    hits = {name: col["grep_hits"] for name, col in columns.items() if "grep_hits" in col}
+    data: Json = {
+        "documents": opts.docs,
+        "repeat": opts.repeat,
+        "needle": NEEDLE,
+        "grep_hits": hits,
+        "columns_agree": len(set(hits.values())) <= 1,
+        "columns": columns,
+        "comparison": _compare(columns),
+    }
+
+    return Section(data, _markdown(data))
+
+
+def _rel(doc: corpus.Doc) -> str:
+    return "/".join(("ucxl", *doc.parts, corpus.ROLE))
+
+
+# -- the measurements --------------------------------------------------------------------
+
+
+def _tool(root: Path, argv: Sequence[str], repeat: int, ok: Sequence[int] = (0,)) -> Json:
+    """Run a shell-level tool `repeat` times after one warm-up; median wall seconds."""
+    times = []
+    for i in range(repeat + 1):
+        t0 = time.perf_counter_ns()
+        proc = subprocess.run(
+            argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+        )
+        elapsed = time.perf_counter_ns() - t0
+        if proc.returncode not in ok:
+            raise RuntimeError(
+                f"{' '.join(argv)} in {root}: exit {proc.returncode}: {proc.stderr[-500:]!r}"
+            )
+        if i:
+            times.append(elapsed / 1e9)
+    return {"wall": round(statistics.median(times), 4), "runs_s": [round(t, 4) for t in times]}
+
+
+def _count(root: Path, argv: Sequence[str]) -> int:
+    proc = subprocess.run(argv, cwd=root, capture_output=True, check=False)
+    return proc.stdout.count(b"\n")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _measure(root: Path, work: Workload, opts: Options) -> Json:
+    out: Json = {}
+    n = opts.repeat
+    out["files_found"] = _count(root, ["find", "ucxl", "-type", "f"])
+    if out["files_found"] != len(work.files):
+        raise RuntimeError(
+            f"{root}: find sees {out['files_found']} files, expected {len(work.files)}"
+        )
+    out["grep_hits"] = _count(root, ["grep", "-r", "-l", "-F", NEEDLE, "ucxl"])
+    out["find"] = _tool(root, ["find", "ucxl"], n)
+    out["ls_lR"] = _tool(root, ["ls", "-lR", "ucxl"], n)
+    out["cat"] = _tool(root, ["xargs", "-0", "-a", str(work.list_file), "cat"], n)
+    out["grep"] = _tool(root, ["grep", "-r", "-l", "-F", NEEDLE, "ucxl"], n, ok=(0, 1))
+
+    paths = [str(root / f) for f in work.files]
+    for p in paths:  # warm-up pass for both per-op tests
+        os.stat(p)
+    ns, wall, _ = timed_loop(paths, os.stat)
+    out["stat"] = latency(ns, wall)
+    ns, wall, got = timed_loop(paths, _read)
+    if any(data != doc.data for data, doc in zip(got, work.docs, strict=True)):
+        raise RuntimeError(f"{root}: a file reads back different from what was stored")
+    out["open_read"] = latency(ns, wall)
+
+    authority = work.docs[0].parts[0]
+    new_dirs = [
+        root / "ucxl" / authority / "bench-new" / f"n{i:05d}" for i in range(len(work.new_docs))
+    ]
+    ns, wall, _ = timed_loop(new_dirs, lambda d: os.makedirs(d))
+    out["mkdir"] = latency(ns, wall)
+    items = list(zip(new_dirs, work.new_docs, strict=True))
+    ns, wall, _ = timed_loop(items, lambda it: _create(it[0] / corpus.ROLE, it[1].data))
+    out["create_write"] = latency(ns, wall)
+
+    targets = [root / f for f in work.files[: opts.saves]]
+    edits = [(t, doc.data + f"edited in save {i}\n".encode())
+             for i, (t, doc) in enumerate(zip(targets, work.docs, strict=False))]  # fmt: skip
+    ns, wall, _ = timed_loop(edits, lambda e: _atomic_save(e[0], e[1]))
+    for target, data in edits:
+        if target.read_bytes() != data:
+            raise RuntimeError(f"{target}: the saved content did not stick")
+    out["save"] = latency(ns, wall)
+    return out
+
+
+def _create(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(target: Path, data: bytes) -> None:
+    """What editors do: write a temporary file, fsync it, rename it over, fsync the directory."""
+    tmp = target.with_name(f"{target.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _populate(root: Path, work: Workload) -> None:
+    for rel, doc in zip(work.files, work.docs, strict=True):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(doc.data)
+
+
+# -- the columns -----------------------------------------------------------------------
+
+Column = Iterator[tuple[Path | None, str]]
+
+
+@contextlib.contextmanager
+def _plain(base: Path, work: Workload) -> Column:
+    base.mkdir()
+    _populate(base, work)
+    yield base, f"directory on {_fs_type(base)}"
+
+
+@contextlib.contextmanager
+def _gocryptfs(base: Path, work: Workload) -> Column:
+    exe = shutil.which("gocryptfs")
+    if exe is None:
+        yield None, "gocryptfs is not installed"
+        return
+    if not os.path.exists("/dev/fuse"):
+        yield None, "no /dev/fuse"
+        return
+    cipher, mnt = base / "cipher", base / "mnt"
+    cipher.mkdir(parents=True)
+    mnt.mkdir()
+    subprocess.run([exe, "-init", "-q", "-extpass", PASSWORD_CMD, "-scryptn", "10", str(cipher)],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    argv = [exe, "-fg", "-q", "-extpass", PASSWORD_CMD, str(cipher), str(mnt)]
+    with _daemon(argv, mnt, base / "gocryptfs.log", stop=None):
+        _populate(mnt, work)
+        yield mnt, "gocryptfs defaults (-scryptn 10 only speeds up -init)"
+
+
+def _slurpfs_cli() -> list[str]:
+    return [sys.executable, "-m", "slurpfs.cli"]
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURPFS_")}
+
+
+@contextlib.contextmanager
+def _slurpfs(base: Path, work: Workload) -> Column:
+    probe = subprocess.run([*_slurpfs_cli(), "mount", "--help"], capture_output=True,
+                           env=_clean_env(), check=False)  # fmt: skip
+    if probe.returncode != 0:
+        yield None, "`slurpfs mount` does not exist yet"
+        return
+    if not os.path.exists("/dev/fuse"):
+        yield None, "no /dev/fuse"
+        return
+    from slurpfs import config, ucxl
+    from slurpfs.model import BatchItem, ContextStore
+
+    data, mnt = base / "data", base / "mnt"
+    mnt.mkdir(parents=True)
+    cfg = config.load(environ={"HOME": str(base)}, overrides={"node.data_dir": str(data)})
+    with ContextStore.init(cfg, None) as store:
+        for i in range(0, len(work.docs), 500):
+            batch = [
+                BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data)
+                for d in work.docs[i : i + 500]
+            ]
+            report = store.put_many(batch)
+            if report.failed:
+                raise RuntimeError(f"slurpfs import failed: {report.failed[:3]}")
+    argv = [*_slurpfs_cli(), "mount", "--foreground", "--data", str(data), str(mnt)]
+    stop = [*_slurpfs_cli(), "umount", str(mnt)]
+    with _daemon(argv, mnt, base / "slurpfs.log", stop=stop):
+        yield mnt, "slurpfs mount --foreground, default configuration"
+
+
+@contextlib.contextmanager
+def _daemon(argv: list[str], mnt: Path, log: Path, stop: list[str] | None) -> Iterator[None]:
+    """Start a FUSE daemon in the foreground as our child; unmount and reap it by PID at the end."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{argv[0]} exited {proc.returncode} before mounting: {log.read_text()[-800:]}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{mnt} was not mounted after 30 s")
+            time.sleep(0.05)
+        yield
+    finally:
+        _unmount(mnt, stop)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            print(f"mount: pid {proc.pid} still running after unmount; SIGTERM", file=sys.stderr)
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if os.path.ismount(mnt):  # the daemon died without unmounting
+            _unmount(mnt, None, lazy=True)
+
+
+def _unmount(mnt: Path, stop: list[str] | None, *, lazy: bool = False) -> None:
+    if not os.path.ismount(mnt):
+        return
+    commands = [stop] if stop else []
+    for tool in ("fusermount3", "fusermount"):
+        if shutil.which(tool):
+            commands.append([tool, "-u", *(["-z"] if lazy else []), str(mnt)])
+    for argv in commands:
+        for _ in range(20):  # EBUSY right after the last close is common: retry briefly
+            done = subprocess.run(argv, capture_output=True, env=_clean_env(), check=False)
+            if done.returncode == 0:
+                return
+            if not os.path.ismount(mnt):
+                return
+            time.sleep(0.25)
+    print(f"mount: could not unmount {mnt}", file=sys.stderr)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def _remove(base: Path) -> None:
+    left = _mounts_under(base)
+    if left:
+        print(f"mount: not removing {base}: still mounted: {left}", file=sys.stderr)
+        return
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _fs_type(path: Path) -> str:
+    best, kind = "", "unknown"
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[4]
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fields[fields.index("-") + 1]
+    return kind
+
+
+# -- comparison and table --------------------------------------------------------------
+
+
+def _value(column: Json, metric: str) -> float | None:
+    if "skipped" in column:
+        return None
+    key, _, field = METRICS[metric][2].rpartition(".")
+    entry = column[key or metric]
+    value = entry[field]
+    if value is None:
+        return None
+    return round(float(value) * 1000, 2) if METRICS[metric][1] == "ms" else float(value)
+
+
+def _compare(columns: dict[str, Json]) -> Json:
+    out: Json = {}
+    for metric, (_, unit, _, goal) in METRICS.items():
+        values = {b: _value(columns[b], metric) for b in BACKENDS if b in columns}
+        ref = values.get("gocryptfs")
+        ratios = {
+            b: round(v / ref, 2) if v is not None and ref else None for b, v in values.items()
+        }
+        mine = ratios.get("slurpfs")
+        met = None if goal is None or mine is None else mine <= goal
+        out[metric] = {
+            "unit": unit,
+            "values": values,
+            "vs_gocryptfs": ratios,
+            "goal": goal,
+            "met": met,
+        }
+    return out
+
+
+def _markdown(data: Json) -> list[str]:
+    cols = data["columns"]
+    lines = [f"### mount: {data['documents']:,} files of 4 KiB (tool runs: median of {data['repeat']} "
+             "after one warm-up)", ""]  # fmt: skip
+    for name in BACKENDS:
+        if "skipped" in cols.get(name, {}):
+            lines.append(f"- {name}: skipped: {cols[name]['skipped']}")
+        elif name in cols:
+            lines.append(f"- {name}: {cols[name]['note']}")
+    hits = data["grep_hits"]
+    if data["columns_agree"]:
+        lines.append(
+            f"- every column lists {data['documents']:,} files; `grep -rl {data['needle']}` finds "
+            f"the same {next(iter(hits.values()), 0):,} files in each"
+        )
+    else:
+        lines.append(f"- **the columns disagree**: `grep -rl {data['needle']}` hits: {hits}")
+    lines.append("")
+    rows = []
+    for metric, cmp in data["comparison"].items():
+        label, unit = METRICS[metric][0], cmp["unit"]
+        v, r = cmp["values"], cmp["vs_gocryptfs"]
+        goal = f"<= {cmp['goal']}" if cmp["goal"] is not None else None
+        met = None if cmp["met"] is None else ("yes" if cmp["met"] else "**no**")
+        rows.append([f"{label} [{unit}]", v.get("plain"), v.get("gocryptfs"), v.get("slurpfs"),
+                     r.get("plain"), r.get("slurpfs"), goal, met])  # fmt: skip
+    lines += table(
+        ["test", "plain", "gocryptfs", "slurpfs", "plain / gocryptfs", "slurpfs / gocryptfs",
+         "goal (slurpfs / gocryptfs)", "met"],
+        rows,
+    )  # fmt: skip
+    return lines

@@ -1,0 +1,192 @@
+"""Keep the kernel's caches honest when contexts change underneath the mount.
+
+The kernel caches entries, attributes and pages for ``mount.*_timeout``. A change
+that does not come through this mount (a ``slurpfs put`` from another process,
+later replication) must be pushed to the kernel, or ``cat`` would show the old
+version for up to a minute. The `Invalidator` task polls the store's change feed
+(`ContextStore.changes_since`, which sees every process's commits), compares each
+changed context with what the kernel was last told, and invalidates what
+differs: the inode's attributes and pages, or the dentry of a deleted file.
+
+Invalidation never runs inside a request handler: it blocks until related
+requests finish, which would deadlock a handler waiting on itself. It runs here,
+in a worker thread, so the FUSE loop keeps serving meanwhile.
+
+`poke` runs a cycle now and returns once it is done: the daemon's control socket
+uses it so that a CLI writer returns only after the kernel has forgotten the old
+version ("``cat`` never shows a stale version after the writer returned").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyfuse3
+import trio
+
+from slurpfs.errors import InvalidAddress, NotFound
+from slurpfs.fs.inodes import Kind
+from slurpfs.fs.ops import Operations
+from slurpfs.fs.tree import dir_key
+from slurpfs.ucxl import Address
+
+log = logging.getLogger("slurpfs.fs")
+
+POLL_INTERVAL = 0.5
+
+
+class Kernel(Protocol):
+    """The two notifications the invalidator sends (a fake in ops-level tests)."""
+
+    def invalidate_inode(self, inode: int) -> None: ...
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
+
+
+# Not errors for a cache notification: the kernel does not know the entry (ENOENT),
+# or the session is ending (ENOTCONN, EBADF).
+_HARMLESS = frozenset({errno.ENOENT, errno.ENOTCONN, errno.EBADF})
+
+
+class FuseKernel:
+    """The real kernel, through pyfuse3."""
+
+    def invalidate_inode(self, inode: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, False)
+        except OSError as exc:
+            if exc.errno not in _HARMLESS:
+                raise
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as exc:
+            if exc.errno not in _HARMLESS:
+                raise
+
+
+@dataclass
+class Actions:
+    inodes: list[int] = field(default_factory=list)
+    attrs: list[int] = field(default_factory=list)
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.inodes) + len(self.attrs) + len(self.entries)
+
+
+class Invalidator:
+    """Polls the change feed and invalidates stale kernel cache entries."""
+
+    def __init__(self, ops: Operations, kernel: Kernel, *, interval: float = POLL_INTERVAL) -> None:
+        self.ops = ops
+        self.model = ops.model
+        self.kernel = kernel
+        self.interval = interval
+        self.seq = self.model.store.sequence()
+        self._requested = 0
+        self._completed = 0
+        self._wakeup = trio.Event()
+        self._progress = trio.Event()
+        self._cancel = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._cancel:
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                target = self._requested
+                await self.cycle()
+                self._completed = max(self._completed, target)
+                self._progress.set()
+                self._progress = trio.Event()
+
+    def stop(self) -> None:
+        self._cancel.cancel()
+
+    async def poke(self) -> None:
+        """Return once a full cycle that started after this call has finished."""
+        self._requested += 1
+        target = self._requested
+        self._wakeup.set()
+        while self._completed < target:
+            await self._progress.wait()
+
+    async def cycle(self) -> int:
+        """Read the change feed up to now and invalidate; returns how many notifications."""
+        changed: set[tuple[str, str]] = set()
+        while True:
+            seq, changes = self.model.changes_since(self.seq)
+            if seq == self.seq:
+                break
+            self.seq = seq
+            changed.update(changes)
+        if not changed:
+            return 0
+        actions = self.plan(changed)
+        if actions:
+            await trio.to_thread.run_sync(self._send, actions)
+            self.ops.invalidations += len(actions)
+        return len(actions)
+
+    def plan(self, changed: Iterable[tuple[str, str]]) -> Actions:
+        """What to tell the kernel about these (address key, role) changes."""
+        actions = Actions()
+        for key, role in changed:
+            try:
+                address = Address.from_key(key)
+            except InvalidAddress:
+                continue
+            self._plan_one(address, role, actions)
+        return actions
+
+    def _plan_one(self, address: Address, role: str, actions: Actions) -> None:
+        try:
+            head = self.model.stat(address, role)
+        except NotFound:
+            head = None
+        if head is not None:
+            # A new version ends a backup-by-rename's hiding of the role name.
+            self.ops.scratch.unhide(dir_key(address), role)
+            parent = address.parent()
+            if not head.parents and parent is not None:
+                # A first version may have created directories: the parent's nlink changed.
+                for node in self.ops.inodes.at_address(parent.key):
+                    if node.kind is Kind.DIR and node.lookups and node.ino not in actions.attrs:
+                        actions.attrs.append(node.ino)
+        conflicts: set[bytes] | None = None
+        for node in self.ops.inodes.at_address(address.key):
+            if node.key is None or node.lookups == 0 or node.key.role != role:
+                continue
+            if node.kind is Kind.ROLE and not node.readonly:
+                if node.content is not None and node.content.dirty:
+                    continue  # an open writer here: its commit comes next and wins
+                known = node.info.version_id if node.info is not None else None
+                if head is None:
+                    if known is not None:
+                        actions.entries.append((node.parent, node.name))
+                        actions.inodes.append(node.ino)
+                        node.info = None
+                elif known != head.version_id:
+                    actions.inodes.append(node.ino)
+                    node.info = head
+            elif node.kind is Kind.CONFLICT and node.info is not None:
+                if conflicts is None:
+                    conflicts = {v.version_id for v in self.model.conflicts(address, role)}
+                if node.info.version_id not in conflicts:
+                    actions.entries.append((node.parent, node.name))
+
+    def _send(self, actions: Actions) -> None:
+        for parent, name in actions.entries:
+            self.kernel.invalidate_entry(parent, name)
+        for ino in actions.inodes:
+            self.kernel.invalidate_inode(ino)
+        for ino in actions.attrs:
+            self.kernel.invalidate_inode(ino)

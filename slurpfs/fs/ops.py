@@ -1,0 +1,621 @@
+"""The `pyfuse3.Operations` subclass: a thin adapter over `Tree` and `Namespace`.
+
+Each handler translates inode numbers to nodes, calls the layer below inside
+`errmap` (domain errors become errno there, nowhere else), and turns `Stat`
+into `EntryAttributes`. Only `FUSEError` leaves a handler; anything else is a bug.
+
+Kernel caching: entries and attributes are cached for ``mount.entry_timeout`` /
+``mount.attr_timeout``, except views that change without an event (temporal
+segments, status files), which are never cached. ``open`` keeps the kernel's
+page cache (``keep_cache``) when the version it holds is still the one served.
+When a context changes underneath (another process, replication),
+`slurpfs.fs.invalidate` tells the kernel, from a task outside every handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as st
+import time
+from collections.abc import Mapping, Sequence
+
+import pyfuse3
+
+from slurpfs.config import Config
+from slurpfs.errors import NotFound, SlurpError
+from slurpfs.fs import virtual
+from slurpfs.fs.access import Caller, RoleMap
+from slurpfs.fs.errmap import (
+    IsADirectory,
+    NotPermitted,
+    ReadOnly,
+    TooLarge,
+    errmap,
+    fail,
+    fuse_error,
+)
+from slurpfs.fs.handles import Content, FileHandle, Gateway, HandleTable
+from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Kind, Node
+from slurpfs.fs.namespace import Namespace
+from slurpfs.fs.scratch import ScratchStore
+from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
+from slurpfs.fs.virtual import FsStatistics, VirtualFiles
+from slurpfs.model import ContextStore, data_paths
+
+log = logging.getLogger("slurpfs.fs")
+
+_BLOCK = 4096
+
+
+class Operations(pyfuse3.Operations):
+    """The slurpfs request handlers (see module docstring)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        model: ContextStore,
+        config: Config,
+        *,
+        owner_uid: int,
+        owner_gid: int,
+        virtual: VirtualFiles | None = None,
+        root_xattrs: Mapping[bytes, bytes] | None = None,
+        status_info: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.scratch = ScratchStore(config.mount.scratch_bytes)
+        self.inodes = InodeTable(on_purge=self._purged)
+        self.virtual = virtual or VirtualFiles()
+        self.tree = Tree(
+            model, self.inodes, self.scratch, self.virtual, owner_uid=owner_uid, owner_gid=owner_gid
+        )
+        self.gateway = Gateway(model)
+        self.namespace = Namespace(self.tree, self.gateway, self.commit)
+        self.handles = HandleTable()
+        self.roles = RoleMap(config.roles, model.held_roles(), owner_uid)
+        self.root_xattrs = dict(root_xattrs or {})
+        self.invalidations = 0
+        self.stopping = False
+        self._status_info = dict(status_info or {})
+        self._register_status_files()
+        # Replaceable for tests that call readdir without a kernel.
+        self.readdir_reply = pyfuse3.readdir_reply
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _purged(self, node: Node) -> None:
+        sf = node.scratch
+        if sf is not None:
+            sf.referenced = False
+            self.scratch.maybe_release(sf)
+
+    def caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        return self.roles.caller(ctx.uid, ctx.gid, ctx.pid)
+
+    def node(self, ino: int) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise fail(errno.ESTALE)
+        return node
+
+    def attrs(self, node: Node, s: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        mount = self.config.mount
+        a.entry_timeout = mount.entry_timeout if s.cacheable else 0
+        a.attr_timeout = mount.attr_timeout if s.cacheable else 0
+        a.st_mode = s.mode
+        a.st_nlink = s.nlink
+        a.st_uid = s.uid
+        a.st_gid = s.gid
+        a.st_rdev = 0
+        a.st_size = s.size
+        a.st_blksize = _BLOCK
+        a.st_blocks = (s.size + 511) // 512
+        a.st_atime_ns = s.mtime_ns
+        a.st_mtime_ns = s.mtime_ns
+        a.st_ctime_ns = s.ctime_ns
+        return a
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands `node` to the kernel; counts the lookup."""
+        try:
+            attrs = self.attrs(node, self.tree.stat(node))
+        except BaseException:
+            self.inodes.maybe_purge(node)
+            raise
+        self.inodes.ref(node)
+        return attrs
+
+    # -- lookups and attributes --------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            return self._entry(self.tree.child(self.node(parent_inode), name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            node = self.node(inode)
+            return self.attrs(node, self.tree.stat(node))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            node = self.node(inode)
+            caller = self.caller(ctx)
+            if fields.update_size:
+                await self._truncate(node, attr.st_size, fh, caller)
+            sf = node.scratch
+            if sf is not None:
+                if fields.update_mode:
+                    sf.mode = st.S_IFMT(sf.mode) | (attr.st_mode & 0o7777)
+                if fields.update_uid:
+                    sf.uid = attr.st_uid
+                if fields.update_gid:
+                    sf.gid = attr.st_gid
+                if fields.update_mtime:
+                    sf.mtime_ns = attr.st_mtime_ns
+            # Mode, owner and times of stored entries come from the store: accepted, not kept.
+            return self.attrs(node, self.tree.stat(node))
+
+    async def _truncate(self, node: Node, size: int, fh: int | None, caller: Caller) -> None:
+        if node.kind in DIR_KINDS:
+            raise IsADirectory("cannot truncate a directory")
+        if node.kind is Kind.SCRATCH:
+            assert node.scratch is not None
+            self.scratch.truncate(node.scratch, size)
+            return
+        if node.kind is not Kind.ROLE or node.readonly:
+            raise ReadOnly(f"{node.name!r} is read-only")
+        self._check_size(size)
+        assert node.key is not None
+        assert node.address is not None
+        handle = self.handles.files.get(fh) if fh is not None else None
+        content = handle.content if handle is not None else node.content
+        if content is None:
+            # truncate(1) by path with nobody holding the file open: commit now.
+            self.namespace.require_role(caller, node.key.role)
+            data = b""
+            if size:
+                ctx = await self.gateway.get(node.address, node.key.role, caller)
+                data = ctx.data[:size].ljust(size, b"\0")
+            node.info = await self.gateway.put(node.address, node.key.role, data)
+            node.written = (node.info.version_id, time.time_ns())
+            node.cached_version = None
+            self.scratch.unhide(dir_key(node.address), node.key.role)
+            return
+        if size == 0:
+            content.start_empty()
+        else:
+            await self._load(node, content, handle.caller if handle else caller)
+            content.truncate(size)
+        if handle is None:
+            await self.commit(node)
+
+    def _check_size(self, size: int) -> None:
+        limit = self.config.store.max_context_bytes
+        if size > limit:
+            raise TooLarge(f"{size} bytes is over store.max_context_bytes ({limit})")
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.node(inode)
+        if node.scratch is None or node.scratch.target is None:
+            raise fail(errno.EINVAL)
+        return node.scratch.target
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.config.data_dir)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = 255
+        return out
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        node = self.node(inode)
+        caller = self.caller(ctx)
+        if node.kind in DIR_KINDS:
+            if mode & os.W_OK:
+                writable = node.kind in (Kind.UCXL, Kind.DIR) and not node.readonly
+                return writable and bool(caller.roles)
+            return True
+        if mode & os.X_OK:
+            return False
+        if node.kind is Kind.SCRATCH:
+            return True
+        if node.kind is Kind.VIRTUAL:
+            return not mode & os.W_OK
+        if mode & os.W_OK and node.readonly:
+            return False
+        if mode & (os.R_OK | os.W_OK):
+            role = node.info.role if node.info is not None else (node.key.role if node.key else "")
+            return role in self.model.readable_roles(caller.roles)
+        return True
+
+    # -- namespace -----------------------------------------------------------------------
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
+            return self._entry(node)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with errmap(self.inodes.sweep):
+            self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with errmap(self.inodes.sweep):
+            await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        with errmap(self.inodes.sweep):
+            await self.namespace.rename(
+                self.node(parent_inode_old),
+                name_old,
+                self.node(parent_inode_new),
+                name_new,
+                flags,
+                self.caller(ctx),
+            )
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            node = self.namespace.symlink(self.node(parent_inode), name, target, self.caller(ctx))
+            return self._entry(node)
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EPERM)
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with errmap(self.inodes.sweep):
+            if not st.S_ISREG(mode):
+                raise NotPermitted("only regular files can be created here")
+            node = self.namespace.create(
+                self.node(parent_inode), name, mode, self.caller(ctx), exclusive=True
+            )
+            if node.content is not None:  # a role file: nothing will close it, commit now
+                node.opens += 1
+                try:
+                    await self.commit(node)
+                finally:
+                    node.opens -= 1
+                    node.content = None
+            return self._entry(node)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        with errmap(self.inodes.sweep):
+            caller = self.caller(ctx)
+            node = self.namespace.create(
+                self.node(parent_inode), name, mode, caller, exclusive=bool(flags & os.O_EXCL)
+            )
+            handle = self.handles.open_file(node, caller, readable=True, writable=True)
+            if node.scratch is not None:
+                handle.scratch = node.scratch
+                node.scratch.opens += 1
+            else:
+                handle.content = node.content
+            return pyfuse3.FileInfo(fh=handle.fh), self._entry(node)
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with errmap(self.inodes.sweep):
+            node = self.node(inode)
+            caller = self.caller(ctx)
+            mode = flags & os.O_ACCMODE
+            readable = mode in (os.O_RDONLY, os.O_RDWR)
+            writable = mode in (os.O_WRONLY, os.O_RDWR)
+            if node.kind in DIR_KINDS:
+                raise IsADirectory(f"{node.name!r} is a directory")
+            if writable and node.readonly:
+                raise ReadOnly(f"{node.name!r} is read-only")
+            handle = self.handles.open_file(node, caller, readable=readable, writable=writable)
+            try:
+                return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
+            except BaseException:
+                self._close(handle)
+                raise
+
+    async def _open(
+        self, node: Node, handle: FileHandle, caller: Caller, *, truncate: bool
+    ) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=handle.fh)
+        if node.kind is Kind.VIRTUAL:
+            assert node.key is not None
+            # The rendering getattr just sized (if recent), so size and bytes agree.
+            handle.snapshot = self.virtual.render(node.key.extra)
+            fi.direct_io = True
+            return fi
+        if node.kind is Kind.SCRATCH:
+            assert node.scratch is not None
+            handle.scratch = node.scratch
+            node.scratch.opens += 1
+            if truncate and handle.writable:
+                self.scratch.truncate(node.scratch, 0)
+            return fi
+        address = node.address
+        if node.key is None or address is None:
+            raise NotFound(f"{node.name!r} was removed")
+        role = node.key.role
+        if node.kind in (Kind.HISTORY_FILE, Kind.CONFLICT):
+            assert node.info is not None
+            ctx = await self.gateway.get_version(address, role, node.info, caller)
+            handle.snapshot = ctx.data
+            fi.keep_cache = node.cached_version == ctx.info.version_id
+            node.cached_version = ctx.info.version_id
+            return fi
+        if node.readonly:  # a role file under a temporal segment
+            ctx = await self.gateway.get(address, role, caller)
+            handle.snapshot = ctx.data
+            return fi
+        content = node.content
+        if content is None:
+            content = node.content = Content()
+        handle.content = content
+        if truncate and handle.writable:
+            # libfuse passes O_TRUNC to open (atomic_o_trunc): no separate truncate
+            # follows, and nothing needs decrypting for a writer that replaces it all.
+            self.namespace.require_role(caller, role)
+            content.start_empty()
+        elif handle.readable:
+            await self._load(node, content, caller, force=True)
+        else:
+            self.namespace.require_role(caller, role)
+        fi.keep_cache = (
+            not content.dirty and content.base is not None and node.cached_version == content.base
+        )
+        node.cached_version = None if content.dirty else content.base
+        return fi
+
+    async def _load(
+        self, node: Node, content: Content, caller: Caller, *, force: bool = False
+    ) -> None:
+        """Fill `content` from the store (once; `force` re-checks access and freshness)."""
+        async with content.lock:
+            if content.loaded and (content.dirty or not force):
+                if force:  # a new opener: access is still checked (and audited)
+                    assert node.key is not None
+                    assert node.address is not None
+                    await self.gateway.get(node.address, node.key.role, caller)
+                return
+            assert node.key is not None
+            assert node.address is not None
+            try:
+                ctx = await self.gateway.get(node.address, node.key.role, caller)
+            except NotFound:
+                if not content.loaded:
+                    content.set(b"", None)
+                return
+            if content.dirty:  # written while we were decrypting: the writes win
+                return
+            content.set(ctx.data, ctx.info.version_id)
+            node.info = ctx.info
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with errmap(self.inodes.sweep):
+            handle = self.handles.file(fh)
+            if handle.snapshot is not None:
+                return handle.snapshot[off : off + size]
+            if handle.scratch is not None:
+                return bytes(handle.scratch.data[off : off + size])
+            content = handle.content
+            assert content is not None
+            if content.buffer is None:
+                await self._load(handle.node, content, handle.caller)
+            assert content.buffer is not None
+            return bytes(content.buffer[off : off + size])
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with errmap(self.inodes.sweep):
+            handle = self.handles.file(fh)
+            if not handle.writable:
+                raise fail(errno.EBADF)
+            if handle.scratch is not None:
+                return self.scratch.write(handle.scratch, off, buf)
+            content = handle.content
+            assert content is not None
+            self._check_size(off + len(buf))
+            if content.buffer is None:
+                await self._load(handle.node, content, handle.caller)
+            content.write(off, buf)
+            return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        with errmap(self.inodes.sweep):
+            handle = self.handles.file(fh)
+            if handle.content is not None and handle.content.dirty:
+                await self.commit(handle.node)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with errmap(self.inodes.sweep):
+            handle = self.handles.file(fh)
+            if handle.content is not None and handle.content.dirty:
+                await self.commit(handle.node)
+            await self.gateway.sync()
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.files.get(fh)
+        if handle is None:
+            return
+        try:
+            if handle.content is not None and handle.content.dirty:
+                await self.commit(handle.node)
+        except SlurpError as exc:
+            log.error("could not store %r at release: %s", handle.node.name, exc)
+            raise fuse_error(exc) from None
+        finally:
+            self._close(handle)
+
+    def _close(self, handle: FileHandle) -> None:
+        self.handles.close_file(handle.fh)
+        node = handle.node
+        if handle.scratch is not None:
+            handle.scratch.opens -= 1
+            self.scratch.maybe_release(handle.scratch)
+        if node.opens == 0:
+            node.content = None
+        self.inodes.maybe_purge(node)
+
+    async def commit(self, node: Node) -> None:
+        """Store an open role file's dirty buffer as one new version."""
+        content = node.content
+        if content is None:
+            return
+        async with content.lock:
+            if not content.dirty:
+                return
+            if node.kind is not Kind.ROLE or node.key is None or node.readonly:
+                content.dirty = False  # removed or renamed away: writes go nowhere
+                return
+            address = node.address
+            assert address is not None
+            assert content.buffer is not None
+            seq = content.seq
+            info = await self.gateway.put(address, node.key.role, bytes(content.buffer))
+            if content.seq == seq:
+                content.dirty = False
+            content.base = info.version_id
+            node.info = info
+            node.written = (info.version_id, content.mtime_ns)
+            node.cached_version = None
+            self.scratch.unhide(dir_key(address), node.key.role)
+
+    async def commit_all(self) -> int:
+        """Commit every dirty buffer (graceful shutdown). Returns how many failed."""
+        failed = 0
+        for handle in self.handles.dirty():
+            try:
+                await self.commit(handle.node)
+            except SlurpError as exc:
+                failed += 1
+                log.error("could not store %r at shutdown: %s", handle.node.name, exc)
+        return failed
+
+    # -- directories ------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with errmap(self.inodes.sweep):
+            node = self.node(inode)
+            if node.kind not in DIR_KINDS:
+                raise fail(errno.ENOTDIR)
+            return self.handles.open_dir(node, self.caller(ctx)).fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with errmap(self.inodes.sweep):
+            handle = self.handles.dir(fh)
+            parent = handle.node
+            if start_id == 0 or handle.entries is None:
+                handle.entries = self.tree.entries(parent)
+            for i in range(start_id, len(handle.entries)):
+                entry = handle.entries[i]
+                node = self.tree.bind_entry(parent, entry)
+                try:
+                    attrs = self.attrs(node, self.tree.stat(node, known=entry.info))
+                except NotFound:
+                    self.inodes.maybe_purge(node)
+                    continue
+                if not self.readdir_reply(token, entry.name, attrs, i + 1):
+                    self.inodes.maybe_purge(node)
+                    return
+                self.inodes.ref(node)
+
+    async def releasedir(self, fh: int) -> None:
+        handle = self.handles.close_dir(fh)
+        self.inodes.maybe_purge(handle.node)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        with errmap(self.inodes.sweep):
+            await self.gateway.sync()
+
+    # -- extended attributes ----------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            # ls -l asks every file for ACLs, the kernel for security.capability on writes.
+            raise fail(pyfuse3.ENOATTR)
+        with errmap(self.inodes.sweep):
+            value = self.tree.xattrs(self.node(inode), self.root_xattrs).get(name)
+        if value is None:
+            raise fail(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        with errmap(self.inodes.sweep):
+            return sorted(self.tree.xattrs(self.node(inode), self.root_xattrs))
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise fail(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise fail(errno.ENOTSUP)
+
+    # -- state -------------------------------------------------------------------------
+
+    def statistics(self) -> FsStatistics:
+        return FsStatistics(
+            inodes=len(self.inodes),
+            open_files=len(self.handles.files),
+            open_dirs=len(self.handles.dirs),
+            scratch_files=self.scratch.count(),
+            scratch_bytes=self.scratch.used,
+            scratch_limit=self.scratch.limit,
+            commits=self.gateway.commits,
+            commit_failures=self.gateway.commit_failures,
+            invalidations=self.invalidations,
+        )
+
+    def _register_status_files(self) -> None:
+        virtual.register_defaults(
+            self.virtual,
+            self.model,
+            data_paths(self.config.data_dir)["audit"],
+            info=lambda: self._status_info,
+            fs_stats=self.statistics,
+            healthy=lambda: not self.stopping,
+        )

@@ -1,0 +1,158 @@
+"""Read-only status files under ``.slurp/``: status, health, metrics, peers, audit.
+
+Each file is rendered from live state. A rendering is kept for a moment so
+that the ``getattr`` before an ``open`` and the ``open`` itself agree: the size a
+file reports is the size ``cat`` reads. Handles on these files use direct I/O,
+so a newer rendering at the next ``open`` is never cut to an older size.
+Nothing here contains context plaintext.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slurpfs import __version__, audit
+from slurpfs.model import ContextStore
+
+Provider = Callable[[], str]
+_FRESH_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FsStatistics:
+    """Counters of the filesystem layer (also exported as metrics)."""
+
+    inodes: int
+    open_files: int
+    open_dirs: int
+    scratch_files: int
+    scratch_bytes: int
+    scratch_limit: int
+    commits: int
+    commit_failures: int
+    invalidations: int
+
+
+class VirtualFiles:
+    """Named providers of text, rendered on demand and cached briefly."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._providers: dict[str, Provider] = {}
+        self._cache: dict[str, tuple[float, bytes]] = {}
+        self._clock = clock
+
+    def register(self, name: str, provider: Provider) -> None:
+        self._providers[name] = provider
+        self._cache.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._providers)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._providers
+
+    def render(self, name: str, *, fresh: bool = False) -> bytes:
+        """The file's bytes; `fresh` forces a new rendering (used at open)."""
+        now = self._clock()
+        cached = self._cache.get(name)
+        if cached is not None and not fresh and now - cached[0] < _FRESH_SECONDS:
+            return cached[1]
+        data = self._providers[name]().encode("utf-8")
+        self._cache[name] = (now, data)
+        return data
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _flatten(f"{prefix}{f.name}_", getattr(value, f.name), out)
+    else:
+        out[prefix.rstrip("_")] = value
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A (nested) statistics dataclass as ``{"a_b": number}``."""
+    out: dict[str, Any] = {}
+    _flatten(prefix, value, out)
+    return out
+
+
+def render_status(info: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    lines = [f"slurpfs {__version__}"]
+    lines += [f"{k}: {v}" for k, v in info.items()]
+    lines += [f"{k}: {v}" for k, v in sorted(stats.items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_metrics(stats: Mapping[str, Any]) -> str:
+    """Prometheus text exposition of numeric statistics."""
+    lines: list[str] = []
+    for name, value in sorted(stats.items()):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        metric = "slurpfs_" + name
+        lines.append(f"# TYPE {metric} gauge")
+        lines.append(f"{metric} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def render_health(checks: Mapping[str, bool]) -> str:
+    overall = all(checks.values())
+    lines = ["ok" if overall else "unhealthy"]
+    lines += [f"{name}: {'ok' if good else 'FAILING'}" for name, good in checks.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_audit(path: Path, limit: int = 100) -> str:
+    """The newest audit entries, one JSON object per line."""
+    if not path.exists():
+        return ""
+    entries = audit.read(path, limit)
+    return "".join(
+        json.dumps({n: getattr(e, n) for n in e.__slots__}, sort_keys=True) + "\n" for e in entries
+    )
+
+
+def render_peers() -> str:
+    return "no peers: replication is not configured on this node\n"
+
+
+def register_defaults(
+    files: VirtualFiles,
+    model: ContextStore,
+    audit_log: Path,
+    *,
+    info: Callable[[], Mapping[str, object]],
+    fs_stats: Callable[[], FsStatistics],
+    healthy: Callable[[], bool],
+) -> None:
+    """The standard ``.slurp/`` files over a model and the filesystem's counters."""
+    started = time.time()
+
+    def stats() -> dict[str, Any]:
+        out = flatten(model.statistics(), "model_")
+        out.update(flatten(fs_stats(), "fs_"))
+        out["uptime_seconds"] = round(time.time() - started, 3)
+        return out
+
+    def status() -> str:
+        facts: dict[str, object] = {
+            **info(),
+            "data_dir": str(model.config.data_dir),
+            "node": f"{model.config.node.name} ({model.keyring.node.node_id_hex})",
+            "roles_held": ", ".join(sorted(model.held_roles())) or "(none)",
+            "roles_configured": ", ".join(model.role_names),
+        }
+        return render_status(facts, stats())
+
+    files.register("status", status)
+    files.register("health", lambda: render_health({"store": True, "mount": healthy()}))
+    files.register("metrics", lambda: render_metrics(stats()))
+    files.register("peers", render_peers)
+    files.register("audit", lambda: render_audit(audit_log))

@@ -1,0 +1,91 @@
+"""The seam between the search service and its engines, and where documents come from.
+
+An engine provides one `RoleIndex` per reader role (``search.engine`` picks
+which: ``whoosh`` or ``tantivy``). The service never touches engine objects
+other than through this protocol, and engines never touch the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from slurpfs.crypto import envelope as env
+from slurpfs.errors import Corrupt
+from slurpfs.index.document import IndexDoc
+from slurpfs.index.results import EngineResult
+from slurpfs.index.sealed import SealedIndexStore
+from slurpfs.index.tantivy_engine import TantivyIndex
+from slurpfs.index.whoosh_engine import WhooshIndex
+from slurpfs.model import ContextStore, VersionInfo
+
+
+class RoleIndex(Protocol):
+    """One role's index: every document whose file role that role may read."""
+
+    engine: str
+    persistent: bool  # kept (sealed) in the store across restarts
+    role: str
+    seq: int  # the store change sequence this index reflects
+
+    def write(
+        self,
+        upserts: Sequence[IndexDoc],
+        deletes: Collection[str],
+        *,
+        seq: int,
+        save: bool = True,
+    ) -> None:
+        """Replace documents by key, remove keys, commit, save, make it searchable."""
+        ...
+
+    def save(self) -> None: ...
+
+    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
+        """Top `limit` hits of a checked query, restricted to `file_roles` if given."""
+        ...
+
+    def doc_count(self) -> int: ...
+
+    def documents(self) -> dict[str, str]:
+        """doc key -> hex version id of every document."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EngineType(Protocol):
+    engine: str
+    persistent: bool
+
+    def create(self, role: str, sealed: SealedIndexStore) -> RoleIndex: ...
+
+    def load(self, role: str, sealed: SealedIndexStore) -> RoleIndex | None: ...
+
+
+ENGINES: dict[str, EngineType] = {"whoosh": WhooshIndex, "tantivy": TantivyIndex}
+
+
+def read_version(model: ContextStore, info: VersionInfo) -> bytes:
+    """The plaintext of a version, opened with any role key this node holds.
+
+    The indexer is the node itself, not a caller: access decisions (and their
+    audit entries) are made when results are shown, by role index. Checks as
+    the read path does: the envelope is the version's, authentic, and filed
+    where it belongs. Raises `Corrupt` (or a subclass) and `KeyMissing`.
+    """
+    stored = model.store.read_version(info.version_id)
+    if stored is None:
+        raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
+    raw, slots = stored
+    envelope = env.Envelope.decode(raw)
+    if envelope.version_id != info.version_id:
+        raise Corrupt(f"version {info.short_id}: envelope does not hash to its id")
+    held = model.held_roles()
+    return env.open_envelope(
+        envelope,
+        [s for s in slots if s.role in held],
+        model.keyring,
+        address=info.address,
+        role=info.role,
+    )

@@ -1,0 +1,299 @@
+"""The search index at rest: sealed files and an authenticated manifest in the store.
+
+Every file an engine writes is sealed with XChaCha20-Poly1305 under a per-role
+*index key* before it leaves memory, and kept in the store's auxiliary table
+``index`` (layout in docs/FORMAT.md, "Search index at rest")::
+
+    index key   = BLAKE2b-256(key = role private key, "slurpfs/index-key/v1\\0" ‖ role)
+    sealed file = nonce[24] ‖ AEAD(index key, nonce, AD = "slurpfs/index-file/v1\\0" ‖ role ‖ 0 ‖ name)
+
+One *manifest* per role, sealed as well and bound to the role, the node and the
+key generation, lists every file of the current index with the BLAKE2b hash of
+its sealed bytes, the index generation (incremented on every save) and the
+store change sequence the index covers. Opening checks every file against the
+manifest, so an older set of validly sealed files put back is refused
+(`IndexRollback`), as is any altered byte (`IndexCorrupt`). Saving is one store
+transaction that succeeds only if the manifest is still the one this process
+last saw (`IndexConflict` otherwise: another process saved meanwhile).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+import nacl.bindings as sodium
+from nacl.exceptions import CryptoError
+from nacl.utils import random as random_bytes
+
+from slurpfs.crypto.keys import Keyring
+from slurpfs.errors import Corrupt, KeyMissing, SlurpError
+from slurpfs.store import StaleHead, Store
+
+INDEX_TABLE = b"index"
+FORMAT = 1
+MAGIC = b"SLIX"
+KEY_DOMAIN = b"slurpfs/index-key/v1\0"
+FILE_AD = b"slurpfs/index-file/v1\0"
+META_AD = b"slurpfs/index-meta/v1\0"
+CHUNK_BYTES = 8 << 20  # sealed files are stored in pieces of at most this size
+NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+_HEADER = struct.Struct(">4sBI")  # magic, format, key generation
+_U32 = struct.Struct(">I")
+
+
+class IndexCorrupt(Corrupt):
+    """A sealed index file or manifest fails authentication or does not parse."""
+
+
+class IndexRollback(IndexCorrupt):
+    """The sealed files are not the ones the manifest names (an older or swapped set)."""
+
+
+class IndexConflict(SlurpError):
+    """Another process saved this role's index since this one loaded it."""
+
+
+def index_key(keyring: Keyring, role: str, generation: int) -> bytes:
+    """The index key of `role` at a key generation; `KeyMissing` if that key is not held."""
+    private = keyring.private(role, generation)
+    if private is None:
+        raise KeyMissing(f"no private key of role {role!r} generation {generation} for its index")
+    return hashlib.blake2b(KEY_DOMAIN + role.encode(), key=bytes(private), digest_size=32).digest()
+
+
+def _file_ad(role: str, name: str) -> bytes:
+    return FILE_AD + role.encode() + b"\0" + name.encode()
+
+
+def seal_file(key: bytes, role: str, name: str, data: bytes) -> bytes:
+    nonce = random_bytes(NONCE_BYTES)
+    return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        data, _file_ad(role, name), nonce, key
+    )
+
+
+def open_file(key: bytes, role: str, name: str, sealed: bytes) -> bytes:
+    try:
+        return bytes(
+            sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed[NONCE_BYTES:], _file_ad(role, name), sealed[:NONCE_BYTES], key
+            )
+        )
+    except (CryptoError, ValueError):
+        raise IndexCorrupt(f"index file {name!r} of role {role!r} fails authentication") from None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class IndexMeta:
+    """The authenticated manifest of one role's index."""
+
+    engine: str
+    generation: int
+    seq: int
+    docs: int
+    key_generation: int
+    files: Mapping[str, tuple[int, str]]  # name -> (sealed length, BLAKE2b-256 hex of sealed bytes)
+
+
+def _meta_key(role: str) -> bytes:
+    return role.encode() + b"\0m"
+
+
+def _file_prefix(role: str, name: str = "") -> bytes:
+    return role.encode() + b"\0f\0" + (name.encode() + b"\0" if name else b"")
+
+
+def _meta_ad(role: str, node_id: bytes, key_generation: int) -> bytes:
+    return META_AD + role.encode() + b"\0" + node_id + _U32.pack(key_generation)
+
+
+class SealedIndexStore:
+    """Load and save one role's sealed index files through the store.
+
+    Not thread-safe by itself: the owning index serialises `load`/`save`.
+    """
+
+    def __init__(self, store: Store, keyring: Callable[[], Keyring], role: str) -> None:
+        self._store = store
+        self._keyring = keyring  # read at each use: key rotation replaces the keyring
+        self.role = role
+        self._raw_meta: bytes | None = None
+        self._meta: IndexMeta | None = None
+        self._chunks: dict[str, int] = {}  # name -> chunks stored, for deletion
+
+    @property
+    def meta(self) -> IndexMeta | None:
+        return self._meta
+
+    def current_generation(self) -> int:
+        gens = self._keyring().generations(self.role)
+        if not gens:
+            raise KeyMissing(f"no key known for role {self.role!r}")
+        return gens[-1]
+
+    def load(self, engine: str) -> tuple[IndexMeta, dict[str, bytes]] | None:
+        """The manifest and plaintext files, or None if nothing is saved.
+
+        Raises `IndexRollback`, `IndexCorrupt`, or `KeyMissing` when the key the
+        index was sealed under is no longer held.
+        """
+        raw = self._store.aux_get(INDEX_TABLE, _meta_key(self.role))
+        if raw is None:
+            self._raw_meta, self._meta, self._chunks = None, None, {}
+            return None
+        meta = self._open_meta(raw)
+        if meta.engine != engine:
+            raise IndexCorrupt(f"the saved index of role {self.role!r} is a {meta.engine} index")
+        key = index_key(self._keyring(), self.role, meta.key_generation)
+        pieces: dict[str, list[bytes]] = {}
+        prefix = _file_prefix(self.role)
+        for k, value in self._store.aux_scan(INDEX_TABLE, prefix):
+            rest = k[len(prefix) :]  # name ‖ 0 ‖ chunk number u32
+            name = rest[: -1 - _U32.size].decode(errors="replace")
+            parts = pieces.setdefault(name, [])
+            if len(rest) <= _U32.size or _U32.unpack(rest[-_U32.size :])[0] != len(parts):
+                raise IndexCorrupt(f"index file {name!r} of role {self.role!r} is out of order")
+            parts.append(value)
+        files: dict[str, bytes] = {}
+        for name, (length, digest) in meta.files.items():
+            sealed = b"".join(pieces.get(name, ()))
+            if len(sealed) != length or _digest(sealed) != digest:
+                raise IndexRollback(
+                    f"index file {name!r} of role {self.role!r} is not the one its manifest "
+                    f"(generation {meta.generation}) names: refusing an older or altered index"
+                )
+            files[name] = open_file(key, self.role, name, sealed)
+        self._raw_meta, self._meta = raw, meta
+        self._chunks = {name: len(parts) for name, parts in pieces.items()}
+        return meta, files
+
+    def save(
+        self,
+        engine: str,
+        files: Mapping[str, bytes],
+        changed: Collection[str],
+        *,
+        seq: int,
+        docs: int,
+    ) -> IndexMeta:
+        """Seal the files named in `changed` (and any not saved before), drop the
+        ones no longer present, and write the new manifest: one transaction.
+
+        `IndexConflict` if another process saved since our last load or save.
+        """
+        key_generation = self.current_generation()
+        key = index_key(self._keyring(), self.role, key_generation)
+        old = self._meta
+        reseal_all = old is None or old.key_generation != key_generation
+        manifest: dict[str, tuple[int, str]] = {}
+        puts: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        chunks = dict(self._chunks)
+        for name in sorted(files):
+            if not reseal_all and name not in changed and old is not None and name in old.files:
+                manifest[name] = old.files[name]
+                continue
+            sealed = seal_file(key, self.role, name, files[name])
+            manifest[name] = (len(sealed), _digest(sealed))
+            count = max(1, -(-len(sealed) // CHUNK_BYTES))
+            for i in range(count):
+                puts[_file_prefix(self.role, name) + _U32.pack(i)] = sealed[
+                    i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES
+                ]
+            deletes.extend(
+                _file_prefix(self.role, name) + _U32.pack(i)
+                for i in range(count, chunks.get(name, 0))
+            )
+            chunks[name] = count
+        for name in sorted(set(chunks) - set(files)):
+            deletes.extend(
+                _file_prefix(self.role, name) + _U32.pack(i) for i in range(chunks[name])
+            )
+            del chunks[name]
+        meta = IndexMeta(
+            engine=engine,
+            generation=(old.generation + 1) if old is not None else 1,
+            seq=seq,
+            docs=docs,
+            key_generation=key_generation,
+            files=manifest,
+        )
+        raw = self._seal_meta(meta, key)
+        puts[_meta_key(self.role)] = raw
+        try:
+            self._store.aux_write(
+                INDEX_TABLE, puts, deletes, expect=(_meta_key(self.role), self._raw_meta)
+            )
+        except StaleHead:
+            raise IndexConflict(
+                f"the index of role {self.role!r} was saved by another process meanwhile"
+            ) from None
+        self._raw_meta, self._meta, self._chunks = raw, meta, chunks
+        return meta
+
+    def purge(self) -> None:
+        """Remove everything saved for this role (before a rebuild of a corrupt index)."""
+        keys = [k for k, _ in self._store.aux_scan(INDEX_TABLE, self.role.encode() + b"\0")]
+        self._store.aux_write(INDEX_TABLE, {}, keys)
+        self._raw_meta, self._meta, self._chunks = None, None, {}
+
+    # -- the manifest record ----------------------------------------------------
+
+    def _seal_meta(self, meta: IndexMeta, key: bytes) -> bytes:
+        payload = json.dumps(
+            {
+                "engine": meta.engine,
+                "generation": meta.generation,
+                "seq": meta.seq,
+                "docs": meta.docs,
+                "files": {name: list(entry) for name, entry in meta.files.items()},
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        nonce = random_bytes(NONCE_BYTES)
+        ad = _meta_ad(self.role, self._keyring().node.node_id, meta.key_generation)
+        return (
+            _HEADER.pack(MAGIC, FORMAT, meta.key_generation)
+            + nonce
+            + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(payload, ad, nonce, key)
+        )
+
+    def _open_meta(self, raw: bytes) -> IndexMeta:
+        where = f"the index manifest of role {self.role!r}"
+        if len(raw) < _HEADER.size + NONCE_BYTES:
+            raise IndexCorrupt(f"{where} is truncated")
+        magic, fmt, key_generation = _HEADER.unpack_from(raw)
+        if magic != MAGIC or fmt != FORMAT:
+            raise IndexCorrupt(f"{where} has an unknown format")
+        key = index_key(self._keyring(), self.role, key_generation)
+        nonce = raw[_HEADER.size : _HEADER.size + NONCE_BYTES]
+        ad = _meta_ad(self.role, self._keyring().node.node_id, key_generation)
+        try:
+            payload = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                raw[_HEADER.size + NONCE_BYTES :], ad, nonce, key
+            )
+            body = json.loads(payload)
+            return IndexMeta(
+                engine=str(body["engine"]),
+                generation=int(body["generation"]),
+                seq=int(body["seq"]),
+                docs=int(body["docs"]),
+                key_generation=key_generation,
+                files={
+                    str(name): (int(length), str(digest))
+                    for name, (length, digest) in body["files"].items()
+                },
+            )
+        except CryptoError:
+            raise IndexCorrupt(f"{where} fails authentication") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IndexCorrupt(f"{where} does not parse ({exc})") from None

@@ -1,0 +1,419 @@
+"""The search service: per-role indexes kept in step with the store, and queries.
+
+One index per *reader* role this node holds a key for. A context written for
+role F is indexed in the index of every role that may read F (F itself and its
+configured readers), so each index holds exactly what its role may see: term
+statistics, scores, snippets and facet counts of one role are never influenced
+by contexts it may not read.
+
+The store's change log is the single source of truth for what to index:
+`catch_up` applies every change after the sequence an index reflects, whoever
+committed it (this process, another process, replication), so a missed
+notification can only delay indexing, never lose it. Applying is idempotent.
+
+Thread-safe: searches run concurrently with indexing; index writes are
+serialised. The FUSE layer and the CLI call `search`; the daemon's `Indexer`
+calls `catch_up`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from slurpfs.errors import AccessDenied, Corrupt, KeyMissing, QueryError
+from slurpfs.index.document import FACETS, IndexDoc, doc_key, extract
+from slurpfs.index.engine import ENGINES, RoleIndex, read_version
+from slurpfs.index.query import MAX_LIMIT, check_syntax
+from slurpfs.index.results import SearchHit, SearchResult
+from slurpfs.index.sealed import IndexConflict, IndexCorrupt, SealedIndexStore
+from slurpfs.model import ContextStore
+
+log = logging.getLogger("slurpfs.index")
+
+BUILD_BATCH = 2000  # documents per index commit while building (no pool spill at ~2 KiB each)
+CATCH_UP_BATCH = 2000  # change-log entries per index commit while catching up
+FACET_LIMIT = 50  # values listed per facet
+
+Progress = Callable[[int, int], None]  # (contexts done, contexts in all)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyReport:
+    """What one `catch_up` (or build) did."""
+
+    indexed: int = 0  # documents written, counted once per role index
+    removed: int = 0  # documents removed, likewise
+    skipped: int = 0  # versions that failed authentication: never indexed
+    seq: int = 0  # change sequence now reflected
+    oldest_hlc: int | None = None  # HLC of the oldest change applied (for lag)
+
+    def __add__(self, other: ApplyReport) -> ApplyReport:
+        hlcs = [h for h in (self.oldest_hlc, other.oldest_hlc) if h is not None]
+        return ApplyReport(
+            self.indexed + other.indexed,
+            self.removed + other.removed,
+            self.skipped + other.skipped,
+            max(self.seq, other.seq),
+            min(hlcs) if hlcs else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStatistics:
+    engine: str
+    documents: dict[str, int]  # role index -> documents
+    seq: int
+    indexed: int
+    removed: int
+    skipped: int
+    rebuilt: tuple[str, ...]  # role indexes built from the store when opened
+    searches: int
+    query_errors: int
+
+
+class SearchService:
+    """Per-role indexes of one node's contexts, and the query API over them."""
+
+    def __init__(self, model: ContextStore, engine: str) -> None:
+        if engine not in ENGINES:
+            raise QueryError(f"unknown search engine {engine!r}")
+        self.model = model
+        self.engine = engine
+        self._type = ENGINES[engine]
+        self._indexes: dict[str, RoleIndex] = {}
+        self._sealed: dict[str, SealedIndexStore] = {}
+        self._apply_lock = threading.RLock()
+        self._stale: set[tuple[str, str]] = set()
+        self._rebuilt: list[str] = []
+        self._totals = ApplyReport()
+        self._searches = self._query_errors = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        model: ContextStore,
+        *,
+        engine: str | None = None,
+        catch_up: bool = True,
+        progress: Progress | None = None,
+    ) -> SearchService:
+        """Open (or build) the index of every role this node holds a key for.
+
+        A saved index is opened, not rebuilt. One that fails authentication or is
+        an older set than its manifest names is refused, logged as an error and
+        rebuilt from the store. With `catch_up`, changes committed since the index
+        was saved are applied before returning.
+        """
+        service = cls(model, engine or model.config.search.engine)
+        missing: list[str] = []
+        for role in sorted(model.held_roles()):
+            sealed = SealedIndexStore(model.store, lambda: model.keyring, role)
+            service._sealed[role] = sealed
+            index = service._load(role, sealed)
+            if index is None:
+                index = service._type.create(role, sealed)
+                missing.append(role)
+            service._indexes[role] = index
+        if missing:
+            service._build({r: service._indexes[r] for r in missing}, progress)
+        if catch_up:
+            service.catch_up()
+        return service
+
+    def _load(self, role: str, sealed: SealedIndexStore) -> RoleIndex | None:
+        try:
+            return self._type.load(role, sealed)
+        except IndexCorrupt as exc:
+            log.error("search index of role %s refused, rebuilding it: %s", role, exc)
+        except KeyMissing as exc:
+            log.warning("search index of role %s cannot be opened, rebuilding it: %s", role, exc)
+        sealed.purge()
+        return None
+
+    def close(self) -> None:
+        with self._apply_lock:
+            for index in self._indexes.values():
+                index.close()
+            self._indexes = {}
+
+    def __enter__(self) -> SearchService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The role indexes this service keeps."""
+        return tuple(sorted(self._indexes))
+
+    def doc_count(self, role: str) -> int:
+        return self._indexes[role].doc_count()
+
+    # -- indexing ------------------------------------------------------------------
+
+    def _targets(self, file_role: str, among: Collection[str]) -> list[str]:
+        """Role indexes (among `among`) that hold contexts written for `file_role`."""
+        if file_role not in self.model.config.roles:
+            return []
+        return [r for r in self.model.config.readers_of(file_role) if r in among]
+
+    def _document(self, address: str, role: str) -> tuple[IndexDoc | None, int, int | None]:
+        """(document or None if it must not be indexed, skipped count, hlc)."""
+        head = self.model.store.head(address, role)
+        if head is None or head.deleted:
+            return None, 0, None
+        if (head.address, head.role) != (address, role):
+            log.error("not indexing %s [%s]: its head belongs to another context", address, role)
+            return None, 1, head.hlc
+        try:
+            data = read_version(self.model, head)
+        except Corrupt as exc:
+            log.error("not indexing %s [%s]: %s", address, role, exc)
+            return None, 1, head.hlc
+        except KeyMissing:
+            return None, 0, head.hlc
+        return extract(head, data), 0, head.hlc
+
+    def _apply(self, contexts: Iterable[tuple[str, str]], seq: int) -> ApplyReport:
+        upserts: dict[str, list[IndexDoc]] = {r: [] for r in self._indexes}
+        deletes: dict[str, set[str]] = {r: set() for r in self._indexes}
+        skipped = 0
+        hlcs: list[int] = []
+        for address, role in dict.fromkeys(contexts):
+            targets = self._targets(role, self._indexes)
+            if not targets:
+                continue
+            doc, bad, hlc = self._document(address, role)
+            skipped += bad
+            if hlc is not None:
+                hlcs.append(hlc)
+            for target in targets:
+                if doc is None:
+                    deletes[target].add(doc_key(address, role))
+                else:
+                    upserts[target].append(doc)
+        for role, index in self._indexes.items():
+            self._write(role, index, upserts[role], deletes[role], seq)
+        return ApplyReport(
+            indexed=sum(len(v) for v in upserts.values()),
+            removed=sum(len(v) for v in deletes.values()),
+            skipped=skipped,
+            seq=seq,
+            oldest_hlc=min(hlcs) if hlcs else None,
+        )
+
+    def _write(
+        self, role: str, index: RoleIndex, docs: list[IndexDoc], keys: set[str], seq: int
+    ) -> None:
+        try:
+            index.write(docs, keys, seq=seq)
+        except IndexConflict:
+            # Another process saved this index: take its version; the next
+            # catch-up (from its sequence) re-applies whatever it lacks.
+            log.info("search index of role %s was saved elsewhere; reloading it", role)
+            fresh = self._load(role, self._sealed[role]) or self._type.create(
+                role, self._sealed[role]
+            )
+            self._indexes[role] = fresh
+            index.close()
+
+    def catch_up(self, *, batch: int = CATCH_UP_BATCH) -> ApplyReport:
+        """Apply every change in the store's change log that the indexes lack.
+
+        Blocking (decrypts and commits): run it in a worker thread from async code.
+        """
+        store = self.model.store
+        report = ApplyReport(seq=min((i.seq for i in self._indexes.values()), default=0))
+        with self._apply_lock:
+            while self._indexes:
+                start = min(i.seq for i in self._indexes.values())
+                last, records = store.changes_since(start, limit=batch)
+                stale, self._stale = self._stale, set()
+                if last == start and not stale:
+                    break
+                contexts = [*((r.address, r.role) for r in records), *stale]
+                report = report + self._apply(contexts, last)
+            self._totals = self._totals + report
+        return report
+
+    def _build(self, indexes: dict[str, RoleIndex], progress: Progress | None) -> ApplyReport:
+        """Index every live context into the given empty role indexes, then save them."""
+        store = self.model.store
+        report = ApplyReport()
+        with self._apply_lock:
+            seq = store.sequence()  # changes after this are caught up later
+            contexts = [(a, r) for a, r, _ in store.iter_contexts() if self._targets(r, indexes)]
+            pending: dict[str, list[IndexDoc]] = {r: [] for r in indexes}
+            for n, (address, role) in enumerate(contexts, 1):
+                doc, bad, _ = self._document(address, role)
+                report = report + ApplyReport(skipped=bad)
+                if doc is not None:
+                    for target in self._targets(role, indexes):
+                        pending[target].append(doc)
+                if n % BUILD_BATCH == 0 or n == len(contexts):
+                    for target, docs in pending.items():
+                        if docs:
+                            indexes[target].write(docs, (), seq=0, save=False)
+                            report = report + ApplyReport(indexed=len(docs))
+                            docs.clear()
+                if progress is not None:
+                    progress(n, len(contexts))
+            for role, index in indexes.items():
+                index.write([], (), seq=seq)
+                self._rebuilt.append(role)
+            self._totals = self._totals + report
+        log.info("built search indexes %s: %d documents", ", ".join(indexes), report.indexed)
+        return report
+
+    def rebuild(
+        self, roles: Collection[str] | None = None, *, progress: Progress | None = None
+    ) -> int:
+        """Rebuild role indexes from the store (all by default); returns documents indexed.
+
+        The old indexes keep answering queries until the new ones replace them.
+        `KeyMissing` for a role this node keeps no index for.
+        """
+        chosen = sorted(self._indexes if roles is None else roles)
+        for role in chosen:
+            if role not in self._indexes:
+                raise KeyMissing(f"this node keeps no search index for role {role!r}")
+        with self._apply_lock:
+            fresh = {r: self._type.create(r, self._sealed[r]) for r in chosen}
+            report = self._build(fresh, progress)
+            old = [self._indexes[r] for r in chosen]
+            self._indexes = {**self._indexes, **fresh}
+            for index in old:
+                index.close()
+        self.catch_up()
+        return report.indexed
+
+    # -- queries ---------------------------------------------------------------------
+
+    def _plan(
+        self, caller_roles: Collection[str], role: str | None
+    ) -> dict[str, frozenset[str] | None]:
+        """Which role indexes to search, each restricted to which file roles.
+
+        Every file role the caller may read (or just `role`) is assigned to exactly
+        one index the caller holds, so no context is counted twice.
+        """
+        config = self.model.config
+        readable = self.model.readable_roles(caller_roles)
+        if role is not None:
+            if role not in config.roles:
+                raise QueryError(
+                    f"@role={role}: no such role (roles: {', '.join(config.role_names)})"
+                )
+            if role not in readable:
+                raise AccessDenied(f"the caller may not read role {role!r}")
+            wanted = {role}
+        else:
+            wanted = set(readable)
+        usable = sorted(set(caller_roles) & self.model.held_roles() & set(self._indexes))
+        holds = {x: {f for f in config.role_names if x in config.readers_of(f)} for x in usable}
+        plan: dict[str, frozenset[str] | None] = {}
+        while wanted:
+            best = max(usable, key=lambda x: (len(holds[x] & wanted), x in wanted), default=None)
+            if best is None or not holds[best] & wanted:
+                break
+            assigned = holds[best] & wanted
+            plan[best] = None if assigned == holds[best] else frozenset(assigned)
+            wanted -= assigned
+        return plan
+
+    def search(
+        self,
+        query: str,
+        caller_roles: Collection[str],
+        *,
+        role: str | None = None,
+        limit: int = 50,
+    ) -> SearchResult:
+        """Search the contexts a caller holding `caller_roles` may read.
+
+        `role` restricts hits to that role's files. Hits are in score order,
+        one per (address, role). Raises `QueryError` (the message says what is
+        wrong), `AccessDenied` if `role` is not readable by the caller.
+        Blocking: run it in a worker thread from async code.
+        """
+        started = time.perf_counter()
+        try:
+            if not 1 <= limit <= MAX_LIMIT:
+                raise QueryError(f"the limit must be from 1 to {MAX_LIMIT}, not {limit}")
+            check_syntax(query)
+            indexes = self._indexes
+            plan = self._plan(caller_roles, role)
+            parts = [
+                (x, indexes[x].search(query, file_roles=f, limit=limit)) for x, f in plan.items()
+            ]
+        except QueryError:
+            self._query_errors += 1
+            raise
+        self._searches += 1
+        merged = sorted(
+            (hit for _, part in parts for hit in part.hits),
+            key=lambda h: (-h.score, h.address, h.file_role),
+        )
+        hits: list[SearchHit] = []
+        seen: set[tuple[str, str]] = set()
+        for hit in merged:
+            ctx = (hit.address, hit.file_role)
+            if ctx in seen:
+                continue
+            seen.add(ctx)
+            head = self.model.store.head(*ctx)
+            if head is None or head.deleted:
+                self._stale.add(ctx)  # gone from the store (e.g. expired): drop it next batch
+                continue
+            hits.append(
+                SearchHit(
+                    rank=len(hits) + 1,
+                    score=hit.score,
+                    address=hit.address,
+                    role=hit.file_role,
+                    version_id=bytes.fromhex(hit.version),
+                    hlc=hit.hlc,
+                    summary=hit.summary,
+                    snippet=hit.snippet,
+                )
+            )
+            if len(hits) == limit:
+                break
+        facets: dict[str, tuple[tuple[str, int], ...]] = {}
+        for name in FACETS:
+            counts: dict[str, int] = {}
+            for _, part in parts:
+                for value, n in part.facets.get(name, {}).items():
+                    counts[value] = counts.get(value, 0) + n
+            facets[name] = tuple(
+                sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:FACET_LIMIT]
+            )
+        return SearchResult(
+            query=query,
+            hits=tuple(hits),
+            total=sum(part.total for _, part in parts),
+            facets=facets,
+            roles_searched=tuple(plan),
+            elapsed=time.perf_counter() - started,
+        )
+
+    def statistics(self) -> SearchStatistics:
+        totals = self._totals
+        return SearchStatistics(
+            engine=self.engine,
+            documents={r: i.doc_count() for r, i in sorted(self._indexes.items())},
+            seq=min((i.seq for i in self._indexes.values()), default=0),
+            indexed=totals.indexed,
+            removed=totals.removed,
+            skipped=totals.skipped,
+            rebuilt=tuple(self._rebuilt),
+            searches=self._searches,
+            query_errors=self._query_errors,
+        )

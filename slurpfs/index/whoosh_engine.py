@@ -1,0 +1,399 @@
+"""The whoosh engine: one in-memory whoosh index per role, sealed into the store.
+
+`MemoryStorage` is the whoosh `Storage` every file of the index goes through:
+files live in memory as bytes and are sealed into the store (`SealedIndexStore`)
+after each commit; nothing is ever written to a file system. Three whoosh 2.7
+traps are closed here on purpose:
+
+* ``RamStorage.temp_storage()`` returns a `FileStorage` in the system temp
+  directory, where the posting pool spills sorted runs of plaintext terms.
+  `MemoryStorage.temp_storage()` returns another `MemoryStorage` instead.
+* The pool writes a run through ``create_file(...).raw_file()`` and closes that
+  raw file directly, so ``StructFile.onclose`` never runs (RamStorage loses the
+  run silently). Our files are `_CaptureBuffer`s that hand over their bytes on
+  any close.
+* ``writer(procs>1)`` pickles whole documents to temp files; the writer is
+  always a plain single-process `SegmentWriter`.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from whoosh import analysis, collectors, fields, qparser, query
+from whoosh.filedb.filestore import Storage
+from whoosh.filedb.structfile import BufferFile, StructFile
+from whoosh.index import FileIndex
+from whoosh.searching import Searcher
+from whoosh.writing import SegmentWriter
+
+from slurpfs.index.document import DEFAULT_FIELDS, FACETS, FIELD_BOOSTS, IndexDoc
+from slurpfs.index.results import EngineHit, EngineResult, highlight_words, plain_snippet
+from slurpfs.index.sealed import SealedIndexStore
+
+ENGINE = "whoosh"
+POOL_LIMIT_MB = 128  # posting pool size before it spills a run (into memory); whoosh's default
+
+
+class _CaptureBuffer(io.BytesIO):
+    """A file being written that gives its bytes to the storage however it is closed."""
+
+    def __init__(self, on_close: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._on_close: Callable[[bytes], None] | None = on_close
+
+    def close(self) -> None:
+        if self._on_close is not None and not self.closed:
+            on_close, self._on_close = self._on_close, None
+            on_close(self.getvalue())
+        super().close()
+
+
+class MemoryStorage(Storage):  # type: ignore[misc]
+    """A whoosh storage whose files exist only in this process's memory."""
+
+    supports_mmap = False
+    readonly = False
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        self._files: dict[str, bytes] = dict(files or {})
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._changed: set[str] = set()
+        self.folder = ""  # whoosh reads this attribute of every storage
+        self.runs_spilled = 0  # posting runs written to temp storages made here
+
+    # -- what the index layer uses ------------------------------------------------
+
+    def snapshot(self) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._files)
+
+    def take_changed(self) -> set[str]:
+        """Names written since the last call (to be sealed)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    # -- whoosh Storage ---------------------------------------------------------------
+
+    def create_file(self, name: str, **kwargs: Any) -> StructFile:
+        def keep(data: bytes) -> None:
+            with self._lock:
+                self._files[name] = data
+                self._changed.add(name)
+
+        return StructFile(_CaptureBuffer(keep), name=name)
+
+    def open_file(self, name: str, **kwargs: Any) -> BufferFile:
+        with self._lock:
+            data = self._files.get(name)
+        if data is None:
+            raise NameError(name)
+        # bytes, not a memoryview: BytesIO shares bytes without copying them.
+        return BufferFile(data, name=name)
+
+    def list(self) -> list[str]:
+        with self._lock:
+            return list(self._files)
+
+    def file_exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._files
+
+    def file_length(self, name: str) -> int:
+        with self._lock:
+            if name not in self._files:
+                raise NameError(name)
+            return len(self._files[name])
+
+    def file_modified(self, name: str) -> float:
+        return 0.0
+
+    def delete_file(self, name: str) -> None:
+        with self._lock:
+            if self._files.pop(name, None) is None:
+                raise NameError(name)
+            self._changed.discard(name)
+
+    def rename_file(self, name: str, newname: str, safe: bool = False) -> None:
+        with self._lock:
+            if name not in self._files:
+                raise NameError(name)
+            if safe and newname in self._files:
+                raise NameError(f"file {newname!r} exists")
+            self._files[newname] = self._files.pop(name)
+            self._changed.discard(name)
+            self._changed.add(newname)
+
+    def lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def temp_storage(self, name: str | None = None) -> _TempStorage:
+        return _TempStorage(self)
+
+    def destroy(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._files.clear()
+
+
+class _TempStorage(MemoryStorage):
+    """A writer's scratch space (posting runs, column buffers): memory only."""
+
+    def __init__(self, owner: MemoryStorage) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def create_file(self, name: str, **kwargs: Any) -> StructFile:
+        if name.endswith(".run"):
+            self._owner.runs_spilled += 1
+        return super().create_file(name, **kwargs)
+
+
+def schema() -> fields.Schema:
+    """The index schema; analysers match tantivy's default tokenizer (alphanumeric
+    runs, lower-cased, no stemming, no stop words) so both engines find the same."""
+    words = analysis.RegexTokenizer(r"[^\W_]+") | analysis.LowercaseFilter()
+
+    def text(stored: bool = False) -> fields.TEXT:
+        return fields.TEXT(analyzer=words, stored=stored)
+
+    def keyword() -> fields.KEYWORD:
+        return fields.KEYWORD(lowercase=True, commas=True, scorable=True, stored=True)
+
+    return fields.Schema(
+        key=fields.ID(unique=True, stored=True),
+        address=fields.STORED(),
+        file_role=fields.ID(stored=True),
+        version=fields.STORED(),
+        hlc=fields.STORED(),
+        excerpt=fields.STORED(),
+        content=text(),
+        summary=text(stored=True),
+        purpose=text(),
+        insights=text(),
+        influences=text(),
+        path=text(),
+        tags=keyword(),
+        technologies=keyword(),
+        agent=fields.ID(),
+        role=fields.ID(),
+        project=fields.ID(stored=True),
+        task=fields.ID(),
+    )
+
+
+def _fields(doc: IndexDoc) -> dict[str, Any]:
+    return {
+        "key": doc.key,
+        "address": doc.address,
+        "file_role": doc.file_role,
+        "version": doc.version,
+        "hlc": doc.hlc,
+        "excerpt": doc.excerpt,
+        "content": doc.content,
+        "summary": doc.summary,
+        "purpose": doc.purpose,
+        "insights": doc.insights,
+        "influences": doc.influences,
+        "path": doc.path,
+        "tags": ",".join(doc.tags),
+        "technologies": ",".join(doc.technologies),
+        "agent": doc.agent,
+        "role": doc.role,
+        "project": doc.project,
+        "task": doc.task,
+    }
+
+
+class _CountingCollector(collectors.TopCollector):  # type: ignore[misc]
+    """Top hits, plus the total and facet counts of every match, in one pass.
+
+    Block-quality skipping and matcher replacement are off so that every match
+    is seen (and counted); `total` is the collector's own count of matches.
+    """
+
+    def __init__(
+        self, limit: int, facets: Callable[[Searcher], dict[str, list[list[str]]] | None]
+    ) -> None:
+        super().__init__(limit=limit, usequality=False, replace=0)
+        self._facets = facets
+        self._values: dict[str, list[list[str]]] | None = None
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in FACETS}
+
+    def set_subsearcher(self, subsearcher: Searcher, offset: int) -> None:
+        super().set_subsearcher(subsearcher, offset)
+        self._values = self._facets(subsearcher)
+
+    def collect(self, sub_docnum: int) -> Any:
+        values = self._values
+        if values is not None:
+            for name, bucket in self.counts.items():
+                for value in values[name][sub_docnum]:
+                    bucket[value] = bucket.get(value, 0) + 1
+        return super().collect(sub_docnum)
+
+
+class WhooshIndex:
+    """One role's whoosh index. Thread-safe: one writer at a time, searches
+    serialised on the open searcher (whoosh readers share file positions)."""
+
+    engine = ENGINE
+    persistent = True
+
+    def __init__(
+        self, role: str, sealed: SealedIndexStore, storage: MemoryStorage, seq: int
+    ) -> None:
+        self.role = role
+        self.seq = seq
+        self._sealed = sealed
+        self._storage = storage
+        self._ix = FileIndex(storage)
+        self._parser = qparser.MultifieldParser(
+            list(DEFAULT_FIELDS), self._ix.schema, fieldboosts=FIELD_BOOSTS
+        )
+        self._parser.add_plugin(qparser.PlusMinusPlugin())
+        self._write_lock = threading.Lock()
+        self._search_lock = threading.Lock()
+        self._searcher: Searcher = self._ix.searcher()
+        self._facet_cache: dict[str, dict[str, list[list[str]]]] = {}
+
+    @classmethod
+    def create(cls, role: str, sealed: SealedIndexStore) -> WhooshIndex:
+        """A new, empty index (not saved until the first write)."""
+        storage = MemoryStorage()
+        storage.create_index(schema())
+        return cls(role, sealed, storage, 0)
+
+    @classmethod
+    def load(cls, role: str, sealed: SealedIndexStore) -> WhooshIndex | None:
+        """The saved index, or None. IndexRollback/IndexCorrupt/KeyMissing as `sealed.load`."""
+        loaded = sealed.load(ENGINE)
+        if loaded is None:
+            return None
+        meta, files = loaded
+        return cls(role, sealed, MemoryStorage(files), meta.seq)
+
+    @property
+    def runs_spilled(self) -> int:
+        return self._storage.runs_spilled
+
+    def write(
+        self,
+        upserts: Sequence[IndexDoc],
+        deletes: Collection[str],
+        *,
+        seq: int,
+        save: bool = True,
+    ) -> None:
+        """Replace/remove documents by key, commit, save sealed, refresh the searcher."""
+        with self._write_lock:
+            if upserts or deletes:
+                writer = SegmentWriter(self._ix, limitmb=POOL_LIMIT_MB)
+                try:
+                    if self.doc_count():
+                        with writer.searcher() as current:
+                            for key in {*deletes, *(d.key for d in upserts)}:
+                                writer.delete_by_term("key", key, searcher=current)
+                    for doc in upserts:
+                        writer.add_document(**_fields(doc))
+                except BaseException:
+                    writer.cancel()
+                    raise
+                writer.commit()
+            self.seq = seq
+            if save:
+                self.save()
+            with self._search_lock:
+                self._searcher = self._searcher.refresh()
+                live = {
+                    str(segment.segment_id())
+                    for leaf, _ in self._searcher.leaf_searchers()
+                    if (segment := leaf.reader().segment()) is not None
+                }
+                for segid in set(self._facet_cache) - live:
+                    del self._facet_cache[segid]
+
+    def save(self) -> None:
+        """Seal what changed since the last save into the store (one transaction)."""
+        files = self._storage.snapshot()
+        changed = self._storage.take_changed()
+        self._sealed.save(ENGINE, files, changed, seq=self.seq, docs=self.doc_count())
+
+    def doc_count(self) -> int:
+        return int(self._ix.doc_count())
+
+    def documents(self) -> dict[str, str]:
+        """key -> hex version id of every document (for consistency checks)."""
+        with self._search_lock:
+            return {
+                fields_["key"]: fields_["version"] for fields_ in self._searcher.all_stored_fields()
+            }
+
+    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
+        q = self._parser.parse(text)
+        words = {
+            term
+            for field, term in q.iter_all_terms(phrases=True)
+            if field not in ("file_role", "key") and isinstance(term, str)
+        }
+        with self._search_lock:
+            if file_roles is not None:
+                # AndNot keeps q's scores (whoosh's Require does not filter correctly).
+                present = {t.decode() for t in self._searcher.lexicon("file_role")}
+                others = sorted(present - file_roles)
+                if others:
+                    q = query.AndNot(q, query.Or([query.Term("file_role", r) for r in others]))
+            collector = _CountingCollector(limit, self._segment_facets)
+            self._searcher.search_with_collector(q, collector)
+            hits = []
+            for hit in collector.results():
+                stored = hit.fields()
+                summary = stored.get("summary", "")
+                excerpt = stored.get("excerpt", "")
+                hits.append(
+                    EngineHit(
+                        score=float(hit.score or 0.0),
+                        address=stored["address"],
+                        file_role=stored["file_role"],
+                        version=stored["version"],
+                        hlc=int(stored["hlc"]),
+                        summary=summary,
+                        snippet=highlight_words(excerpt, words)
+                        or highlight_words(summary, words)
+                        or plain_snippet(summary, excerpt),
+                    )
+                )
+        return EngineResult(hits, int(collector.total), collector.counts)
+
+    def _segment_facets(self, leaf: Searcher) -> dict[str, list[list[str]]] | None:
+        # Segments are immutable, so their facet values are read once per segment
+        # from the postings (deletions only hide documents, never change them).
+        reader = leaf.reader()
+        segment = reader.segment()
+        if segment is None:
+            return None
+        segid = str(segment.segment_id())
+        cached = self._facet_cache.get(segid)
+        if cached is None:
+            cached = {}
+            n = reader.doc_count_all()
+            for name in FACETS:
+                lists: list[list[str]] = [[] for _ in range(n)]
+                if name in reader.indexed_field_names():
+                    for btext in reader.lexicon(name):
+                        word = btext.decode("utf-8")
+                        for docid in reader.postings(name, btext).all_ids():
+                            lists[docid].append(word)
+                cached[name] = lists
+            self._facet_cache[segid] = cached
+        return cached
+
+    def close(self) -> None:
+        with self._search_lock:
+            self._searcher.close()
+            self._facet_cache.clear()

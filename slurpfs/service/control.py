@@ -1,0 +1,194 @@
+"""The daemon's local control socket: ``<data dir>/daemon.sock`` (a unix socket, 0600).
+
+One request line, one reply line:
+
+``changed``  a writer outside the daemon committed: re-read the change feed and
+             invalidate the kernel's caches, then reply ``ok``. The CLI calls
+             `notify_daemon` after ``put``/``rm``/``import`` so that, once it
+             returns, no reader of the mount sees the old version.
+``ping``     reply ``pong <pid> <mountpoint>``.
+``watch``    reply ``watching``, keep the connection, and write ``exit <status>``
+             just before the daemon exits (how ``slurpfs umount`` learns the
+             daemon's exit status without being its parent).
+
+Only the daemon's user can connect (the socket is 0600 in a 0700 directory).
+Paths longer than a unix socket address allows are reached through
+``/proc/self/fd/<dir fd>/daemon.sock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("slurpfs.daemon")
+
+SOCKET_NAME = "daemon.sock"
+_MAX_PATH = 100
+_LINE = 256
+
+
+def socket_path(data_dir: Path) -> Path:
+    return Path(data_dir) / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def _addressable(path: Path) -> Iterator[str]:
+    """A path a unix socket address can hold, for as long as the block runs."""
+    if len(os.fsencode(path)) <= _MAX_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def request(data_dir: Path, line: str, timeout: float) -> str | None:
+    """Send one request; the reply line, or None if no daemon serves `data_dir`."""
+    path = socket_path(data_dir)
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            with _addressable(path) as address:
+                sock.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None  # a stale socket file: no daemon
+        sock.sendall(line.encode() + b"\n")
+        return _read_line(sock)
+
+
+def _read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(_LINE)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def notify_daemon(data_dir: Path, timeout: float = 5.0) -> bool:
+    """Tell a daemon serving `data_dir` that contexts changed; wait for its caches to drop.
+
+    Returns True once the daemon acknowledged; False if no daemon is running, or
+    if it did not answer within `timeout` (logged: the commit itself is done,
+    but readers of the mount may see the old version until the caches expire).
+    """
+    try:
+        reply = request(data_dir, "changed", timeout)
+    except OSError as exc:
+        log.warning("the daemon serving %s did not acknowledge a change: %s", data_dir, exc)
+        return False
+    if reply is None:
+        return False
+    if reply != "ok":
+        log.error("daemon answered %r to a change notification", reply)
+        return False
+    return True
+
+
+def watch(data_dir: Path, timeout: float) -> socket.socket | None:
+    """A connection on which the daemon will write ``exit <status>`` (None: no daemon)."""
+    path = socket_path(data_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _addressable(path) as address:
+            sock.connect(address)
+        sock.sendall(b"watch\n")
+        if _read_line(sock) != "watching":
+            sock.close()
+            return None
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        return None
+    return sock
+
+
+def read_exit_status(sock: socket.socket) -> int | None:
+    """Block until the daemon reports its exit status (None if it died without one)."""
+    line = _read_line(sock)
+    sock.close()
+    if line.startswith("exit "):
+        return int(line.split()[1])
+    return None
+
+
+class ControlServer:
+    """Serves the control socket inside the daemon's nursery."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        on_changed: Callable[[], Awaitable[None]],
+        describe: Callable[[], str],
+    ) -> None:
+        self.path = socket_path(data_dir)
+        self._on_changed = on_changed
+        self._describe = describe
+        self.watchers: list[int] = []  # dup'ed fds, written at exit
+
+    def claim(self) -> None:
+        """Fail if another daemon serves this data directory; clear a stale socket."""
+        reply = request(self.path.parent, "ping", timeout=2.0)
+        if reply is not None:
+            raise OSError(errno.EBUSY, f"data directory already in use by a daemon ({reply})")
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            with _addressable(self.path) as address:
+                await sock.bind(address)
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, self._serve, [listener])
+                task_status.started()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < _LINE:
+                chunk = await stream.receive_some(_LINE)
+                if not chunk:
+                    return
+                data += chunk
+            command = data.decode(errors="replace").strip()
+            if command == "changed":
+                await self._on_changed()
+                await stream.send_all(b"ok\n")
+            elif command == "ping":
+                await stream.send_all(f"pong {self._describe()}\n".encode())
+            elif command == "watch":
+                self.watchers.append(os.dup(stream.socket.fileno()))
+                await stream.send_all(b"watching\n")
+            else:
+                await stream.send_all(b"error unknown command\n")
+
+    def report_exit(self, status: int) -> None:
+        """Tell every watcher the exit status (called after the trio loop has ended)."""
+        for fd in self.watchers:
+            with contextlib.suppress(OSError):
+                os.write(fd, f"exit {status}\n".encode())
+            os.close(fd)
+        self.watchers.clear()

@@ -1,0 +1,228 @@
+"""The daemon: one trio nursery holding the FUSE loop and the background tasks.
+
+Tasks (each started in the nursery, ready via ``nursery.start``):
+
+- the FUSE loop (`pyfuse3.main`);
+- `Invalidator`: the store's change feed to kernel cache invalidations;
+- `ControlServer`: the local control socket (change notifications, ``watch``);
+- `Syncer`: the periodic sync to stable storage (``durability.sync_interval``);
+- `TtlCleaner`: expired contexts are purged (once a minute);
+- signals: SIGTERM/SIGINT commit every dirty buffer and end the FUSE loop.
+
+Shutdown is ordered: commit open buffers, end the FUSE loop, unmount, close the
+store, report the exit status to ``slurpfs umount``, exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from slurpfs.config import Config
+from slurpfs.errors import SlurpError
+from slurpfs.fs.handles import Gateway
+from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
+from slurpfs.fs.ops import Operations
+from slurpfs.model import ContextStore
+from slurpfs.service.control import ControlServer, notify_daemon, socket_path
+
+log = logging.getLogger("slurpfs.daemon")
+
+__all__ = ["Daemon", "MountError", "MountOptions", "notify_daemon"]
+
+TTL_INTERVAL = 60.0
+
+
+class MountError(SlurpError):
+    """The filesystem cannot be mounted (mountpoint, FUSE device, busy data directory)."""
+
+    errno = errno.EIO
+    exit_code = 10
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    mountpoint: Path
+    allow_other: bool = False
+    debug_fuse: bool = False
+
+    def fuse_options(self) -> set[str]:
+        # No default_permissions: access is decided per role in the handlers, not by mode bits.
+        options = set(pyfuse3.default_options) - {"default_permissions"}
+        options |= {"fsname=slurpfs", "subtype=slurpfs", "noatime"}
+        if self.allow_other:
+            options.add("allow_other")
+        if self.debug_fuse:
+            options.add("debug")
+        return options
+
+
+class Syncer:
+    """Syncs the store every `interval` seconds when something was committed."""
+
+    def __init__(self, gateway: Gateway, interval: float) -> None:
+        self.gateway = gateway
+        self.interval = interval
+        self._synced = gateway.commits
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            await self.sync_if_needed()
+
+    async def sync_if_needed(self) -> None:
+        commits = self.gateway.commits
+        if commits != self._synced:
+            await self.gateway.sync()
+            self._synced = commits
+
+
+class TtlCleaner:
+    """Purges contexts whose TTL has passed."""
+
+    def __init__(self, model: ContextStore, interval: float = TTL_INTERVAL) -> None:
+        self.model = model
+        self.interval = interval
+
+    async def run(self) -> None:
+        while True:
+            removed = await trio.to_thread.run_sync(self.model.expire)
+            if removed:
+                log.info("TTL cleanup removed %d expired versions", removed)
+            await trio.sleep(self.interval)
+
+
+class Daemon:
+    """One mounted filesystem over an open `ContextStore`."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: ContextStore,
+        options: MountOptions,
+        *,
+        kernel: Kernel | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.options = options
+        self._notify = notify or sd_notify
+        control = str(socket_path(config.data_dir)).encode()
+        self.ops = Operations(
+            model,
+            config,
+            owner_uid=os.getuid(),
+            owner_gid=os.getgid(),
+            root_xattrs={
+                b"user.slurp.pid": str(os.getpid()).encode(),
+                b"user.slurp.control": control,
+                b"user.slurp.data": str(config.data_dir).encode(),
+            },
+            status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
+        )
+        self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
+        self.control = ControlServer(config.data_dir, self.invalidator.poke, self._describe)
+        self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
+        self.ttl = TtlCleaner(model)
+
+    def _describe(self) -> str:
+        return f"{os.getpid()} {self.options.mountpoint}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
+        self.control.claim()
+        try:
+            pyfuse3.init(self.ops, str(self.options.mountpoint), self.options.fuse_options())
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount at {self.options.mountpoint}: {exc}") from None
+        status = 1
+        try:
+            trio.run(self._main, ready)
+            status = 0
+        finally:
+            self.ops.inodes.forget_all()
+            pyfuse3.close(unmount=True)
+            self.model.close()
+            log.info("unmounted %s; exiting with status %d", self.options.mountpoint, status)
+            self.control.report_exit(status)
+        return status
+
+    async def _main(self, ready: Callable[[], None] | None) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.invalidator.run)
+            await nursery.start(self.control.run)
+            nursery.start_soon(self.syncer.run)
+            nursery.start_soon(self.ttl.run)
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self._watchdog)
+            log.info(
+                "mounted %s at %s (pid %d)",
+                self.config.data_dir,
+                self.options.mountpoint,
+                os.getpid(),
+            )
+            if ready is not None:
+                ready()
+            self._notify("READY=1")
+            await pyfuse3.main()
+            # The kernel unmounted us, or a signal ended the loop.
+            self.ops.stopping = True
+            self._notify("STOPPING=1")
+            failed = await self.ops.commit_all()
+            if failed:
+                log.error("%d open files could not be stored at shutdown", failed)
+            await self.syncer.gateway.sync()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: committing open files and unmounting", signal.Signals(signum).name)
+                self.ops.stopping = True
+                await self.ops.commit_all()
+                pyfuse3.terminate()
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self._notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+
+# -- systemd notification (Type=notify): the protocol is the environment's, not config --
+
+
+def sd_notify(state: str) -> None:
+    """Send `state` to systemd if it started us with NOTIFY_SOCKET; otherwise nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            log.debug("sd_notify %s failed: %s", state, exc)
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit():
+        return None
+    return int(usec) / 2_000_000

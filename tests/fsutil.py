@@ -1,0 +1,313 @@
+"""Helpers for filesystem tests.
+
+`OpsHarness` drives `slurpfs.fs.ops.Operations` directly (no kernel): paths are
+resolved by `lookup` from the root, files are opened, read, written and released
+as the kernel would, and every entry handed out is counted so tests can check
+lookup counts. `FakeKernel` records invalidations.
+
+`Mounted` runs the real ``slurpfs`` CLI: mount in the background or foreground,
+unmount, and checks that the daemon exited 0 and logged no warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import pyfuse3
+import pytest
+from conftest import CLI_TIMEOUT, cli_env
+
+from slurpfs.fs.ops import Operations
+
+ROLE_FILE_OK = "ok"
+AUTH = "claude:architect@bzzz:auth"
+
+
+# -- ops-level -------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """Stands in for `pyfuse3.RequestContext`."""
+
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    pid: int = field(default_factory=os.getpid)
+    umask: int = 0o022
+
+
+def ctx(**kw: int) -> pyfuse3.RequestContext:
+    return cast(pyfuse3.RequestContext, Ctx(**kw))
+
+
+@contextlib.contextmanager
+def raises_errno(code: int) -> Iterator[None]:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        yield
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value}"
+
+
+@contextlib.contextmanager
+def raises_oserror(code: int) -> Iterator[None]:
+    """Like `pytest.raises(OSError)`, for one errno."""
+    with pytest.raises(OSError, match=re.escape(os.strerror(code))) as info:
+        yield
+    assert info.value.errno == code
+
+
+class FakeKernel:
+    """Records what the invalidator would tell the kernel."""
+
+    def __init__(self) -> None:
+        self.inodes: list[int] = []
+        self.entries: list[tuple[int, bytes]] = []
+
+    def invalidate_inode(self, inode: int) -> None:
+        self.inodes.append(inode)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.entries.append((parent, name))
+
+
+class OpsHarness:
+    """Path-level helpers over an `Operations` instance, as the kernel would call it."""
+
+    def __init__(self, ops: Operations, context: pyfuse3.RequestContext | None = None) -> None:
+        self.ops = ops
+        self.ctx = context or ctx()
+        # Lookups handed to the kernel, minus forgets: what a kernel would hold.
+        self.held: dict[int, int] = {}
+        ops.readdir_reply = self._reply
+        self._listing: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+
+    def _reply(
+        self, token: pyfuse3.ReaddirToken, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int
+    ) -> bool:
+        self._listing.append((name, attr))
+        self.held[attr.st_ino] = self.held.get(attr.st_ino, 0) + 1
+        return True
+
+    def as_user(self, **kw: int) -> OpsHarness:
+        other = OpsHarness(self.ops, ctx(**kw))
+        other.held = self.held
+        return other
+
+    @staticmethod
+    def split(path: str) -> list[bytes]:
+        return [os.fsencode(p) for p in path.split("/") if p]
+
+    async def lookup(self, path: str) -> pyfuse3.EntryAttributes:
+        ino = pyfuse3.ROOT_INODE
+        attrs = await self.ops.getattr(ino, self.ctx)
+        for name in self.split(path):
+            attrs = await self.ops.lookup(ino, name, self.ctx)
+            self.held[attrs.st_ino] = self.held.get(attrs.st_ino, 0) + 1
+            ino = attrs.st_ino
+        return attrs
+
+    async def ino(self, path: str) -> int:
+        return (await self.lookup(path)).st_ino
+
+    async def parent(self, path: str) -> tuple[int, bytes]:
+        parts = self.split(path)
+        parent = await self.ino("/".join(os.fsdecode(p) for p in parts[:-1]))
+        return parent, parts[-1]
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.lookup(path)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    async def read(self, path: str) -> bytes:
+        ino = await self.ino(path)
+        fi = await self.ops.open(ino, os.O_RDONLY, self.ctx)
+        try:
+            out = b""
+            while True:
+                chunk = await self.ops.read(fi.fh, len(out), 1 << 16)
+                if not chunk:
+                    return out
+                out += chunk
+        finally:
+            await self.ops.release(fi.fh)
+
+    async def write(self, path: str, data: bytes, *, append: bool = False) -> None:
+        """open(O_WRONLY|O_CREAT|O_TRUNC or O_APPEND), write, close: as ``>`` / ``>>``."""
+        parent, name = await self.parent(path)
+        try:
+            attrs = await self.ops.lookup(parent, name, self.ctx)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            fi, attrs = await self.ops.create(
+                parent, name, 0o644, os.O_WRONLY | os.O_CREAT, self.ctx
+            )
+            self.held[attrs.st_ino] = self.held.get(attrs.st_ino, 0) + 1
+            offset = 0
+        else:
+            self.held[attrs.st_ino] = self.held.get(attrs.st_ino, 0) + 1
+            flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+            fi = await self.ops.open(attrs.st_ino, flags, self.ctx)
+            offset = attrs.st_size if append else 0
+        try:
+            if data:
+                assert await self.ops.write(fi.fh, offset, data) == len(data)
+            await self.ops.flush(fi.fh)
+        finally:
+            await self.ops.release(fi.fh)
+
+    async def listdir(self, path: str) -> list[str]:
+        return [os.fsdecode(n) for n, _ in await self.list_attrs(path)]
+
+    async def list_attrs(self, path: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        ino = await self.ino(path)
+        fh = await self.ops.opendir(ino, self.ctx)
+        self._listing = []
+        try:
+            await self.ops.readdir(fh, 0, cast(pyfuse3.ReaddirToken, None))
+        finally:
+            await self.ops.releasedir(fh)
+        return list(self._listing)
+
+    async def mkdir(self, path: str) -> pyfuse3.EntryAttributes:
+        parent, name = await self.parent(path)
+        attrs = await self.ops.mkdir(parent, name, 0o755, self.ctx)
+        self.held[attrs.st_ino] = self.held.get(attrs.st_ino, 0) + 1
+        return attrs
+
+    async def makedirs(self, path: str) -> None:
+        done = ""
+        for part in path.split("/"):
+            done = f"{done}/{part}" if done else part
+            if not await self.exists(done):
+                await self.mkdir(done)
+
+    async def unlink(self, path: str) -> None:
+        parent, name = await self.parent(path)
+        await self.ops.unlink(parent, name, self.ctx)
+
+    async def rename(self, old: str, new: str, flags: int = 0) -> None:
+        p_old, n_old = await self.parent(old)
+        p_new, n_new = await self.parent(new)
+        await self.ops.rename(p_old, n_old, p_new, n_new, flags, self.ctx)
+
+    async def forget_all(self) -> None:
+        """Forget everything handed out, as the kernel does when it drops its caches."""
+        await self.ops.forget(list(self.held.items()))
+        self.held.clear()
+
+
+# -- real mounts -------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds or `timeout` passes (no bare sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def slurpfs(
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    input: bytes | None = None,
+    timeout: float = CLI_TIMEOUT,
+) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(
+        [sys.executable, "-m", "slurpfs.cli", *map(str, args)],
+        input=input if input is not None else b"",
+        capture_output=True,
+        env=cli_env(env),
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"slurpfs {' '.join(map(str, args))} exited {result.returncode}:\n"
+            f"{result.stdout.decode(errors='replace')}{result.stderr.decode(errors='replace')}"
+        )
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@dataclass
+class Mounted:
+    """A data directory mounted through the CLI. `unmount` checks a clean exit."""
+
+    data: Path
+    mnt: Path
+    env: dict[str, str] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
+    expect_warnings: bool = False
+
+    @property
+    def log(self) -> Path:
+        return self.data / "daemon.log"
+
+    @property
+    def ucxl(self) -> Path:
+        return self.mnt / "ucxl"
+
+    def cli(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return slurpfs(*args, "--data", self.data, env=self.env, check=check)
+
+    def mount(self) -> None:
+        with contextlib.suppress(FileExistsError):  # (a stale mount cannot even be stat'ed)
+            self.mnt.mkdir(parents=True)
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        self.cli("mount", *self.extra, self.mnt)
+        assert is_mounted(self.mnt)
+
+    def unmount(self) -> None:
+        result = slurpfs("umount", self.mnt, env=self.env, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert not is_mounted(self.mnt)
+        self.check_log()
+
+    def check_log(self) -> None:
+        text = self.log.read_bytes()[self._log_start :].decode(errors="replace")
+        assert "exiting with status 0" in text, text
+        if not self.expect_warnings:
+            loud = [
+                line for line in text.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", line)
+            ]
+            assert not loud, "the daemon logged: " + "\n".join(loud)
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+    def sweep(self) -> None:
+        """Leave nothing mounted whatever happened (teardown after a failure)."""
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False, capture_output=True)
+
+
+def role_path(root: Path, authority: str, *parts: str) -> Path:
+    return root / "ucxl" / authority / Path(*parts) if parts else root / "ucxl" / authority
+
+
+def versions(address_dir: Path, role: str) -> int:
+    return len(os.listdir(address_dir / ".history" / role))

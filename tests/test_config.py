@@ -1,0 +1,323 @@
+"""Configuration: defaults, precedence, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from slurpfs import config
+from slurpfs.config import Config, RoleConfig
+from slurpfs.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "slurpfs.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_text(tmp_path: Path, text: str, **env: str) -> Config:
+    return config.load(write(tmp_path, text), {"HOME": str(tmp_path), **env})
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = config.load(None, {"HOME": str(tmp_path)})
+
+    assert cfg.data_dir == tmp_path / ".local/share/slurpfs"
+    assert cfg.node.name == "node"
+    assert cfg.durability.sync_interval == 1.0
+    assert cfg.store.map_size == 8 << 30
+    assert cfg.store.cascade_depth == 8
+    assert cfg.search.engine == "whoosh"
+    assert cfg.http.listen == "127.0.0.1:0"
+    assert cfg.replication.write_quorum == 1
+    assert cfg.mount.allow_other is False
+    assert cfg.role_names == ("architect", "developer", "reviewer")
+    assert cfg.roles["developer"].readers == ("architect",)
+    assert cfg.roles["architect"].readers == ()
+    assert cfg.source == "<defaults>"
+
+
+def test_xdg_data_home_moves_the_default_data_dir(tmp_path: Path) -> None:
+    cfg = config.load(None, {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "x")})
+
+    assert cfg.data_dir == tmp_path / "x" / "slurpfs"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = config.load(None, {"HOME": str(tmp_path)})
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.node = config.NodeConfig(name="other")  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.store.map_size = 1  # type: ignore[misc]
+
+
+def test_file_values_are_read(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        """
+        [node]
+        name = "alpha"
+        [durability]
+        sync_interval = 2          # an int where a float is expected is fine
+        [store]
+        cascade_depth = 3
+        [mount]
+        allow_other = true
+        """,
+    )
+
+    assert cfg.node.name == "alpha"
+    assert cfg.durability.sync_interval == 2.0
+    assert isinstance(cfg.durability.sync_interval, float)
+    assert cfg.store.cascade_depth == 3
+    assert cfg.mount.allow_other is True
+    assert cfg.source == str(tmp_path / "slurpfs.toml")
+
+
+def test_precedence_override_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [node]
+        name = "from-file"
+        [store]
+        cascade_depth = 3
+        map_size = 2097152
+        """,
+    )
+    env = {
+        "HOME": str(tmp_path),
+        "SLURPFS_NODE_NAME": "from-env",
+        "SLURPFS_STORE_CASCADE_DEPTH": "4",
+    }
+
+    cfg = config.load(path, env, {"node.name": "from-cli", "store.max_context_bytes": None})
+
+    assert cfg.node.name == "from-cli"  # override > env > file
+    assert cfg.store.cascade_depth == 4  # env > file
+    assert cfg.store.map_size == 2 << 20  # file > default
+    assert cfg.store.max_context_bytes == 256 << 20  # a None override changes nothing
+    assert cfg.durability.sync_interval == 1.0  # default
+
+
+def test_slurpfs_config_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nname = 'named-by-env'\n", name="elsewhere.toml")
+
+    cfg = config.load(None, {"HOME": str(tmp_path), "SLURPFS_CONFIG": str(path)})
+
+    assert cfg.node.name == "named-by-env"
+
+
+def test_config_toml_in_the_data_dir_is_read(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write(data, "[node]\nname = 'in-data-dir'\n", name="config.toml")
+
+    by_override = config.load(None, {"HOME": str(tmp_path)}, {"node.data_dir": str(data)})
+    by_env = config.load(None, {"HOME": str(tmp_path), "SLURPFS_NODE_DATA_DIR": str(data)})
+
+    assert by_override.node.name == "in-data-dir"
+    assert by_env.node.name == "in-data-dir"
+    assert by_env.data_dir == data
+
+
+@pytest.mark.parametrize(
+    ("env_key", "value", "expected"),
+    [
+        ("SLURPFS_MOUNT_ALLOW_OTHER", "yes", True),
+        ("SLURPFS_MOUNT_ALLOW_OTHER", " Off ", False),
+        ("SLURPFS_STORE_MAP_SIZE", "0x200000", 2 << 20),
+        ("SLURPFS_DURABILITY_SYNC_INTERVAL", "0.25", 0.25),
+        ("SLURPFS_CACHE_REDIS_URL", "redis://localhost:6379/0", "redis://localhost:6379/0"),
+    ],
+)
+def test_environment_values_are_converted(
+    tmp_path: Path, env_key: str, value: str, expected: object
+) -> None:
+    cfg = config.load(None, {"HOME": str(tmp_path), env_key: value})
+
+    section, _, key = env_key.removeprefix("SLURPFS_").lower().partition("_")
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^store\.map_sise: unknown key") as info:
+        load_text(tmp_path, "[store]\nmap_sise = 5\n")
+    assert "map_size" in str(info.value)  # the known keys are listed
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^stores: unknown section"):
+        load_text(tmp_path, "[stores]\nmap_size = 5\n")
+
+
+def test_unknown_role_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^roles\.developer\.reader: unknown key"):
+        load_text(tmp_path, "[roles.developer]\nreader = []\n")
+
+
+def test_unknown_environment_setting_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^SLURPFS_STORE_MAPSIZE: unknown environment setting"):
+        config.load(None, {"HOME": str(tmp_path), "SLURPFS_STORE_MAPSIZE": "5"})
+
+
+def test_non_configuration_environment_is_allowed(tmp_path: Path) -> None:
+    env = {
+        "HOME": str(tmp_path),
+        "SLURPFS_PASSPHRASE": "x",
+        "SLURPFS_PASSPHRASE_FILE": "/nonexistent",
+        "SLURPFS_TEST_WEAK_KDF": "1",
+        "OTHER_VARIABLE": "ignored",
+    }
+
+    assert config.load(None, env).node.name == "node"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[store]\nmap_size = 'big'\n", "store.map_size"),
+        ("[store]\nmap_size = 1.5\n", "store.map_size"),
+        ("[store]\ncascade_depth = true\n", "store.cascade_depth"),
+        ("[durability]\nsync_interval = 'soon'\n", "durability.sync_interval"),
+        ("[mount]\nallow_other = 'yes'\n", "mount.allow_other"),
+        ("[mount]\nallow_other = 1\n", "mount.allow_other"),
+        ("[node]\nname = 7\n", "node.name"),
+        ("[roles.developer]\nreaders = 'architect'\n", "roles.developer.readers"),
+        ("[roles.developer]\nreaders = [1]\n", "roles.developer.readers"),
+    ],
+)
+def test_bad_file_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: expected"):
+        load_text(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("env_key", "value"),
+    [
+        ("SLURPFS_STORE_MAP_SIZE", "lots"),
+        ("SLURPFS_STORE_MAP_SIZE", "1.5"),
+        ("SLURPFS_DURABILITY_SYNC_INTERVAL", "fast"),
+        ("SLURPFS_MOUNT_ALLOW_OTHER", "maybe"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(tmp_path: Path, env_key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{env_key}: expected") as info:
+        config.load(None, {"HOME": str(tmp_path), env_key: value})
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[durability]\nsync_interval = 0\n", "durability.sync_interval"),
+        ("[store]\nmap_size = 1024\n", "store.map_size"),
+        ("[store]\nmax_context_bytes = 0\n", "store.max_context_bytes"),
+        ("[store]\ncascade_depth = 65\n", "store.cascade_depth"),
+        ("[store]\ncascade_depth = -1\n", "store.cascade_depth"),
+        ("[mount]\nscratch_bytes = -1\n", "mount.scratch_bytes"),
+        ("[search]\nengine = 'lucene'\n", "search.engine"),
+        ("[replication]\nwrite_quorum = 0\n", "replication.write_quorum"),
+        ("node = 5\n", "node"),
+        ("roles = 5\n", "roles"),
+        ("[roles]\ndeveloper = 5\n", "roles.developer"),
+        ("[roles]\n", "roles"),
+        ("[roles.Developer]\n", "roles.Developer"),
+    ],
+)
+def test_out_of_range_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
+        load_text(tmp_path, text)
+
+
+def test_readers_must_be_configured_roles(tmp_path: Path) -> None:
+    text = "[roles.developer]\nreaders = ['architect']\n[roles.reviewer]\n"
+
+    with pytest.raises(ConfigError, match=r"^roles\.developer\.readers: unknown role 'architect'"):
+        load_text(tmp_path, text)
+
+
+def test_configured_roles_replace_the_defaults(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        """
+        [roles.ops]
+        readers = ["lead", "ops"]
+        users = ["alice"]
+        groups = ["wheel"]
+        [roles.lead]
+        """,
+    )
+
+    assert cfg.role_names == ("lead", "ops")
+    assert cfg.roles["ops"] == RoleConfig("ops", ("lead", "ops"), ("alice",), ("wheel",))
+    # The role itself comes first and is not repeated.
+    assert cfg.readers_of("ops") == ("ops", "lead")
+    assert cfg.readers_of("lead") == ("lead",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[store\n", "[node]\nname = \n", b"[node]\nname = '\xff'\n".decode("latin-1")],
+)
+def test_unparseable_file_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(text.encode("latin-1"))
+
+    with pytest.raises(ConfigError, match=rf"^config file {path}: "):
+        config.load(path, {"HOME": str(tmp_path)})
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", {"HOME": str(tmp_path)})
+
+
+def test_render_toml_round_trips(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        r"""
+        [node]
+        data_dir = '/srv/slurp "quoted" \ back/ünïcode'
+        name = "n1"
+        [durability]
+        sync_interval = 0.125
+        [store]
+        map_size = 1099511627776
+        cascade_depth = 0
+        [cache]
+        redis_url = "redis://h:1/2"
+        [mount]
+        allow_other = true
+        entry_timeout = 1e-3
+        [search]
+        engine = "tantivy"
+        [replication]
+        write_quorum = 3
+        [roles.dev]
+        readers = ["arch"]
+        users = ["alice", "bob"]
+        groups = ["devs"]
+        [roles.arch]
+        """,
+    )
+    original = config.load(path, {"HOME": str(tmp_path)})
+    rendered = write(tmp_path, config.render_toml(original), name="rendered.toml")
+
+    again = config.load(rendered, {"HOME": str(tmp_path)})
+
+    assert again == dataclasses.replace(original, source=str(rendered))
+    assert again.node.data_dir == '/srv/slurp "quoted" \\ back/ünïcode'
+
+
+def test_render_toml_round_trips_the_defaults(tmp_path: Path) -> None:
+    original = config.load(None, {"HOME": str(tmp_path)})
+    rendered = write(tmp_path, config.render_toml(original))
+
+    assert config.load(rendered, {"HOME": "/elsewhere"}) == dataclasses.replace(
+        original, source=str(rendered)
+    )

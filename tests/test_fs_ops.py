@@ -1,0 +1,512 @@
+"""Ops-level tests: `Operations` handlers called directly, no kernel.
+
+Each test drives the handlers the way the kernel would (lookup, create, open,
+write, flush, release, rename, ...) on a real store that is fsck-checked at
+teardown (the `model` fixture).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import pyfuse3
+import pytest
+import trio
+from conftest import Nodes
+from fsutil import AUTH, FakeKernel, OpsHarness, ctx, raises_errno
+
+from slurpfs.config import Config, RoleConfig
+from slurpfs.crypto import envelope as env
+from slurpfs.errors import NotInitialised
+from slurpfs.fs.access import RoleMap, read_sup_groups
+from slurpfs.fs.inodes import Kind
+from slurpfs.fs.invalidate import Invalidator
+from slurpfs.fs.ops import Operations
+from slurpfs.model import ContextStore
+from slurpfs.service import control, mountcmd
+from slurpfs.service.daemon import MountError
+from slurpfs.store import Commit, VersionRecord
+from slurpfs.ucxl import parse
+
+DIR = f"ucxl/{AUTH}/src/auth.go"
+ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
+DEV = "developer"
+
+
+def make_ops(model: ContextStore, config: Config | None = None) -> Operations:
+    return Operations(model, config or model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
+
+
+@pytest.fixture
+def ops(model: ContextStore) -> Iterator[Operations]:
+    ops = make_ops(model)
+    yield ops
+    assert not ops.handles.files, "a test left files open"
+
+
+@pytest.fixture
+async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
+    harness = OpsHarness(ops)
+    yield harness
+    # Once the kernel forgets everything it was handed, only the root is left:
+    # no node leaks, whatever the test did.
+    await harness.forget_all()
+    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
+
+
+async def test_the_root_lists_the_three_entries(fs: OpsHarness) -> None:
+    assert sorted(await fs.listdir("")) == [".search", ".slurp", "ucxl"]
+    assert await fs.listdir(".search") == []
+    assert "status" in await fs.listdir(".slurp")
+
+
+async def test_write_read_and_one_version_per_close(fs: OpsHarness, model: ContextStore) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"first\n")
+    assert await fs.read(f"{DIR}/{DEV}") == b"first\n"
+    await fs.write(f"{DIR}/{DEV}", b"more\n", append=True)
+    assert await fs.read(f"{DIR}/{DEV}") == b"first\nmore\n"
+    assert [c.size for c in model.history(ADDR, DEV)] == [6, 11]
+    attrs = await fs.lookup(f"{DIR}/{DEV}")
+    assert attrs.st_size == 11
+    assert attrs.st_nlink == 1
+    assert await fs.listdir(f"{DIR}/.history/{DEV}") == ["1", "2"]
+    assert await fs.read(f"{DIR}/.history/{DEV}/1") == b"first\n"
+
+
+async def test_empty_create_is_stored_and_open_trunc_needs_no_old_content(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"")
+    assert model.get(ADDR, DEV).data == b""
+    await fs.write(f"{DIR}/{DEV}", b"replaced")
+    assert model.get(ADDR, DEV).data == b"replaced"
+    assert len(model.history(ADDR, DEV)) == 2
+
+
+@dataclass
+class Fields:
+    """Stands in for `pyfuse3.SetattrFields` (whose flags cannot be set from Python)."""
+
+    update_size: bool = False
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+
+
+async def setattr_size(fs: OpsHarness, path: str, size: int) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = size
+    fields = cast(pyfuse3.SetattrFields, Fields(update_size=True))
+    return await fs.ops.setattr(await fs.ino(path), attr, fields, None, fs.ctx)
+
+
+async def test_truncate_by_path_commits_once(fs: OpsHarness, model: ContextStore) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"0123456789")
+    assert (await setattr_size(fs, f"{DIR}/{DEV}", 4)).st_size == 4
+    assert model.get(ADDR, DEV).data == b"0123"
+    assert (await setattr_size(fs, f"{DIR}/{DEV}", 0)).st_size == 0
+    assert [v.size for v in model.history(ADDR, DEV)] == [10, 4, 0]
+    with raises_errno(errno.EFBIG):
+        await setattr_size(fs, f"{DIR}/{DEV}", model.config.store.max_context_bytes + 1)
+
+
+async def test_temporal_views_and_history(fs: OpsHarness, model: ContextStore) -> None:
+    await fs.makedirs(DIR)
+    for text in (b"one", b"two", b"three"):
+        await fs.write(f"{DIR}/{DEV}", text)
+    base = f"ucxl/{AUTH}"
+    assert await fs.read(f"{base}/~~1/src/auth.go/{DEV}") == b"two"
+    assert await fs.read(f"{base}/^^0/src/auth.go/{DEV}") == b"one"
+    assert await fs.read(f"{base}/*~/src/auth.go/{DEV}") == b"one"
+    assert await fs.read(f"{base}/*^/src/auth.go/{DEV}") == b"three"
+    assert await fs.read(f"{DIR}/.history/{DEV}/2") == b"two"
+    # Temporal segments resolve but are not listed, and are read-only and uncached.
+    assert "~~1" not in await fs.listdir(base)
+    attrs = await fs.lookup(f"{base}/~~1/src/auth.go/{DEV}")
+    assert attrs.attr_timeout == 0
+    assert attrs.st_mode & 0o222 == 0
+    with raises_errno(errno.EROFS):
+        await fs.ops.open(attrs.st_ino, os.O_WRONLY, fs.ctx)
+    with raises_errno(errno.ENOENT):
+        await fs.lookup(f"{base}/~~5/src/auth.go/{DEV}")
+
+
+async def test_invalid_names_are_einval_with_a_log_line(
+    fs: OpsHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="slurpfs")
+    with raises_errno(errno.EINVAL):
+        await fs.mkdir("ucxl/not-an-authority")
+    assert "not-an-authority" in caplog.text
+    await fs.makedirs(f"ucxl/{AUTH}/src")
+    for bad in (".git", "developer", "~~1"):
+        with raises_errno(errno.EINVAL):
+            await fs.mkdir(f"ucxl/{AUTH}/src/{bad}")
+    assert "role name" in caplog.text
+    assert await fs.listdir(f"ucxl/{AUTH}/src") == []
+    with raises_errno(errno.EINVAL):
+        await fs.write(f"ucxl/{AUTH}/src/developer.conflict-0123456789abcdef", b"x")
+    with raises_errno(errno.EISDIR):
+        await fs.write(f"ucxl/{AUTH}/src/.history", b"x")
+
+
+async def test_scratch_files_and_a_save_by_rename(fs: OpsHarness, model: ContextStore) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"v1")
+    await fs.write(f"{DIR}/.{DEV}.swp", b"swap")
+    await fs.write(f"{DIR}/{DEV}.tmp.1234", b"v2")
+    assert sorted(await fs.listdir(DIR)) == [f".{DEV}.swp", DEV, f"{DEV}.tmp.1234"]
+    await fs.rename(f"{DIR}/{DEV}.tmp.1234", f"{DIR}/{DEV}")
+    assert await fs.read(f"{DIR}/{DEV}") == b"v2"
+    assert len(model.history(ADDR, DEV)) == 2
+    await fs.unlink(f"{DIR}/.{DEV}.swp")
+    assert await fs.listdir(DIR) == [DEV]
+    assert fs.ops.scratch.used == 4  # unlinked, but the kernel may still use the inode
+    await fs.forget_all()
+    assert fs.ops.scratch.used == 0
+
+
+async def test_backup_by_rename_hides_the_role_until_the_next_version(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"original")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    await fs.rename(f"{DIR}/{DEV}", f"{DIR}/{DEV}~")
+    # The moved inode is now the backup, with the old content; the role name is gone.
+    assert await fs.ino(f"{DIR}/{DEV}~") == ino
+    assert await fs.read(f"{DIR}/{DEV}~") == b"original"
+    assert not await fs.exists(f"{DIR}/{DEV}")
+    assert await fs.listdir(DIR) == [f"{DEV}~"]
+    await fs.write(f"{DIR}/{DEV}", b"saved")
+    assert await fs.read(f"{DIR}/{DEV}") == b"saved"
+    assert [v.size for v in model.history(ADDR, DEV)] == [8, 5]
+    await fs.unlink(f"{DIR}/{DEV}~")
+    assert await fs.listdir(DIR) == [DEV]
+
+
+async def test_renaming_an_untouched_backup_back_stores_nothing(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"original")
+    await fs.rename(f"{DIR}/{DEV}", f"{DIR}/{DEV}~")
+    await fs.rename(f"{DIR}/{DEV}~", f"{DIR}/{DEV}")
+    assert len(model.history(ADDR, DEV)) == 1
+    assert await fs.listdir(DIR) == [DEV]
+
+
+async def test_renames_that_would_move_history_are_exdev(fs: OpsHarness) -> None:
+    await fs.makedirs(DIR)
+    await fs.makedirs(f"ucxl/{AUTH}/src/other")
+    await fs.write(f"{DIR}/{DEV}", b"x")
+    with raises_errno(errno.EXDEV):
+        await fs.rename(f"{DIR}/{DEV}", f"{DIR}/reviewer")
+    with raises_errno(errno.EXDEV):
+        await fs.rename(f"{DIR}/{DEV}", f"ucxl/{AUTH}/src/other/{DEV}")
+    with raises_errno(errno.EXDEV):
+        await fs.rename(f"ucxl/{AUTH}/src/other", f"ucxl/{AUTH}/src/moved")
+    with raises_errno(errno.EINVAL):
+        await fs.rename(f"{DIR}/{DEV}", f"{DIR}/x", pyfuse3.RENAME_EXCHANGE)
+
+
+async def test_unlink_stores_a_deletion_and_keeps_history(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"x")
+    await fs.unlink(f"{DIR}/{DEV}")
+    assert not await fs.exists(f"{DIR}/{DEV}")
+    assert await fs.listdir(DIR) == []
+    assert await fs.read(f"{DIR}/.history/{DEV}/1") == b"x"
+    assert model.all_versions(ADDR, DEV)[-1].deleted
+
+
+async def test_rmdir_refuses_non_empty_and_removes_empty(fs: OpsHarness) -> None:
+    await fs.makedirs(f"{DIR}/sub")
+    with raises_errno(errno.ENOTEMPTY):
+        await fs.ops.rmdir(*(await fs.parent(DIR)), fs.ctx)
+    await fs.ops.rmdir(*(await fs.parent(f"{DIR}/sub")), fs.ctx)
+    assert await fs.listdir(DIR) == []
+
+
+async def test_scratch_memory_is_bounded(model: ContextStore) -> None:
+    config = model.config.replace(mount=model.config.mount.__class__(scratch_bytes=10))
+    fs = OpsHarness(make_ops(model, config))
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/small", b"0123456789")
+    with raises_errno(errno.ENOSPC):
+        await fs.write(f"{DIR}/big", b"x")
+    await fs.unlink(f"{DIR}/small")
+    await fs.forget_all()
+    assert fs.ops.scratch.used == 0
+
+
+async def test_xattrs_expose_metadata(fs: OpsHarness, model: ContextStore) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"x")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    names = await fs.ops.listxattr(ino, fs.ctx)
+    assert sorted(names) == [
+        b"user.slurp.address",
+        b"user.slurp.author",
+        b"user.slurp.hlc",
+        b"user.slurp.version",
+    ]
+    head = model.stat(ADDR, DEV)
+    assert (
+        await fs.ops.getxattr(ino, b"user.slurp.version", fs.ctx) == head.version_id.hex().encode()
+    )
+    assert await fs.ops.getxattr(ino, b"user.slurp.address", fs.ctx) == str(ADDR).encode()
+    with raises_errno(pyfuse3.ENOATTR):
+        await fs.ops.getxattr(ino, b"user.other", fs.ctx)
+    with raises_errno(errno.ENOTSUP):
+        await fs.ops.setxattr(ino, b"user.slurp.version", b"x", fs.ctx)
+
+
+async def test_inode_numbers_are_stable_and_forget_purges(fs: OpsHarness) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"x")
+    first = await fs.ino(f"{DIR}/{DEV}")
+    before = len(fs.ops.inodes)
+    await fs.forget_all()
+    assert len(fs.ops.inodes) == 1  # only the root is left
+    assert await fs.ino(f"{DIR}/{DEV}") == first
+    assert len(fs.ops.inodes) == before
+    # readdir hands out entries too: each accepted entry counts as a lookup.
+    listed = await fs.list_attrs(DIR)
+    node = fs.ops.inodes[listed[0][1].st_ino]
+    assert node.lookups == fs.held[node.ino]
+
+
+async def test_callers_get_their_roles_only(nodes: Nodes) -> None:
+    toml = """
+[roles.developer]
+readers = ["architect"]
+users = ["4242"]
+[roles.architect]
+readers = []
+[roles.reviewer]
+readers = ["architect"]
+"""
+    _, model = nodes.new(toml=toml)
+    owner = OpsHarness(make_ops(model))
+    await owner.makedirs(DIR)
+    await owner.write(f"{DIR}/{DEV}", b"dev")
+    await owner.write(f"{DIR}/architect", b"arch")
+    other = owner.as_user(uid=4242, gid=4242, pid=0)
+    assert await other.read(f"{DIR}/{DEV}") == b"dev"
+    ino = await other.ino(f"{DIR}/architect")
+    with raises_errno(errno.EACCES):
+        await other.ops.open(ino, os.O_RDONLY, other.ctx)
+    with raises_errno(errno.EACCES):
+        await other.ops.open(ino, os.O_WRONLY | os.O_TRUNC, other.ctx)
+    assert not await other.ops.access(ino, os.R_OK, other.ctx)
+    assert await owner.ops.access(ino, os.R_OK, owner.ctx)
+    nobody = owner.as_user(uid=5555, gid=5555, pid=0)
+    with raises_errno(errno.EACCES):
+        await nobody.mkdir(f"{DIR}/sub")
+    assert await owner.read(f"{DIR}/architect") == b"arch"
+
+
+async def test_a_role_without_a_key_on_this_node_is_listed_but_not_opened(nodes: Nodes) -> None:
+    _, model = nodes.new(held=["developer"])
+    model.put(ADDR, "architect", b"sealed to a key this node lacks")
+    fs = OpsHarness(make_ops(model))
+    assert "architect" in await fs.listdir(DIR)
+    ino = await fs.ino(f"{DIR}/architect")
+    with raises_errno(errno.EACCES):
+        await fs.ops.open(ino, os.O_RDONLY, fs.ctx)
+
+
+def _conflict(model: ContextStore, base: VersionRecord, data: bytes) -> VersionRecord:
+    """A version concurrent with `base` (same parent) that loses the tie-break (lower HLC)."""
+    role = base.role
+    readers = [model.keyring.current_public(r) for r in model.config.readers_of(role)]
+    hlc = base.hlc - 1
+    sealed = env.seal(
+        data,
+        address=base.address,
+        role=role,
+        parents=[base.parents[0]],
+        hlc=hlc,
+        deleted=False,
+        readers=readers,
+        node=model.keyring.node,
+    )
+    record = VersionRecord(
+        sealed.version_id,
+        base.address,
+        role,
+        (base.parents[0],),
+        hlc,
+        model.keyring.node.node_id,
+        len(data),
+        False,
+    )
+    model.store.commit([Commit(record, sealed.encoded, sealed.slots)])
+    return record
+
+
+async def test_conflicts_are_listed_read_and_resolved_by_unlink(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"base")
+    await fs.write(f"{DIR}/{DEV}", b"winner")
+    head = model.stat(ADDR, DEV)
+    loser = _conflict(model, model.history(ADDR, DEV)[-1], b"loser")
+    assert model.stat(ADDR, DEV) == head
+    name = f"{DEV}.conflict-{loser.short_id}"
+    assert sorted(await fs.listdir(DIR)) == [DEV, name]
+    assert await fs.read(f"{DIR}/{name}") == b"loser"
+    await fs.unlink(f"{DIR}/{name}")
+    assert await fs.listdir(DIR) == [DEV]
+    assert await fs.read(f"{DIR}/{DEV}") == b"winner"
+
+
+async def test_invalidator_tells_the_kernel_about_outside_changes(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    kernel = FakeKernel()
+    invalidator = Invalidator(fs.ops, kernel)
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"mine")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    parent = await fs.ino(DIR)
+    await invalidator.cycle()
+    assert ino not in kernel.inodes, "our own commit needs no invalidation"
+    assert await fs.ino(f"ucxl/{AUTH}/src") in kernel.inodes, "a new directory: nlink changed"
+    kernel.inodes.clear()
+    model.put(ADDR, DEV, b"from another writer")
+    await invalidator.cycle()
+    assert ino in kernel.inodes
+    kernel.inodes.clear()
+    model.delete(ADDR, DEV)
+    await invalidator.cycle()
+    assert kernel.entries == [(parent, DEV.encode())]
+
+
+async def test_status_files_report_their_true_size(fs: OpsHarness) -> None:
+    fs.ops.virtual.register("status", lambda: "pid: 1\n" * 3)
+    attrs = await fs.lookup(".slurp/status")
+    data = await fs.read(".slurp/status")
+    assert attrs.st_size == len(data) == 21
+    with raises_errno(errno.EROFS):
+        await fs.ops.open(attrs.st_ino, os.O_WRONLY, fs.ctx)
+
+
+async def test_fsync_and_statfs_work(fs: OpsHarness) -> None:
+    await fs.makedirs(DIR)
+    parent, name = await fs.parent(f"{DIR}/{DEV}")
+    fi, attrs = await fs.ops.create(parent, name, 0o644, os.O_WRONLY, fs.ctx)
+    fs.held[attrs.st_ino] = 1
+    await fs.ops.write(fi.fh, 0, b"synced")
+    await fs.ops.fsync(fi.fh, False)
+    await fs.ops.release(fi.fh)
+    dh = await fs.ops.opendir(parent, fs.ctx)
+    await fs.ops.fsyncdir(dh, False)
+    await fs.ops.releasedir(dh)
+    stats = await fs.ops.statfs(ctx())
+    assert stats.f_namemax == 255
+    assert fs.ops.inodes[attrs.st_ino].kind is Kind.ROLE
+
+
+# -- access, control socket, mount checks -------------------------------------------------
+
+
+def test_role_map_maps_users_groups_and_supplementary_groups() -> None:
+    roles = {
+        "developer": RoleConfig("developer", users=("1001",)),
+        "reviewer": RoleConfig("reviewer", groups=("2002",)),
+        "architect": RoleConfig("architect", users=("root",)),
+    }
+    held = {"developer", "reviewer", "architect"}
+    groups = {7: frozenset({2002})}
+    mapping = RoleMap(
+        roles, held, owner_uid=4000, sup_groups=lambda pid: groups.get(pid, frozenset())
+    )
+    assert mapping.roles(4000, 4000, 1) == held  # the mounting user: every held role
+    assert mapping.roles(1001, 1001, 1) == {"developer"}
+    assert mapping.roles(0, 0, 1) == {"architect"}  # by user name
+    assert mapping.roles(3003, 2002, 1) == {"reviewer"}  # primary group
+    assert mapping.roles(3003, 3003, 7) == {"reviewer"}  # supplementary group
+    assert mapping.roles(3003, 3003, 1) == frozenset()
+    assert os.getgid() in read_sup_groups(os.getpid()) | {os.getgid()}
+
+
+async def test_control_socket_notify_and_watch(tmp_path: Path) -> None:
+    assert not await trio.to_thread.run_sync(control.notify_daemon, tmp_path, 1.0)
+    changed: list[int] = []
+
+    async def on_changed() -> None:
+        changed.append(1)
+
+    server = control.ControlServer(tmp_path, on_changed, lambda: "1 /mnt")
+    server.claim()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert await trio.to_thread.run_sync(control.notify_daemon, tmp_path, 5.0)
+        assert changed == [1]
+        assert (
+            await trio.to_thread.run_sync(control.request, tmp_path, "ping", 5.0) == "pong 1 /mnt"
+        )
+        watcher = await trio.to_thread.run_sync(control.watch, tmp_path, 5.0)
+        assert watcher is not None
+        with pytest.raises(OSError, match="already in use"):
+            await trio.to_thread.run_sync(server.claim)
+        nursery.cancel_scope.cancel()
+    server.report_exit(0)
+    assert control.read_exit_status(watcher) == 0
+    assert not control.socket_path(tmp_path).exists()
+
+
+def test_mount_checks_fail_clearly(tmp_path: Path, model: ContextStore) -> None:
+    with pytest.raises(MountError, match="does not exist"):
+        mountcmd.check_mountpoint(tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(MountError, match="not a directory"):
+        mountcmd.check_mountpoint(tmp_path / "file")
+    mountcmd.check_mountpoint(tmp_path)
+    empty = model.config.replace(node=model.config.node.__class__(data_dir=str(tmp_path / "x")))
+    with pytest.raises(NotInitialised, match="slurpfs init"):
+        mountcmd.check_keys(empty, None)
+    assert mountcmd.check_keys(model.config, None) is None
+
+
+def test_no_fuse_device_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/dev/fuse" else real(p))
+    with pytest.raises(MountError, match="modprobe fuse"):
+        mountcmd.check_fuse_device()
+
+
+async def test_keep_cache_only_while_the_version_is_unchanged(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"v1")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+
+    async def open_close() -> bool:
+        fi = await fs.ops.open(ino, os.O_RDONLY, fs.ctx)
+        await fs.ops.release(fi.fh)
+        return bool(fi.keep_cache)
+
+    assert not await open_close()  # just written here: the page cache is not trusted
+    assert await open_close()  # same version as the last open: keep the pages
+    model.put(ADDR, DEV, b"v2 from elsewhere")
+    assert not await open_close()
+    assert await open_close()

@@ -1,0 +1,744 @@
+"""The context model: versions, time travel, exact bytes, cascade, batches, access, tampering."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from conftest import Node, Nodes
+from nacl.public import PublicKey, SealedBox
+
+from slurpfs import audit, fsck
+from slurpfs.crypto import envelope as env
+from slurpfs.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BadSignature,
+    CiphertextTampered,
+    Corrupt,
+    EnvelopeMisplaced,
+    InvalidAddress,
+    KeyMissing,
+    NotFound,
+)
+from slurpfs.hlc import HybridClock
+from slurpfs.model import BatchItem, ContextStore, ContextTooLarge, data_paths
+from slurpfs.store import schema as s
+from slurpfs.store.schema import VersionRecord
+from slurpfs.ucxl import Address, parse
+
+AUTHORITY = "ucxl://claude:architect@bzzz:auth"
+ADDR = parse(f"{AUTHORITY}/src/auth.go")
+DEV, ARCH, REV = "developer", "architect", "reviewer"
+
+
+def at(address: Address, temporal: str) -> Address:
+    """`address` with a temporal segment."""
+    return parse(f"ucxl://{address.authority}/{temporal}/" + "/".join(address.path))
+
+
+class FakeWall:
+    """A wall clock for the model's HLC that only moves when told to."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> int:
+        return int(self.now.timestamp()) * 1_000_000_000 + self.now.microsecond * 1000
+
+
+def plaintext_free(exc: BaseException, *secrets: bytes) -> None:
+    text = "".join(traceback.format_exception(exc)) + repr(exc) + repr(exc.args)
+    for secret in secrets:
+        assert secret.decode() not in text
+        assert repr(secret) not in text
+
+
+# -- put / get / history --------------------------------------------------------------
+
+
+def test_put_then_get_returns_the_version(model: ContextStore) -> None:
+    info = model.put(ADDR, DEV, b"hello")
+
+    ctx = model.get(ADDR, DEV)
+
+    assert ctx.data == b"hello"
+    assert ctx.info == info == model.stat(ADDR, DEV)
+    assert (info.address, info.role, info.size, info.deleted) == (ADDR.key, DEV, 5, False)
+    assert info.author == model.keyring.node.node_id
+    assert info.parents == ()
+    assert len(info.version_id) == 32
+    assert info.version_id == env.blake2b_256(model.store.envelope(info.version_id) or b"")
+
+
+def test_history_is_oldest_first_and_chained(node: Node, model: ContextStore) -> None:
+    versions = [model.put(ADDR, DEV, f"version {i}".encode()) for i in range(4)]
+
+    model = node.reopen(model)
+    history = model.history(ADDR, DEV)
+
+    assert history == tuple(versions)
+    for older, newer in zip(history, history[1:], strict=False):
+        assert newer.parents == (older.version_id,)
+        assert newer.hlc > older.hlc
+    assert [model.get_version(ADDR, DEV, v.version_id).data for v in history] == [
+        f"version {i}".encode() for i in range(4)
+    ]
+    assert model.history(ADDR, ARCH) == ()
+
+
+def test_roles_are_separate_contexts_at_one_address(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"for developers")
+    model.put(ADDR, ARCH, b"for architects")
+
+    assert model.get(ADDR, DEV).data == b"for developers"
+    assert model.get(ADDR, ARCH).data == b"for architects"
+    assert sorted(model.list_dir(ADDR).roles) == [ARCH, DEV]
+
+
+def test_get_version_of_another_context_is_not_found(model: ContextStore) -> None:
+    other = parse(f"{AUTHORITY}/src/other.go")
+    mine = model.put(ADDR, DEV, b"mine")
+    model.put(other, DEV, b"other")
+
+    with pytest.raises(NotFound):
+        model.get_version(other, DEV, mine.version_id)
+    with pytest.raises(NotFound):
+        model.get_version(ADDR, ARCH, mine.version_id)
+
+
+@pytest.mark.parametrize(
+    ("address", "role", "error"),
+    [
+        (f"{AUTHORITY}/src/developer", DEV, InvalidAddress),  # a role name as a component
+        (f"{AUTHORITY}/architect/x", DEV, InvalidAddress),
+        (f"{AUTHORITY}/*^/src/auth.go", DEV, InvalidAddress),  # temporal: read-only
+        (f"{AUTHORITY}/~~1/src/auth.go", DEV, InvalidAddress),
+        (f"{AUTHORITY}/src/auth.go", "tester", NotFound),  # not a configured role
+    ],
+)
+def test_bad_writes_are_refused_and_store_nothing(
+    model: ContextStore, address: str, role: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        model.put(parse(address), role, b"x")
+
+    assert model.store.statistics().versions == 0
+
+
+def test_a_context_over_the_size_limit_is_refused(nodes: Nodes) -> None:
+    _, model = nodes.new(overrides={"store.max_context_bytes": 1000})
+
+    model.put(ADDR, DEV, b"x" * 1000)
+    with pytest.raises(ContextTooLarge, match="max_context_bytes") as info:
+        model.put(ADDR, DEV, b"x" * 1001)
+
+    assert info.value.exit_code == 8
+    assert len(model.history(ADDR, DEV)) == 1
+
+
+# -- exact bytes ----------------------------------------------------------------------
+
+RANDOM_5M = os.urandom(5 << 20)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(bytes(range(256)) * 4, id="binary"),
+        pytest.param(b"caf\xe9 \xff\xfe\xc3\x28 \xed\xa0\x80 end", id="invalid-utf8"),
+        pytest.param(b"\0\0\0nul\0", id="nul"),
+        pytest.param(b"---\r\nsummary: crlf\r\n---\r\nbody  \r\n\r\n\t\n", id="crlf-whitespace"),
+        pytest.param("ünïcödé 🙂 text\n".encode(), id="utf8"),
+        pytest.param(RANDOM_5M, id="5MiB-random"),
+        pytest.param(b"all work and no play\n" * ((5 << 20) // 21), id="5MiB-text"),
+    ],
+)
+def test_bytes_are_stored_exactly(node: Node, model: ContextStore, data: bytes) -> None:
+    info = model.put(ADDR, DEV, data)
+
+    model = node.reopen(model)  # no plaintext cache: this decrypts
+
+    ctx = model.get(ADDR, DEV)
+    assert ctx.data == data
+    assert type(ctx.data) is bytes
+    assert ctx.info.size == len(data) == info.size
+    assert model.get(at(ADDR, "*~"), DEV).data == data
+    assert model.get_version(ADDR, DEV, info.version_id).data == data
+
+
+def test_compressible_content_is_stored_compressed(model: ContextStore) -> None:
+    text = model.put(ADDR, DEV, b"all work and no play\n" * 50_000)
+    noise = model.put(ADDR, ARCH, RANDOM_5M[: 1 << 20])
+
+    assert len(model.store.envelope(text.version_id) or b"") < text.size // 20
+    assert len(model.store.envelope(noise.version_id) or b"") >= noise.size
+
+
+# -- time travel -------------------------------------------------------------------------
+
+
+def test_temporal_segments_select_versions(model: ContextStore) -> None:
+    v = [model.put(ADDR, DEV, f"v{i}".encode()) for i in range(1, 4)]
+
+    def read(temporal: str) -> bytes:
+        return model.get(at(ADDR, temporal), DEV).data
+
+    assert read("*^") == b"v3"
+    assert read("*~") == b"v1"
+    assert read("~~0") == b"v3"
+    assert read("~~1") == b"v2"
+    assert read("~~2") == b"v1"
+    assert read("^^0") == b"v1"
+    assert read("^^1") == b"v2"
+    assert read("^^2") == b"v3"
+    for beyond in ("~~3", "^^3", "~~999"):
+        with pytest.raises(NotFound):
+            read(beyond)
+    assert model.stat(at(ADDR, "~~1"), DEV) == v[1]
+
+
+def test_temporal_counts_skip_deletions(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"v1")
+    model.delete(ADDR, DEV)
+    model.put(ADDR, DEV, b"v2")
+
+    assert model.get(at(ADDR, "~~1"), DEV).data == b"v1"
+    assert model.get(at(ADDR, "^^1"), DEV).data == b"v2"
+    model.delete(ADDR, DEV)
+    with pytest.raises(NotFound):
+        model.get(at(ADDR, "*^"), DEV)
+
+
+def test_iso_time_reads_as_of_then(model: ContextStore) -> None:
+    t0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
+    wall = FakeWall(t0)
+    model._clock = HybridClock(wall=wall)
+    model.put(ADDR, DEV, b"ten o'clock")
+    wall.now = t0 + timedelta(seconds=10)
+    model.put(ADDR, DEV, b"ten past")
+    wall.now = t0 + timedelta(seconds=10, milliseconds=500)
+    model.put(ADDR, DEV, b"half a second later")
+    wall.now = t0 + timedelta(seconds=30)
+    model.delete(ADDR, DEV)
+
+    def as_of(second: int) -> bytes:
+        when = (t0 + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return model.get(at(ADDR, when), DEV).data
+
+    with pytest.raises(NotFound):
+        as_of(-1)  # before the first save
+    assert as_of(0) == b"ten o'clock"  # inclusive
+    assert as_of(5) == b"ten o'clock"  # between two saves
+    assert as_of(10) == b"ten past"  # the save at .500 is after 10:00:10.000
+    assert as_of(11) == b"half a second later"
+    assert as_of(29) == b"half a second later"
+    with pytest.raises(NotFound):
+        as_of(30)  # deleted then
+    with pytest.raises(NotFound):
+        as_of(3600)
+
+
+# -- front matter and the cascade ---------------------------------------------------------
+
+DOC = b"""---
+summary: JWT validation for the public API
+purpose: keep tokens honest
+tags: [security, backend]
+technologies: [go, jwt]
+insights:
+  - keys rotate daily
+influences: [ucxl://claude:architect@bzzz:auth/src/session.go]
+owner: alice
+---
+Tokens are validated against the rotating key set because ...
+"""
+
+
+def test_front_matter_is_parsed_and_bytes_kept(node: Node, model: ContextStore) -> None:
+    model.put(ADDR, DEV, DOC)
+    model = node.reopen(model)
+
+    ctx = model.get(ADDR, DEV)
+    fm = ctx.front_matter
+
+    assert ctx.data == DOC
+    assert fm.summary == "JWT validation for the public API"
+    assert fm.purpose == "keep tokens honest"
+    assert fm.tags == ("security", "backend")
+    assert fm.technologies == ("go", "jwt")
+    assert fm.insights == ("keys rotate daily",)
+    assert fm.influences == ("ucxl://claude:architect@bzzz:auth/src/session.go",)
+    assert fm.extra == {"owner": "alice"}
+    assert fm.body == "Tokens are validated against the rotating key set because ...\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"no front matter at all",
+        b"---\n- a list, not a mapping\n---\nbody",
+        b"---\nsummary: [unclosed\n---\nbody",
+        b"---\nsummary: x\n---\n\xff\xfe not utf-8",
+        b"---\nsummary: never closed\n",
+    ],
+)
+def test_odd_front_matter_gives_no_fields_and_no_error(model: ContextStore, data: bytes) -> None:
+    model.put(ADDR, DEV, data)
+
+    ctx = model.get(ADDR, DEV)
+
+    assert ctx.data == data
+    assert ctx.front_matter.summary == ""
+    assert ctx.front_matter.tags == ()
+
+
+def put_cascade(model: ContextStore) -> tuple[Address, Address, Address]:
+    root = parse(AUTHORITY)
+    src = parse(f"{AUTHORITY}/src")
+    model.put(root, DEV, b"---\npurpose: P-root\ntags: [security]\ntechnologies: [go]\n---\n")
+    model.put(src, DEV, b"---\nsummary: S-src\ntags: [backend, security]\n---\n")
+    model.put(ADDR, DEV, b"---\nsummary: S-leaf\ntags: [jwt]\n---\nbody\n")
+    return root, src, ADDR
+
+
+def test_resolve_cascades_over_ancestors(model: ContextStore) -> None:
+    root, src, leaf = put_cascade(model)
+
+    view = model.resolve(leaf, DEV)
+
+    assert view.sources == (root.key, src.key, leaf.key)
+    assert view.fields["summary"] == "S-leaf"  # nearest wins
+    assert view.fields["purpose"] == "P-root"  # inherited
+    assert view.fields["tags"] == ["security", "backend", "jwt"]  # union, farthest first
+    assert view.fields["technologies"] == ["go"]
+
+
+def test_resolve_skips_ancestors_without_a_context(model: ContextStore) -> None:
+    root = parse(AUTHORITY)
+    model.put(root, DEV, b"---\npurpose: P-root\n---\n")
+    model.put(ADDR, DEV, b"---\nsummary: S-leaf\n---\n")
+
+    view = model.resolve(ADDR, DEV)
+
+    assert view.sources == (root.key, ADDR.key)
+    assert (view.fields["summary"], view.fields["purpose"]) == ("S-leaf", "P-root")
+
+
+@pytest.mark.parametrize(("depth", "expected_sources"), [(0, 1), (1, 2), (2, 3), (8, 3)])
+def test_resolve_depth_is_bounded(nodes: Nodes, depth: int, expected_sources: int) -> None:
+    _, model = nodes.new(overrides={"store.cascade_depth": depth})
+    root, src, leaf = put_cascade(model)
+
+    view = model.resolve(leaf, DEV)
+
+    assert view.sources == (root.key, src.key, leaf.key)[3 - expected_sources :]
+    assert view.fields["purpose"] == ("P-root" if expected_sources == 3 else "")
+
+
+def test_resolve_needs_the_context_itself(model: ContextStore) -> None:
+    put_cascade(model)
+
+    with pytest.raises(NotFound):
+        model.resolve(ADDR.child("missing"), DEV)
+
+
+def test_resolve_is_access_checked(model: ContextStore) -> None:
+    put_cascade(model)
+
+    with pytest.raises(AccessDenied):
+        model.resolve(ADDR, DEV, caller_roles=[REV])
+    assert model.resolve(ADDR, DEV, caller_roles=[ARCH]).fields["summary"] == "S-leaf"
+
+
+# -- batches ----------------------------------------------------------------------------
+
+
+def test_put_many_commits_the_good_items_and_reports_the_bad(nodes: Nodes) -> None:
+    node, model = nodes.new(overrides={"store.max_context_bytes": 100})
+    good = parse(f"{AUTHORITY}/a")
+    seq = model.store.sequence()
+    items = [
+        BatchItem(good, DEV, b"first", label="a#1"),
+        BatchItem(parse(f"{AUTHORITY}/developer"), DEV, b"x", label="named-like-a-role"),
+        BatchItem(good, "tester", b"x", label="unknown-role"),
+        BatchItem(parse(f"{AUTHORITY}/b"), DEV, b"x" * 101, label="too-big"),
+        BatchItem(at(good, "~~1"), DEV, b"x", label="temporal"),
+        BatchItem(good, DEV, b"second", label="a#2"),
+        BatchItem(parse(f"{AUTHORITY}/c"), ARCH, b"third"),
+    ]
+
+    report = model.put_many(items)
+
+    assert [label for label, _ in report.failed] == [
+        "named-like-a-role",
+        "unknown-role",
+        "too-big",
+        "temporal",
+    ]
+    reasons = dict(report.failed)
+    assert "role name" in reasons["named-like-a-role"]
+    assert "tester" in reasons["unknown-role"]
+    assert "max_context_bytes" in reasons["too-big"]
+    assert [(v.address, v.role) for v in report.committed] == [
+        (good.key, DEV),
+        (good.key, DEV),
+        (f"{AUTHORITY.removeprefix('ucxl://')}/c", ARCH),
+    ]
+    first, second, _ = report.committed
+    assert second.parents == (first.version_id,)  # one batch, still a chain
+    assert model.store.sequence() == seq + 3
+    model = node.reopen(model)
+    assert model.get(good, DEV).data == b"second"
+    assert model.get(parse(f"{AUTHORITY}/c"), ARCH).data == b"third"
+    with pytest.raises(NotFound):
+        model.get(parse(f"{AUTHORITY}/b"), DEV)
+
+
+def test_put_many_continues_an_existing_history(model: ContextStore) -> None:
+    before = model.put(ADDR, DEV, b"before")
+
+    report = model.put_many([BatchItem(ADDR, DEV, b"batched")])
+
+    assert report.failed == ()
+    assert report.committed[0].parents == (before.version_id,)
+    assert model.store.leaves(ADDR.key, DEV) == list(report.committed)
+
+
+# -- access ----------------------------------------------------------------------------
+
+SECRET = b"the launch codes are 0000"
+
+
+def test_a_node_without_the_key_cannot_read_and_leaks_nothing(nodes: Nodes) -> None:
+    node, model = nodes.new(held=[DEV])
+    model.put(ADDR, ARCH, SECRET + b" (architects only)")
+    model.put(ADDR, REV, SECRET + b" (reviewers)")
+    model.put(ADDR, DEV, b"developer notes")
+    model = node.reopen(model)
+
+    assert model.held_roles() == {DEV}
+    assert model.readable_roles(model.held_roles()) == {DEV}
+    for role in (ARCH, REV):
+        # The local caller holds what the node holds, so it has no reader role ...
+        with pytest.raises(AccessDenied) as denied:
+            model.get(ADDR, role)
+        plaintext_free(denied.value, SECRET)
+        # ... and a caller entitled to the role finds no key on this node.
+        with pytest.raises(KeyMissing) as missing:
+            model.get(ADDR, role, caller_roles=[ARCH])
+        plaintext_free(missing.value, SECRET)
+    assert model.get(ADDR, DEV).data == b"developer notes"
+    assert model.statistics().denied == 4
+
+    log = data_paths(node.data_dir)["audit"]
+    assert SECRET not in log.read_bytes()
+    refusals = [e for e in audit.read(log) if not e.allowed]
+    assert [(e.role, e.address, e.reason) for e in refusals] == [
+        (ARCH, ADDR.key, "caller holds no reader role"),
+        (ARCH, ADDR.key, "node holds no key"),
+        (REV, ADDR.key, "caller holds no reader role"),
+        (REV, ADDR.key, "node holds no key"),
+    ]
+    assert fsck.check(model).ok
+
+
+def test_a_caller_without_a_reader_role_is_denied(model: ContextStore) -> None:
+    model.put(ADDR, ARCH, SECRET)
+    model.put(ADDR, DEV, b"for developers")
+
+    with pytest.raises(AccessDenied) as info:
+        model.get(ADDR, ARCH, caller_roles=[DEV])
+    assert type(info.value) is AccessDenied  # the caller's fault, not a missing key
+    plaintext_free(info.value, SECRET)
+    with pytest.raises(AccessDenied):
+        model.get(ADDR, DEV, caller_roles=[])
+    with pytest.raises(AccessDenied):
+        model.get(ADDR, DEV, caller_roles=[REV])
+    with pytest.raises(AccessDenied):
+        model.get_version(ADDR, ARCH, model.stat(ADDR, ARCH).version_id, caller_roles=[REV])
+    assert model.get(ADDR, ARCH, caller_roles=[ARCH]).data == SECRET
+    assert model.get(ADDR, DEV, caller_roles=[DEV]).data == b"for developers"
+
+
+def test_architect_reads_developer_contexts_through_its_own_key(nodes: Nodes) -> None:
+    node, model = nodes.new(held=[ARCH])
+    model.put(ADDR, DEV, b"developer notes")
+    model.put(ADDR, REV, b"review notes")
+    model = node.reopen(model)
+
+    assert model.get(ADDR, DEV).data == b"developer notes"
+    assert model.get(ADDR, REV, caller_roles=[ARCH]).data == b"review notes"
+    slots = {slot.role for slot in model.store.slots(model.stat(ADDR, DEV).version_id)}
+    assert slots == {DEV, ARCH}
+    with pytest.raises(AccessDenied):
+        model.get(ADDR, DEV, caller_roles=[DEV])  # entitled role, but ...
+    assert model.readable_roles([ARCH]) == {ARCH, DEV, REV}
+
+
+def test_every_access_decision_is_audited(node: Node, model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"notes")
+    model.get(ADDR, DEV, caller_roles=[DEV], who="uid:1000")
+    with pytest.raises(AccessDenied):
+        model.get(ADDR, DEV, caller_roles=[REV], who="uid:1001")
+    model = node.reopen(model)  # the chain resumes after a restart
+    model.get(ADDR, DEV, caller_roles=[ARCH], who="uid:1002")
+
+    log = data_paths(node.data_dir)["audit"]
+    entries = audit.read(log)
+    assert [(e.who, e.action, e.address, e.role, e.allowed) for e in entries] == [
+        ("uid:1000", "read", ADDR.key, DEV, True),
+        ("uid:1001", "read", ADDR.key, DEV, False),
+        ("uid:1002", "read", ADDR.key, DEV, True),
+    ]
+    assert [e.seq for e in entries] == [1, 2, 3]
+    assert entries[1].reason == "caller holds no reader role"
+    assert audit.verify(log) == 3
+    assert audit.read(log, 2) == entries[1:]
+
+
+def _audit_lines(model: ContextStore, node: Node) -> tuple[Path, list[bytes]]:
+    model.put(ADDR, DEV, b"notes")
+    for who in ("a", "b", "c", "d"):
+        model.get(ADDR, DEV, who=who)
+    node.close(model)
+    log = data_paths(node.data_dir)["audit"]
+    return log, log.read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda ls: [ls[0], ls[1].replace(b'"who":"b"', b'"who":"x"'), *ls[2:]], "line 2: entry altered"),
+        (lambda ls: [ls[0], ls[1].replace(b'"allowed":true', b'"allowed":false'), *ls[2:]], "line 2: entry altered"),
+        (lambda ls: [ls[0], *ls[2:]], "line 2: chain broken"),
+        (lambda ls: ls[1:], "line 1: chain broken"),
+        (lambda ls: [ls[0], ls[2], ls[1], ls[3]], "line 2: chain broken"),
+        (lambda ls: [*ls[:3], ls[3][:40]], "line 4: not an audit entry"),
+        (lambda ls: [*ls, ls[3]], "line 5: chain broken"),
+    ],
+    ids=["edited-who", "edited-decision", "removed", "removed-first", "reordered", "truncated", "replayed"],
+)  # fmt: skip
+def test_audit_verify_detects_tampering(
+    node: Node, model: ContextStore, edit: Any, message: str
+) -> None:
+    log, lines = _audit_lines(model, node)
+    assert audit.verify(log) == 4
+
+    log.write_bytes(b"".join(edit(lines)))
+
+    with pytest.raises(Corrupt, match=message):
+        audit.verify(log)
+    node.expect_damage()  # the model may refuse a damaged audit log: not under test here
+
+
+# -- tampering ---------------------------------------------------------------------------
+
+
+@contextmanager
+def raw_store(node: Node) -> Iterator[tuple[Any, dict[bytes, Any]]]:
+    """A write transaction on the node's LMDB store, opened behind the model's back."""
+    node.close_all()
+    node.expect_damage()
+    raw = lmdb.open(str(node.data_dir / "store"), max_dbs=16)
+    try:
+        dbs = {name: raw.open_db(name) for name in s.ALL_DBS}
+        with raw.begin(write=True) as txn:
+            yield txn, dbs
+    finally:
+        raw.close()
+
+
+def assert_refused(
+    node: Node, address: Address, role: str, error: type[Corrupt]
+) -> tuple[Corrupt, fsck.FsckReport]:
+    """A fresh model refuses the version with `error`, never returns data; fsck reports it."""
+    model = node.open()
+    try:
+        with pytest.raises(error) as info:
+            model.get(address, role)
+        plaintext_free(info.value, SECRET)
+        assert model.statistics().corrupt == 1
+        report = fsck.check(model)
+    finally:
+        node.close(model)
+    assert not report.ok
+    entries = audit.read(data_paths(node.data_dir)["audit"])
+    assert [(e.action, e.address, e.allowed) for e in entries if e.action == "verify"] == [
+        ("verify", address.key, False)
+    ]
+    return info.value, report
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
+
+
+@pytest.mark.parametrize("where", ["magic", "header", "ciphertext", "signature", "truncated"])
+def test_a_flipped_byte_in_a_stored_envelope_is_never_served(
+    node: Node, model: ContextStore, where: str
+) -> None:
+    info = model.put(ADDR, DEV, SECRET)
+    raw = model.store.envelope(info.version_id)
+    assert raw is not None
+    ciphertext = env.Envelope.decode(raw).ciphertext
+    position = {
+        "magic": 0,
+        "header": 20,
+        "ciphertext": raw.index(ciphertext) + len(ciphertext) // 2,
+        "signature": len(raw) - 1,
+    }
+    tampered = raw[:-7] if where == "truncated" else flip(raw, position[where])
+
+    with raw_store(node) as (txn, dbs):
+        txn.put(info.version_id, tampered, db=dbs[s.DB_ENVELOPES])
+
+    _, report = assert_refused(node, ADDR, DEV, Corrupt)
+    assert any(info.short_id in p for p in report.problems)
+
+
+def rekey(txn: Any, dbs: dict[bytes, Any], old: VersionRecord, envelope: bytes) -> bytes:
+    """Store `envelope` in place of version `old` under its own content address."""
+    new_id = env.blake2b_256(envelope)
+    slots = [
+        (bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs[s.DB_SLOTS]) if k[:32] == old.version_id
+    ]
+    for key, value in slots:
+        txn.delete(key, db=dbs[s.DB_SLOTS])
+        txn.put(new_id + key[32:], value, db=dbs[s.DB_SLOTS])
+    txn.delete(old.version_id, db=dbs[s.DB_ENVELOPES])
+    txn.delete(old.version_id, db=dbs[s.DB_META])
+    txn.put(new_id, envelope, db=dbs[s.DB_ENVELOPES])
+    moved = VersionRecord(
+        new_id, old.address, old.role, old.parents, old.hlc, old.author, old.size, old.deleted
+    )
+    txn.put(new_id, moved.pack(), db=dbs[s.DB_META])
+    txn.delete(
+        s.history_key(old.address, old.role, old.hlc, old.author, old.version_id),
+        db=dbs[s.DB_HISTORY],
+    )
+    txn.put(
+        s.history_key(old.address, old.role, old.hlc, old.author, new_id), b"", db=dbs[s.DB_HISTORY]
+    )
+    txn.put(s.context_key(old.address, old.role), new_id, db=dbs[s.DB_LEAVES])
+    return new_id
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [("ciphertext", CiphertextTampered), ("nonce", BadSignature)],
+)
+def test_a_tampered_envelope_under_its_new_content_address_fails_authentication(
+    node: Node, model: ContextStore, where: str, error: type[Corrupt]
+) -> None:
+    """Even with every index consistently rewritten, the signature layer catches it."""
+    info = model.put(ADDR, DEV, SECRET)
+    raw = model.store.envelope(info.version_id)
+    assert raw is not None
+    decoded = env.Envelope.decode(raw)
+    offset = (
+        raw.index(decoded.ciphertext) + 3
+        if where == "ciphertext"
+        else raw.index(decoded.header.nonce)
+    )
+
+    with raw_store(node) as (txn, dbs):
+        rekey(txn, dbs, info, flip(raw, offset))
+
+    assert_refused(node, ADDR, DEV, error)
+
+
+def test_forged_key_slots_fail_authentication(node: Node, model: ContextStore) -> None:
+    info = model.put(ADDR, DEV, SECRET)
+    publics = {r: model.keyring.current_public(r) for r in (DEV, ARCH)}
+
+    with raw_store(node) as (txn, dbs):
+        for role, pub in publics.items():
+            forged = SealedBox(PublicKey(pub.public)).encrypt(os.urandom(32))
+            txn.put(s.slot_key(info.version_id, role, pub.generation), forged, db=dbs[s.DB_SLOTS])
+
+    assert_refused(node, ADDR, DEV, AuthenticationFailed)
+
+
+def test_metadata_disagreeing_with_the_signed_header_is_corrupt(
+    node: Node, model: ContextStore
+) -> None:
+    info = model.put(ADDR, DEV, SECRET)
+    lying = VersionRecord(
+        info.version_id, info.address, info.role, info.parents, info.hlc, info.author,
+        info.size + 1, info.deleted,
+    )  # fmt: skip
+
+    with raw_store(node) as (txn, dbs):
+        txn.put(info.version_id, lying.pack(), db=dbs[s.DB_META])
+
+    error, report = assert_refused(node, ADDR, DEV, Corrupt)
+    assert "metadata" in str(error)
+    assert any("metadata" in p for p in report.problems)
+
+
+@pytest.mark.parametrize(
+    ("victim", "victim_role"),
+    [(parse(f"{AUTHORITY}/src/other.go"), DEV), (ADDR, REV)],
+    ids=["other-address", "other-role"],
+)
+def test_an_envelope_replayed_under_another_context_is_refused(
+    node: Node, model: ContextStore, victim: Address, victim_role: str
+) -> None:
+    source = model.put(ADDR, DEV, SECRET)
+    model.put(victim, victim_role, b"what should be here")
+
+    with raw_store(node) as (txn, dbs):
+        # The other context's head now names the source's version (envelope, metadata
+        # and slots are all authentic: only the place is wrong).
+        txn.put(s.context_key(victim.key, victim_role), source.version_id, db=dbs[s.DB_LEAVES])
+
+    assert_refused(node, victim, victim_role, Corrupt)
+
+
+def test_an_envelope_replayed_into_another_history_is_refused(
+    node: Node, model: ContextStore
+) -> None:
+    victim = parse(f"{AUTHORITY}/src/other.go")
+    source = model.put(ADDR, DEV, SECRET)
+    model.put(victim, DEV, b"what should be here")
+
+    with raw_store(node) as (txn, dbs):
+        key = s.history_key(victim.key, DEV, 0, source.author, source.version_id)
+        txn.put(key, b"", db=dbs[s.DB_HISTORY])  # hlc 0: the victim's "first" version
+
+    assert_refused(node, at(victim, "*~"), DEV, Corrupt)
+
+
+def test_a_relabelled_metadata_record_is_refused(node: Node, model: ContextStore) -> None:
+    victim = parse(f"{AUTHORITY}/src/other.go")
+    source = model.put(ADDR, DEV, SECRET)
+    model.put(victim, DEV, b"what should be here")
+    relabelled = VersionRecord(
+        source.version_id, victim.key, DEV, source.parents, source.hlc, source.author,
+        source.size, source.deleted,
+    )  # fmt: skip
+
+    with raw_store(node) as (txn, dbs):
+        txn.put(source.version_id, relabelled.pack(), db=dbs[s.DB_META])
+        txn.put(s.context_key(victim.key, DEV), source.version_id, db=dbs[s.DB_LEAVES])
+
+    error, _ = assert_refused(node, victim, DEV, EnvelopeMisplaced)
+    assert ADDR.key in str(error)
+
+
+def test_a_torn_audit_log_tail_is_a_clear_error(node: Node, model: ContextStore) -> None:
+    log, lines = _audit_lines(model, node)
+    log.write_bytes(b"".join(lines)[:-25])  # power loss in the middle of an append
+
+    with pytest.raises(Corrupt, match="audit log .* last entry is damaged"):
+        node.open()
+    node.expect_damage()

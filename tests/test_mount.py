@@ -1,0 +1,565 @@
+"""Real mounts through the ``slurpfs`` CLI, driven only with os.* and real tools.
+
+Every mount fixture unmounts with ``slurpfs umount`` and asserts that the daemon
+exited 0 and logged no warning; the data directory is fsck-checked afterwards
+(the `nodes` fixture).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Nodes
+from fsutil import AUTH, Mounted, is_mounted, raises_oserror, slurpfs, versions, wait_for
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse on this machine"),
+]
+
+DEV = "developer"
+ARCH = "architect"
+SRC = ("src", "auth.go")
+TEST_USER = "slurpfs-test"
+# vim skips backups (and the write-backup dance) under /tmp, where pytest puts mounts.
+BACKUP_EVERYWHERE = "set backupskip="
+
+
+def mounted_at(
+    nodes: Nodes, root: Path, *, toml: str | None = None, extra: tuple[str, ...] = ()
+) -> Mounted:
+    node, _ = nodes.new(toml=toml)
+    node.close_all()  # the daemon opens the store
+    m = Mounted(node.data_dir, root / "mnt", extra=extra)
+    m.mount()
+    return m
+
+
+@pytest.fixture
+def mnt(nodes: Nodes, tmp_path: Path) -> Iterator[Mounted]:
+    m = mounted_at(nodes, tmp_path)
+    try:
+        yield m
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+@pytest.fixture
+def ctxdir(mnt: Mounted) -> Path:
+    """An address directory holding a developer context."""
+    d = mnt.ucxl / AUTH / Path(*SRC)
+    d.mkdir(parents=True)
+    (d / DEV).write_bytes(b"line one\nline two\n")
+    return d
+
+
+def only_role_files(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def check_one_save(m: Mounted, d: Path, before: int, expected: bytes) -> None:
+    """Exactly one new version with exactly the bytes saved; nothing else persists."""
+    assert (d / DEV).read_bytes() == expected
+    assert versions(d, DEV) == before + 1
+    m.remount()
+    assert (d / DEV).read_bytes() == expected
+    assert versions(d, DEV) == before + 1
+    assert only_role_files(d) == [DEV]
+
+
+# -- lifecycle ---------------------------------------------------------------------
+
+
+def test_mount_shows_the_layout_and_umount_is_clean(mnt: Mounted) -> None:
+    assert sorted(os.listdir(mnt.mnt)) == [".search", ".slurp", "ucxl"]
+    status = (mnt.mnt / ".slurp" / "status").read_text()
+    assert f"data_dir: {mnt.data}" in status
+    assert os.stat(mnt.mnt / ".slurp" / "status").st_size == len(status.encode())
+    assert os.listdir(mnt.mnt / ".search") == []
+
+
+def test_mount_errors_are_clear(nodes: Nodes, tmp_path: Path) -> None:
+    node, _ = nodes.new()
+    node.close_all()
+    missing = slurpfs("mount", "--data", node.data_dir, tmp_path / "nowhere", check=False)
+    assert missing.returncode != 0
+    assert b"does not exist" in missing.stderr
+    empty = slurpfs("mount", "--data", tmp_path / "uninitialised", tmp_path, check=False)
+    assert empty.returncode == 7
+    assert b"slurpfs init" in empty.stderr
+    m = Mounted(node.data_dir, tmp_path / "mnt")
+    m.mount()
+    try:
+        busy = slurpfs("mount", "--data", node.data_dir, m.mnt, check=False)
+        assert busy.returncode != 0
+        assert b"busy" in busy.stderr
+        other = tmp_path / "other"
+        other.mkdir()
+        twice = slurpfs("mount", "--data", node.data_dir, other, check=False)
+        assert twice.returncode != 0
+        assert b"already in use" in twice.stderr
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+def test_wrong_passphrase_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {"SLURPFS_PASSPHRASE": "correct horse"}
+    slurpfs("init", "--data", data, env=env)
+    (tmp_path / "mnt").mkdir()
+    wrong = slurpfs(
+        "mount", "--data", data, tmp_path / "mnt", env={"SLURPFS_PASSPHRASE": "wrong"}, check=False
+    )
+    assert wrong.returncode == 4, wrong.stderr
+    assert b"passphrase" in wrong.stderr
+    assert not is_mounted(tmp_path / "mnt")
+    m = Mounted(data, tmp_path / "mnt", env=env)
+    m.mount()
+    try:
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+def test_foreground_mount_exits_0_on_sigterm_and_stores_open_buffers(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    node, _ = nodes.new()
+    node.close_all()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slurpfs.cli",
+            "mount",
+            "--foreground",
+            "--data",
+            str(node.data_dir),
+            str(mnt),
+        ],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "SLURPFS_TEST_WEAK_KDF": "1"},
+        text=True,
+    )
+    try:
+        wait_for(lambda: (mnt / ".slurp").exists(), what="the foreground mount")
+        d = mnt / "ucxl" / AUTH
+        d.mkdir()
+        fd = os.open(d / DEV, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"written, never closed")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+        with raises_oserror(errno.ENOTCONN):  # the daemon is gone; its data is stored
+            os.close(fd)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
+    _, stderr = daemon.communicate()
+    assert "WARNING" not in stderr, stderr
+    assert "ERROR" not in stderr, stderr
+    got = slurpfs("get", "--data", node.data_dir, f"ucxl://{AUTH}", "--role", DEV)
+    assert got.stdout == b"written, never closed"
+
+
+def test_umount_of_a_busy_mount_fails_then_works(mnt: Mounted, ctxdir: Path) -> None:
+    with open(ctxdir / DEV, "rb"):
+        busy = slurpfs("umount", mnt.mnt, check=False)
+        assert busy.returncode != 0
+        assert is_mounted(mnt.mnt)
+
+
+# -- editors and tools: each save is exactly one version --------------------------------
+
+
+def test_vim_default_save(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run(
+        [
+            "vim",
+            "-es",
+            "-N",
+            "-c",
+            BACKUP_EVERYWHERE,
+            "-c",
+            "%s/two/TWO/",
+            "-c",
+            "wq",
+            str(ctxdir / DEV),
+        ],
+        check=True,
+        timeout=60,
+    )
+    check_one_save(mnt, ctxdir, before, b"line one\nline TWO\n")
+
+
+def test_vim_backupcopy_no_with_backup(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run(
+        ["vim", "-es", "-N", "-c", BACKUP_EVERYWHERE, "-c", "set backupcopy=no backup",
+         "-c", "%s/one/ONE/", "-c", "wq", str(ctxdir / DEV)],
+        check=True,
+        timeout=60,
+    )  # fmt: skip
+    assert sorted(os.listdir(ctxdir)) == [DEV, f"{DEV}~"]
+    assert (ctxdir / f"{DEV}~").read_bytes() == b"line one\nline two\n"
+    check_one_save(mnt, ctxdir, before, b"line ONE\nline two\n")
+
+
+def test_emacs_backup_by_rename(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    lisp = (
+        "(progn (setq backup-enable-predicate (lambda (name) t))"
+        " (find-file (pop command-line-args-left))"
+        ' (goto-char (point-max)) (insert "emacs\\n") (save-buffer))'
+    )
+    subprocess.run(
+        ["emacs", "--batch", "-Q", "--eval", lisp, str(ctxdir / DEV)],
+        stdin=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    assert (ctxdir / f"{DEV}~").read_bytes() == b"line one\nline two\n"
+    check_one_save(mnt, ctxdir, before, b"line one\nline two\nemacs\n")
+
+
+def test_nano_through_tmux(mnt: Mounted, ctxdir: Path, tmp_path: Path) -> None:
+    before = versions(ctxdir, DEV)
+    session = f"slurpfs-nano-{os.getpid()}"
+    sock = str(tmp_path / "tmux.sock")
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-S", sock, *args], check=True, capture_output=True, text=True
+        ).stdout
+
+    tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30",
+         f"nano --ignorercfiles {ctxdir / DEV}")  # fmt: skip
+    try:
+        wait_for(lambda: "line two" in tmux("capture-pane", "-p", "-t", session), what="nano")
+        tmux("send-keys", "-t", session, "M-/")  # to the end of the file
+        tmux("send-keys", "-t", session, "-l", "nano")
+        tmux("send-keys", "-t", session, "C-s")
+        wait_for(lambda: "Wrote" in tmux("capture-pane", "-p", "-t", session), what="the save")
+        tmux("send-keys", "-t", session, "C-x")
+        wait_for(
+            lambda: subprocess.run(["tmux", "-S", sock, "has-session", "-t", session],
+                                   capture_output=True).returncode != 0,
+            what="nano to exit",
+        )  # fmt: skip
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True, check=False)
+    check_one_save(mnt, ctxdir, before, b"line one\nline two\nnano\n")
+
+
+def test_sed_in_place(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run(["sed", "-i", "s/one/1/", str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before, b"line 1\nline two\n")
+
+
+def test_atomic_replace_with_fsync(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    tmp = ctxdir / f"{DEV}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(b"atomic\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ctxdir / DEV)
+    dirfd = os.open(ctxdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+    check_one_save(mnt, ctxdir, before, b"atomic\n")
+
+
+def test_cp_over_a_role_file(mnt: Mounted, ctxdir: Path, tmp_path: Path) -> None:
+    before = versions(ctxdir, DEV)
+    src = tmp_path / "source.md"
+    src.write_bytes(b"copied in\n")
+    subprocess.run(["cp", str(src), str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before, b"copied in\n")
+
+
+def test_shell_append(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run(["sh", "-c", f"echo appended >> '{ctxdir / DEV}'"], check=True)
+    check_one_save(mnt, ctxdir, before, b"line one\nline two\nappended\n")
+
+
+def test_truncate_to_zero(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run(["truncate", "-s", "0", str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before, b"")
+
+
+def test_python_open_w(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    code = f"open({str(ctxdir / DEV)!r}, 'w').write('from python\\n')"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    check_one_save(mnt, ctxdir, before, b"from python\n")
+
+
+# -- reading tools agree with an export of the same data --------------------------------
+
+
+def test_reading_tools_agree_with_export(mnt: Mounted, tmp_path: Path) -> None:
+    mnt.cli("demo")
+    export = tmp_path / "export"
+    mnt.cli("export", export)
+    tree = mnt.ucxl
+
+    def run(*cmd: str | Path, cwd: Path | None = None) -> str:
+        return subprocess.run(
+            [str(c) for c in cmd], check=True, capture_output=True, text=True, cwd=cwd
+        ).stdout
+
+    subprocess.run(["diff", "-r", str(tree), str(export)], check=True)
+    listing = run("find", ".", "-printf", "%y %P\n", cwd=tree).splitlines()
+    assert len(listing) > 30
+    assert sorted(listing) == sorted(
+        run("find", ".", "-printf", "%y %P\n", cwd=export).splitlines()
+    )
+    sizes = run("find", ".", "-type", "f", "-printf", "%P %s\n", cwd=tree).splitlines()
+    assert sorted(sizes) == sorted(
+        run("find", ".", "-type", "f", "-printf", "%P %s\n", cwd=export).splitlines()
+    )
+    grepped = run("grep", "-rl", "rotat", ".", cwd=tree).splitlines()
+    assert grepped
+    assert sorted(grepped) == sorted(run("grep", "-rl", "rotat", ".", cwd=export).splitlines())
+    assert sorted(run("rg", "-l", "rotat", ".", cwd=tree).splitlines()) == sorted(
+        run("rg", "-l", "rotat", ".", cwd=export).splitlines()
+    )
+    files = [line.split()[0] for line in sizes]
+
+    def du(root: Path) -> list[str]:
+        return sorted(run("du", "-b", "--apparent-size", *files, cwd=root).splitlines())
+
+    assert du(tree) == du(export)
+    assert "developer" in run("ls", "-lR", tree)
+    untarred = tmp_path / "untarred"
+    untarred.mkdir()
+    tar = subprocess.run(["tar", "cf", "-", "-C", str(tree), "."], check=True, capture_output=True)
+    subprocess.run(["tar", "xf", "-", "-C", str(untarred)], input=tar.stdout, check=True)
+    subprocess.run(["diff", "-r", str(untarred), str(export)], check=True)
+    synced = tmp_path / "synced"
+    subprocess.run(["rsync", "-a", f"{tree}/", str(synced)], check=True)
+    subprocess.run(["diff", "-r", str(synced), str(export)], check=True)
+
+
+def test_cli_writes_while_mounted_are_seen_at_once(mnt: Mounted, ctxdir: Path) -> None:
+    address = f"ucxl://{AUTH}/{'/'.join(SRC)}"
+    assert (ctxdir / DEV).read_bytes() == b"line one\nline two\n"  # now in the kernel's cache
+    mnt.cli("put", address, "--role", DEV, "-", check=True)
+    assert (ctxdir / DEV).read_bytes() == b""
+    slurpfs("put", "--data", mnt.data, address, "--role", DEV, input=b"from the CLI\n")
+    assert (ctxdir / DEV).read_bytes() == b"from the CLI\n"
+    assert os.stat(ctxdir / DEV).st_size == len(b"from the CLI\n")
+    slurpfs("rm", "--data", mnt.data, address, "--role", DEV)
+    assert not (ctxdir / DEV).exists()
+    assert os.listdir(ctxdir) == []
+
+
+def test_temporal_reads_after_three_saves(mnt: Mounted) -> None:
+    d = mnt.ucxl / AUTH / Path(*SRC)
+    d.mkdir(parents=True)
+    (d / DEV).write_bytes(b"v1")
+    # An ISO time strictly between the first and second save (whole seconds).
+    boundary = int(time.time()) + 1
+    wait_for(lambda: time.time() >= boundary + 0.01, timeout=5, what="the next second")
+    (d / DEV).write_bytes(b"v2")
+    (d / DEV).write_bytes(b"v3")
+    auth = mnt.ucxl / AUTH
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(boundary))
+    assert (auth / "~~1" / Path(*SRC) / DEV).read_bytes() == b"v2"
+    assert (auth / "^^0" / Path(*SRC) / DEV).read_bytes() == b"v1"
+    assert (auth / "*~" / Path(*SRC) / DEV).read_bytes() == b"v1"
+    assert (auth / iso / Path(*SRC) / DEV).read_bytes() == b"v1"
+    assert (d / ".history" / DEV / "2").read_bytes() == b"v2"
+    assert os.listdir(d / ".history" / DEV) == ["1", "2", "3"] or sorted(
+        os.listdir(d / ".history" / DEV)
+    ) == ["1", "2", "3"]
+    assert "~~1" not in os.listdir(auth)
+    with raises_oserror(errno.EROFS):
+        (auth / "~~1" / Path(*SRC) / DEV).write_bytes(b"no")
+    assert os.getxattr(d / DEV, "user.slurp.address") == f"ucxl://{AUTH}/src/auth.go".encode()
+
+
+# -- access by caller ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_user() -> str:
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+        )
+    return TEST_USER
+
+
+def test_allow_other_gives_users_their_mapped_roles(nodes: Nodes, test_user: str) -> None:
+    toml = textwrap.dedent(
+        f"""
+        [roles.developer]
+        readers = ["architect"]
+        users = ["{test_user}"]
+        [roles.architect]
+        readers = []
+        [roles.reviewer]
+        readers = ["architect"]
+        """
+    )
+    # The unprivileged user must be able to reach the mountpoint.
+    root = Path(tempfile.mkdtemp(prefix="slurpfs-access-"))
+    root.chmod(0o755)
+    m = mounted_at(nodes, root, toml=toml, extra=("--allow-other",))
+    try:
+        d = m.ucxl / AUTH
+        d.mkdir()
+        (d / DEV).write_bytes(b"for developers\n")
+        (d / ARCH).write_bytes(b"for architects\n")
+
+        def as_user(*cmd: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(["runuser", "-u", test_user, "--", *cmd], capture_output=True)
+
+        assert as_user("cat", str(d / DEV)).stdout == b"for developers\n"
+        denied = as_user("cat", str(d / ARCH))
+        assert denied.returncode != 0
+        assert b"Permission denied" in denied.stderr
+        assert ARCH in as_user("ls", str(d)).stdout.decode()  # listed, not readable
+        assert (d / ARCH).read_bytes() == b"for architects\n"  # root, the mounting user
+        m.unmount()
+    finally:
+        m.sweep()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- robustness ------------------------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    path = sys.argv[1]
+    i = 0
+    while True:
+        try:
+            with open(path, "w") as f:
+                f.write(str(i))
+        except OSError:
+            break
+        print(i, flush=True)
+        i += 1
+    """
+)
+
+
+def test_sigkill_during_writes_then_recovery(mnt: Mounted, ctxdir: Path) -> None:
+    mnt.expect_warnings = False
+    pid = int(os.getxattr(mnt.mnt, "user.slurp.pid"))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(ctxdir / DEV)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    done: list[int] = []
+    while len(done) < 30:
+        line = writer.stdout.readline()
+        assert line, "the writer stopped early"
+        done.append(int(line))
+    os.kill(pid, signal.SIGKILL)
+    rest, _ = writer.communicate(timeout=60)
+    done += [int(x) for x in rest.split()]
+    with raises_oserror(errno.ENOTCONN):
+        os.stat(mnt.mnt)
+    # mount on the stale mountpoint recovers it
+    mnt.mount()
+    assert (ctxdir / DEV).read_bytes() in {str(done[-1]).encode(), str(done[-1] + 1).encode()}
+    history = ctxdir / ".history" / DEV
+    stored = {(history / n).read_bytes() for n in os.listdir(history)}
+    assert {str(i).encode() for i in done} <= stored
+    mnt.unmount()
+    report = slurpfs("fsck", "--data", mnt.data)
+    assert b"clean" in report.stdout
+    mnt.mount()
+
+
+def test_long_names_binary_content_and_invalid_utf8(mnt: Mounted) -> None:
+    d = mnt.ucxl / AUTH / ("d" * 255)
+    d.mkdir(parents=True)
+    blob = bytes(range(256)) * 64 + b"\xff\xfe invalid utf-8 \xc3\x28"
+    (d / DEV).write_bytes(blob)
+    assert (d / DEV).read_bytes() == blob
+    (d / ("s" * 255)).write_bytes(b"scratch")
+    assert (d / ("s" * 255)).read_bytes() == b"scratch"
+    with raises_oserror(errno.ENAMETOOLONG):
+        (d / ("s" * 256)).write_bytes(b"x")
+    odd = os.fsencode(d) + b"/\xff\xfe-scratch"
+    with open(odd, "wb") as f:
+        f.write(b"scratch with a non-UTF-8 name")
+    with raises_oserror(errno.EINVAL):
+        os.mkdir(os.fsencode(d) + b"/\xff\xfe-dir")
+    os.unlink(odd)
+    os.unlink(d / ("s" * 255))
+    mnt.remount()
+    assert (d / DEV).read_bytes() == blob
+    assert os.listdir(d) == [DEV]
+
+
+@pytest.mark.slow
+def test_a_50_mib_context(mnt: Mounted) -> None:
+    d = mnt.ucxl / AUTH
+    d.mkdir()
+    data = os.urandom(50 << 20)
+    with open(d / DEV, "wb") as f:
+        for i in range(0, len(data), 1 << 20):
+            f.write(data[i : i + (1 << 20)])
+    assert os.stat(d / DEV).st_size == len(data)
+    digest = hashlib.sha256(data).digest()
+    assert hashlib.sha256((d / DEV).read_bytes()).digest() == digest
+    assert versions(d, DEV) == 1
+
+
+@pytest.mark.slow
+def test_ten_thousand_entries_in_one_directory(mnt: Mounted, tmp_path: Path) -> None:
+    # import: each file becomes an address directory holding a role file
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(10_000):
+        (flat / f"f{i:05d}").write_bytes(f"note {i}\n".encode())
+    mnt.cli("import", flat, "--authority", AUTH, "--role", DEV)
+    names = os.listdir(mnt.ucxl / AUTH)
+    assert len(names) == 10_000
+    assert (mnt.ucxl / AUTH / "f09999" / DEV).read_bytes() == b"note 9999\n"
+    found = subprocess.run(
+        ["find", str(mnt.ucxl / AUTH), "-type", "f"], check=True, capture_output=True
+    ).stdout.splitlines()
+    assert len(found) == 10_000
+    # and 10,000 scratch files in one address directory
+    d = mnt.ucxl / AUTH / "f00000"
+    for i in range(10_000):
+        (d / f"tmp{i}").write_bytes(b"x")
+    assert len(os.listdir(d)) == 10_001
+    for i in range(10_000):
+        os.unlink(d / f"tmp{i}")
+    assert os.listdir(d) == [DEV]

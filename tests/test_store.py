@@ -1,0 +1,580 @@
+"""The LMDB store: heads, tombstones, the address tree, TTLs, changes, concurrency, space."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from conftest import WEAK_KDF, Node, Nodes, cli_env
+
+from slurpfs import fsck
+from slurpfs.crypto import envelope as env
+from slurpfs.crypto.keys import NodeIdentity
+from slurpfs.crypto.keystore import Keystore
+from slurpfs.errors import AlreadyExists, NotEmpty, NotFound, SlurpError, StoreFull
+from slurpfs.model import ContextStore
+from slurpfs.store import Commit, StaleHead, Store, VersionRecord
+from slurpfs.store import schema as s
+from slurpfs.ucxl import Address, parse
+
+ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
+DEV = "developer"
+
+
+def sealed_commit(
+    model: ContextStore,
+    key: str,
+    role: str,
+    data: bytes,
+    *,
+    parents: Sequence[bytes],
+    hlc: int,
+    author: NodeIdentity,
+    deleted: bool = False,
+) -> Commit:
+    """A version as another node would have written it (for replicas and races)."""
+    readers = [model.keyring.current_public(r) for r in model.config.readers_of(role)]
+    sealed = env.seal(
+        data,
+        address=key,
+        role=role,
+        parents=parents,
+        hlc=hlc,
+        deleted=deleted,
+        readers=readers,
+        node=author,
+    )
+    record = VersionRecord(
+        sealed.version_id, key, role, tuple(parents), hlc, author.node_id, len(data), deleted
+    )
+    return Commit(record, sealed.encoded, sealed.slots)
+
+
+def trusting(node: Node, model: ContextStore, *others: NodeIdentity) -> ContextStore:
+    """Make `model`'s node trust `others` and return the reopened model."""
+    keystore = Keystore(node.data_dir, None, WEAK_KDF)
+    for other in others:
+        keystore.trust_node(other.node_id)
+    return node.reopen(model)
+
+
+# -- deterministic heads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("late_by", ["this-node", "peer"])
+@pytest.mark.parametrize("arrival", ["early-first", "late-first"])
+def test_head_is_the_leaf_with_the_greatest_hlc_whatever_the_arrival_order(
+    nodes: Nodes, tmp_path: Path, arrival: str, late_by: str
+) -> None:
+    node, model = nodes.new()
+    peer = NodeIdentity.generate()
+    model = trusting(node, model, peer)
+    me = model.keyring.node
+    base = model.put(ADDR, DEV, b"base")
+    early = sealed_commit(
+        model, ADDR.key, DEV, b"early", parents=[base.version_id], hlc=base.hlc + 10,
+        author=me if late_by == "peer" else peer,
+    )  # fmt: skip
+    late = sealed_commit(
+        model, ADDR.key, DEV, b"late", parents=[base.version_id], hlc=base.hlc + 20,
+        author=peer if late_by == "peer" else me,
+    )  # fmt: skip
+    order = [early, late] if arrival == "early-first" else [late, early]
+
+    for c in order:
+        model.store.commit([c])
+
+    leaves = model.store.leaves(ADDR.key, DEV)
+    assert [v.version_id for v in leaves] == [late.record.version_id, early.record.version_id]
+    assert model.get(ADDR, DEV).data == b"late"
+    # The loser is kept, shown as a conflict, and still readable.
+    assert [v.version_id for v in model.conflicts(ADDR, DEV)] == [early.record.version_id]
+    listing = model.list_dir(ADDR)
+    assert listing.roles == (DEV,)
+    assert [(r, v.version_id) for r, v in listing.conflicts] == [(DEV, early.record.version_id)]
+    assert model.get_version(ADDR, DEV, early.record.version_id).data == b"early"
+    # A replica receiving the same versions in the other order agrees on the leaves.
+    replica = Store(tmp_path / "replica", map_size=model.config.store.map_size)
+    try:
+        stored = model.store.read_version(base.version_id)
+        assert stored is not None
+        replica.commit([Commit(base, stored[0], stored[1])])
+        for c in reversed(order):
+            replica.commit([c])
+        assert replica.leaves(ADDR.key, DEV) == leaves
+    finally:
+        replica.close()
+
+
+def test_equal_hlc_is_broken_by_author_id(nodes: Nodes) -> None:
+    node, model = nodes.new()
+    a, b = sorted([NodeIdentity.generate(), NodeIdentity.generate()], key=lambda n: n.node_id)
+    model = trusting(node, model, a, b)
+    base = model.put(ADDR, DEV, b"base")
+    stamp = base.hlc + 5
+    low = sealed_commit(
+        model, ADDR.key, DEV, b"low", parents=[base.version_id], hlc=stamp, author=a
+    )
+    high = sealed_commit(
+        model, ADDR.key, DEV, b"high", parents=[base.version_id], hlc=stamp, author=b
+    )
+
+    model.store.commit([high])
+    model.store.commit([low])
+
+    assert model.store.head(ADDR.key, DEV) == high.record
+    assert model.get(ADDR, DEV).data == b"high"
+    assert model.conflicts(ADDR, DEV) == (low.record,)
+
+
+def test_resolving_a_conflict_merges_the_leaves_and_keeps_history(nodes: Nodes) -> None:
+    node, model = nodes.new()
+    peer = NodeIdentity.generate()
+    model = trusting(node, model, peer)
+    base = model.put(ADDR, DEV, b"base")
+    loser = sealed_commit(
+        model, ADDR.key, DEV, b"loser", parents=[base.version_id], hlc=base.hlc + 1, author=peer
+    )
+    winner = sealed_commit(
+        model, ADDR.key, DEV, b"winner", parents=[base.version_id], hlc=base.hlc + 2, author=peer
+    )
+    model.store.commit([loser, winner])
+
+    with pytest.raises(NotFound):
+        model.resolve_conflict(ADDR, DEV, winner.record.version_id)  # the head is no conflict
+    merged = model.resolve_conflict(ADDR, DEV, loser.record.version_id)
+
+    assert set(merged.parents) == {winner.record.version_id, loser.record.version_id}
+    assert model.store.leaves(ADDR.key, DEV) == [merged]
+    assert model.conflicts(ADDR, DEV) == ()
+    assert model.get(ADDR, DEV).data == b"winner"
+    history = [v.version_id for v in model.history(ADDR, DEV)]
+    assert history == [
+        base.version_id,
+        loser.record.version_id,
+        winner.record.version_id,
+        merged.version_id,
+    ]
+
+
+def test_a_winning_tombstone_hides_the_file_but_not_the_conflict(nodes: Nodes) -> None:
+    node, model = nodes.new()
+    peer = NodeIdentity.generate()
+    model = trusting(node, model, peer)
+    base = model.put(ADDR, DEV, b"base")
+    edit = sealed_commit(
+        model, ADDR.key, DEV, b"edit", parents=[base.version_id], hlc=base.hlc + 1, author=peer
+    )
+    gone = sealed_commit(
+        model, ADDR.key, DEV, b"", parents=[base.version_id], hlc=base.hlc + 2, author=peer,
+        deleted=True,
+    )  # fmt: skip
+    model.store.commit([edit, gone])
+
+    with pytest.raises(NotFound):
+        model.get(ADDR, DEV)
+    listing = model.list_dir(ADDR)
+    assert listing.roles == ()
+    assert [v.version_id for _, v in listing.conflicts] == [edit.record.version_id]
+
+
+# -- tombstones ---------------------------------------------------------------------
+
+
+def test_delete_stores_a_tombstone_and_keeps_history(node: Node, model: ContextStore) -> None:
+    v1 = model.put(ADDR, DEV, b"one")
+    v2 = model.put(ADDR, DEV, b"two")
+
+    tomb = model.delete(ADDR, DEV)
+
+    assert tomb.deleted
+    assert (tomb.parents, tomb.size) == ((v2.version_id,), 0)
+    with pytest.raises(NotFound):
+        model.get(ADDR, DEV)
+    with pytest.raises(NotFound):
+        model.delete(ADDR, DEV)
+    assert model.history(ADDR, DEV) == (v1, v2)
+    assert model.all_versions(ADDR, DEV) == (v1, v2, tomb)
+    assert model.list_dir(ADDR).roles == ()
+    assert model.get_version(ADDR, DEV, v1.version_id).data == b"one"
+
+    v3 = model.put(ADDR, DEV, b"three")
+
+    assert v3.parents == (tomb.version_id,)
+    model = node.reopen(model)
+    assert model.get(ADDR, DEV).data == b"three"
+    assert [v.version_id for v in model.all_versions(ADDR, DEV)] == [
+        v1.version_id,
+        v2.version_id,
+        tomb.version_id,
+        v3.version_id,
+    ]
+
+
+def test_delete_of_something_never_written_is_not_found(model: ContextStore) -> None:
+    with pytest.raises(NotFound):
+        model.delete(ADDR, DEV)
+    assert model.store.statistics().versions == 0
+
+
+# -- the address tree -------------------------------------------------------------
+
+
+def test_an_empty_directory_persists_across_a_reopen(node: Node, model: ContextStore) -> None:
+    deep = parse("ucxl://claude:architect@bzzz:auth/docs/adr/empty")
+
+    model.mkdir(deep)
+    with pytest.raises(AlreadyExists):
+        model.mkdir(deep)
+    model = node.reopen(model)
+
+    assert model.is_dir(deep)
+    assert model.list_dir(deep).dirs == ()
+    assert model.list_dir(deep.parent()).dirs == ("empty",)
+    assert model.list_dir(None).dirs == ("claude:architect@bzzz:auth",)
+
+
+def test_put_creates_every_ancestor_directory(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"x")
+    other = parse("ucxl://gpt:dev@bzzz:auth/src/session.go")
+    model.put(other, DEV, b"y")
+
+    assert model.list_dir(None).dirs == ("claude:architect@bzzz:auth", "gpt:dev@bzzz:auth")
+    assert model.list_dir(ADDR.parent()).dirs == ("auth.go",)
+    assert model.list_dir(ADDR).dirs == ()
+    assert model.list_dir(ADDR).roles == (DEV,)
+    with pytest.raises(NotFound):
+        model.list_dir(ADDR.child("missing"))
+
+
+def test_rmdir_rules(node: Node, model: ContextStore) -> None:
+    parent = parse("ucxl://claude:architect@bzzz:auth/src")
+    model.put(ADDR, DEV, b"live")
+
+    with pytest.raises(NotEmpty):
+        model.rmdir(parent)  # has a subdirectory
+    with pytest.raises(NotEmpty):
+        model.rmdir(ADDR)  # holds a live context
+    with pytest.raises(NotFound):
+        model.rmdir(parent.child("nothing"))
+
+    model.delete(ADDR, DEV)
+    model.rmdir(ADDR)  # only a deleted context: allowed, history stays
+    model.rmdir(parent)
+
+    assert not model.is_dir(ADDR)
+    assert not model.is_dir(parent)
+    (only,) = model.history(ADDR, DEV)
+    assert model.get_version(ADDR, DEV, only.version_id).data == b"live"
+    model = node.reopen(model)
+    assert not model.is_dir(ADDR)
+    assert model.list_dir(parse("ucxl://claude:architect@bzzz:auth")).dirs == ()
+    # Writing again recreates the directories.
+    model.put(ADDR, DEV, b"back")
+    assert model.is_dir(parent)
+    assert model.list_dir(ADDR).roles == (DEV,)
+
+
+def test_rmdir_of_an_empty_mkdir_directory(model: ContextStore) -> None:
+    empty = parse("ucxl://a:b@c:d/x")
+    model.mkdir(empty)
+
+    model.rmdir(empty)
+
+    assert not model.is_dir(empty)
+    assert model.list_dir(parse("ucxl://a:b@c:d")).dirs == ()
+
+
+# -- TTL ----------------------------------------------------------------------------
+
+
+def test_expire_purges_only_what_has_expired(node: Node, model: ContextStore) -> None:
+    keep = parse("ucxl://a:b@c:d/keep")
+    model.put(keep, DEV, b"kept")
+    model.put(ADDR, DEV, b"v1", ttl=100)
+    model.put(ADDR, "architect", b"other role, no ttl")
+    model.put(ADDR, DEV, b"v2", ttl=100)
+    seq = model.store.sequence()
+    now = model.history(ADDR, DEV)[-1].mtime
+
+    assert model.expire(now=now + 50) == 0
+    assert model.expire(now=now + 150) == 2
+
+    with pytest.raises(NotFound):
+        model.get(ADDR, DEV)
+    assert model.history(ADDR, DEV) == ()
+    assert model.list_dir(ADDR).roles == ("architect",)
+    assert model.get(keep, DEV).data == b"kept"
+    assert model.get(ADDR, "architect").data == b"other role, no ttl"
+    assert model.expire(now=now + 1000) == 0
+    assert model.changes_since(seq) == (seq, [])
+    report = fsck.check(model)
+    assert report.ok, report.problems
+    assert report.versions == 2
+    model = node.reopen(model)
+    with pytest.raises(NotFound):
+        model.get(ADDR, DEV)
+
+
+def test_a_new_ttl_replaces_the_old_one(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"short", ttl=10)
+    model.put(ADDR, DEV, b"long", ttl=1000)
+    now = model.history(ADDR, DEV)[-1].mtime
+
+    assert model.expire(now=now + 100) == 0
+    assert model.get(ADDR, DEV).data == b"long"
+    assert model.expire(now=now + 2000) == 2
+
+
+def test_a_purged_context_can_be_written_again(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"old", ttl=1)
+    assert model.expire(now=model.history(ADDR, DEV)[-1].mtime + 10) == 1
+
+    fresh = model.put(ADDR, DEV, b"new")
+
+    assert fresh.parents == ()
+    assert model.get(ADDR, DEV).data == b"new"
+
+
+# -- changes ------------------------------------------------------------------------
+
+
+def test_changes_since_lists_commits_in_order(model: ContextStore) -> None:
+    start = model.store.sequence()
+    other = parse("ucxl://a:b@c:d/x")
+    model.put(ADDR, DEV, b"1")
+    model.put(other, "architect", b"2")
+    model.delete(ADDR, DEV)
+
+    last, changes = model.changes_since(start)
+
+    assert last == start + 3 == model.store.sequence()
+    assert changes == [(ADDR.key, DEV), (other.key, "architect"), (ADDR.key, DEV)]
+    assert model.changes_since(last) == (last, [])
+    _, first_two = model.store.changes_since(start, limit=2)
+    assert [(r.address, r.role) for r in first_two] == changes[:2]
+
+
+def test_changes_by_another_process_are_seen(node: Node, model: ContextStore) -> None:
+    start = model.store.sequence()
+    script = f"""
+        from pathlib import Path
+        from slurpfs import config
+        from slurpfs.crypto.keystore import KdfParams
+        from slurpfs.model import ContextStore
+        from slurpfs.ucxl import parse
+        cfg = config.load(None, {{"HOME": "/nonexistent"}}, {{"node.data_dir": {str(node.data_dir)!r}}})
+        with ContextStore.open(cfg, kdf=KdfParams.weak()) as m:
+            m.put(parse("ucxl://a:b@c:d/from-elsewhere"), "reviewer", b"hi")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=cli_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+
+    assert model.changes_since(start) == (start + 1, [("a:b@c:d/from-elsewhere", "reviewer")])
+    assert model.get(parse("ucxl://a:b@c:d/from-elsewhere"), "reviewer").data == b"hi"
+
+
+# -- concurrent writers ---------------------------------------------------------------
+
+
+def test_stale_head_is_refused_and_writes_nothing(model: ContextStore) -> None:
+    base = model.put(ADDR, DEV, b"base")
+    stale = sealed_commit(
+        model, ADDR.key, DEV, b"late", parents=[], hlc=base.hlc + 1, author=model.keyring.node
+    )
+    stats = model.store.statistics()
+
+    with pytest.raises(StaleHead):
+        model.store.commit([Commit(stale.record, stale.envelope, stale.slots, expected_leaves=())])
+
+    assert model.store.statistics() == stats
+    assert model.store.record(stale.record.version_id) is None
+
+
+def test_a_commit_between_read_and_write_makes_the_writer_retry_on_the_new_head(
+    model: ContextStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer A reads the head, another writer commits, then A commits: A re-seals."""
+    base = model.put(ADDR, DEV, b"base")
+    original: Callable[..., tuple[VersionRecord, Commit]] = model._seal
+    seen_parents: list[tuple[bytes, ...]] = []
+    others: list[Commit] = []
+
+    def seal_after_another_commit(*args: Any, **kwargs: Any) -> tuple[VersionRecord, Commit]:
+        seen_parents.append(args[3])
+        if not others:
+            others.append(
+                sealed_commit(
+                    model,
+                    ADDR.key,
+                    DEV,
+                    b"from B",
+                    parents=[base.version_id],
+                    hlc=base.hlc + 1,
+                    author=model.keyring.node,
+                )  # fmt: skip
+            )
+            model.store.commit(others)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_seal", seal_after_another_commit)
+    from_a = model.put(ADDR, DEV, b"from A")
+
+    from_b = others[0].record
+    assert seen_parents == [(base.version_id,), (from_b.version_id,)]  # exactly one retry
+    assert from_a.parents == (from_b.version_id,)
+    assert from_a.hlc > from_b.hlc
+    assert model.store.leaves(ADDR.key, DEV) == [from_a]
+    assert [v.version_id for v in model.history(ADDR, DEV)] == [
+        base.version_id,
+        from_b.version_id,
+        from_a.version_id,
+    ]
+    assert model.get(ADDR, DEV).data == b"from A"
+
+
+WRITER = """
+import sys
+from slurpfs import config
+from slurpfs.crypto.keystore import KdfParams
+from slurpfs.model import ContextStore
+from slurpfs.ucxl import parse
+data_dir, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = config.load(None, {"HOME": "/nonexistent"}, {"node.data_dir": data_dir})
+address = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
+with ContextStore.open(cfg, kdf=KdfParams.weak()) as m:
+    sys.stdout.write("ready\\n")
+    sys.stdout.flush()
+    sys.stdin.readline()  # start together
+    for i in range(count):
+        m.put(address, "developer", f"{name} {i}".encode())
+"""
+
+
+def test_two_processes_writing_one_context_keep_it_linear(node: Node, model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"base")
+    count = 100
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(node.data_dir), name, str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=cli_env(),
+        )
+        for name in ("A", "B")
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            assert p.stdout.readline() == b"ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for stream in (p.stdin, p.stdout):
+                if stream is not None:
+                    stream.close()
+
+    versions = model.store.history(ADDR.key, DEV)
+    assert len(versions) == 1 + 2 * count
+    assert len(model.store.leaves(ADDR.key, DEV)) == 1
+    for parent, child in zip(versions, versions[1:], strict=False):
+        assert child.parents == (parent.version_id,)
+    contents = {model.get_version(ADDR, DEV, v.version_id).data for v in versions[1:]}
+    assert contents == {f"{n} {i}".encode() for n in "AB" for i in range(count)}
+
+
+# -- statistics ---------------------------------------------------------------------
+
+
+def test_statistics_count_what_was_stored(model: ContextStore) -> None:
+    empty = model.statistics()
+    assert (empty.store.versions, empty.store.contexts, empty.store.sequence) == (0, 0, 0)
+    other = parse("ucxl://a:b@c:d/x/y")
+
+    model.put(ADDR, DEV, b"12345")
+    model.put(ADDR, DEV, b"1234567890")
+    model.put(other, "architect", b"abc")
+    model.delete(other, "architect")
+    model._cache.clear()
+    model.get(ADDR, DEV)
+
+    st = model.statistics()
+    assert st.store.versions == 4
+    assert st.store.contexts == 2
+    # a:b@c:d, x, y  +  claude:architect@bzzz:auth, src, auth.go
+    assert st.store.directories == 6
+    assert st.store.plaintext_bytes == 5 + 10 + 3 + 0
+    assert st.store.envelope_bytes > 0
+    assert st.store.sequence == 4
+    assert 0 < st.store.map_used <= st.store.map_size == model.config.store.map_size
+    assert (st.puts, st.gets, st.denied, st.corrupt) == (3, 1, 0, 0)
+    assert st.cache.misses >= 1
+    assert st.cache.entries >= 1
+
+
+# -- a full store ---------------------------------------------------------------------
+
+
+def test_a_full_map_is_a_clear_error_and_loses_nothing(nodes: Nodes) -> None:
+    node, model = nodes.new(overrides={"store.map_size": 1 << 20})
+    stored: dict[Address, bytes] = {}
+
+    def fill() -> None:
+        for i in range(64):
+            address = parse(f"ucxl://a:b@c:d/blob{i}")
+            data = os.urandom(64 << 10)  # incompressible
+            model.put(address, DEV, data)
+            stored[address] = data
+
+    with pytest.raises(StoreFull, match=r"store\.map_size") as info:
+        fill()
+    assert 2 <= len(stored) < 64
+    assert (info.value.errno, info.value.exit_code) == (28, 8)
+    before = model.store.statistics()
+
+    with pytest.raises(StoreFull):
+        model.put(parse("ucxl://a:b@c:d/blob-big"), DEV, os.urandom(256 << 10))
+
+    assert model.store.statistics().versions == before.versions
+    model = node.reopen(model)
+    for address, data in stored.items():
+        assert model.get(address, DEV).data == data
+    assert model.store.head("a:b@c:d/blob-big", DEV) is None
+
+
+def test_a_newer_store_format_is_refused(node: Node, model: ContextStore) -> None:
+    store_path = node.data_dir / "store"
+    node.close(model)
+    raw = lmdb.open(str(store_path), max_dbs=16)
+    try:
+        info = raw.open_db(s.DB_INFO)
+        with raw.begin(write=True) as txn:
+            txn.put(s.INFO_FORMAT, s.U32.pack(s.FORMAT_VERSION + 1), db=info)
+    finally:
+        raw.close()
+
+    with pytest.raises(SlurpError, match="newer format"):
+        ContextStore.open(node.config, None, kdf=WEAK_KDF)
+
+    node.expect_damage()
