@@ -20,7 +20,10 @@ from slurpfs.index.results import Snippet, highlight_words, snippet_from_marked
         ),
         ("jwt@role=architect@limit=1", QuerySpec("jwt", 1, "architect")),
         # '@' inside the query (an address) is not an option
-        ("influences:claude:architect@bzzz:auth", QuerySpec("influences:claude:architect@bzzz:auth")),
+        (
+            "influences:claude:architect@bzzz:auth",
+            QuerySpec("influences:claude:architect@bzzz:auth"),
+        ),
         (f"x@limit={MAX_LIMIT}", QuerySpec("x", MAX_LIMIT)),
     ],
 )
@@ -107,6 +110,7 @@ def test_highlight_window_is_one_bounded_line() -> None:
     text = ("filler " * 200) + "needle " + ("tail " * 200)
     snippet = highlight_words(text, {"needle"})
     assert snippet is not None
-    assert snippet.text.startswith("… ") and snippet.text.endswith(" …")
+    assert snippet.text.startswith("… ")
+    assert snippet.text.endswith(" …")
     assert len(snippet.text) < 260
     assert "[needle]" in snippet.marked()

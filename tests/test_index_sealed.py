@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import Nodes
+from test_index_support import new_model
 
 from slurpfs.errors import KeyMissing
 from slurpfs.index import IndexConflict, IndexCorrupt, IndexRollback
@@ -17,14 +17,11 @@ from slurpfs.index.sealed import (
     seal_file,
 )
 from slurpfs.model import ContextStore
-from test_index_support import make_model
 
 
 @pytest.fixture
-def model(tmp_path: Path) -> ContextStore:
-    m = make_model(tmp_path, "whoosh")
-    yield m  # type: ignore[misc]
-    m.close()
+def model(nodes: Nodes) -> ContextStore:
+    return new_model(nodes, "whoosh")
 
 
 def sealed(model: ContextStore, role: str = "developer") -> SealedIndexStore:
@@ -126,7 +123,8 @@ def test_a_manifest_moved_to_another_role_is_refused(model: ContextStore) -> Non
 
 def test_concurrent_saves_conflict(model: ContextStore) -> None:
     first, second = sealed(model), sealed(model)
-    assert first.load("whoosh") is None and second.load("whoosh") is None
+    assert first.load("whoosh") is None
+    assert second.load("whoosh") is None
     first.save("whoosh", {"a": b"1"}, {"a"}, seq=1, docs=1)
     with pytest.raises(IndexConflict):
         second.save("whoosh", {"b": b"2"}, {"b"}, seq=1, docs=1)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from conftest import Nodes
+from test_index_support import ENGINES, address, document, new_model, put_many
 
 from slurpfs.errors import AccessDenied, QueryError
 from slurpfs.index import SearchResult, SearchService, check_index
 from slurpfs.index.render import facets_text, link_name, link_target, results_text
 from slurpfs.index.sealed import INDEX_TABLE
 from slurpfs.model import ContextStore
-from test_index_support import ENGINES, address, document, make_model, put_many, reopen
 
 SECRET = document(
     "The HSM holds the xylophonesecret master key. Rotating key material is shared.",
@@ -25,10 +24,13 @@ SECRET = document(
 
 
 @pytest.fixture(params=ENGINES)
-def model(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ContextStore]:
-    m = make_model(tmp_path, request.param)
-    yield m
-    m.close()
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def model(nodes: Nodes, engine: str) -> ContextStore:
+    return new_model(nodes, engine)
 
 
 def seed(model: ContextStore) -> None:
@@ -76,7 +78,8 @@ def test_need_to_know_for_a_developer(model: ContextStore) -> None:
     with SearchService.open(model) as search:
         for query in ("xylophonesecret", "tags:secrettag", "technologies:secrettech", "ceremony"):
             result = search.search(query, ["developer"])
-            assert result.total == 0 and result.hits == ()
+            assert result.total == 0
+            assert result.hits == ()
             assert all(count == () for count in result.facets.values())
         # a broad query: the architect-only context shows up in no form at all
         result = search.search("key OR rotating OR banners", ["developer"])
@@ -103,7 +106,8 @@ def test_need_to_know_for_an_architect(model: ContextStore) -> None:
         assert everything_visible.total == 4  # architects read developer contexts too
         assert dict(everything_visible.facets["tags"])["secrettag"] == 1
         only_dev = search.search("key OR rotating", ["architect"], role="developer")
-        assert {h.role for h in only_dev.hits} == {"developer"} and only_dev.total == 3
+        assert {h.role for h in only_dev.hits} == {"developer"}
+        assert only_dev.total == 3
 
 
 def test_other_roles_contexts_do_not_change_a_roles_scores(model: ContextStore) -> None:
@@ -128,13 +132,19 @@ def test_results_are_ranked_with_snippets_and_links(model: ContextStore) -> None
     with SearchService.open(model) as search:
         result = search.search('tags:security "rotating key"', ["developer"], limit=5)
     (hit,) = result.hits
-    assert (hit.rank, hit.url, hit.role) == (1, "ucxl://claude:architect@bzzz:auth/src/auth.go", "developer")
+    assert (hit.rank, hit.url, hit.role) == (
+        1,
+        "ucxl://claude:architect@bzzz:auth/src/auth.go",
+        "developer",
+    )
     assert hit.summary == "JWT validation for the public API"
-    assert "rotating" in hit.snippet.marked().lower() and "[" in hit.snippet.marked()
+    assert "rotating" in hit.snippet.marked().lower()
+    assert "[" in hit.snippet.marked()
     assert link_name(hit) == "001-auth.go-developer"
     assert link_target(hit) == "../../ucxl/claude:architect@bzzz:auth/src/auth.go/developer"
     text = results_text(result)
-    assert text.splitlines()[2].startswith("1\t") and "\tdeveloper" in text
+    assert text.splitlines()[2].startswith("1\t")
+    assert "\tdeveloper" in text
 
 
 def test_limit_and_rank_order(model: ContextStore) -> None:
@@ -144,7 +154,8 @@ def test_limit_and_rank_order(model: ContextStore) -> None:
     )
     with SearchService.open(model) as search:
         result = search.search("alpha", ["developer"], limit=5)
-    assert result.total == 12 and len(result.hits) == 5
+    assert result.total == 12
+    assert len(result.hits) == 5
     assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5]
     assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
 
@@ -158,13 +169,16 @@ def test_edits_and_deletions_are_reflected(model: ContextStore) -> None:
         search.catch_up()
         assert search.search("oldword", ["developer"]).total == 0
         result = search.search("newword", ["developer"])
-        assert result.total == 1 and dict(result.facets["tags"]) == {"new": 1}
+        assert result.total == 1
+        assert dict(result.facets["tags"]) == {"new": 1}
         model.delete(target, "developer")
         report = search.catch_up()
         assert report.removed == 2  # from the developer and the architect index
         for roles in (["developer"], ["architect"]):
             gone = search.search("newword", roles)
-            assert gone.total == 0 and gone.hits == () and gone.facets["tags"] == ()
+            assert gone.total == 0
+            assert gone.hits == ()
+            assert gone.facets["tags"] == ()
 
 
 def test_bad_queries_raise_a_readable_query_error(model: ContextStore) -> None:
@@ -209,26 +223,23 @@ def test_query_syntax_both_engines_agree_on(
     assert {h.address.split("/", 1)[1] for h in hits} == expected
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_reopening_does_not_rebuild_a_saved_index(tmp_path: Path, engine: str) -> None:
-    model = make_model(tmp_path, engine)
+def test_reopening_does_not_rebuild_a_saved_index(nodes: Nodes, engine: str) -> None:
+    node, model = nodes.new(overrides={"search.engine": engine})
     seed(model)
     with SearchService.open(model) as search:
         counts = search.statistics().documents
         assert counts == {"architect": 4, "developer": 3, "reviewer": 0}
-    model = reopen(model)
-    try:
-        with SearchService.open(model) as search:
-            stats = search.statistics()
-            assert stats.documents == counts
-            if model.config.search.engine == "whoosh":
-                assert stats.rebuilt == () and stats.indexed == 0  # opened, not rebuilt
-            else:
-                assert stats.rebuilt == ("architect", "developer", "reviewer")  # RAM only
-            assert search.search("xylophonesecret", ["architect"]).total == 1
-        assert check_index(model) == []
-    finally:
-        model.close()
+    model = node.reopen(model)
+    with SearchService.open(model) as search:
+        stats = search.statistics()
+        assert stats.documents == counts
+        if engine == "whoosh":
+            assert stats.rebuilt == ()
+            assert stats.indexed == 0
+        else:
+            assert stats.rebuilt == ("architect", "developer", "reviewer")  # RAM only
+        assert search.search("xylophonesecret", ["architect"]).total == 1
+    assert check_index(model) == []
 
 
 def test_commits_made_while_closed_are_caught_up(model: ContextStore) -> None:
@@ -239,13 +250,12 @@ def test_commits_made_while_closed_are_caught_up(model: ContextStore) -> None:
         assert search.search("afterthought", ["developer"]).total == 1
 
 
-def test_tantivy_keeps_nothing_at_rest(tmp_path: Path) -> None:
-    model = make_model(tmp_path, "tantivy")
+def test_tantivy_keeps_nothing_at_rest(nodes: Nodes) -> None:
+    model = new_model(nodes, "tantivy")
     seed(model)
     with SearchService.open(model) as search:
         assert search.search("rotating", ["developer"]).total == 2
     assert model.store.aux_scan(INDEX_TABLE, b"") == []
-    model.close()
 
 
 def test_rebuild_keeps_answering_and_saves(model: ContextStore) -> None:
@@ -253,12 +263,12 @@ def test_rebuild_keeps_answering_and_saves(model: ContextStore) -> None:
     with SearchService.open(model) as search:
         seen: list[tuple[int, int]] = []
         assert search.rebuild(["developer"], progress=lambda n, total: seen.append((n, total))) == 3
-        assert seen[-1] == (4, 4)
+        assert seen[-1] == (3, 3)  # the developer index holds developer contexts
         assert search.search("rotating", ["developer"]).total == 2
     assert check_index(model) == []
 
 
-def test_overlapping_indexes_never_count_a_context_twice(tmp_path: Path) -> None:
+def test_overlapping_indexes_never_count_a_context_twice(nodes: Nodes) -> None:
     roles = """
 [roles.p]
 readers = ["q"]
@@ -271,7 +281,7 @@ readers = []
 [roles.t]
 readers = ["q", "s"]
 """
-    model = make_model(tmp_path, "whoosh", roles_toml=roles)
+    model = new_model(nodes, "whoosh", toml=roles)
     put_many(model, [(address(f"x/doc-{r}"), r, document("shared word")) for r in "pqrst"])
     with SearchService.open(model) as search:
         result = search.search("shared", ["q", "s"])
@@ -279,13 +289,13 @@ readers = ["q", "s"]
         assert sorted(h.role for h in result.hits) == list("pqrst")
         only_q = search.search("shared", ["q"])
         assert sorted(h.role for h in only_q.hits) == ["p", "q", "t"]
-    model.close()
 
 
+@pytest.mark.expect_warnings
 def test_a_rolled_back_index_is_refused_and_rebuilt(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = make_model(tmp_path, "whoosh", held=["developer"])
+    model = new_model(nodes, "whoosh", held=["developer"])
     model.put(address("a"), "developer", document("firstword"))
     SearchService.open(model).close()
     old = dict(model.store.aux_scan(INDEX_TABLE, b"developer\0f\0"))
@@ -295,18 +305,16 @@ def test_a_rolled_back_index_is_refused_and_rebuilt(
         assert search.search("firstword", ["developer"]).total == 0
     current = [k for k, _ in model.store.aux_scan(INDEX_TABLE, b"developer\0f\0")]
     model.store.aux_write(INDEX_TABLE, old, current)  # an attacker restores the older files
-    with caplog.at_level(logging.ERROR, logger="slurpfs.index"):
-        with SearchService.open(model) as search:
-            assert search.statistics().rebuilt == ("developer",)
-            assert search.search("firstword", ["developer"]).total == 0
-            assert search.search("secondword", ["developer"]).total == 1
-    assert any("refused" in r.getMessage() for r in caplog.records)
+    with SearchService.open(model) as search:
+        assert search.statistics().rebuilt == ("developer",)
+        assert search.search("firstword", ["developer"]).total == 0
+        assert search.search("secondword", ["developer"]).total == 1
+    assert any(r.levelno == logging.ERROR and "refused" in r.getMessage() for r in caplog.records)
     assert check_index(model) == []
-    model.close()
 
 
-def test_two_processes_saving_the_same_index(tmp_path: Path) -> None:
-    model = make_model(tmp_path, "whoosh", held=["developer"])
+def test_two_processes_saving_the_same_index(nodes: Nodes) -> None:
+    model = new_model(nodes, "whoosh", held=["developer"])
     first = SearchService.open(model)
     second = SearchService.open(model)
     model.put(address("one"), "developer", document("fromfirst"))
@@ -318,11 +326,10 @@ def test_two_processes_saving_the_same_index(tmp_path: Path) -> None:
         assert search.search("fromfirst OR fromsecond", ["developer"]).total == 2
         search.close()
     assert check_index(model) == []
-    model.close()
 
 
-def test_fsck_reports_an_index_that_disagrees_with_the_store(tmp_path: Path) -> None:
-    model = make_model(tmp_path, "whoosh", held=["developer"])
+def test_fsck_reports_an_index_that_disagrees_with_the_store(nodes: Nodes) -> None:
+    model = new_model(nodes, "whoosh", held=["developer"])
     target = address("short/lived")
     model.put(target, "developer", document("ephemeral"), ttl=60)
     with SearchService.open(model) as search:
@@ -336,11 +343,12 @@ def test_fsck_reports_an_index_that_disagrees_with_the_store(tmp_path: Path) -> 
     assert check_index(model) == []
     model.put(address("pending"), "developer", document("uncommitted to the index"))
     assert check_index(model) == []  # a change the indexer has yet to apply is no problem
-    model.close()
 
 
-def test_corrupt_versions_are_not_indexed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = make_model(tmp_path, "tantivy", held=["developer"])
+@pytest.mark.expect_warnings
+def test_corrupt_versions_are_not_indexed(nodes: Nodes, caplog: pytest.LogCaptureFixture) -> None:
+    node, model = nodes.new(held=["developer"], overrides={"search.engine": "tantivy"})
+    node.expect_damage()
     info = model.put(address("bad"), "developer", document("tamperedword"))
     model.put(address("good"), "developer", document("goodword"))
     raw = model.store.envelope(info.version_id)
@@ -348,10 +356,8 @@ def test_corrupt_versions_are_not_indexed(tmp_path: Path, caplog: pytest.LogCapt
     with model.store._env.begin(write=True) as txn:  # tamper with the stored envelope
         db = model.store._dbs[b"envelopes"]
         txn.put(info.version_id, raw[:-70] + bytes([raw[-70] ^ 1]) + raw[-69:], db=db)
-    with caplog.at_level(logging.ERROR, logger="slurpfs.index"):
-        with SearchService.open(model) as search:
-            assert search.search("goodword", ["developer"]).total == 1
-            assert search.search("tamperedword", ["developer"]).total == 0
-            assert search.statistics().skipped == 1
+    with SearchService.open(model) as search:
+        assert search.search("goodword", ["developer"]).total == 1
+        assert search.search("tamperedword", ["developer"]).total == 0
+        assert search.statistics().skipped == 1
     assert any("not indexing" in r.getMessage() for r in caplog.records)
-    model.close()

@@ -149,12 +149,10 @@ class ControlServer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            with _addressable(self.path) as address:
-                await sock.bind(address)
-        finally:
-            os.umask(old_umask)
+        with _addressable(self.path) as address:
+            await sock.bind(address)
+        # (The data directory is 0700 already; the socket itself is the daemon user's only.)
+        os.chmod(self.path, 0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
         try:

@@ -1,0 +1,103 @@
+"""Nothing of the index reaches a disk in plaintext: whoosh's traps, and the canary."""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from whoosh.filedb.filestore import FileStorage, RamStorage
+
+from conftest import Nodes, assert_no_canary, find_canary
+from slurpfs.index import SearchService
+from slurpfs.index import whoosh_engine
+from slurpfs.index.whoosh_engine import MemoryStorage
+from test_index_support import ENGINES, address, document, new_model, put_many
+
+DOCS = 2_100
+
+
+def new_files(root: Path, since: float) -> Iterator[Path]:
+    """Regular files under `root` changed since `since` (others' files skipped if unreadable)."""
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since:
+                yield path
+        except OSError:
+            continue
+
+
+def test_whoosh_ram_storage_spills_to_the_temp_dir_and_ours_does_not() -> None:
+    # The trap: whoosh's RamStorage hands out a FileStorage in the system temp dir.
+    theirs = RamStorage().temp_storage()
+    assert isinstance(theirs, FileStorage)
+    theirs.destroy()
+    ours = MemoryStorage().temp_storage("MAIN.tmp")
+    assert isinstance(ours, MemoryStorage)
+    assert not isinstance(ours, FileStorage)
+
+
+def test_runs_closed_through_raw_file_are_kept() -> None:
+    # The trap: the posting pool closes runs via raw_file(), bypassing onclose.
+    theirs = RamStorage()
+    raw = theirs.create_file("lost.run").raw_file()
+    raw.write(b"sorted postings")
+    raw.close()
+    assert not theirs.file_exists("lost.run")  # whoosh drops the run silently
+    storage = MemoryStorage()
+    temp = storage.temp_storage()
+    raw = temp.create_file("kept.run").raw_file()
+    raw.write(b"sorted postings")
+    raw.close()
+    assert temp.open_file("kept.run").read() == b"sorted postings"
+    assert storage.runs_spilled == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_canary_is_searchable_and_nowhere_on_disk(
+    nodes: Nodes, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pool of 1 MiB makes whoosh spill sorted runs many times over these documents.
+    monkeypatch.setattr(whoosh_engine, "POOL_LIMIT_MB", 1)
+    started = time.time() - 1
+    canary = "canary" + secrets.token_hex(8)
+    model = new_model(nodes, engine, held=["developer"])
+    items = [
+        (
+            address(f"bulk/d{i:05d}"),
+            "developer",
+            document(
+                f"unique{i:05d}x common words about keys sessions and tokens {i}",
+                summary=f"generated context {i}",
+                tags=[f"t{i % 7}"],
+            ),
+        )
+        for i in range(DOCS)
+    ]
+    items[1234] = (items[1234][0], "developer", document(f"the secret is {canary} here"))
+    put_many(model, items)
+    with SearchService.open(model) as search:
+        (hit,) = search.search(canary, ["developer"]).hits
+        assert hit.address.endswith("bulk/d01234")
+        assert canary in hit.snippet.text
+        assert search.search("common", ["developer"]).total == DOCS - 1
+        for i in range(0, DOCS, 97):  # every spilled run made it into the index
+            if i != 1234:
+                assert search.search(f"unique{i:05d}x", ["developer"]).total == 1
+        if engine == "whoosh":
+            assert search._indexes["developer"].runs_spilled > 1  # type: ignore[attr-defined]
+        assert not multiprocessing.active_children()  # never procs > 1
+    model.sync()
+    assert assert_no_canary(model.config.data_dir, canary.encode()) > 0
+    leaks = [
+        str(path)
+        for path in new_files(Path(tempfile.gettempdir()), started)
+        if not path.is_relative_to(model.config.data_dir)
+        and find_canary(path.read_bytes(), canary.encode()) is not None
+    ]
+    assert leaks == []
