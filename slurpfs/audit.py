@@ -116,22 +116,37 @@ def verify(path: Path) -> int:
     return count
 
 
-def read(path: Path, limit: int | None = None) -> list[AuditEntry]:
-    """The last `limit` entries (all when None), oldest first."""
-    out: list[AuditEntry] = []
+def _tail_lines(path: Path, limit: int) -> list[bytes]:
+    """The last `limit` lines of a file, reading backwards in blocks."""
     with path.open("rb") as f:
-        for raw in f:
-            body = json.loads(raw)
-            out.append(
-                AuditEntry(
-                    body["seq"],
-                    body["time"],
-                    body["who"],
-                    body["action"],
-                    body["address"],
-                    body["role"],
-                    body["allowed"],
-                    body["reason"],
-                )
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        data = b""
+        block = 64 * 1024
+        while end > 0 and data.count(b"\n") <= limit:
+            start = max(0, end - block)
+            f.seek(start)
+            data = f.read(end - start) + data
+            end = start
+    return data.splitlines()[-limit:]
+
+
+def read(path: Path, limit: int | None = None) -> list[AuditEntry]:
+    """The last `limit` entries (all when None), oldest first; reads only the tail."""
+    lines = _tail_lines(path, limit) if limit else path.read_bytes().splitlines()
+    out: list[AuditEntry] = []
+    for raw in lines:
+        body = json.loads(raw)
+        out.append(
+            AuditEntry(
+                body["seq"],
+                body["time"],
+                body["who"],
+                body["action"],
+                body["address"],
+                body["role"],
+                body["allowed"],
+                body["reason"],
             )
-    return out[-limit:] if limit else out
+        )
+    return out

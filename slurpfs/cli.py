@@ -5,6 +5,7 @@ Exit codes (also in README.md):
   3 not found        4 access denied     5 corrupt data (failed authentication)
   6 invalid address  7 not initialised / bad configuration
   8 store full or context too large      9 partial failure (import/export/fsck)
+ 10 cannot mount or unmount (mountpoint missing or busy, no /dev/fuse, data in use)
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ def test_rotation_rewraps_every_version_and_destroys_the_old_key(model: ContextS
     # New writes are sealed to the new generation only.
     info = reopened.put(addresses[0], "developer", b"after rotation")
     slots = {(s.role, s.generation) for s in reopened.store.slots(info.version_id)}
-    assert ("developer", 2) in slots and ("developer", 1) not in slots
+    assert ("developer", 2) in slots
+    assert ("developer", 1) not in slots
     assert fsck.check(reopened).ok
     reopened.close()

@@ -160,6 +160,8 @@ class Store:
         if not txn.put(rec.version_id, c.envelope, db=dbs[s.DB_ENVELOPES], overwrite=False):
             return  # content-addressed: already stored, nothing else to do
         txn.put(rec.version_id, rec.pack(), db=dbs[s.DB_META])
+        self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, len(c.envelope))
+        self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, rec.size)
         for slot in c.slots:
             txn.put(
                 s.slot_key(rec.version_id, slot.role, slot.generation),
@@ -234,6 +236,10 @@ class Store:
             for key in keys:
                 vid = key[-s.VERSION_ID_LEN :]
                 txn.delete(key, db=self._dbs[s.DB_HISTORY])
+                envelope = txn.get(vid, db=self._dbs[s.DB_ENVELOPES])
+                if envelope is not None:
+                    self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, -len(envelope))
+                    self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, -self._record(txn, vid).size)
                 txn.delete(vid, db=self._dbs[s.DB_ENVELOPES])
                 txn.delete(vid, db=self._dbs[s.DB_META])
                 for slot_key in self._slot_keys(txn, vid):
@@ -488,23 +494,26 @@ class Store:
             yield parent.decode(), child.decode()
 
     def statistics(self) -> StoreStatistics:
+        """Counts and sizes; cheap (LMDB entry counts and running totals, no scan)."""
         with self._env.begin() as txn:
             dbs = self._dbs
-            envelope_bytes = 0
-            plaintext = 0
-            for _, value in txn.cursor(db=dbs[s.DB_ENVELOPES]):
-                envelope_bytes += len(value)
-            for key, value in txn.cursor(db=dbs[s.DB_META]):
-                plaintext += VersionRecord.unpack(bytes(key), bytes(value)).size
             info = self._env.info()
             stat = self._env.stat()
             return StoreStatistics(
                 versions=txn.stat(dbs[s.DB_META])["entries"],
                 contexts=txn.stat(dbs[s.DB_LEAVES])["entries"],
                 directories=txn.stat(dbs[s.DB_TREE])["entries"],
-                envelope_bytes=envelope_bytes,
-                plaintext_bytes=plaintext,
+                envelope_bytes=self._counter(txn, s.INFO_ENVELOPE_BYTES),
+                plaintext_bytes=self._counter(txn, s.INFO_PLAINTEXT_BYTES),
                 sequence=self._sequence(txn),
                 map_size=info["map_size"],
                 map_used=(info["last_pgno"] + 1) * stat["psize"],
             )
+
+    def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        raw = txn.get(name, db=self._dbs[s.DB_INFO])
+        return 0 if raw is None else int(s.U64.unpack(raw)[0])
+
+    def _add_to_counter(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        value = max(0, self._counter(txn, name) + delta)
+        txn.put(name, s.U64.pack(value), db=self._dbs[s.DB_INFO])

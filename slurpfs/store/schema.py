@@ -44,6 +44,8 @@ ALL_DBS = (
 INFO_FORMAT = b"format"
 INFO_SEQUENCE = b"sequence"
 INFO_NODE_ID = b"node_id"
+INFO_ENVELOPE_BYTES = b"envelope_bytes"  # u64 running totals, kept by every commit and purge
+INFO_PLAINTEXT_BYTES = b"plaintext_bytes"
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
