@@ -248,30 +248,25 @@ class ContextStore:
         readers = set(self.config.readers_of(role))
         caller = self.held_roles() if caller_roles is None else frozenset(caller_roles)
         entitled = readers & caller
-        if not entitled:
-            self._denied += 1
-            self._audit.record(
-                who=who,
-                action=action,
-                address=address,
-                role=role,
-                allowed=False,
-                reason="caller holds no reader role",
-            )
-            raise AccessDenied(f"reading {role!r} needs one of the roles {sorted(readers)}")
         usable = entitled & self.held_roles()
-        if not usable:
+        denial: AccessDenied | None = None
+        if not entitled:
+            reason = "caller holds no reader role"
+            denial = AccessDenied(f"reading {role!r} needs one of the roles {sorted(readers)}")
+        elif not usable:
+            reason = "node holds no key"
+            denial = KeyMissing(f"this node holds no private key for {sorted(entitled)}")
+        self._audit.record(
+            who=who,
+            action=action,
+            address=address,
+            role=role,
+            allowed=denial is None,
+            reason="" if denial is None else reason,
+        )
+        if denial is not None:
             self._denied += 1
-            self._audit.record(
-                who=who,
-                action=action,
-                address=address,
-                role=role,
-                allowed=False,
-                reason="node holds no key",
-            )
-            raise KeyMissing(f"this node holds no private key for {sorted(entitled)}")
-        self._audit.record(who=who, action=action, address=address, role=role, allowed=True)
+            raise denial
         return frozenset(usable)
 
     # -- writing ---------------------------------------------------------------
