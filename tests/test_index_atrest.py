@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Nodes, assert_no_canary, find_canary
+from test_index_support import ENGINES, address, document, new_model, put_many
 from whoosh.filedb.filestore import FileStorage, RamStorage
 
-from conftest import Nodes, assert_no_canary, find_canary
-from slurpfs.index import SearchService
-from slurpfs.index import whoosh_engine
+from slurpfs.index import SearchService, whoosh_engine
 from slurpfs.index.whoosh_engine import MemoryStorage
-from test_index_support import ENGINES, address, document, new_model, put_many
 
 DOCS = 2_100
 

@@ -6,19 +6,23 @@ from collections.abc import Callable
 
 import pytest
 import trio
-
 from conftest import Node, Nodes, run_cli
+from test_index_support import ENGINES, address, document
+
 from slurpfs.index import Indexer, SearchService
 from slurpfs.model import BatchItem, ContextStore
-from test_index_support import ENGINES, address, document
 
 DEADLINE = 1.0  # a saved context is searchable within a second
 
 
 async def eventually(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    """Wait until `condition()` holds, failing after `deadline` seconds."""
+    """Wait until `condition()` holds, failing after `deadline` seconds.
+
+    The conditions are searches of an index another task updates: there is no
+    event to wait for, so poll at a short interval under a deadline.
+    """
     with trio.fail_after(deadline):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - polled under a deadline
             await trio.sleep(0.005)
 
 

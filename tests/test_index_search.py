@@ -361,3 +361,19 @@ def test_corrupt_versions_are_not_indexed(nodes: Nodes, caplog: pytest.LogCaptur
         assert search.search("tamperedword", ["developer"]).total == 0
         assert search.statistics().skipped == 1
     assert any("not indexing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rebuild_that_loses_a_race_still_wins(nodes: Nodes) -> None:
+    model = new_model(nodes, "whoosh", held=["developer"])
+    model.put(address("one"), "developer", document("before"))
+    first = SearchService.open(model)
+    second = SearchService.open(model)
+    model.put(address("two"), "developer", document("during"))
+    first.catch_up()  # saves: what `second` last read is now stale
+    assert second.rebuild() == 2  # its save conflicts; a complete build replaces it
+    first.close()
+    second.close()
+    with SearchService.open(model) as search:
+        assert search.statistics().rebuilt == ()
+        assert search.search("before OR during", ["developer"]).total == 2
+    assert check_index(model) == []

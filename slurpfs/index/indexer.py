@@ -181,5 +181,5 @@ class Indexer:
             batches=self._batches,
             dropped_notices=self._dropped,
             errors=self._errors,
-            seq=self._service.statistics().seq,
+            seq=self._service.seq,
         )

@@ -19,6 +19,7 @@ last saw (`IndexConflict` otherwise: another process saved meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -126,7 +127,8 @@ class SealedIndexStore:
         self._keyring = keyring  # read at each use: key rotation replaces the keyring
         self.role = role
         self._raw_meta: bytes | None = None
-        self._meta: IndexMeta | None = None
+        self._meta: IndexMeta | None = None  # None: the next save seals every file
+        self._generation = 0
         self._chunks: dict[str, int] = {}  # name -> chunks stored, for deletion
 
     @property
@@ -145,7 +147,10 @@ class SealedIndexStore:
         Raises `IndexRollback`, `IndexCorrupt`, or `KeyMissing` when the key the
         index was sealed under is no longer held.
         """
-        raw = self._store.aux_get(INDEX_TABLE, _meta_key(self.role))
+        # One scan, so one read transaction: the manifest and the files it names
+        # are from the same save even while another process saves.
+        rows = self._store.aux_scan(INDEX_TABLE, self.role.encode() + b"\0")
+        raw = dict(rows).get(_meta_key(self.role))
         if raw is None:
             self._raw_meta, self._meta, self._chunks = None, None, {}
             return None
@@ -155,7 +160,9 @@ class SealedIndexStore:
         key = index_key(self._keyring(), self.role, meta.key_generation)
         pieces: dict[str, list[bytes]] = {}
         prefix = _file_prefix(self.role)
-        for k, value in self._store.aux_scan(INDEX_TABLE, prefix):
+        for k, value in rows:
+            if not k.startswith(prefix):
+                continue
             rest = k[len(prefix) :]  # name ‖ 0 ‖ chunk number u32
             name = rest[: -1 - _U32.size].decode(errors="replace")
             parts = pieces.setdefault(name, [])
@@ -171,7 +178,7 @@ class SealedIndexStore:
                     f"(generation {meta.generation}) names: refusing an older or altered index"
                 )
             files[name] = open_file(key, self.role, name, sealed)
-        self._raw_meta, self._meta = raw, meta
+        self._raw_meta, self._meta, self._generation = raw, meta, meta.generation
         self._chunks = {name: len(parts) for name, parts in pieces.items()}
         return meta, files
 
@@ -220,7 +227,7 @@ class SealedIndexStore:
             del chunks[name]
         meta = IndexMeta(
             engine=engine,
-            generation=(old.generation + 1) if old is not None else 1,
+            generation=self._generation + 1,
             seq=seq,
             docs=docs,
             key_generation=key_generation,
@@ -237,7 +244,28 @@ class SealedIndexStore:
                 f"the index of role {self.role!r} was saved by another process meanwhile"
             ) from None
         self._raw_meta, self._meta, self._chunks = raw, meta, chunks
+        self._generation = meta.generation
         return meta
+
+    def take_over(self) -> None:
+        """Make the next save replace whatever is saved now, sealing every file.
+
+        For a complete build that lost a race with another process's save: the
+        build is as good as what was saved, so it wins rather than being lost.
+        """
+        rows = self._store.aux_scan(INDEX_TABLE, self.role.encode() + b"\0")
+        self._raw_meta = dict(rows).get(_meta_key(self.role))
+        self._meta = None
+        if self._raw_meta is not None:
+            with contextlib.suppress(IndexCorrupt, KeyMissing):  # replaced either way
+                current = self._open_meta(self._raw_meta)
+                self._generation = max(self._generation, current.generation)
+        prefix = _file_prefix(self.role)
+        self._chunks = {}
+        for k, _ in rows:
+            if k.startswith(prefix):
+                name = k[len(prefix) : -1 - _U32.size].decode(errors="replace")
+                self._chunks[name] = self._chunks.get(name, 0) + 1
 
     def purge(self) -> None:
         """Remove everything saved for this role (before a rebuild of a corrupt index)."""

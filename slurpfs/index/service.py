@@ -46,7 +46,7 @@ class ApplyReport:
     """What one `catch_up` (or build) did."""
 
     indexed: int = 0  # documents written, counted once per role index
-    removed: int = 0  # documents removed, likewise
+    removed: int = 0  # removals applied, likewise (a removal may find nothing to remove)
     skipped: int = 0  # versions that failed authentication: never indexed
     seq: int = 0  # change sequence now reflected
     oldest_hlc: int | None = None  # HLC of the oldest change applied (for lag)
@@ -156,6 +156,11 @@ class SearchService:
     def doc_count(self, role: str) -> int:
         return self._indexes[role].doc_count()
 
+    @property
+    def seq(self) -> int:
+        """The store change sequence every index reflects."""
+        return min((i.seq for i in self._indexes.values()), default=0)
+
     # -- indexing ------------------------------------------------------------------
 
     def _targets(self, file_role: str, among: Collection[str]) -> list[str]:
@@ -212,6 +217,8 @@ class SearchService:
     def _write(
         self, role: str, index: RoleIndex, docs: list[IndexDoc], keys: set[str], seq: int
     ) -> None:
+        # A replaced index is not closed: a search may still be running on it
+        # (garbage collection frees it); the dict is replaced, never mutated.
         try:
             index.write(docs, keys, seq=seq)
         except IndexConflict:
@@ -221,8 +228,12 @@ class SearchService:
             fresh = self._load(role, self._sealed[role]) or self._type.create(
                 role, self._sealed[role]
             )
-            self._indexes[role] = fresh
-            index.close()
+            self._indexes = {**self._indexes, role: fresh}
+        except KeyMissing as exc:
+            # The role's key was dropped from this node meanwhile: it no longer
+            # reads the role, so it keeps no index of it either.
+            log.warning("dropping the search index of role %s: %s", role, exc)
+            self._indexes = {r: i for r, i in self._indexes.items() if r != role}
 
     def catch_up(self, *, batch: int = CATCH_UP_BATCH) -> ApplyReport:
         """Apply every change in the store's change log that the indexes lack.
@@ -266,7 +277,13 @@ class SearchService:
                 if progress is not None:
                     progress(n, len(contexts))
             for role, index in indexes.items():
-                index.write([], (), seq=seq)
+                try:
+                    index.write([], (), seq=seq)
+                except IndexConflict:
+                    # Another process saved this index while we built it: ours is
+                    # complete up to `seq`, so it replaces theirs.
+                    self._sealed[role].take_over()
+                    index.write([], (), seq=seq)
                 self._rebuilt.append(role)
             self._totals = self._totals + report
         log.info("built search indexes %s: %d documents", ", ".join(indexes), report.indexed)
@@ -287,10 +304,7 @@ class SearchService:
         with self._apply_lock:
             fresh = {r: self._type.create(r, self._sealed[r]) for r in chosen}
             report = self._build(fresh, progress)
-            old = [self._indexes[r] for r in chosen]
-            self._indexes = {**self._indexes, **fresh}
-            for index in old:
-                index.close()
+            self._indexes = {**self._indexes, **fresh}  # the old ones: see _write
         self.catch_up()
         return report.indexed
 
@@ -409,7 +423,7 @@ class SearchService:
         return SearchStatistics(
             engine=self.engine,
             documents={r: i.doc_count() for r, i in sorted(self._indexes.items())},
-            seq=min((i.seq for i in self._indexes.values()), default=0),
+            seq=self.seq,
             indexed=totals.indexed,
             removed=totals.removed,
             skipped=totals.skipped,

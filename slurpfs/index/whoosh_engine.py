@@ -78,6 +78,10 @@ class MemoryStorage(Storage):  # type: ignore[misc]
             changed, self._changed = self._changed, set()
             return changed
 
+    def mark_changed(self, names: set[str]) -> None:
+        with self._lock:
+            self._changed |= names & self._files.keys()
+
     # -- whoosh Storage ---------------------------------------------------------------
 
     def create_file(self, name: str, **kwargs: Any) -> StructFile:
@@ -322,7 +326,11 @@ class WhooshIndex:
         """Seal what changed since the last save into the store (one transaction)."""
         files = self._storage.snapshot()
         changed = self._storage.take_changed()
-        self._sealed.save(ENGINE, files, changed, seq=self.seq, docs=self.doc_count())
+        try:
+            self._sealed.save(ENGINE, files, changed, seq=self.seq, docs=self.doc_count())
+        except BaseException:
+            self._storage.mark_changed(changed)  # still to be sealed by the next save
+            raise
 
     def doc_count(self) -> int:
         return int(self._ix.doc_count())
