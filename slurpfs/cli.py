@@ -24,7 +24,10 @@ from tqdm import tqdm
 from slurpfs import audit, config, fsck
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import InvalidAddress, SlurpError, WrongPassphrase, exit_code
+from slurpfs.index import cli as index_cli
+from slurpfs.index.check import check_index
 from slurpfs.model import BatchItem, ContextStore, VersionInfo, data_paths
+from slurpfs.service import mountcmd
 from slurpfs.ucxl import Address, Authority, parse
 
 EXIT_PARTIAL = 9
@@ -256,6 +259,8 @@ class Commands:
     def fsck(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         with self.model(cfg, passphrase) as model:
             report = fsck.check(model, deep=not args.shallow)
+            if not args.no_index:
+                report.problems.extend(f"search index: {p}" for p in check_index(model))
         summary = (
             f"{report.versions} versions, {report.contexts} contexts, {report.directories} directories,"
             f" {report.decrypted} decrypted: "
@@ -506,6 +511,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("--role", required=True)
     p = add("fsck", commands.fsck, "check the store's consistency and authenticity")
     p.add_argument("--shallow", action="store_true", help="do not decrypt")
+    p.add_argument("--no-index", action="store_true", help="do not check the search index")
     p = add(
         "import", commands.import_, "import a directory tree as contexts of one authority and role"
     )
@@ -527,12 +533,8 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     audit_sub.add_parser("verify", parents=[common])
     ap = audit_sub.add_parser("show", parents=[common])
     ap.add_argument("-n", type=int, default=50)
-    try:
-        from slurpfs.service import mountcmd
-    except ImportError:  # pragma: no cover - FUSE layer not installed
-        pass
-    else:
-        mountcmd.register(sub, common)
+    mountcmd.register(sub, common)
+    index_cli.register(sub, common, opener=commands.model)
     return parser
 
 

@@ -16,6 +16,8 @@ import yaml
 
 LIST_FIELDS = ("tags", "technologies", "insights", "influences", "influenced_by")
 TEXT_FIELDS = ("summary", "purpose")
+# libyaml's loader when PyYAML was built with it (about 9x faster); same safe subset.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _FENCE = re.compile(rb"\A---[ \t]*\r?\n(.*?)(?:\r?\n)(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.S)
 
 
@@ -55,7 +57,7 @@ def parse(data: bytes) -> FrontMatter:
     if match is None:
         return FrontMatter(body=text)
     try:
-        loaded = yaml.safe_load(match.group(1).decode("utf-8"))
+        loaded = yaml.load(match.group(1).decode("utf-8"), Loader=_LOADER)
     except yaml.YAMLError:
         return FrontMatter(body=text)
     if not isinstance(loaded, dict):
