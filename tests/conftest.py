@@ -8,6 +8,8 @@
   a store on purpose says so with `Node.expect_damage()` and checks fsck itself.
 * `run_cli` runs the real ``slurpfs`` command in a subprocess.
 * `assert_no_canary` searches files for a secret in every encoding the store could use.
+* `test_user` is an unprivileged system user (created once); `reachable_dir` a
+  temporary directory it can reach, for mounts shared with it (``--allow-other``).
 * A WARNING (or worse) logged by slurpfs fails the test unless it is marked
   ``@pytest.mark.expect_warnings``.
 """
@@ -18,8 +20,11 @@ import base64
 import binascii
 import logging
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ from slurpfs.crypto.keystore import KdfParams
 from slurpfs.model import ContextStore
 
 WEAK_KDF = KdfParams.weak()
+TEST_USER = "slurpfs-test"
 CLI_TIMEOUT = 120.0
 _SCRUBBED_PREFIXES = ("SLURPFS_", "XDG_")
 
@@ -196,6 +202,31 @@ def model(node_and_model: tuple[Node, ContextStore]) -> ContextStore:
 @pytest.fixture
 def data_dir(node: Node) -> Path:
     return node.data_dir
+
+
+# -- other users -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_user() -> str:
+    """An unprivileged system user for access tests (created if missing)."""
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+        )
+    return TEST_USER
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A temporary directory other users can enter (pytest's own are 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="slurpfs-access-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # -- the CLI as a subprocess -----------------------------------------------------

@@ -6,7 +6,9 @@ as the kernel would, and every entry handed out is counted so tests can check
 lookup counts. `FakeKernel` records invalidations.
 
 `Mounted` runs the real ``slurpfs`` CLI: mount in the background or foreground,
-unmount, and checks that the daemon exited 0 and logged no warning.
+unmount, and checks that the daemon exited 0 and logged no warning; `mounted_at`
+mounts a fresh data directory. `run_as` runs a command as another user and
+`developer_only` is a role mapping that gives one user just ``developer``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,12 +28,14 @@ from typing import cast
 
 import pyfuse3
 import pytest
-from conftest import CLI_TIMEOUT, cli_env
+from conftest import CLI_TIMEOUT, Nodes, cli_env
 
 from slurpfs.fs.ops import Operations
 
 ROLE_FILE_OK = "ok"
 AUTH = "claude:architect@bzzz:auth"
+# vim skips backups (and the write-backup dance) under /tmp, where pytest puts mounts.
+BACKUP_EVERYWHERE = "set backupskip="
 
 
 # -- ops-level -------------------------------------------------------------------------
@@ -177,6 +182,9 @@ class OpsHarness:
         ino = await self.ino(path)
         fh = await self.ops.opendir(ino, self.ctx)
         self._listing = []
+        self.ops.readdir_reply = (
+            self._reply
+        )  # (another harness on the same ops may have set its own)
         try:
             await self.ops.readdir(fh, 0, cast(pyfuse3.ReaddirToken, None))
         finally:
@@ -303,6 +311,44 @@ class Mounted:
         """Leave nothing mounted whatever happened (teardown after a failure)."""
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False, capture_output=True)
+
+
+def mounted_at(
+    nodes: Nodes,
+    root: Path,
+    *,
+    toml: str | None = None,
+    extra: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
+) -> Mounted:
+    """A fresh data directory mounted at ``root/mnt`` (`env` goes to every CLI call)."""
+    node, _ = nodes.new(toml=toml)
+    node.close_all()  # the daemon opens the store
+    m = Mounted(node.data_dir, root / "mnt", env=dict(env or {}), extra=extra)
+    m.mount()
+    return m
+
+
+def developer_only(user: str) -> str:
+    """Configuration (TOML) with the default roles, mapping `user` to ``developer`` alone."""
+    return textwrap.dedent(
+        f"""
+        [roles.developer]
+        readers = ["architect"]
+        users = ["{user}"]
+        [roles.architect]
+        readers = []
+        [roles.reviewer]
+        readers = ["architect"]
+        """
+    )
+
+
+def run_as(user: str, *cmd: str | Path) -> subprocess.CompletedProcess[bytes]:
+    """Run `cmd` as `user` (we are root in mount tests)."""
+    return subprocess.run(
+        ["runuser", "-u", user, "--", *map(str, cmd)], capture_output=True, check=False
+    )
 
 
 def role_path(root: Path, authority: str, *parts: str) -> Path:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import pytest
 from conftest import Nodes
-from test_index_support import ENGINES, address, document, new_model, put_many
+from test_index_support import ENGINES, SECRET, address, document, new_model, put_many, seed
 
 from slurpfs.errors import AccessDenied, QueryError
 from slurpfs.index import SearchResult, SearchService, check_index
 from slurpfs.index.render import facets_text, link_name, link_target, results_text
 from slurpfs.index.sealed import INDEX_TABLE
 from slurpfs.model import ContextStore
-
-SECRET = document(
-    "The HSM holds the xylophonesecret master key. Rotating key material is shared.",
-    summary="secret key ceremony",
-    tags=["secrettag", "security"],
-    technologies=["secrettech"],
-)
 
 
 @pytest.fixture(params=ENGINES)
@@ -31,41 +25,6 @@ def engine(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def model(nodes: Nodes, engine: str) -> ContextStore:
     return new_model(nodes, engine)
-
-
-def seed(model: ContextStore) -> None:
-    """Three developer contexts, one architect-only context (on its own project)."""
-    put_many(
-        model,
-        [
-            (
-                address("src/auth.go"),
-                "developer",
-                document(
-                    "Tokens are validated against the rotating key set because keys leak.",
-                    summary="JWT validation for the public API",
-                    tags=["security", "backend"],
-                    technologies=["go", "jwt"],
-                ),
-            ),
-            (
-                address("src/session.go"),
-                "developer",
-                document(
-                    "Sessions expire after an hour; the key set is shared with auth.",
-                    summary="session lifetime",
-                    tags=["backend"],
-                    technologies=["go"],
-                ),
-            ),
-            (
-                address("docs/readme", "alice:developer@web:ui"),
-                "developer",
-                document("Rotating banners on the landing page.", tags=["frontend"]),
-            ),
-            (address("hsm/ceremony", "claude:architect@vault:keys"), "architect", SECRET),
-        ],
-    )
 
 
 def everything(result: SearchResult) -> str:
@@ -221,6 +180,29 @@ def test_query_syntax_both_engines_agree_on(
     with SearchService.open(model) as search:
         hits = search.search(query, ["developer"]).hits
     assert {h.address.split("/", 1)[1] for h in hits} == expected
+
+
+def test_exclusions_and_the_role_filter_drop_every_excluded_context(model: ContextStore) -> None:
+    # The excluded side matching an earlier document than the first hit is the case
+    # whoosh 2.7's AndNot gets wrong on its own.
+    seed(model)
+    with SearchService.open(model) as search:
+        for query in ("key -rotating", "key NOT rotating"):
+            hits = search.search(query, ["architect"]).hits
+            assert [h.address.rsplit("/", 1)[1] for h in hits] == ["session.go"], query
+        only = search.search("key", ["architect"], role="architect")
+        assert [(h.address, h.role) for h in only.hits] == [
+            ("claude:architect@vault:keys/hsm/ceremony", "architect")
+        ]
+        assert only.total == 1
+
+
+@pytest.mark.parametrize("query", ["(key -rotating) OR banners", "NOT NOT key", "/ : * !"])
+def test_queries_an_engine_cannot_run_are_query_errors(model: ContextStore, query: str) -> None:
+    seed(model)
+    # it runs, or says why not: nothing else
+    with SearchService.open(model) as search, contextlib.suppress(QueryError):
+        search.search(query, ["developer"])
 
 
 def test_reopening_does_not_rebuild_a_saved_index(nodes: Nodes, engine: str) -> None:

@@ -49,3 +49,46 @@ def document(
 def put_many(model: ContextStore, items: Iterable[tuple[Address, str, bytes]]) -> None:
     report = model.put_many(BatchItem(a, r, d) for a, r, d in items)
     assert not report.failed, report.failed
+
+
+SECRET = document(
+    "The HSM holds the xylophonesecret master key. Rotating key material is shared.",
+    summary="secret key ceremony",
+    tags=["secrettag", "security"],
+    technologies=["secrettech"],
+)
+
+
+def seed(model: ContextStore) -> None:
+    """Three developer contexts, one architect-only context (on its own project)."""
+    put_many(
+        model,
+        [
+            (
+                address("src/auth.go"),
+                "developer",
+                document(
+                    "Tokens are validated against the rotating key set because keys leak.",
+                    summary="JWT validation for the public API",
+                    tags=["security", "backend"],
+                    technologies=["go", "jwt"],
+                ),
+            ),
+            (
+                address("src/session.go"),
+                "developer",
+                document(
+                    "Sessions expire after an hour; the key set is shared with auth.",
+                    summary="session lifetime",
+                    tags=["backend"],
+                    technologies=["go"],
+                ),
+            ),
+            (
+                address("docs/readme", "alice:developer@web:ui"),
+                "developer",
+                document("Rotating banners on the landing page.", tags=["frontend"]),
+            ),
+            (address("hsm/ceremony", "claude:architect@vault:keys"), "architect", SECRET),
+        ],
+    )

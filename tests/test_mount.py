@@ -10,12 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -23,7 +20,19 @@ from pathlib import Path
 
 import pytest
 from conftest import Nodes
-from fsutil import AUTH, Mounted, is_mounted, raises_oserror, slurpfs, versions, wait_for
+from fsutil import (
+    AUTH,
+    BACKUP_EVERYWHERE,
+    Mounted,
+    developer_only,
+    is_mounted,
+    mounted_at,
+    raises_oserror,
+    run_as,
+    slurpfs,
+    versions,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.mount,
@@ -33,19 +42,6 @@ pytestmark = [
 DEV = "developer"
 ARCH = "architect"
 SRC = ("src", "auth.go")
-TEST_USER = "slurpfs-test"
-# vim skips backups (and the write-backup dance) under /tmp, where pytest puts mounts.
-BACKUP_EVERYWHERE = "set backupskip="
-
-
-def mounted_at(
-    nodes: Nodes, root: Path, *, toml: str | None = None, extra: tuple[str, ...] = ()
-) -> Mounted:
-    node, _ = nodes.new(toml=toml)
-    node.close_all()  # the daemon opens the store
-    m = Mounted(node.data_dir, root / "mnt", extra=extra)
-    m.mount()
-    return m
 
 
 @pytest.fixture
@@ -407,53 +403,25 @@ def test_temporal_reads_after_three_saves(mnt: Mounted) -> None:
 # -- access by caller ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def test_user() -> str:
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-    return TEST_USER
-
-
-def test_allow_other_gives_users_their_mapped_roles(nodes: Nodes, test_user: str) -> None:
-    toml = textwrap.dedent(
-        f"""
-        [roles.developer]
-        readers = ["architect"]
-        users = ["{test_user}"]
-        [roles.architect]
-        readers = []
-        [roles.reviewer]
-        readers = ["architect"]
-        """
-    )
+def test_allow_other_gives_users_their_mapped_roles(
+    nodes: Nodes, test_user: str, reachable_dir: Path
+) -> None:
     # The unprivileged user must be able to reach the mountpoint.
-    root = Path(tempfile.mkdtemp(prefix="slurpfs-access-"))
-    root.chmod(0o755)
-    m = mounted_at(nodes, root, toml=toml, extra=("--allow-other",))
+    m = mounted_at(nodes, reachable_dir, toml=developer_only(test_user), extra=("--allow-other",))
     try:
         d = m.ucxl / AUTH
         d.mkdir()
         (d / DEV).write_bytes(b"for developers\n")
         (d / ARCH).write_bytes(b"for architects\n")
-
-        def as_user(*cmd: str) -> subprocess.CompletedProcess[bytes]:
-            return subprocess.run(["runuser", "-u", test_user, "--", *cmd], capture_output=True)
-
-        assert as_user("cat", str(d / DEV)).stdout == b"for developers\n"
-        denied = as_user("cat", str(d / ARCH))
+        assert run_as(test_user, "cat", d / DEV).stdout == b"for developers\n"
+        denied = run_as(test_user, "cat", d / ARCH)
         assert denied.returncode != 0
         assert b"Permission denied" in denied.stderr
-        assert ARCH in as_user("ls", str(d)).stdout.decode()  # listed, not readable
+        assert ARCH in run_as(test_user, "ls", d).stdout.decode()  # listed, not readable
         assert (d / ARCH).read_bytes() == b"for architects\n"  # root, the mounting user
         m.unmount()
     finally:
         m.sweep()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- robustness ------------------------------------------------------------------------

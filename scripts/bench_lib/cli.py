@@ -44,6 +44,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     parser.add_argument(
+        "--runs", type=int, help="model: independent runs, medians reported (default 3, quick 1)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="model: also time every stage of put and get"
     )
     parser.add_argument(
@@ -55,6 +58,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     if unknown:
         parser.error(f"unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     args.only = only
+    if args.runs is not None and args.runs < 1:
+        parser.error("--runs must be at least 1")
     quick = bool(args.quick)
     opts = Options(
         quick=quick,
@@ -64,6 +69,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         creates=200 if quick else 2000,
         saves=50 if quick else 200,
         repeat=1 if quick else 3,
+        runs=args.runs or (1 if quick else 3),
     )
     return args, opts
 
@@ -88,6 +94,7 @@ def main(argv: list[str]) -> int:
             "creates": opts.creates,
             "saves": opts.saves,
             "repeat": opts.repeat,
+            "model_runs": opts.runs,
         },
         "sections": {},
     }

@@ -31,6 +31,7 @@ class Options:
     creates: int  # files created in the create+write test
     saves: int  # iterations of the editor save loop
     repeat: int  # timed repetitions of each whole-tree tool run
+    runs: int  # model: independent runs (new store each); figures are medians over runs
 
 
 @dataclass

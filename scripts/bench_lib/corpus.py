@@ -165,12 +165,12 @@ def _document(rng: random.Random, address: str, size: int) -> bytes:
 
 
 def generate(count: int, size: int = 4096, seed: int = 1) -> Iterator[Doc]:
-    """`count` documents at distinct addresses, grouped a few dozen per directory."""
+    """`count` documents at distinct addresses: 40 per directory, 200 per authority in turn."""
     rng = random.Random(seed)
     authorities = sorted({_authority(rng) for _ in range(40)})[:12]
     for i in range(count):
-        authority = authorities[i % len(authorities)]
-        directory = f"{_DIRS[(i // 7) % len(_DIRS)]}/m{i // 40:04d}"
+        authority = authorities[(i // 200) % len(authorities)]
+        directory = f"{_DIRS[(i // 40) % len(_DIRS)]}/m{i // 40:04d}"  # 40 addresses each
         stem = rng.choice(_NOUNS).replace(" ", "_").replace("-", "_")
         name = f"{stem}_{i:05d}{rng.choice(_EXTS)}"
         parts = (authority, *directory.split("/"), name)

@@ -64,13 +64,17 @@ def run(opts: Options) -> Section:
         work = Workload(docs, files, list(corpus.generate(opts.creates, seed=2)), list_file)
         columns: dict[str, Json] = {}
         for name, setup in (("plain", _plain), ("gocryptfs", _gocryptfs), ("slurpfs", _slurpfs)):
-            with setup(base / name, work) as (root, note):
+            extra: Json = {}
+            with setup(base / name, work, extra) as (root, note):
                 if root is None:
                     columns[name] = {"skipped": note}
                     print(f"mount: {name}: skipped: {note}", file=sys.stderr)
                     continue
                 print(f"mount: {name}: measuring {root}", file=sys.stderr)
+                load = os.getloadavg()[0]
                 columns[name] = {"note": note, **_measure(root, work, opts)}
+                columns[name]["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+            columns[name].update(extra)  # filled in at teardown (daemon log)
     finally:
         _remove(base)
     hits = {name: col["grep_hits"] for name, col in columns.items() if "grep_hits" in col}
@@ -205,14 +209,14 @@ Column = Iterator[tuple[Path | None, str]]
 
 
 @contextlib.contextmanager
-def _plain(base: Path, work: Workload) -> Column:
+def _plain(base: Path, work: Workload, extra: Json) -> Column:
     base.mkdir()
     _populate(base, work)
     yield base, f"directory on {_fs_type(base)}"
 
 
 @contextlib.contextmanager
-def _gocryptfs(base: Path, work: Workload) -> Column:
+def _gocryptfs(base: Path, work: Workload, extra: Json) -> Column:
     exe = shutil.which("gocryptfs")
     if exe is None:
         yield None, "gocryptfs is not installed"
@@ -226,7 +230,7 @@ def _gocryptfs(base: Path, work: Workload) -> Column:
     subprocess.run([exe, "-init", "-q", "-extpass", PASSWORD_CMD, "-scryptn", "10", str(cipher)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     argv = [exe, "-fg", "-q", "-extpass", PASSWORD_CMD, str(cipher), str(mnt)]
-    with _daemon(argv, mnt, base / "gocryptfs.log", stop=None):
+    with _daemon(argv, mnt, base / "gocryptfs.log", None, extra):
         _populate(mnt, work)
         yield mnt, "gocryptfs defaults (-scryptn 10 only speeds up -init)"
 
@@ -240,7 +244,7 @@ def _clean_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _slurpfs(base: Path, work: Workload) -> Column:
+def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
     probe = subprocess.run([*_slurpfs_cli(), "mount", "--help"], capture_output=True,
                            env=_clean_env(), check=False)  # fmt: skip
     if probe.returncode != 0:
@@ -266,13 +270,18 @@ def _slurpfs(base: Path, work: Workload) -> Column:
                 raise RuntimeError(f"slurpfs import failed: {report.failed[:3]}")
     argv = [*_slurpfs_cli(), "mount", "--foreground", "--data", str(data), str(mnt)]
     stop = [*_slurpfs_cli(), "umount", str(mnt)]
-    with _daemon(argv, mnt, base / "slurpfs.log", stop=stop):
+    with _daemon(argv, mnt, base / "slurpfs.log", stop, extra):
         yield mnt, "slurpfs mount --foreground, default configuration"
 
 
 @contextlib.contextmanager
-def _daemon(argv: list[str], mnt: Path, log: Path, stop: list[str] | None) -> Iterator[None]:
-    """Start a FUSE daemon in the foreground as our child; unmount and reap it by PID at the end."""
+def _daemon(
+    argv: list[str], mnt: Path, log: Path, stop: list[str] | None, extra: Json
+) -> Iterator[None]:
+    """Start a FUSE daemon in the foreground as our child; unmount and reap it by PID at the end.
+
+    `extra` receives the daemon's exit status and its log's WARNING/ERROR lines.
+    """
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
     try:
@@ -300,6 +309,13 @@ def _daemon(argv: list[str], mnt: Path, log: Path, stop: list[str] | None) -> It
                 proc.wait()
         if os.path.ismount(mnt):  # the daemon died without unmounting
             _unmount(mnt, None, lazy=True)
+        lines = log.read_text(errors="replace").splitlines()
+        bad = [
+            line for line in lines if "WARNING" in line or "ERROR" in line or "Traceback" in line
+        ]
+        extra.update(
+            daemon_exit=proc.returncode, daemon_log_problems=len(bad), daemon_log_sample=bad[:5]
+        )
 
 
 def _unmount(mnt: Path, stop: list[str] | None, *, lazy: bool = False) -> None:
@@ -390,7 +406,17 @@ def _markdown(data: Json) -> list[str]:
         if "skipped" in cols.get(name, {}):
             lines.append(f"- {name}: skipped: {cols[name]['skipped']}")
         elif name in cols:
-            lines.append(f"- {name}: {cols[name]['note']}")
+            col = cols[name]
+            daemon = ""
+            if "daemon_exit" in col:
+                daemon = (
+                    f" (daemon exit status {col['daemon_exit']}, "
+                    f"{col['daemon_log_problems']} WARNING/ERROR log lines)"
+                )
+            load = col["load_1min"]
+            lines.append(
+                f"- {name}: {col['note']}{daemon}; load average {load[0]:.2f} → {load[1]:.2f}"
+            )
     hits = data["grep_hits"]
     if data["columns_agree"]:
         lines.append(

@@ -8,6 +8,7 @@ Modules, bottom up:
   version on flush.
 - `access`: which roles the calling uid/gid/groups hold.
 - `virtual`: the read-only status files under ``.slurp/``.
+- `search`: ``.search/``, where every name is a query run for the caller's roles.
 - `errmap`: domain errors to errno, in one place.
 - `invalidate`: keeps the kernel's caches honest when contexts change underneath.
 - `ops`: the `pyfuse3.Operations` subclass that ties them together.

@@ -53,10 +53,22 @@ class Kind(enum.Enum):
     HISTORY_FILE = "history_file"  # <dir>/.history/<role>/<n>
     CONFLICT = "conflict"  # <dir>/<role>.conflict-<id>
     SCRATCH = "scratch"  # a memory-only file or symlink
+    QUERY = "query"  # .search/<query> (one per caller role set)
+    QUERY_FILE = "query_file"  # .search/<query>/.results, .facets, .error
+    QUERY_LINK = "query_link"  # .search/<query>/<rank>-<name>-<role>: a symlink to a hit
 
 
 DIR_KINDS = frozenset(
-    {Kind.ROOT, Kind.UCXL, Kind.SLURP, Kind.SEARCH, Kind.DIR, Kind.HISTORY, Kind.HISTORY_ROLE}
+    {
+        Kind.ROOT,
+        Kind.UCXL,
+        Kind.SLURP,
+        Kind.SEARCH,
+        Kind.QUERY,
+        Kind.DIR,
+        Kind.HISTORY,
+        Kind.HISTORY_ROLE,
+    }
 )
 
 
@@ -67,7 +79,8 @@ class Key:
     kind: Kind
     parts: tuple[str, ...] = ()
     role: str = ""
-    extra: str = ""  # history number, conflict version id, scratch serial, virtual name
+    # history number, conflict version id, scratch serial, virtual name, a query's role set
+    extra: str = ""
 
     def digest(self) -> int:
         text = "\0".join((self.kind.value, *self.parts, "\1", self.role, self.extra))
@@ -118,8 +131,14 @@ class Node:
 
     @property
     def readonly(self) -> bool:
-        """Entries under a temporal segment, history, conflicts and status files."""
-        if self.kind in (Kind.HISTORY_FILE, Kind.CONFLICT, Kind.VIRTUAL):
+        """Entries under a temporal segment, history, conflicts, status files and search results."""
+        if self.kind in (
+            Kind.HISTORY_FILE,
+            Kind.CONFLICT,
+            Kind.VIRTUAL,
+            Kind.QUERY_FILE,
+            Kind.QUERY_LINK,
+        ):
             return True
         return self.address is not None and self.address.temporal is not None
 

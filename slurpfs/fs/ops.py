@@ -6,8 +6,10 @@ into `EntryAttributes`. Only `FUSEError` leaves a handler; anything else is a bu
 
 Kernel caching: entries and attributes are cached for ``mount.entry_timeout`` /
 ``mount.attr_timeout``, except views that change without an event (temporal
-segments, status files), which are never cached. ``open`` keeps the kernel's
-page cache (``keep_cache``) when the version it holds is still the one served.
+segments, status files, search results), which are never cached. ``open`` keeps
+the kernel's page cache (``keep_cache``) when the version it holds is still the
+one served. ``.search/`` is resolved by `slurpfs.fs.search`, which runs queries
+in worker threads for the caller's roles.
 When a context changes underneath (another process, replication),
 `slurpfs.fs.invalidate` tells the kernel, from a task outside every handler.
 """
@@ -40,6 +42,7 @@ from slurpfs.fs.handles import Content, FileHandle, Gateway, HandleTable
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Kind, Node
 from slurpfs.fs.namespace import Namespace
 from slurpfs.fs.scratch import ScratchStore
+from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
 from slurpfs.fs.virtual import FsStatistics, VirtualFiles
 from slurpfs.model import ContextStore, data_paths
@@ -76,6 +79,7 @@ class Operations(pyfuse3.Operations):
         self.tree = Tree(
             model, self.inodes, self.scratch, self.virtual, owner_uid=owner_uid, owner_gid=owner_gid
         )
+        self.search = SearchTree(self.inodes, owner_uid=owner_uid, owner_gid=owner_gid)
         self.gateway = Gateway(model)
         self.namespace = Namespace(self.tree, self.gateway, self.commit)
         self.handles = HandleTable()
@@ -125,10 +129,10 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = s.ctime_ns
         return a
 
-    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, s: Stat | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands `node` to the kernel; counts the lookup."""
         try:
-            attrs = self.attrs(node, self.tree.stat(node))
+            attrs = self.attrs(node, s if s is not None else self.tree.stat(node))
         except BaseException:
             self.inodes.maybe_purge(node)
             raise
@@ -141,7 +145,11 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
-            return self._entry(self.tree.child(self.node(parent_inode), name))
+            parent = self.node(parent_inode)
+            if self.search.resolves(parent, name):
+                node, s = await self.search.child(parent, name, self.caller(ctx))
+                return self._entry(node, s)
+            return self._entry(self.tree.child(parent, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -150,6 +158,8 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
             node = self.node(inode)
+            if self.search.owns(node):
+                return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
             return self.attrs(node, self.tree.stat(node))
 
     async def setattr(
@@ -163,6 +173,8 @@ class Operations(pyfuse3.Operations):
         with errmap(self.inodes.sweep):
             node = self.node(inode)
             caller = self.caller(ctx)
+            if self.search.owns(node):
+                raise ReadOnly("search results are read-only")
             if fields.update_size:
                 await self._truncate(node, attr.st_size, fh, caller)
             sf = node.scratch
@@ -219,6 +231,9 @@ class Operations(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.node(inode)
+        if self.search.owns(node):
+            with errmap(self.inodes.sweep):
+                return await self.search.readlink(node, self.caller(ctx))
         if node.scratch is None or node.scratch.target is None:
             raise fail(errno.EINVAL)
         return node.scratch.target
@@ -249,7 +264,7 @@ class Operations(pyfuse3.Operations):
             return False
         if node.kind is Kind.SCRATCH:
             return True
-        if node.kind is Kind.VIRTUAL:
+        if node.kind is Kind.VIRTUAL or self.search.owns(node):
             return not mode & os.W_OK
         if mode & os.W_OK and node.readonly:
             return False
@@ -368,6 +383,11 @@ class Operations(pyfuse3.Operations):
             assert node.key is not None
             # The rendering getattr just sized (if recent), so size and bytes agree.
             handle.snapshot = self.virtual.render(node.key.extra)
+            fi.direct_io = True
+            return fi
+        if self.search.owns(node):
+            # Per caller and short-lived: never from (or into) the kernel's page cache.
+            handle.snapshot = await self.search.read(node, caller)
             fi.direct_io = True
             return fi
         if node.kind is Kind.SCRATCH:
@@ -549,12 +569,16 @@ class Operations(pyfuse3.Operations):
             handle = self.handles.dir(fh)
             parent = handle.node
             if start_id == 0 or handle.entries is None:
-                handle.entries = self.tree.entries(parent)
+                if parent.kind is Kind.QUERY:
+                    handle.entries = await self.search.entries(parent, handle.caller)
+                else:
+                    handle.entries = self.tree.entries(parent)
             for i in range(start_id, len(handle.entries)):
                 entry = handle.entries[i]
                 node = self.tree.bind_entry(parent, entry)
                 try:
-                    attrs = self.attrs(node, self.tree.stat(node, known=entry.info))
+                    s = entry.stat or self.tree.stat(node, known=entry.info)
+                    attrs = self.attrs(node, s)
                 except NotFound:
                     self.inodes.maybe_purge(node)
                     continue
@@ -618,4 +642,5 @@ class Operations(pyfuse3.Operations):
             info=lambda: self._status_info,
             fs_stats=self.statistics,
             healthy=lambda: not self.stopping,
+            extra_stats=self.search.status,
         )

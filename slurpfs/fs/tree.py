@@ -3,6 +3,8 @@
 This is the filesystem's view of the context model, without FUSE types::
 
     /                       .search/  .slurp/  ucxl/
+    .search/<query>/        query results (`slurpfs.fs.search`; only the directory's
+                            attributes are computed here)
     ucxl/<authority>/       address directories, nested by path component
     <dir>/<role>            the latest version for a reader role
     <dir>/.history/<role>/<n>       version n, oldest first (resolved, not listed)
@@ -66,6 +68,7 @@ class Entry:
     address: Address | None = None
     info: VersionInfo | None = None
     scratch: ScratchFile | None = None
+    stat: Stat | None = None  # attributes known when listing (search results)
 
 
 def check_length(name: bytes) -> None:
@@ -133,8 +136,8 @@ class Tree:
             if text is None or text not in self.virtual:
                 raise NotFound(f"no status file {name!r}")
             return self.inodes.bind(Key(Kind.VIRTUAL, extra=text), parent.ino, name)
-        if parent.kind is Kind.SEARCH:
-            raise NotFound("search queries are not available yet")
+        if parent.kind in (Kind.SEARCH, Kind.QUERY):
+            raise NotFound("queries are resolved by slurpfs.fs.search")
         if parent.kind is Kind.UCXL:
             return self._authority(parent, name, text)
         address = parent.address
@@ -389,6 +392,8 @@ class Tree:
         elif kind is Kind.HISTORY:
             assert node.address is not None
             subdirs = len(self._roles_with_history(node.address))
+        elif kind is Kind.QUERY:
+            cacheable = False  # its content changes with every commit and every caller
         perm = 0o755 if writable else 0o555
         t = self.started_ns
         return Stat(st.S_IFDIR | perm, 0, 2 + subdirs, t, t, self.uid, self.gid, cacheable)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,21 +72,30 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
             _flatten(f"{prefix}{f.name}_", getattr(value, f.name), out)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(f"{prefix}{key}_", item, out)
     else:
         out[prefix.rstrip("_")] = value
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A (nested) statistics dataclass as ``{"a_b": number}``."""
+    """A (nested) statistics dataclass as ``{"a_b": number}`` (mappings nest by key)."""
     out: dict[str, Any] = {}
     _flatten(prefix, value, out)
     return out
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def render_status(info: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     lines = [f"slurpfs {__version__}"]
-    lines += [f"{k}: {v}" for k, v in info.items()]
-    lines += [f"{k}: {v}" for k, v in sorted(stats.items())]
+    lines += [f"{k}: {_text(v)}" for k, v in info.items()]
+    lines += [f"{k}: {_text(v)}" for k, v in sorted(stats.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -131,13 +140,19 @@ def register_defaults(
     info: Callable[[], Mapping[str, object]],
     fs_stats: Callable[[], FsStatistics],
     healthy: Callable[[], bool],
+    extra_stats: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
-    """The standard ``.slurp/`` files over a model and the filesystem's counters."""
+    """The standard ``.slurp/`` files over a model and the filesystem's counters.
+
+    `extra_stats` adds flattened counters of other components (search, indexer).
+    """
     started = time.time()
 
     def stats() -> dict[str, Any]:
         out = flatten(model.statistics(), "model_")
         out.update(flatten(fs_stats(), "fs_"))
+        if extra_stats is not None:
+            out.update(extra_stats())
         out["uptime_seconds"] = round(time.time() - started, 3)
         return out
 

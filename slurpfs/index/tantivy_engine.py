@@ -174,7 +174,10 @@ class TantivyIndex:
                 ]
             )
         searcher = self._searcher
-        result = searcher.search(q, limit=limit, count=True)
+        try:
+            result = searcher.search(q, limit=limit, count=True)
+        except ValueError as exc:  # e.g. a name tantivy took for a field: "/ :x"
+            raise QueryError(f"the query {text!r} cannot be run: {exc}") from None
         snippets = tantivy.SnippetGenerator.create(searcher, q, self._schema, "content")
         snippets.set_max_num_chars(200)
         hits = []

@@ -14,6 +14,11 @@ traps are closed here on purpose:
   any close.
 * ``writer(procs>1)`` pickles whole documents to temp files; the writer is
   always a plain single-process `SegmentWriter`.
+
+One whoosh 2.7 bug is worked around: ``AndNotMatcher`` does not exclude the
+first positive match when the excluded side starts at an earlier document, so
+``a ANDNOT b``, ``a -b`` and the file-role filter could let an excluded document
+through. Every ``AndNot`` is searched with `_AndNotMatcher` instead.
 """
 
 from __future__ import annotations
@@ -27,15 +32,38 @@ from whoosh import analysis, collectors, fields, qparser, query
 from whoosh.filedb.filestore import Storage
 from whoosh.filedb.structfile import BufferFile, StructFile
 from whoosh.index import FileIndex
+from whoosh.matching import AndNotMatcher
 from whoosh.searching import Searcher
 from whoosh.writing import SegmentWriter
 
+from slurpfs.errors import QueryError
 from slurpfs.index.document import DEFAULT_FIELDS, FACETS, FIELD_BOOSTS, IndexDoc
 from slurpfs.index.results import EngineHit, EngineResult, highlight_words, plain_snippet
 from slurpfs.index.sealed import SealedIndexStore
 
 ENGINE = "whoosh"
 POOL_LIMIT_MB = 128  # posting pool size before it spills a run (into memory); whoosh's default
+
+
+class _AndNotMatcher(AndNotMatcher):  # type: ignore[misc]
+    def _find_first(self) -> None:
+        # whoosh only skips when both sides start on the same document; the
+        # excluded side may start earlier and still hold the first positive match.
+        if self.a.is_active() and self.b.is_active():
+            self._find_next()
+
+
+class _AndNot(query.AndNot):  # type: ignore[misc]
+    def matcher(self, searcher: Searcher, context: Any = None) -> _AndNotMatcher:
+        scored = self.a.matcher(searcher, context)
+        return _AndNotMatcher(scored, self.b.matcher(searcher, searcher.boolean_context()))
+
+
+def _fixed(q: query.Query) -> query.Query:
+    """`q` with every ``AndNot`` searched by `_AndNotMatcher`."""
+    if type(q) is query.AndNot:
+        return _AndNot(q.a, q.b)
+    return q
 
 
 class _CaptureBuffer(io.BytesIO):
@@ -343,7 +371,14 @@ class WhooshIndex:
             }
 
     def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
-        q = self._parser.parse(text)
+        try:
+            q = self._parser.parse(text).accept(_fixed)
+        except (NotImplementedError, IndexError):
+            # whoosh 2.7's parser fails on some combinations check_syntax lets
+            # through, e.g. "(a -b) OR c" and "NOT NOT a".
+            raise QueryError(
+                f"the query {text!r} cannot be parsed: try simpler groups and operators"
+            ) from None
         words = {
             term
             for field, term in q.iter_all_terms(phrases=True)
@@ -355,7 +390,7 @@ class WhooshIndex:
                 present = {t.decode() for t in self._searcher.lexicon("file_role")}
                 others = sorted(present - file_roles)
                 if others:
-                    q = query.AndNot(q, query.Or([query.Term("file_role", r) for r in others]))
+                    q = _AndNot(q, query.Or([query.Term("file_role", r) for r in others]))
             collector = _CountingCollector(limit, self._segment_facets)
             self._searcher.search_with_collector(q, collector)
             hits = []

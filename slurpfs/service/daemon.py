@@ -4,13 +4,17 @@ Tasks (each started in the nursery, ready via ``nursery.start``):
 
 - the FUSE loop (`pyfuse3.main`);
 - `Invalidator`: the store's change feed to kernel cache invalidations;
+- `SearchRunner`: opens the search service in a worker thread (the mount does
+  not wait for it; ``.search/`` queries do, briefly), then starts the `Indexer`;
 - `ControlServer`: the local control socket (change notifications, ``watch``);
 - `Syncer`: the periodic sync to stable storage (``durability.sync_interval``);
 - `TtlCleaner`: expired contexts are purged (once a minute);
 - signals: SIGTERM/SIGINT commit every dirty buffer and end the FUSE loop.
 
-Shutdown is ordered: commit open buffers, end the FUSE loop, unmount, close the
-store, report the exit status to ``slurpfs umount``, exit 0.
+Shutdown is ordered: commit open buffers, end the FUSE loop, sync, stop the
+indexer (after the batch in progress) or abandon opening the search service, end
+the tasks, unmount, close the search service, close the store, report the exit
+status to ``slurpfs umount``, exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import logging
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,8 @@ from slurpfs.errors import SlurpError
 from slurpfs.fs.handles import Gateway
 from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
+from slurpfs.fs.search import SearchTree
+from slurpfs.index import Indexer, SearchService
 from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 
@@ -101,6 +109,77 @@ class TtlCleaner:
             await trio.sleep(self.interval)
 
 
+class OpenAborted(SlurpError):
+    """Opening the search service was abandoned: the daemon is shutting down."""
+
+
+class SearchRunner:
+    """Opens the search service without holding up the mount, then runs the indexer.
+
+    `run` opens the service in a worker thread (a tantivy index is rebuilt in
+    memory, a whoosh one decrypted and caught up), starts the `Indexer` in the
+    nursery it is given, and attaches the service to ``.search/``. A service that
+    cannot be opened leaves the mount up with ``.search/`` answering why in
+    ``.error``. `stop` stops the indexer after its batch in progress, or makes an
+    index build in progress give up; `close` closes the service (after the
+    nursery has ended).
+    """
+
+    def __init__(self, model: ContextStore, engine: str, tree: SearchTree) -> None:
+        self.model = model
+        self.engine = engine
+        self.tree = tree
+        self.service: SearchService | None = None
+        self.indexer: Indexer | None = None
+        self._abort = threading.Event()
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        started = time.monotonic()
+        try:
+            self.service = await trio.to_thread.run_sync(self._open)
+        except OpenAborted:
+            log.info("stopped opening the search indexes: shutting down")
+            return
+        except SlurpError as exc:
+            log.error("search is unavailable on this mount: %s", exc)
+            self.tree.unavailable(f"search is unavailable on this mount: {exc}")
+            return
+        self.indexer = Indexer(self.service)
+        await nursery.start(self.indexer.run)
+        self.tree.attach(self.service, self.indexer)
+        self.indexer.wake()  # commits made while the service was opening
+        documents = sum(self.service.statistics().documents.values())
+        log.info(
+            "search ready: %s engine, %d documents in %d role indexes, opened in %.2f s",
+            self.engine,
+            documents,
+            len(self.service.roles),
+            time.monotonic() - started,
+        )
+
+    def _open(self) -> SearchService:
+        def progress(done: int, total: int) -> None:
+            if self._abort.is_set():
+                raise OpenAborted("the daemon is shutting down")
+
+        return SearchService.open(self.model, engine=self.engine, progress=progress)
+
+    def wake(self) -> None:
+        """Another process committed: index now rather than at the next poll."""
+        if self.indexer is not None:
+            self.indexer.wake()
+
+    def stop(self) -> None:
+        self._abort.set()
+        if self.indexer is not None:
+            self.indexer.stop()
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+
+
 class Daemon:
     """One mounted filesystem over an open `ContextStore`."""
 
@@ -131,12 +210,18 @@ class Daemon:
             status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
-        self.control = ControlServer(config.data_dir, self.invalidator.poke, self._describe)
+        self.search = SearchRunner(model, config.search.engine, self.ops.search)
+        self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(model)
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"
+
+    async def _changed(self) -> None:
+        """A writer outside the daemon committed (control socket ``changed``)."""
+        self.search.wake()
+        await self.invalidator.poke()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -154,6 +239,7 @@ class Daemon:
         finally:
             self.ops.inodes.forget_all()
             pyfuse3.close(unmount=True)
+            self.search.close()
             self.model.close()
             log.info("unmounted %s; exiting with status %d", self.options.mountpoint, status)
             self.control.report_exit(status)
@@ -163,6 +249,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.invalidator.run)
             await nursery.start(self.control.run)
+            nursery.start_soon(self.search.run, nursery)
             nursery.start_soon(self.syncer.run)
             nursery.start_soon(self.ttl.run)
             nursery.start_soon(self._signals)
@@ -176,14 +263,18 @@ class Daemon:
             if ready is not None:
                 ready()
             self._notify("READY=1")
-            await pyfuse3.main()
-            # The kernel unmounted us, or a signal ended the loop.
-            self.ops.stopping = True
-            self._notify("STOPPING=1")
-            failed = await self.ops.commit_all()
-            if failed:
-                log.error("%d open files could not be stored at shutdown", failed)
-            await self.syncer.gateway.sync()
+            try:
+                await pyfuse3.main()
+                # The kernel unmounted us, or a signal ended the loop.
+                self.ops.stopping = True
+                self._notify("STOPPING=1")
+                failed = await self.ops.commit_all()
+                if failed:
+                    log.error("%d open files could not be stored at shutdown", failed)
+                await self.syncer.gateway.sync()
+            finally:
+                # Also when the loop failed: never wait for an index build to finish.
+                self.search.stop()
             nursery.cancel_scope.cancel()
 
     async def _signals(self) -> None:
