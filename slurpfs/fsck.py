@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slurpfs.crypto import envelope as env
-from slurpfs.errors import Corrupt, KeyMissing
+from slurpfs.crypto import local
+from slurpfs.errors import Corrupt
 from slurpfs.model import ContextStore
-from slurpfs.store import schema
+from slurpfs.store import StoredVersion, schema
 
 
 @dataclass
@@ -36,6 +37,7 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
     records = {r.version_id: r for r in store.iter_records()}
     report.versions = len(records)
     held = model.held_roles()
+    locals_ = local.LocalSlots()
 
     for vid, rec in records.items():
         where = f"version {rec.short_id} ({rec.address} [{rec.role}])"
@@ -43,7 +45,7 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
         if stored is None:
             report.problems.append(f"{where}: envelope missing")
             continue
-        raw, slots = stored
+        raw, slots = stored.envelope, stored.slots
         try:
             envelope = env.Envelope.decode(raw)
             ContextStore._check_matches(envelope, rec)
@@ -57,22 +59,8 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
             report.problems.append(f"{where}: no key slot for its own role")
         elif missing:
             report.problems.append(f"{where}: no key slot for reader roles {sorted(missing)}")
-        if deep and slot_roles & held:
-            try:
-                data = env.decrypt(
-                    envelope,
-                    env.unwrap_data_key([s for s in slots if s.role in held], model.keyring),
-                )
-            except KeyMissing:
-                pass  # only older generations are sealed to: nothing to check here
-            except Corrupt as exc:
-                report.problems.append(f"{where}: {exc}")
-            else:
-                report.decrypted += 1
-                if len(data) != rec.size:
-                    report.problems.append(
-                        f"{where}: decrypts to {len(data)} bytes, not {rec.size}"
-                    )
+        if deep:
+            _check_slots(report, where, model, envelope, stored, held, locals_)
         for parent_id in rec.parents:
             if parent_id not in records:
                 report.problems.append(f"{where}: parent {parent_id.hex()[:16]} missing")
@@ -121,3 +109,47 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
             if leaf.version_id in has_children:
                 report.problems.append(f"{where}: leaf {leaf.short_id} has a child version")
     return report
+
+
+def _check_slots(
+    report: FsckReport,
+    where: str,
+    model: ContextStore,
+    envelope: env.Envelope,
+    stored: StoredVersion,
+    held: frozenset[str],
+    locals_: local.LocalSlots,
+) -> None:
+    """Every key slot this node can open (SealedBox and local) must open the content."""
+    rec_size = envelope.header.size
+    opened = 0
+    candidates: list[tuple[str, bytes | None]] = []
+    for slot in stored.slots:
+        if slot.role in held and model.keyring.private(slot.role, slot.generation) is not None:
+            try:
+                candidates.append(
+                    (
+                        f"key slot {slot.role}/{slot.generation}",
+                        env.unwrap_data_key([slot], model.keyring),
+                    )
+                )
+            except Corrupt as exc:
+                report.problems.append(f"{where}: key slot {slot.role}/{slot.generation}: {exc}")
+    for slot in stored.local_slots:
+        if model.keyring.private(slot.role, slot.generation) is not None:
+            key = locals_.unwrap(model.keyring, envelope.version_id, [slot], frozenset({slot.role}))
+            candidates.append((f"local key slot {slot.role}/{slot.generation}", key))
+    for label, key in candidates:
+        if key is None:
+            report.problems.append(f"{where}: {label} does not open")
+            continue
+        try:
+            data = env.decrypt(envelope, key)
+        except Corrupt as exc:
+            report.problems.append(f"{where}: {label}: {exc}")
+            continue
+        opened += 1
+        if len(data) != rec_size:
+            report.problems.append(f"{where}: decrypts to {len(data)} bytes, not {rec_size}")
+    if opened:
+        report.decrypted += 1

@@ -11,6 +11,7 @@ Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ from slurpfs.audit import AuditLog
 from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
+from slurpfs.crypto import local
 from slurpfs.crypto.keys import Keyring, RolePublicKey
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import (
@@ -37,7 +39,14 @@ from slurpfs.errors import (
     NotFound,
     SlurpError,
 )
-from slurpfs.store import Commit, StaleHead, Store, StoreStatistics, VersionRecord
+from slurpfs.store import (
+    Commit,
+    StaleHead,
+    Store,
+    StoredVersion,
+    StoreStatistics,
+    VersionRecord,
+)
 from slurpfs.ucxl import Address, TemporalKind, validate_component
 
 VersionInfo = VersionRecord
@@ -141,6 +150,8 @@ class ContextStore:
         self._audit = audit
         self._clock = hlc.HybridClock()
         self._cache = PlaintextCache(config.cache.plaintext_bytes)
+        self._local = local.LocalSlots()
+        self._verify_key = local.verify_key(keyring.node)
         self._write_lock = threading.Lock()
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
@@ -317,12 +328,8 @@ class ContextStore:
                 record, commit = self._seal(
                     address, role, data, parents, deleted, readers, expires_ms
                 )
-                commit = Commit(
-                    record,
-                    commit.envelope,
-                    commit.slots,
-                    expected_leaves=tuple(v.version_id for v in leaves),
-                    expires_ms=expires_ms,
+                commit = dataclasses.replace(
+                    commit, expected_leaves=tuple(v.version_id for v in leaves)
                 )
                 try:
                     self._store.commit([commit])
@@ -360,6 +367,12 @@ class ContextStore:
             readers=readers,
             node=self.keyring.node,
         )
+        local_slots = self._local.wrap(
+            self.keyring,
+            sealed.data_key,
+            sealed.version_id,
+            [(pub.role, pub.generation) for pub in readers],
+        )
         record = VersionRecord(
             version_id=sealed.version_id,
             address=address,
@@ -370,7 +383,14 @@ class ContextStore:
             size=len(data),
             deleted=deleted,
         )
-        return record, Commit(record, sealed.encoded, sealed.slots, expires_ms=expires_ms)
+        return record, Commit(
+            record,
+            sealed.encoded,
+            sealed.slots,
+            expires_ms=expires_ms,
+            local_slots=local_slots,
+            verified=local.verified_tag(self._verify_key, sealed.version_id),
+        )
 
     def put_many(self, items: Iterable[BatchItem]) -> BatchReport:
         """Store many contexts in one transaction; bad items are reported, not fatal."""
@@ -479,10 +499,16 @@ class ContextStore:
                     ]
                     data_key = env.unwrap_data_key(slots, self.keyring)
                     self._store.replace_slots(
-                        vid, [env.wrap_data_key(data_key, new.public)], [(role, old.generation)]
+                        vid,
+                        [env.wrap_data_key(data_key, new.public)],
+                        [(role, old.generation)],
+                        add_local=self._local.wrap(
+                            self.keyring, data_key, vid, [(role, new.generation)]
+                        ),
                     )
                     rewrapped += 1
                 self._keystore.destroy_generation(role, old.generation)
+                self._local.forget(role, old.generation)
                 self.keyring = self._keystore.load()
         return RotationReport(
             role, None if old is None else old.generation, new.generation, rewrapped
@@ -495,6 +521,10 @@ class ContextStore:
         self._check_address(address, writing=False)
         self._check_role(role)
         info = self._select(address, role)
+        self._check_filed(info, address, role)
+        return info
+
+    def _check_filed(self, info: VersionInfo, address: Address, role: str) -> None:
         if (info.address, info.role) != (address.key, role):
             # The index names a version written for another context (a replay): its
             # envelope is authentic, but it must never be served from here.
@@ -511,7 +541,6 @@ class ContextStore:
                 f"version {info.short_id} of {info.address} [{info.role}]"
                 f" is filed under {address.key} [{role}]"
             )
-        return info
 
     def _select(self, address: Address, role: str) -> VersionInfo:
         key = address.key
@@ -549,9 +578,23 @@ class ContextStore:
         who: str = "local",
     ) -> Context:
         """The decrypted version the address selects. AccessDenied/KeyMissing/Corrupt/NotFound."""
-        info = self.stat(address, role)
+        stored: StoredVersion | None = None
+        if address.temporal is None:
+            # The hot path: head record and its envelope in one read transaction,
+            # skipping the envelope when the plaintext is cached.
+            self._check_address(address, writing=False)
+            self._check_role(role)
+            found = self._store.read_head(
+                address.key, role, load=lambda r: not self._cache.contains(r.version_id)
+            )
+            if found is None or found[0].deleted:
+                raise NotFound(f"no context at {address} for role {role!r}")
+            info, stored = found
+            self._check_filed(info, address, role)
+        else:
+            info = self.stat(address, role)
         usable = self._authorise(info.address, role, caller_roles, who, "read")
-        return Context(info, self._decrypt(info, usable))
+        return Context(info, self._decrypt(info, usable, stored))
 
     def get_version(
         self,
@@ -569,22 +612,32 @@ class ContextStore:
         usable = self._authorise(info.address, role, caller_roles, who, "read")
         return Context(info, b"" if info.deleted else self._decrypt(info, usable))
 
-    def _decrypt(self, info: VersionInfo, usable: frozenset[str]) -> bytes:
+    def _decrypt(
+        self, info: VersionInfo, usable: frozenset[str], stored: StoredVersion | None = None
+    ) -> bytes:
         cached = self._cache.get(info.version_id)
         if cached is not None:
             return cached
-        stored = self._store.read_version(info.version_id)
+        if stored is None:
+            stored = self._store.read_version(info.version_id)
         if stored is None:
             self._corrupt += 1
             raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
-        raw, slots = stored
         try:
-            envelope = env.Envelope.decode(raw)
+            envelope = env.Envelope.decode(stored.envelope)
             self._check_matches(envelope, info)
-            env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
-            data = env.decrypt(
-                envelope, env.unwrap_data_key([s for s in slots if s.role in usable], self.keyring)
-            )
+            h = envelope.header
+            # A version this node verified when it entered the store carries a tag
+            # only this node can make; the signature check is then already done.
+            if not (
+                local.tag_matches(self._verify_key, info.version_id, stored.verified)
+                and (h.address, h.role) == (info.address, info.role)
+            ):
+                env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
+            data_key = self._local.unwrap(
+                self.keyring, info.version_id, stored.local_slots, usable
+            ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
+            data = env.decrypt(envelope, data_key)
         except Corrupt:
             self._corrupt += 1
             self._audit.record(

@@ -664,8 +664,41 @@ def test_forged_key_slots_fail_authentication(node: Node, model: ContextStore) -
         for role, pub in publics.items():
             forged = SealedBox(PublicKey(pub.public)).encrypt(os.urandom(32))
             txn.put(s.slot_key(info.version_id, role, pub.generation), forged, db=dbs[s.DB_SLOTS])
+            # without the node-local slots, the forged SealedBox slots are all there is
+            txn.delete(s.slot_key(info.version_id, role, pub.generation), db=dbs[s.DB_LOCAL_SLOTS])
 
     assert_refused(node, ADDR, DEV, AuthenticationFailed)
+
+
+def test_forged_key_slots_beside_intact_local_slots_read_but_fsck_reports(
+    node: Node, model: ContextStore
+) -> None:
+    info = model.put(ADDR, DEV, SECRET)
+    pub = model.keyring.current_public(DEV)
+    with raw_store(node) as (txn, dbs):
+        forged = SealedBox(PublicKey(pub.public)).encrypt(os.urandom(32))
+        txn.put(s.slot_key(info.version_id, DEV, pub.generation), forged, db=dbs[s.DB_SLOTS])
+    reopened = node.open()
+    # The node-local slot still opens the real data key, and the AEAD proves the content.
+    assert reopened.get(ADDR, DEV).data == SECRET
+    report = fsck.check(reopened)
+    assert any("failed" in p or "authentic" in p.lower() for p in report.problems), report.problems
+
+
+def test_damaged_local_slots_and_tags_fall_back_to_the_full_check(
+    node: Node, model: ContextStore
+) -> None:
+    info = model.put(ADDR, DEV, SECRET)
+    with raw_store(node) as (txn, dbs):
+        for role in (DEV, ARCH):
+            gen = model.keyring.current_public(role).generation
+            txn.put(
+                s.slot_key(info.version_id, role, gen), os.urandom(72), db=dbs[s.DB_LOCAL_SLOTS]
+            )
+        txn.put(info.version_id, os.urandom(16), db=dbs[s.DB_VERIFIED])
+    reopened = node.open()
+    assert reopened.get(ADDR, DEV).data == SECRET  # via the signature and the SealedBox slot
+    assert reopened.statistics().corrupt == 0
 
 
 def test_metadata_disagreeing_with_the_signed_header_is_corrupt(

@@ -105,7 +105,7 @@ def test_head_is_the_leaf_with_the_greatest_hlc_whatever_the_arrival_order(
     try:
         stored = model.store.read_version(base.version_id)
         assert stored is not None
-        replica.commit([Commit(base, stored[0], stored[1])])
+        replica.commit([Commit(base, stored.envelope, stored.slots)])
         for c in reversed(order):
             replica.commit([c])
         assert replica.leaves(ADDR.key, DEV) == leaves

@@ -37,6 +37,10 @@ class PlaintextCache:
             self._hits += 1
             return data
 
+    def contains(self, version_id: bytes) -> bool:
+        with self._lock:
+            return version_id in self._items
+
     def put(self, version_id: bytes, data: bytes) -> None:
         if len(data) > self._limit // 4:
             return  # one huge context must not flush everything else

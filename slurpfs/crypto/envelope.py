@@ -42,7 +42,7 @@ import hmac
 import struct
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -135,8 +135,9 @@ class Header:
         if len(self.parents) > 0xFFFF or any(len(p) != HASH_BYTES for p in self.parents):
             raise ValueError("parents must be at most 65535 ids of 32 bytes")
 
+    @cached_property
     def _body(self) -> bytes:
-        """The header bytes without the trailing ct_hash."""
+        """The header bytes without the trailing ct_hash (computed once per header)."""
         address = self.address.encode()
         role = self.role.encode()
         flags = _FLAG_DELETED if self.deleted else 0
@@ -156,11 +157,11 @@ class Header:
 
     def encode(self) -> bytes:
         """The canonical header bytes."""
-        return self._body() + self.ct_hash
+        return self._body + self.ct_hash
 
     def associated_data(self) -> bytes:
         """AEAD associated data: domain string + header without ct_hash."""
-        return AD_PREFIX + self._body()
+        return AD_PREFIX + self._body
 
     def signed_message(self) -> bytes:
         """What the author signs: domain string + full header."""
@@ -269,6 +270,9 @@ class Sealed:
     encoded: bytes
     version_id: bytes
     slots: tuple[KeySlot, ...]
+    # The version's data key, for this node's local key slots (slurpfs.crypto.local);
+    # process memory only, never stored as is.
+    data_key: bytes = field(default=b"", repr=False)
 
 
 class _Reader:
@@ -376,12 +380,13 @@ def seal(
         payload, draft.associated_data(), draft.nonce, data_key
     )
     header = replace(draft, ct_hash=blake2b_256(ciphertext))
+    header.__dict__["_body"] = draft._body  # ct_hash is not part of the body
     envelope = Envelope(header, ciphertext, node.sign(header.signed_message()))
     seen: dict[tuple[str, int], RolePublicKey] = {}
     for reader in readers:
         seen.setdefault((reader.role, reader.generation), reader)
     slots = tuple(wrap_data_key(data_key, pub) for pub in seen.values())
-    return Sealed(envelope, envelope.encoded, envelope.version_id, slots)
+    return Sealed(envelope, envelope.encoded, envelope.version_id, slots, data_key)
 
 
 def verify(envelope: Envelope, *, address: str, role: str, keyring: Keyring) -> None:

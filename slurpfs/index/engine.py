@@ -77,7 +77,7 @@ def read_version(model: ContextStore, info: VersionInfo) -> bytes:
     stored = model.store.read_version(info.version_id)
     if stored is None:
         raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
-    raw, slots = stored
+    raw, slots = stored.envelope, stored.slots
     envelope = env.Envelope.decode(raw)
     if envelope.version_id != info.version_id:
         raise Corrupt(f"version {info.short_id}: envelope does not hash to its id")

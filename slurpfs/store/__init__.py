@@ -1,6 +1,6 @@
 """The LMDB-backed version store."""
 
-from slurpfs.store.lmdb_store import Commit, StaleHead, Store, StoreStatistics
+from slurpfs.store.lmdb_store import Commit, StaleHead, Store, StoredVersion, StoreStatistics
 from slurpfs.store.schema import VersionRecord
 
-__all__ = ["Commit", "StaleHead", "Store", "StoreStatistics", "VersionRecord"]
+__all__ = ["Commit", "StaleHead", "Store", "StoreStatistics", "StoredVersion", "VersionRecord"]

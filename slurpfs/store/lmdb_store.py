@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,18 @@ class Commit:
     slots: Sequence[KeySlot]
     expected_leaves: tuple[bytes, ...] | None = None
     expires_ms: int | None = None
+    local_slots: Sequence[KeySlot] = ()
+    verified: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """What the store holds for one version: envelope, key slots and local fast paths."""
+
+    envelope: bytes
+    slots: list[KeySlot]
+    local_slots: list[KeySlot]
+    verified: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +174,14 @@ class Store:
         txn.put(rec.version_id, rec.pack(), db=dbs[s.DB_META])
         self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, len(c.envelope))
         self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, rec.size)
+        for slot in c.local_slots:
+            txn.put(
+                s.slot_key(rec.version_id, slot.role, slot.generation),
+                slot.sealed,
+                db=dbs[s.DB_LOCAL_SLOTS],
+            )
+        if c.verified is not None:
+            txn.put(rec.version_id, c.verified, db=dbs[s.DB_VERIFIED])
         for slot in c.slots:
             txn.put(
                 s.slot_key(rec.version_id, slot.role, slot.generation),
@@ -198,7 +218,8 @@ class Store:
         parts = address.split("/")
         parent = ""
         for i, name in enumerate(parts):
-            txn.put(s.tree_key(parent, name), b"", db=self._dbs[s.DB_TREE])
+            # overwrite=False leaves an existing entry's page clean (no copy-on-write)
+            txn.put(s.tree_key(parent, name), b"", db=self._dbs[s.DB_TREE], overwrite=False)
             parent = "/".join(parts[: i + 1])
 
     def resolve(self, address: str, role: str, keep: bytes, drop: bytes, merge: Commit) -> int:
@@ -244,6 +265,9 @@ class Store:
                 txn.delete(vid, db=self._dbs[s.DB_META])
                 for slot_key in self._slot_keys(txn, vid):
                     txn.delete(slot_key, db=self._dbs[s.DB_SLOTS])
+                for slot_key, _ in list(_scan(txn, self._dbs[s.DB_LOCAL_SLOTS], vid)):
+                    txn.delete(slot_key, db=self._dbs[s.DB_LOCAL_SLOTS])
+                txn.delete(vid, db=self._dbs[s.DB_VERIFIED])
                 removed += 1
             txn.delete(ctx, db=self._dbs[s.DB_LEAVES])
             old = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
@@ -253,10 +277,25 @@ class Store:
         return removed
 
     def replace_slots(
-        self, version_id: bytes, add: Sequence[KeySlot], remove: Sequence[tuple[str, int]]
+        self,
+        version_id: bytes,
+        add: Sequence[KeySlot],
+        remove: Sequence[tuple[str, int]],
+        add_local: Sequence[KeySlot] = (),
     ) -> None:
-        """Key rotation: add re-wrapped slots and drop old-generation ones, atomically."""
+        """Key rotation: add re-wrapped slots and drop old-generation ones, atomically.
+
+        Local slots of the removed generations go too; `add_local` replaces them.
+        """
         with self._env.begin(write=True) as txn:
+            for role, generation in remove:
+                txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_LOCAL_SLOTS])
+            for slot in add_local:
+                txn.put(
+                    s.slot_key(version_id, slot.role, slot.generation),
+                    slot.sealed,
+                    db=self._dbs[s.DB_LOCAL_SLOTS],
+                )
             for slot in add:
                 txn.put(
                     s.slot_key(version_id, slot.role, slot.generation),
@@ -391,13 +430,40 @@ class Store:
             out.append(KeySlot(role, generation, value))
         return out
 
-    def read_version(self, version_id: bytes) -> tuple[bytes, list[KeySlot]] | None:
-        """Envelope and key slots of a version in one read transaction."""
+    def read_version(self, version_id: bytes) -> StoredVersion | None:
+        """Envelope, key slots and local fast paths of a version, in one read transaction."""
         with self._env.begin() as txn:
-            raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
-            if raw is None:
+            return self._stored(txn, version_id)
+
+    def read_head(
+        self, address: str, role: str, *, load: Callable[[VersionRecord], bool] = lambda r: True
+    ) -> tuple[VersionRecord, StoredVersion | None] | None:
+        """The head record and (when `load` says so) its stored version, in one transaction.
+
+        The hot read path. The stored version is None for a deletion or when `load`
+        declines (the caller has the plaintext cached).
+        """
+        with self._env.begin() as txn:
+            ids = self._leaf_ids(txn, s.context_key(address, role))
+            if not ids:
                 return None
-            return bytes(raw), self._slots(txn, version_id)
+            record = self._record(txn, ids[0])
+            if record.deleted or not load(record):
+                return record, None
+            return record, self._stored(txn, ids[0])
+
+    def _stored(self, txn: lmdb.Transaction, version_id: bytes) -> StoredVersion | None:
+        raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
+        if raw is None:
+            return None
+        local = []
+        for key, value in _scan(txn, self._dbs[s.DB_LOCAL_SLOTS], version_id):
+            _, role, generation = s.split_slot_key(key)
+            local.append(KeySlot(role, generation, value))
+        tag = txn.get(version_id, db=self._dbs[s.DB_VERIFIED])
+        return StoredVersion(
+            bytes(raw), self._slots(txn, version_id), local, None if tag is None else bytes(tag)
+        )
 
     def versions_sealed_to(self, role: str, generation: int) -> list[bytes]:
         """Ids of versions with a key slot for this role generation (key rotation)."""

@@ -28,6 +28,8 @@ DB_TREE = b"tree"  # parent dir key \0 | child name -> b""
 DB_TTL = b"ttl"  # expiry ms u64 | context -> b""
 DB_TTL_BY_CONTEXT = b"ttl_ctx"  # context -> expiry ms u64
 DB_CHANGES = b"changes"  # sequence u64 -> version id
+DB_VERIFIED = b"verified"  # version id -> node-local verified tag [16]
+DB_LOCAL_SLOTS = b"local_slots"  # version id | role \0 | generation u32 -> nonce | sealed key
 ALL_DBS = (
     DB_INFO,
     DB_ENVELOPES,
@@ -39,6 +41,8 @@ ALL_DBS = (
     DB_TTL,
     DB_TTL_BY_CONTEXT,
     DB_CHANGES,
+    DB_VERIFIED,
+    DB_LOCAL_SLOTS,
 )
 
 INFO_FORMAT = b"format"
