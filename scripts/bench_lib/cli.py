@@ -18,11 +18,6 @@ from bench_lib.common import Json, Options, Section, machine
 SECTIONS = ("model", "mount", "search")
 
 
-def _run_search(opts: Options) -> Section:
-    note = "not written yet (the search issue adds it)"
-    return Section({"skipped": note}, ["### search", "", f"Skipped: {note}."])
-
-
 def _section(name: str) -> Callable[[Options], Section]:
     if name == "model":
         from bench_lib import model
@@ -32,15 +27,22 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import mount
 
         return mount.run
-    return _run_search
+    from bench_lib import search
+
+    return search.run
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Benchmark slurpfs: the model, and the mount beside a plain directory and gocryptfs.",
+        description="Benchmark slurpfs: the model, the mount beside a plain directory and gocryptfs, "
+        "and search with whoosh and tantivy.",
     )
-    parser.add_argument("--quick", action="store_true", help="1,000 documents instead of 10,000")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1,000 documents instead of 10,000 (search: 10,000 instead of 100,000)",
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     parser.add_argument(

@@ -4,13 +4,17 @@ Every document is exactly `size` bytes of ASCII text. The text is assembled from
 sentence templates, a few hundred technical words, generated identifiers, paths
 and numbers, so that zstd compresses a 4 KiB document about as well as real
 engineering prose (2-2.5x), not like random bytes (1x) or a repeated string (100x).
+With ``jargon=True`` (the search benchmark) sentences also name project words of
+a Zipf-like vocabulary, so that words exist at every document frequency.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from bisect import bisect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 
 ROLE = "developer"
 
@@ -137,19 +141,89 @@ def _sentence(rng: random.Random) -> str:
     )  # fmt: skip
 
 
+# -- project jargon (search corpus) ----------------------------------------------------
+#
+# The words above are a few hundred, each in a large share of the documents: a
+# one-word query on them matches 10-60% of an index. Real engineering text also
+# has a long tail of project words (service, customer, incident and component
+# names) used at every frequency. `JARGON` is such a vocabulary: 4,000
+# pronounceable made-up words drawn with Zipf-like weights (word n with weight
+# 1/(n+3)), so that words at every document frequency exist, from about half of
+# the documents down to a handful, as in real prose.
+
+_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "pr", "r", "s",
+           "st", "t", "tr", "v", "z", "sk", "pl", "h")  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "ia")
+_CODAS = ("n", "r", "l", "x", "k", "m", "s", "th", "nd", "rk", "ld", "sh", "")
+JARGON_WORDS = 4000
+_JARGON_TEMPLATES = (
+    "The {j1} service {v1} the {n1} before it reaches {j2}.",
+    "Incident {j1}-{num} came from a {a1} {n1} in the {j2} cluster.",
+    "`{ident}` in {j1} {v1} the {n1}; {j2} does not.",
+    "Ask the {team} team before changing how {j1} handles the {n1}.",
+    "{J1} and {j2} both read the {a1} {n1} from {path}.",
+    "The {j1} dashboard shows the {n1} {v1} {num2} times a minute.",
+    "Customer {J1} reported a {a1} {n1} after release {ver}.",
+    "We moved the {n1} out of {j1} into {j2} because {r}.",
+)  # fmt: skip
+
+
+def _jargon_words() -> tuple[str, ...]:
+    rng = random.Random(7)
+    taken = {w for group in (_NOUNS, _VERBS, _ADJS, _TECH, _TAGS, _TEAMS, _DIRS)
+             for phrase in group for w in phrase.split()}  # fmt: skip
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < JARGON_WORDS:
+        word = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_ONSETS)
+                + rng.choice(_VOWELS) + rng.choice(_CODAS))  # fmt: skip
+        if word not in seen and word not in taken:
+            seen.add(word)
+            words.append(word)
+    return tuple(words)
+
+
+JARGON = _jargon_words()
+"""Project jargon in order of frequency (the first is the most common)."""
+_JARGON_CUMULATIVE = tuple(accumulate(1.0 / (rank + 3) for rank in range(JARGON_WORDS)))
+
+
+def _jargon(rng: random.Random) -> str:
+    return JARGON[bisect(_JARGON_CUMULATIVE, rng.random() * _JARGON_CUMULATIVE[-1])]
+
+
+def _jargon_sentence(rng: random.Random) -> str:
+    j1, j2 = _jargon(rng), _jargon(rng)
+    return rng.choice(_JARGON_TEMPLATES).format(
+        j1=j1, J1=j1.title(), j2=j2, n1=rng.choice(_NOUNS), v1=rng.choice(_VERBS),
+        a1=rng.choice(_ADJS), r=rng.choice(_REASONS), ident=_ident(rng), path=_path(rng),
+        num=rng.randint(2, 99_999), num2=rng.choice((2, 3, 5, 8, 16, 30, 64, 250, 1000)),
+        team=rng.choice(_TEAMS), ver=f"{rng.randint(0, 9)}.{rng.randint(0, 40)}",
+    )  # fmt: skip
+
+
+def _mixed_sentence(rng: random.Random) -> str:
+    return _jargon_sentence(rng) if rng.random() < 0.45 else _sentence(rng)
+
+
 def _authority(rng: random.Random) -> str:
     return f"{rng.choice(_AGENTS)}:architect@{rng.choice(_PROJECTS)}:{rng.choice(_TASKS)}"
 
 
-def _document(rng: random.Random, address: str, size: int) -> bytes:
+def _document(
+    rng: random.Random,
+    address: str,
+    size: int,
+    sentence: Callable[[random.Random], str] = _sentence,
+) -> bytes:
     lines = [
         "---",
-        f"summary: {_sentence(rng)}",
-        f"purpose: {_sentence(rng)}",
+        f"summary: {sentence(rng)}",
+        f"purpose: {sentence(rng)}",
         f"tags: [{', '.join(rng.sample(_TAGS, rng.randint(1, 4)))}]",
         f"technologies: [{', '.join(rng.sample(_TECH, rng.randint(1, 4)))}]",
         "insights:",
-        *(f"  - {_sentence(rng)}" for _ in range(rng.randint(1, 3))),
+        *(f"  - {sentence(rng)}" for _ in range(rng.randint(1, 3))),
         f"influences: [ucxl://{_authority(rng)}/{_path(rng)}]",
         "---",
         f"# {address.rsplit('/', 1)[-1]}",
@@ -157,16 +231,22 @@ def _document(rng: random.Random, address: str, size: int) -> bytes:
     ]
     text = "\n".join(lines) + "\n"
     while len(text) < size:
-        paragraph = " ".join(_sentence(rng) for _ in range(rng.randint(2, 6)))
+        paragraph = " ".join(sentence(rng) for _ in range(rng.randint(2, 6)))
         if rng.random() < 0.15:
             paragraph = f"## {rng.choice(_ADJS).title()} {rng.choice(_NOUNS)}\n\n{paragraph}"
         text += paragraph + "\n\n"
     return text[: size - 1].encode("ascii") + b"\n"
 
 
-def generate(count: int, size: int = 4096, seed: int = 1) -> Iterator[Doc]:
-    """`count` documents at distinct addresses: 40 per directory, 200 per authority in turn."""
+def generate(count: int, size: int = 4096, seed: int = 1, *, jargon: bool = False) -> Iterator[Doc]:
+    """`count` documents at distinct addresses: 40 per directory, 200 per authority in turn.
+
+    With `jargon`, about 45% of the sentences also name project jargon (see
+    `_jargon_sentence`); the search benchmark uses it. Without, the documents are
+    byte for byte those of earlier runs.
+    """
     rng = random.Random(seed)
+    sentence = _mixed_sentence if jargon else _sentence
     authorities = sorted({_authority(rng) for _ in range(40)})[:12]
     for i in range(count):
         authority = authorities[(i // 200) % len(authorities)]
@@ -175,4 +255,4 @@ def generate(count: int, size: int = 4096, seed: int = 1) -> Iterator[Doc]:
         name = f"{stem}_{i:05d}{rng.choice(_EXTS)}"
         parts = (authority, *directory.split("/"), name)
         address = "ucxl://" + "/".join(parts)
-        yield Doc(address, parts, _document(rng, address, size))
+        yield Doc(address, parts, _document(rng, address, size, sentence))
