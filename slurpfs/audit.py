@@ -15,11 +15,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from slurpfs.errors import Corrupt
 
 GENESIS = "0" * 64
+
+# json's own string encoder (ASCII-only, as json.dumps does by default).
+_quote = encode_basestring_ascii
 
 
 def _digest(text: str) -> str:
@@ -71,25 +75,22 @@ class AuditLog:
     def record(
         self, *, who: str, action: str, address: str, role: str, allowed: bool, reason: str = ""
     ) -> None:
+        q = _quote
         with self._lock:
             self._seq += 1
-            body = {
-                "seq": self._seq,
-                "time": round(time.time(), 6),
-                "who": who,
-                "action": action,
-                "address": address,
-                "role": role,
-                "allowed": allowed,
-                "reason": reason,
-                "prev": self._prev,
-            }
-            text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-            entry_hash = _digest(text)
-            body["hash"] = entry_hash
-            os.write(
-                self._fd, (json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            # The line `verify` checks: json.dumps(sort_keys=True, separators=(",", ":"))
+            # of the entry, written out once here (keys in sorted order, "hash" between
+            # "allowed" and "prev"), so the hash and the line share the serialisation.
+            head = (
+                f'{{"action":{q(action)},"address":{q(address)},'
+                f'"allowed":{"true" if allowed else "false"},'
             )
+            rest = (
+                f'"prev":{q(self._prev)},"reason":{q(reason)},"role":{q(role)},'
+                f'"seq":{self._seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
+            )
+            entry_hash = _digest(head + rest)
+            os.write(self._fd, f'{head}"hash":"{entry_hash}",{rest}\n'.encode())
             self._prev = entry_hash
 
     def close(self) -> None:

@@ -67,6 +67,8 @@ class RoleMap:
         self._sup_groups = sup_groups
         self._by_uid: dict[int, set[str]] = {}
         self._by_gid: dict[int, set[str]] = {}
+        # Without group mappings the roles depend on the uid alone (every request asks).
+        self._uid_roles: dict[int, frozenset[str]] = {}
         for role in roles.values():
             for user in role.users:
                 uid = _resolve(user, lambda n: pwd.getpwnam(n).pw_uid, "user", role.name)
@@ -79,6 +81,14 @@ class RoleMap:
 
     def roles(self, uid: int, gid: int, pid: int) -> frozenset[str]:
         """The roles the caller holds (before the node's keys are considered)."""
+        if not self._by_gid:
+            known = self._uid_roles.get(uid)
+            if known is None:
+                known = self._uid_roles[uid] = self._roles(uid, gid, pid)
+            return known
+        return self._roles(uid, gid, pid)
+
+    def _roles(self, uid: int, gid: int, pid: int) -> frozenset[str]:
         out: set[str] = set(self._held) if uid == self._owner else set()
         out |= self._by_uid.get(uid, set())
         if self._by_gid:

@@ -7,10 +7,10 @@ anything else is a bug and propagates (loudly) to pyfuse3.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from types import TracebackType
 
 import pyfuse3
 
@@ -71,19 +71,33 @@ def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
 
 
-@contextlib.contextmanager
-def errmap(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+class errmap:  # lower case: it reads as a function at every handler
     """Turn `SlurpError` raised in the block into the matching `FUSEError`.
 
-    `cleanup` runs when the block ends, however it ends.
+    `cleanup` runs when the block ends, however it ends. (A class rather than a
+    generator-based context manager: it wraps every request.)
     """
-    try:
-        yield
-    except SlurpError as exc:
-        raise fuse_error(exc) from None
-    finally:
-        if cleanup is not None:
-            cleanup()
+
+    __slots__ = ("_cleanup",)
+
+    def __init__(self, cleanup: Callable[[], None] | None = None) -> None:
+        self._cleanup = cleanup
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if isinstance(exc, SlurpError):
+                raise fuse_error(exc) from None
+        finally:
+            if self._cleanup is not None:
+                self._cleanup()
 
 
 def fail(code: int) -> pyfuse3.FUSEError:

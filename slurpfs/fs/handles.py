@@ -23,15 +23,18 @@ from typing import TypeVar
 
 import trio
 
+from slurpfs.errors import NotFound
 from slurpfs.fs.access import Caller
 from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
 from slurpfs.fs.tree import Entry
+from slurpfs.fs.view import StoreView
 from slurpfs.model import Context, ContextStore, VersionInfo
 from slurpfs.ucxl import Address
 
 T = TypeVar("T")
 INLINE_BYTES = 256 << 10
+OWN_LIMIT = 1 << 16
 
 
 class Content:
@@ -49,6 +52,10 @@ class Content:
         self.mtime_ns = time.time_ns()
         # Guards load and commit: each is a read-modify-write across an await.
         self.lock = trio.Lock()
+
+    def locked(self) -> Held:
+        """``async with content.locked():`` holds `lock` (see `Held`)."""
+        return Held(self.lock)
 
     @property
     def loaded(self) -> bool:
@@ -83,6 +90,29 @@ class Content:
         else:
             self.buffer.extend(bytes(size - len(self.buffer)))
         self._changed()
+
+
+class Held:
+    """Holds a `trio.Lock` for an ``async with`` block; a free lock is taken at once.
+
+    ``async with lock`` is a schedule point even when the lock is free: a full turn
+    of the trio loop in the middle of every open and commit. A contended lock is
+    still waited for in turn.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 @dataclass(eq=False)
@@ -168,16 +198,29 @@ class Gateway:
     """Model calls from the trio loop.
 
     Small contexts are sealed or opened inline: a worker-thread round trip costs
-    more than the work. Big ones (and every fsync) run in worker threads under a
-    `CapacityLimiter`, so the FUSE loop keeps answering meanwhile.
+    more than the work. Big ones (and every sync) run in worker threads under a
+    `CapacityLimiter`, so the FUSE loop keeps answering meanwhile. Every change
+    made here drops the `StoreView` memo.
     """
 
-    def __init__(self, model: ContextStore, *, inline_bytes: int = INLINE_BYTES) -> None:
+    def __init__(
+        self, model: ContextStore, view: StoreView, *, inline_bytes: int = INLINE_BYTES
+    ) -> None:
         self.model = model
+        self.view = view
         self.inline_bytes = inline_bytes
         self.limiter = trio.CapacityLimiter(4)
         self.commits = 0
         self.commit_failures = 0
+        self.syncs = 0
+        # Store writes of this process (commits, directories), and how many of them
+        # are known to be on stable storage: a sync that began after the n-th write
+        # returned covers it and every one before.
+        self._writes = 0
+        self._durable = 0
+        # Versions this mount committed, whose nodes it updated itself: the
+        # invalidator (which reads them back from the change log) skips them.
+        self.own_versions: set[bytes] = set()
 
     async def _run(self, big: bool, fn: Callable[[], T]) -> T:
         if not big:
@@ -193,16 +236,65 @@ class Gateway:
         except BaseException:
             self.commit_failures += 1
             raise
+        finally:
+            self._changed()
         self.commits += 1
+        self._own(info)
         return info
 
     async def delete(self, address: Address, role: str) -> VersionInfo:
-        info = self.model.delete(address, role)
+        try:
+            info = self.model.delete(address, role)
+        finally:
+            self._changed()
+        self.commits += 1
+        self._own(info)
+        return info
+
+    def _own(self, info: VersionInfo) -> None:
+        if len(self.own_versions) >= OWN_LIMIT:
+            self.own_versions.clear()  # nobody reads them back (no invalidator): start over
+        self.own_versions.add(info.version_id)
+
+    def resolve_conflict(self, address: Address, role: str, version_id: bytes) -> VersionInfo:
+        try:
+            info = self.model.resolve_conflict(address, role, version_id)
+        finally:
+            self._changed()
         self.commits += 1
         return info
 
+    def mkdir(self, address: Address) -> None:
+        try:
+            self.model.mkdir(address)
+        except BaseException:
+            self._changed()
+            raise
+        self._writes += 1
+        self.view.added_dir(address)
+
+    def rmdir(self, address: Address) -> None:
+        try:
+            self.model.rmdir(address)
+        except BaseException:
+            self._changed()
+            raise
+        self._writes += 1
+        self.view.removed_dir(address)
+
+    def expired(self) -> None:
+        """The TTL cleanup purged contexts (in a worker thread)."""
+        self._changed()
+
+    def _changed(self) -> None:
+        self._writes += 1
+        self.view.changed()
+
     async def get(self, address: Address, role: str, caller: Caller) -> Context:
-        size = self.model.stat(address, role).size
+        try:
+            size = self.view.stat(address, role).size
+        except NotFound:
+            size = 0  # the model says what is there (and audits the attempt)
         return await self._run(
             size > self.inline_bytes,
             functools.partial(self.model.get, address, role, caller.roles, who=caller.who),
@@ -224,4 +316,15 @@ class Gateway:
         )
 
     async def sync(self) -> None:
+        """Bring every store write this process made so far to stable storage.
+
+        A sync that starts after the last of them returned covers them all, so
+        back-to-back requests (``fsync`` of a file, then of its directory) sync
+        once: the second finds nothing new and returns at once.
+        """
+        target = self._writes
+        if self._durable >= target:
+            return
         await trio.to_thread.run_sync(self.model.sync, limiter=self.limiter)
+        self.syncs += 1
+        self._durable = max(self._durable, target)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyfuse3
 
@@ -57,6 +56,9 @@ class Kind(enum.Enum):
     QUERY_FILE = "query_file"  # .search/<query>/.results, .facets, .error
     QUERY_LINK = "query_link"  # .search/<query>/<rank>-<name>-<role>: a symlink to a hit
 
+    # Members are singletons: identity hashing (in C) instead of Enum's hash of the name.
+    __hash__ = object.__hash__
+
 
 DIR_KINDS = frozenset(
     {
@@ -72,9 +74,11 @@ DIR_KINDS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Key:
-    """What an entry is. `parts` are mount parts (with any temporal segment)."""
+class Key(NamedTuple):
+    """What an entry is. `parts` are mount parts (with any temporal segment).
+
+    A tuple (hashed and compared in C): every request looks nodes up by key.
+    """
 
     kind: Kind
     parts: tuple[str, ...] = ()
@@ -93,6 +97,7 @@ class Node:
 
     __slots__ = (
         "address",
+        "attrs",
         "cached_version",
         "info",
         "content",
@@ -122,6 +127,9 @@ class Node:
         self.info: VersionInfo | None = None
         # The version whose pages the kernel may still cache (for keep_cache).
         self.cached_version: bytes | None = None
+        # (view epoch, the attributes the ops layer computed then): valid while
+        # the epoch stands and nothing of the node is open for writing.
+        self.attrs: tuple[int, pyfuse3.EntryAttributes] | None = None
         self.content: Content | None = None
         self.scratch: ScratchFile | None = None
         # (version id, mtime) of the last version written through this node: its
@@ -229,6 +237,8 @@ class InodeTable:
 
     def sweep(self) -> None:
         """Purge nodes a request resolved but never handed to the kernel (end of a handler)."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, set()
         for ino in pending:
             node = self._nodes.get(ino)

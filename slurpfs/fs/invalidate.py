@@ -19,6 +19,7 @@ version ("``cat`` never shows a stale version after the writer returned").
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Iterable
@@ -122,15 +123,28 @@ class Invalidator:
     async def cycle(self) -> int:
         """Read the change feed up to now and invalidate; returns how many notifications."""
         changed: set[tuple[str, str]] = set()
+        own = self.ops.gateway.own_versions
+        first: set[str] = set()  # addresses of this mount's own first versions
         while True:
-            seq, changes = self.model.changes_since(self.seq)
+            seq, records = self.model.store.changes_since(self.seq)
             if seq == self.seq:
                 break
             self.seq = seq
-            changed.update(changes)
-        if not changed:
+            for record in records:
+                if record.version_id in own:
+                    # This mount wrote it and updated its nodes then; only a
+                    # directory count may need telling (see `_plan_parent`).
+                    own.discard(record.version_id)
+                    if not record.parents:
+                        first.add(record.address)
+                else:
+                    changed.add((record.address, record.role))
+        if not changed and not first:
             return 0
         actions = self.plan(changed)
+        for key in first:
+            with contextlib.suppress(InvalidAddress):
+                self._plan_parent(Address.from_key(key), actions)
         if actions:
             await trio.to_thread.run_sync(self._send, actions)
             self.ops.invalidations += len(actions)
@@ -155,12 +169,8 @@ class Invalidator:
         if head is not None:
             # A new version ends a backup-by-rename's hiding of the role name.
             self.ops.scratch.unhide(dir_key(address), role)
-            parent = address.parent()
-            if not head.parents and parent is not None:
-                # A first version may have created directories: the parent's nlink changed.
-                for node in self.ops.inodes.at_address(parent.key):
-                    if node.kind is Kind.DIR and node.lookups and node.ino not in actions.attrs:
-                        actions.attrs.append(node.ino)
+            if not head.parents:
+                self._plan_parent(address, actions)
         conflicts: set[bytes] | None = None
         for node in self.ops.inodes.at_address(address.key):
             if node.key is None or node.lookups == 0 or node.key.role != role:
@@ -182,6 +192,15 @@ class Invalidator:
                     conflicts = {v.version_id for v in self.model.conflicts(address, role)}
                 if node.info.version_id not in conflicts:
                     actions.entries.append((node.parent, node.name))
+
+    def _plan_parent(self, address: Address, actions: Actions) -> None:
+        """A first version may have created directories: the parent's nlink changed."""
+        parent = address.parent()
+        if parent is None:
+            return
+        for node in self.ops.inodes.at_address(parent.key):
+            if node.kind is Kind.DIR and node.lookups and node.ino not in actions.attrs:
+                actions.attrs.append(node.ino)
 
     def _send(self, actions: Actions) -> None:
         for parent, name in actions.entries:

@@ -117,7 +117,7 @@ class Namespace:
             if self.scratch.get(dir_key(base), name) is not None:
                 raise AlreadyExists(f"a file named {text!r} exists")
             address = base.child(text)
-        self.model.mkdir(address)
+        self.gateway.mkdir(address)
         return self.inodes.bind(
             Key(Kind.DIR, address.to_mount_parts()), parent.ino, name, address, fresh=True
         )
@@ -136,7 +136,7 @@ class Namespace:
             raise ReadOnly("a temporal view cannot be removed")
         if self.scratch.has_any(dir_key(node.address)):
             raise NotEmpty(f"{node.address} holds scratch files")
-        self.model.rmdir(node.address)
+        self.gateway.rmdir(node.address)
         self.inodes.detach(node)
 
     # -- files ---------------------------------------------------------------------
@@ -217,7 +217,7 @@ class Namespace:
             assert node.key is not None
             assert node.info is not None
             self.require_role(caller, node.key.role)
-            self.model.resolve_conflict(address, node.key.role, node.info.version_id)
+            self.gateway.resolve_conflict(address, node.key.role, node.info.version_id)
             self.inodes.detach(node)
         elif node.kind is Kind.DIR:
             raise IsADirectory(f"{name!r} is a directory")

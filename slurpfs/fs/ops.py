@@ -45,11 +45,13 @@ from slurpfs.fs.scratch import ScratchStore
 from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
 from slurpfs.fs.virtual import FsStatistics, VirtualFiles
-from slurpfs.model import ContextStore, data_paths
+from slurpfs.model import ContextStore, VersionInfo, data_paths
 
 log = logging.getLogger("slurpfs.fs")
 
 _BLOCK = 4096
+_SEARCH_KINDS = frozenset({Kind.SEARCH, Kind.QUERY, Kind.QUERY_FILE, Kind.QUERY_LINK})
+_KEPT_KINDS = frozenset({Kind.DIR, Kind.ROLE})  # attributes kept on the node (`tree_attrs`)
 
 
 class Operations(pyfuse3.Operations):
@@ -80,12 +82,16 @@ class Operations(pyfuse3.Operations):
             model, self.inodes, self.scratch, self.virtual, owner_uid=owner_uid, owner_gid=owner_gid
         )
         self.search = SearchTree(self.inodes, owner_uid=owner_uid, owner_gid=owner_gid)
-        self.gateway = Gateway(model)
+        self.view = self.tree.view
+        self.gateway = Gateway(model, self.view)
         self.namespace = Namespace(self.tree, self.gateway, self.commit)
         self.handles = HandleTable()
         self.roles = RoleMap(config.roles, model.held_roles(), owner_uid)
         self.root_xattrs = dict(root_xattrs or {})
         self.invalidations = 0
+        # Requests on the tree (not on .search/): the indexer leaves the
+        # interpreter to them while this keeps moving.
+        self.activity = 0
         self.stopping = False
         self._status_info = dict(status_info or {})
         self._register_status_files()
@@ -107,6 +113,8 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.get(ino)
         if node is None:
             raise fail(errno.ESTALE)
+        if node.kind not in _SEARCH_KINDS:
+            self.activity += 1
         return node
 
     def attrs(self, node: Node, s: Stat) -> pyfuse3.EntryAttributes:
@@ -129,10 +137,32 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = s.ctime_ns
         return a
 
+    def tree_attrs(self, node: Node, known: VersionInfo | None = None) -> pyfuse3.EntryAttributes:
+        """`attrs` of a directory or role file, kept on the node while the view stands.
+
+        A walk asks for the same attributes over and over (readdirplus, getattr).
+        They change only with the store (the view's epoch moves) or while the
+        file is open (its buffer is then what counts).
+        """
+        epoch = self.view.epoch
+        kept = node.attrs
+        if kept is not None and kept[0] == epoch and node.content is None:
+            return kept[1]
+        s = self.tree.stat(node, known)
+        attrs = self.attrs(node, s)
+        if (
+            s.cacheable
+            and node.kind in _KEPT_KINDS
+            and node.content is None
+            and node.key is not None
+        ):
+            node.attrs = (epoch, attrs)
+        return attrs
+
     def _entry(self, node: Node, s: Stat | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands `node` to the kernel; counts the lookup."""
         try:
-            attrs = self.attrs(node, s if s is not None else self.tree.stat(node))
+            attrs = self.attrs(node, s) if s is not None else self.tree_attrs(node)
         except BaseException:
             self.inodes.maybe_purge(node)
             raise
@@ -145,6 +175,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             parent = self.node(parent_inode)
             if self.search.resolves(parent, name):
                 node, s = await self.search.child(parent, name, self.caller(ctx))
@@ -157,10 +188,11 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             node = self.node(inode)
             if self.search.owns(node):
                 return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
-            return self.attrs(node, self.tree.stat(node))
+            return self.tree_attrs(node)
 
     async def setattr(
         self,
@@ -171,6 +203,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             node = self.node(inode)
             caller = self.caller(ctx)
             if self.search.owns(node):
@@ -279,15 +312,18 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
             return self._entry(node)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
 
     async def rename(
@@ -300,6 +336,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             await self.namespace.rename(
                 self.node(parent_inode_old),
                 name_old,
@@ -313,6 +350,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             node = self.namespace.symlink(self.node(parent_inode), name, target, self.caller(ctx))
             return self._entry(node)
 
@@ -325,6 +363,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             if not st.S_ISREG(mode):
                 raise NotPermitted("only regular files can be created here")
             node = self.namespace.create(
@@ -343,6 +382,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with errmap(self.inodes.sweep):
+            self.view.refresh()
             caller = self.caller(ctx)
             node = self.namespace.create(
                 self.node(parent_inode), name, mode, caller, exclusive=bool(flags & os.O_EXCL)
@@ -358,6 +398,7 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # No view refresh: what open serves comes from the model itself (`get`).
         with errmap(self.inodes.sweep):
             node = self.node(inode)
             caller = self.caller(ctx)
@@ -435,7 +476,7 @@ class Operations(pyfuse3.Operations):
         self, node: Node, content: Content, caller: Caller, *, force: bool = False
     ) -> None:
         """Fill `content` from the store (once; `force` re-checks access and freshness)."""
-        async with content.lock:
+        async with content.locked():
             if content.loaded and (content.dirty or not force):
                 if force:  # a new opener: access is still checked (and audited)
                     assert node.key is not None
@@ -525,7 +566,7 @@ class Operations(pyfuse3.Operations):
         content = node.content
         if content is None:
             return
-        async with content.lock:
+        async with content.locked():
             if not content.dirty:
                 return
             if node.kind is not Kind.ROLE or node.key is None or node.readonly:
@@ -569,6 +610,8 @@ class Operations(pyfuse3.Operations):
             handle = self.handles.dir(fh)
             parent = handle.node
             if start_id == 0 or handle.entries is None:
+                # Later calls continue the listing (and attributes) this one reads.
+                self.view.refresh()
                 if parent.kind is Kind.QUERY:
                     handle.entries = await self.search.entries(parent, handle.caller)
                 else:
@@ -577,8 +620,10 @@ class Operations(pyfuse3.Operations):
                 entry = handle.entries[i]
                 node = self.tree.bind_entry(parent, entry)
                 try:
-                    s = entry.stat or self.tree.stat(node, known=entry.info)
-                    attrs = self.attrs(node, s)
+                    if entry.stat is not None:
+                        attrs = self.attrs(node, entry.stat)
+                    else:
+                        attrs = self.tree_attrs(node, entry.info)
                 except NotFound:
                     self.inodes.maybe_purge(node)
                     continue

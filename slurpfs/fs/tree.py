@@ -30,6 +30,7 @@ from slurpfs.errors import InvalidAddress, NotFound
 from slurpfs.fs.errmap import NameTooLong, NotADirectory
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Key, Kind, Node
 from slurpfs.fs.scratch import DirKey, ScratchFile, ScratchStore
+from slurpfs.fs.view import StoreView
 from slurpfs.fs.virtual import VirtualFiles
 from slurpfs.model import ContextStore, VersionInfo
 from slurpfs.ucxl import Address, Authority, Temporal
@@ -39,6 +40,7 @@ SLURP = ".slurp"
 SEARCH = ".search"
 HISTORY = ".history"
 NAME_MAX = 255
+MAX_STORED = 1 << 16  # directory listings kept (`Tree._stored_entries`)
 XATTR_PREFIX = b"user.slurp."
 CONFLICT = re.compile(r"(?P<role>[a-z][a-z0-9_-]{0,31})\.conflict-(?P<id>[0-9a-f]{16})")
 
@@ -57,6 +59,15 @@ class Stat:
     # False for views that change without any event to invalidate them by
     # (temporal segments, status files): the kernel must ask every time.
     cacheable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntries:
+    """What a directory listing takes from the store (see `Tree._stored_entries`)."""
+
+    dirs: tuple[Entry, ...]
+    roles: tuple[tuple[str, Entry], ...]
+    conflicts: tuple[Entry, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +118,16 @@ class Tree:
         owner_gid: int,
     ) -> None:
         self.model = model
+        # Heads, listings and directories are read through the memo; history,
+        # conflicts and temporal views straight from the model.
+        self.view = StoreView(model)
         self.inodes = inodes
         self.scratch = scratch
         self.virtual = virtual
         self.roles = frozenset(model.role_names)
+        self.sorted_roles = tuple(sorted(self.roles))
+        self._stored: dict[str, StoredEntries] = {}
+        self._stored_epoch = -1
         self.uid = owner_uid
         self.gid = owner_gid
         self.started_ns = time.time_ns()
@@ -170,7 +187,7 @@ class Tree:
             address = Address(Authority.parse(text))
         except InvalidAddress:
             raise NotFound(f"no authority {text!r}") from None
-        if not self.model.is_dir(address):
+        if not self.view.is_dir(address):
             raise NotFound(f"no authority {text!r}")
         return self.inodes.bind(Key(Kind.DIR, address.to_mount_parts()), parent.ino, name, address)
 
@@ -204,7 +221,7 @@ class Tree:
             child = address.child(text)
         except InvalidAddress:
             raise NotFound(f"no {text!r}") from None
-        if not self.model.is_dir(child.without_temporal()):
+        if not self.view.is_dir(child):
             raise NotFound(f"no directory {child}")
         return self.inodes.bind(Key(Kind.DIR, child.to_mount_parts()), parent.ino, name, child)
 
@@ -216,7 +233,7 @@ class Tree:
             return bound  # open (perhaps just created, not committed yet)
         if address.temporal is None and self.scratch.is_hidden(dir_key(address), role):
             raise NotFound(f"{role} was renamed away; it returns with its next version")
-        info = self.model.stat(address, role)
+        info = self.view.stat(address, role)
         node = self.inodes.bind(key, parent.ino, role.encode(), address)
         node.info = info
         return node
@@ -248,7 +265,7 @@ class Tree:
             return []
         if node.kind is Kind.UCXL:
             out = []
-            for text in self.model.list_dir(None).dirs:
+            for text in self.view.list_dir(None).dirs:
                 authority = Address(Authority.parse(text))
                 key = Key(Kind.DIR, authority.to_mount_parts())
                 out.append(Entry(text.encode(), key, authority))
@@ -277,43 +294,73 @@ class Tree:
         return ((SEARCH, Kind.SEARCH), (SLURP, Kind.SLURP), (UCXL, Kind.UCXL))
 
     def _dir_entries(self, node: Node, address: Address) -> list[Entry]:
-        base = address.without_temporal()
-        listing = self.model.list_dir(base)
-        out: list[Entry] = []
-        for name in listing.dirs:
-            child = address.child(name)
-            out.append(Entry(name.encode(), Key(Kind.DIR, child.to_mount_parts()), child))
-        parts = address.to_mount_parts()
+        stored = self._stored_entries(address)
+        out = list(stored.dirs)
         if address.temporal is not None:
-            for role in sorted(self.roles):
-                try:
-                    info = self.model.stat(address, role)
-                except NotFound:
-                    continue
-                out.append(Entry(role.encode(), Key(Kind.ROLE, parts, role), address, info))
+            out.extend(entry for _, entry in stored.roles)
             return out
+        parts = address.to_mount_parts()
         where = dir_key(address)
         shown: set[str] = set()
-        for role in listing.roles:
-            bound = self.inodes.find(Key(Kind.ROLE, parts, role))
-            if self.scratch.is_hidden(where, role) and (bound is None or bound.content is None):
-                continue
-            try:
-                info = self.model.stat(address, role)
-            except NotFound:
-                continue
+        for role, entry in stored.roles:
+            if self.scratch.is_hidden(where, role):
+                bound = self.inodes.find(Key(Kind.ROLE, parts, role))
+                if bound is None or bound.content is None:
+                    continue
             shown.add(role)
-            out.append(Entry(role.encode(), Key(Kind.ROLE, parts, role), address, info))
-        for role in sorted(self.roles - shown):
+            out.append(entry)
+        for role in self.sorted_roles:
+            if role in shown:
+                continue
             bound = self.inodes.find(Key(Kind.ROLE, parts, role))
             if bound is not None and bound.content is not None:  # created, not committed yet
                 out.append(Entry(role.encode(), Key(Kind.ROLE, parts, role), address))
-        for role, info in listing.conflicts:
-            key = Key(Kind.CONFLICT, parts, role, info.short_id)
-            out.append(Entry(conflict_name(role, info).encode(), key, address, info))
+        out.extend(stored.conflicts)
         for raw, sf in self.scratch.names(where):
             out.append(Entry(raw, Key(Kind.SCRATCH, extra=str(sf.serial)), scratch=sf))
         return out
+
+    def _stored_entries(self, address: Address) -> StoredEntries:
+        """The part of a listing that comes from the store, kept while the view stands."""
+        epoch = self.view.epoch
+        if epoch != self._stored_epoch or len(self._stored) >= MAX_STORED:
+            self._stored.clear()
+            self._stored_epoch = epoch
+        key = str(address)  # temporal views list differently
+        stored = self._stored.get(key)
+        if stored is not None:
+            return stored
+        listing = self.view.list_dir(address)
+        dirs = []
+        for name in listing.dirs:
+            child = address.child(name)
+            dirs.append(Entry(name.encode(), Key(Kind.DIR, child.to_mount_parts()), child))
+        parts = address.to_mount_parts()
+        roles = []
+        # Under a temporal segment every role is tried: the view may hold a version
+        # of a role whose latest is deleted.
+        candidates = self.sorted_roles if address.temporal is not None else listing.roles
+        for role in candidates:
+            try:
+                info = self.view.stat(address, role)
+            except NotFound:
+                continue
+            roles.append((role, Entry(role.encode(), Key(Kind.ROLE, parts, role), address, info)))
+        conflicts = (
+            ()
+            if address.temporal is not None
+            else tuple(
+                Entry(
+                    conflict_name(role, info).encode(),
+                    Key(Kind.CONFLICT, parts, role, info.short_id),
+                    address,
+                    info,
+                )
+                for role, info in listing.conflicts
+            )
+        )
+        stored = self._stored[key] = StoredEntries(tuple(dirs), tuple(roles), conflicts)
+        return stored
 
     def _roles_with_history(self, address: Address) -> list[str]:
         return [r for r in sorted(self.roles) if self.model.history(address, r)]
@@ -359,7 +406,7 @@ class Tree:
             info = node.info
         else:
             try:
-                info = self.model.stat(address, node.key.role)
+                info = self.view.stat(address, node.key.role)
             except NotFound:
                 if content is not None and buffer is not None:
                     return self._file(0o644, len(buffer), content.mtime_ns)
@@ -383,10 +430,10 @@ class Tree:
         if kind is Kind.ROOT:
             subdirs = 3
         elif kind is Kind.UCXL:
-            subdirs = len(self.model.list_dir(None).dirs)
+            subdirs = len(self.view.list_dir(None).dirs)
         elif kind is Kind.DIR:
             assert node.address is not None
-            subdirs = len(self.model.list_dir(node.address.without_temporal()).dirs)
+            subdirs = len(self.view.list_dir(node.address).dirs)
             if node.address.temporal is not None:
                 writable, cacheable = False, False
         elif kind is Kind.HISTORY:

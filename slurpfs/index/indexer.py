@@ -18,9 +18,12 @@ seconds for commits made by other processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -33,6 +36,10 @@ log = logging.getLogger("slurpfs.index")
 
 QUEUE_SIZE = 1024
 POLL_INTERVAL = 1.0
+QUIET = 0.1  # seconds without a new commit before indexing starts...
+MAX_DELAY = 5.0  # ...or at the latest this long after the first commit waiting
+MIN_STEP = 8  # change records per engine commit: the first step after a pause...
+MAX_STEP = 256  # ...doubling up to this while no commit comes in
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +69,24 @@ class Indexer:
         queue_size: int = QUEUE_SIZE,
         poll_interval: float = POLL_INTERVAL,
         limiter: trio.CapacityLimiter | None = None,
+        quiet: float = QUIET,
+        max_delay: float = MAX_DELAY,
+        min_step: int = MIN_STEP,
+        max_step: int = MAX_STEP,
+        activity: Callable[[], int] | None = None,
     ) -> None:
         self._service = service
         self._queue_size = queue_size
         self._poll = poll_interval
+        self._quiet = quiet
+        self._max_delay = max_delay
+        self._min_step = min_step
+        self._max_step = max(min_step, max_step)
+        self._activity = activity
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread: int | None = None
+        self._arrivals = 0  # notices enqueued so far (settling compares counts)
         self._send: trio.MemorySendChannel[int | None] | None = None
         self._receive: trio.MemoryReceiveChannel[int | None] | None = None
         self._scope: trio.CancelScope | None = None
@@ -85,6 +104,11 @@ class Indexer:
         token = self._token
         if token is None:
             return
+        if threading.get_ident() == self._loop_thread:
+            # Committed by a handler on the trio loop itself (most commits): no
+            # round trip through the loop's wakeup socket is needed.
+            self._enqueue(info.hlc)
+            return
         # If the loop is gone, the change log still has the commit.
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._enqueue, info.hlc)
@@ -101,6 +125,7 @@ class Indexer:
     def _enqueue(self, hlc: int | None) -> None:
         if self._send is None:
             return
+        self._arrivals += 1
         try:
             self._send.send_nowait(hlc)
         except trio.WouldBlock:
@@ -113,6 +138,7 @@ class Indexer:
         send, receive = trio.open_memory_channel[int | None](self._queue_size)
         self._send, self._receive = send, receive
         self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
         if not self._subscribed:
             self._service.model.subscribe(self._on_commit)
             self._subscribed = True
@@ -131,28 +157,81 @@ class Indexer:
             receive.close()
 
     async def _batch(self, receive: trio.MemoryReceiveChannel[int | None]) -> None:
-        with trio.move_on_after(self._poll):
+        with trio.move_on_after(self._poll) as idle:
             self._note(await receive.receive())
+        deadline = trio.current_time() + self._max_delay
+        if not idle.cancelled_caught:
+            await self._settle(receive, deadline)
+        # Steps start small and double while no commit comes in, so that a burst
+        # of writes starting meanwhile waits for a short step only.
+        step = self._min_step
+        while True:
+            self._drain(receive)
+            marker = self._marker()
+            started = trio.current_time()
+            try:
+                report = await trio.to_thread.run_sync(
+                    functools.partial(self._service.catch_up, limit=step),
+                    limiter=self._limiter,
+                )
+            except SlurpError as exc:
+                # e.g. the store is full: keep what is waiting and try again next round
+                self._errors += 1
+                log.error("indexing failed, retrying in %.1f s: %s", self._poll, exc)
+                await trio.sleep(self._poll)
+                return
+            pending = self._service.pending()
+            self._account(report, caught_up=not pending)
+            if not pending:
+                return
+            if self._marker() == marker:  # neither commits nor requests meanwhile
+                step = min(2 * step, self._max_step)
+                continue
+            step = self._min_step
+            if await self._settle(receive, deadline):
+                # Commits went on past the deadline: index in turns with them, each
+                # pause as long as the step before it took.
+                await trio.sleep(trio.current_time() - started)
+
+    async def _settle(
+        self, receive: trio.MemoryReceiveChannel[int | None], deadline: float
+    ) -> bool:
+        """Wait until commits pause for `quiet` seconds, at the latest until `deadline`.
+
+        Returns whether commits are still coming (the wait ended at the deadline).
+        Notices are counted, not waited for one by one: a burst of commits costs
+        the loop nothing here.
+        """
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                return True
+            seen = self._marker()
+            await trio.sleep_until(min(now + self._quiet, deadline))
+            self._drain(receive)
+            if self._marker() == seen:
+                return trio.current_time() >= deadline
+
+    def _marker(self) -> tuple[int, int]:
+        """Moves with every commit notice and every request the mount serves."""
+        return self._arrivals, 0 if self._activity is None else self._activity()
+
+    def _drain(self, receive: trio.MemoryReceiveChannel[int | None]) -> None:
         while True:
             try:
                 self._note(receive.receive_nowait())
             except trio.WouldBlock:
-                break
-        try:
-            report = await trio.to_thread.run_sync(self._service.catch_up, limiter=self._limiter)
-        except SlurpError as exc:
-            # e.g. the store is full: keep what is waiting and try again next round
-            self._errors += 1
-            log.error("indexing failed, retrying in %.1f s: %s", self._poll, exc)
-            await trio.sleep(self._poll)
-            return
+                return
+
+    def _account(self, report: ApplyReport, *, caught_up: bool) -> None:
         hlcs = [*self._waiting, *([report.oldest_hlc] if report.oldest_hlc is not None else [])]
         if hlcs:
             self._lag = max(0.0, time.time() - _wall(min(hlcs)))
         if report.indexed or report.removed or report.skipped:
             self._batches += 1
         self._totals = self._totals + report
-        self._waiting.clear()
+        if caught_up:
+            self._waiting.clear()
 
     def _note(self, hlc: int | None) -> None:
         if hlc is not None:

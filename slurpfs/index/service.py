@@ -235,24 +235,36 @@ class SearchService:
             log.warning("dropping the search index of role %s: %s", role, exc)
             self._indexes = {r: i for r, i in self._indexes.items() if r != role}
 
-    def catch_up(self, *, batch: int = CATCH_UP_BATCH) -> ApplyReport:
-        """Apply every change in the store's change log that the indexes lack.
+    def catch_up(self, *, batch: int = CATCH_UP_BATCH, limit: int | None = None) -> ApplyReport:
+        """Apply the changes in the store's change log that the indexes lack.
+
+        Every change when `limit` is None, else at least the next `limit` (fewer
+        only if no more are logged): the background indexer applies a long backlog
+        in such steps, each one engine commit, so that it can pause between them.
+        `pending` tells whether changes are left.
 
         Blocking (decrypts and commits): run it in a worker thread from async code.
         """
         store = self.model.store
         report = ApplyReport(seq=min((i.seq for i in self._indexes.values()), default=0))
+        applied = 0
         with self._apply_lock:
-            while self._indexes:
+            while self._indexes and (limit is None or applied < limit):
                 start = min(i.seq for i in self._indexes.values())
-                last, records = store.changes_since(start, limit=batch)
+                step = batch if limit is None else max(1, min(batch, limit - applied))
+                last, records = store.changes_since(start, limit=step)
                 stale, self._stale = self._stale, set()
                 if last == start and not stale:
                     break
                 contexts = [*((r.address, r.role) for r in records), *stale]
                 report = report + self._apply(contexts, last)
+                applied += len(records)
             self._totals = self._totals + report
         return report
+
+    def pending(self) -> bool:
+        """Whether the store logged changes the indexes do not reflect yet."""
+        return bool(self._indexes) and self.seq < self.model.store.sequence()
 
     def _build(self, indexes: dict[str, RoleIndex], progress: Progress | None) -> ApplyReport:
         """Index every live context into the given empty role indexes, then save them."""

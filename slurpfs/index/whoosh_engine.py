@@ -292,6 +292,9 @@ class WhooshIndex:
         self._write_lock = threading.Lock()
         self._search_lock = threading.Lock()
         self._searcher: Searcher = self._ix.searcher()
+        # Counting through the index opens a reader of every segment: count once
+        # per commit, from the searcher that commit refreshed.
+        self._docs = int(self._searcher.doc_count())
         self._facet_cache: dict[str, dict[str, list[list[str]]]] = {}
 
     @classmethod
@@ -322,15 +325,19 @@ class WhooshIndex:
         seq: int,
         save: bool = True,
     ) -> None:
-        """Replace/remove documents by key, commit, save sealed, refresh the searcher."""
+        """Replace/remove documents by key, commit, refresh the searcher, save sealed."""
         with self._write_lock:
             if upserts or deletes:
                 writer = SegmentWriter(self._ix, limitmb=POOL_LIMIT_MB)
                 try:
-                    if self.doc_count():
-                        with writer.searcher() as current:
+                    if self._docs:
+                        # The open searcher reflects the last commit, which is the
+                        # writer's starting point (writes are serialised here), so
+                        # its document numbers are the writer's; no second reader
+                        # of every segment is opened.
+                        with self._search_lock:
                             for key in {*deletes, *(d.key for d in upserts)}:
-                                writer.delete_by_term("key", key, searcher=current)
+                                writer.delete_by_term("key", key, searcher=self._searcher)
                     for doc in upserts:
                         writer.add_document(**_fields(doc))
                 except BaseException:
@@ -338,10 +345,9 @@ class WhooshIndex:
                     raise
                 writer.commit()
             self.seq = seq
-            if save:
-                self.save()
             with self._search_lock:
                 self._searcher = self._searcher.refresh()
+                self._docs = int(self._searcher.doc_count())
                 live = {
                     str(segment.segment_id())
                     for leaf, _ in self._searcher.leaf_searchers()
@@ -349,19 +355,21 @@ class WhooshIndex:
                 }
                 for segid in set(self._facet_cache) - live:
                     del self._facet_cache[segid]
+            if save:
+                self.save()
 
     def save(self) -> None:
         """Seal what changed since the last save into the store (one transaction)."""
         files = self._storage.snapshot()
         changed = self._storage.take_changed()
         try:
-            self._sealed.save(ENGINE, files, changed, seq=self.seq, docs=self.doc_count())
+            self._sealed.save(ENGINE, files, changed, seq=self.seq, docs=self._docs)
         except BaseException:
             self._storage.mark_changed(changed)  # still to be sealed by the next save
             raise
 
     def doc_count(self) -> int:
-        return int(self._ix.doc_count())
+        return self._docs
 
     def documents(self) -> dict[str, str]:
         """key -> hex version id of every document (for consistency checks)."""

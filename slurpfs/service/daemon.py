@@ -75,36 +75,30 @@ class MountOptions:
 
 
 class Syncer:
-    """Syncs the store every `interval` seconds when something was committed."""
+    """Syncs the store every `interval` seconds when this process wrote to it."""
 
     def __init__(self, gateway: Gateway, interval: float) -> None:
         self.gateway = gateway
         self.interval = interval
-        self._synced = gateway.commits
 
     async def run(self) -> None:
         while True:
             await trio.sleep(self.interval)
-            await self.sync_if_needed()
-
-    async def sync_if_needed(self) -> None:
-        commits = self.gateway.commits
-        if commits != self._synced:
-            await self.gateway.sync()
-            self._synced = commits
+            await self.gateway.sync()  # returns at once if nothing is new
 
 
 class TtlCleaner:
     """Purges contexts whose TTL has passed."""
 
-    def __init__(self, model: ContextStore, interval: float = TTL_INTERVAL) -> None:
-        self.model = model
+    def __init__(self, gateway: Gateway, interval: float = TTL_INTERVAL) -> None:
+        self.gateway = gateway
         self.interval = interval
 
     async def run(self) -> None:
         while True:
-            removed = await trio.to_thread.run_sync(self.model.expire)
+            removed = await trio.to_thread.run_sync(self.gateway.model.expire)
             if removed:
+                self.gateway.expired()
                 log.info("TTL cleanup removed %d expired versions", removed)
             await trio.sleep(self.interval)
 
@@ -125,10 +119,17 @@ class SearchRunner:
     nursery has ended).
     """
 
-    def __init__(self, model: ContextStore, engine: str, tree: SearchTree) -> None:
+    def __init__(
+        self,
+        model: ContextStore,
+        engine: str,
+        tree: SearchTree,
+        activity: Callable[[], int] | None = None,
+    ) -> None:
         self.model = model
         self.engine = engine
         self.tree = tree
+        self.activity = activity
         self.service: SearchService | None = None
         self.indexer: Indexer | None = None
         self._abort = threading.Event()
@@ -144,7 +145,7 @@ class SearchRunner:
             log.error("search is unavailable on this mount: %s", exc)
             self.tree.unavailable(f"search is unavailable on this mount: {exc}")
             return
-        self.indexer = Indexer(self.service)
+        self.indexer = Indexer(self.service, activity=self.activity)
         await nursery.start(self.indexer.run)
         self.tree.attach(self.service, self.indexer)
         self.indexer.wake()  # commits made while the service was opening
@@ -210,10 +211,12 @@ class Daemon:
             status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
-        self.search = SearchRunner(model, config.search.engine, self.ops.search)
+        self.search = SearchRunner(
+            model, config.search.engine, self.ops.search, activity=lambda: self.ops.activity
+        )
         self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
-        self.ttl = TtlCleaner(model)
+        self.ttl = TtlCleaner(self.ops.gateway)
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"

@@ -1,0 +1,150 @@
+"""The model reads of lookup, getattr and readdir, memoised while the store is unchanged.
+
+``find``, ``ls -lR`` and ``grep -r`` ask for the same few things again and again:
+each directory's listing, each subdirectory's listing (for its ``st_nlink``), each
+role file's head (for its size and mtime), whether a name is a directory. Each is
+an LMDB read transaction plus decoding in the model. `StoreView` keeps the answers
+until the store changes, so a warm tree walk costs dictionary lookups.
+
+When the memo is dropped:
+
+- `refresh` (at the start of every handler that reads through the view) reads the
+  store's change sequence, which every commit of every process increments, and
+  drops everything if it moved. So a ``slurpfs put`` from another process is seen
+  by the next request, exactly as without the memo.
+- `changed` drops everything at once; the fs layer calls it after each change it
+  makes itself, including the ones that do not move the sequence (TTL purges:
+  only this daemon makes those). Its own ``mkdir`` and ``rmdir`` (which do not
+  move it either) correct the memo instead (`added_dir`, `removed_dir`).
+
+Only the head of an address without a temporal segment is memoised; temporal
+views, history and conflicts always ask the model. Errors other than `NotFound`
+are never memoised: they are raised (and audited by the model) every time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+from slurpfs.errors import NotFound
+from slurpfs.model import ContextStore, Listing, VersionInfo
+from slurpfs.ucxl import Address
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+MAX_ENTRIES = 1 << 17  # per memo; past it the memo starts over (a walk of a huge tree)
+
+
+class StoreView:
+    """`list_dir`, `stat` and `is_dir` of a `ContextStore`, memoised (see module docstring)."""
+
+    def __init__(self, model: ContextStore) -> None:
+        self.model = model
+        self._seq = -1
+        self._listings: dict[str, Listing] = {}
+        self._heads: dict[tuple[str, str], VersionInfo | None] = {}
+        self._dirs: dict[str, bool] = {}
+        # Moves whenever anything memoised here may have changed: what callers
+        # derive from the view (attributes) is theirs to keep while it stands still.
+        self.epoch = 0
+        self.hits = 0
+        self.misses = 0
+
+    def refresh(self) -> None:
+        """Drop the memo if any process committed since it was filled."""
+        seq = self.model.store.sequence()
+        if seq != self._seq:
+            self.changed()
+            self._seq = seq
+
+    def changed(self) -> None:
+        """This process changed the store: forget everything."""
+        self.epoch += 1
+        self._listings.clear()
+        self._heads.clear()
+        self._dirs.clear()
+
+    def added_dir(self, address: Address) -> None:
+        """This process created the directory `address` in an existing parent.
+
+        A directory does not move the change sequence, so the memo is corrected
+        rather than dropped: a ``mkdir`` loop must not list its parent again and
+        again (each ``getattr`` of the parent counts its subdirectories).
+        """
+        self.epoch += 1
+        self._edit_parent(address, add=True)
+        self._dirs[address.key] = True
+
+    def removed_dir(self, address: Address) -> None:
+        """This process removed the (empty) directory `address`."""
+        self.epoch += 1
+        self._edit_parent(address, add=False)
+        self._dirs[address.key] = False
+        self._listings.pop(address.key, None)
+
+    def _edit_parent(self, address: Address, *, add: bool) -> None:
+        parent = address.parent()
+        key = "" if parent is None else parent.key
+        listing = self._listings.get(key)
+        if listing is None:
+            return
+        name = address.path[-1] if address.path else str(address.authority)
+        dirs = set(listing.dirs)
+        if add:
+            dirs.add(name)
+        else:
+            dirs.discard(name)
+        # The store lists children in the order of their UTF-8 bytes: code point order.
+        self._listings[key] = dataclasses.replace(listing, dirs=tuple(sorted(dirs)))
+
+    def list_dir(self, address: Address | None) -> Listing:
+        """`ContextStore.list_dir` of `address` (its temporal segment is ignored)."""
+        key = "" if address is None else address.key
+        listing = self._listings.get(key)
+        if listing is not None:
+            self.hits += 1
+            return listing
+        self.misses += 1
+        listing = self.model.list_dir(None if address is None else address.without_temporal())
+        _bounded(self._listings)[key] = listing
+        return listing
+
+    def stat(self, address: Address, role: str) -> VersionInfo:
+        """`ContextStore.stat`: the version `address` selects (NotFound if none)."""
+        if address.temporal is not None:
+            return self.model.stat(address, role)
+        key = (address.key, role)
+        try:
+            info = self._heads[key]
+        except KeyError:
+            self.misses += 1
+            try:
+                info = self.model.stat(address, role)
+            except NotFound:
+                _bounded(self._heads)[key] = None
+                raise
+            _bounded(self._heads)[key] = info
+            return info
+        self.hits += 1
+        if info is None:
+            raise NotFound(f"no context at {address} for role {role!r}")
+        return info
+
+    def is_dir(self, address: Address) -> bool:
+        """Whether `address` (without its temporal segment) is an address directory."""
+        key = address.key
+        found = self._dirs.get(key)
+        if found is None:
+            self.misses += 1
+            found = _bounded(self._dirs)[key] = self.model.is_dir(address.without_temporal())
+        else:
+            self.hits += 1
+        return found
+
+
+def _bounded(memo: dict[K, V]) -> dict[K, V]:
+    if len(memo) >= MAX_ENTRIES:
+        memo.clear()
+    return memo
