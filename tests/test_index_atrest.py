@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import secrets
 import tempfile
 import time
@@ -21,13 +22,20 @@ DOCS = 2_100
 
 
 def new_files(root: Path, since: float) -> Iterator[Path]:
-    """Regular files under `root` changed since `since` (others' files skipped if unreadable)."""
-    for path in root.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since:
-                yield path
-        except OSError:
-            continue
+    """Regular files under `root` changed since `since`.
+
+    Other processes' files that cannot be read are skipped, and so are mount points
+    (another test's FUSE mount, possibly stale, is not the temp directory's disk).
+    """
+    for top, dirs, files in os.walk(root, onerror=lambda exc: None):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(top, d))]
+        for name in files:
+            path = Path(top, name)
+            try:
+                if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since:
+                    yield path
+            except OSError:
+                continue
 
 
 def test_whoosh_ram_storage_spills_to_the_temp_dir_and_ours_does_not() -> None:

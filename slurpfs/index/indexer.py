@@ -2,17 +2,30 @@
 
 Runs in the daemon's trio nursery (``await nursery.start(indexer.run)``). The
 model calls its subscriber from whichever thread committed; that thread must
-never wait for indexing, so the callback only schedules a notice onto the trio
-loop (`TrioToken.run_sync_soon`, thread-safe and non-blocking) where it goes
-into a bounded memory channel with `send_nowait`. A full channel drops the
-notice and counts it: nothing is lost, because each batch indexes from the
+never wait for indexing, so the callback only puts a notice into a bounded
+memory channel with `send_nowait` (directly when the commit ran on the trio
+loop, through `TrioToken.run_sync_soon` from any other thread). A full channel
+drops the notice and counts it: nothing is lost, because indexing reads the
 store's change log (`SearchService.catch_up`), which also carries commits of
-other processes; the channel only wakes the loop early and measures lag.
+other processes; notices only wake the loop early and measure lag.
 
-Each wake-up drains the channel and runs one catch-up in a worker thread
-(bounded by a `CapacityLimiter`), so decryption and engine commits never run
-on the trio loop. Without notices the loop still polls every `poll_interval`
-seconds for commits made by other processes.
+Indexing is background work: the FUSE handlers come first. The engines are
+Python and share the interpreter with the handlers, so an engine commit that
+runs while files are being written or read slows every request down. Hence:
+
+- After a notice the indexer waits until commits and requests on the mount
+  (`activity`) pause for `quiet` seconds, at the latest `max_delay` seconds.
+  A single save is searchable a fraction of a second later.
+- It applies the backlog in steps (`SearchService.catch_up(limit=...)`, each
+  one engine commit in a worker thread under a `CapacityLimiter`), starting
+  with `min_step` changes and doubling up to `max_step` while the mount stays
+  quiet, so a burst of writes that starts meanwhile waits for a short step at
+  most. When writes or requests resume it waits for the next pause again.
+- Past `max_delay`, with the mount still busy, it goes on in short steps,
+  each followed by a pause as long as the step took.
+
+Without notices the loop polls every `poll_interval` seconds for commits of
+other processes.
 """
 
 from __future__ import annotations
