@@ -5,7 +5,9 @@ by every handle on it (so a reader sees what a writer wrote, as POSIX expects).
 It is loaded lazily: a writer that truncates first (``open(O_TRUNC)``, ``cp``,
 ``>``) never needs to decrypt the old version. `flush` of a dirty buffer (each
 ``close``) commits exactly one new version in one store transaction; `fsync`
-commits and then syncs the store to stable storage.
+commits and then syncs the store to stable storage (one sync covers every store
+write this process made before it began, so an editor's ``fsync`` of a scratch
+file and then of the directory syncs once).
 
 Handles on read-only entries (history, conflicts, temporal views, status files)
 carry their own immutable snapshot. Handles on scratch files point at the

@@ -676,7 +676,10 @@ class Operations(pyfuse3.Operations):
             scratch_limit=self.scratch.limit,
             commits=self.gateway.commits,
             commit_failures=self.gateway.commit_failures,
+            syncs=self.gateway.syncs,
             invalidations=self.invalidations,
+            view_hits=self.view.hits,
+            view_misses=self.view.misses,
         )
 
     def _register_status_files(self) -> None:

@@ -36,7 +36,10 @@ class FsStatistics:
     scratch_limit: int
     commits: int
     commit_failures: int
+    syncs: int  # syncs of the store (one covers every write before it)
     invalidations: int
+    view_hits: int  # model reads answered by the fs layer's memo (`slurpfs.fs.view`)
+    view_misses: int
 
 
 class VirtualFiles:

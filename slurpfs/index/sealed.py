@@ -46,6 +46,18 @@ _HEADER = struct.Struct(">4sBI")  # magic, format, key generation
 _U32 = struct.Struct(">I")
 
 
+def open_table(store: Store) -> None:
+    """Open (and if need be create) the index table in this process now.
+
+    A process opens a table on its first use, and py-lmdb holds the interpreter
+    lock while that waits for LMDB's writer lock: a worker thread saving the
+    first index while the trio thread is inside a write transaction (which
+    releases the interpreter lock around each put) would deadlock both. A
+    daemon calls this before it serves requests or starts worker threads.
+    """
+    store.aux_write(INDEX_TABLE, {})
+
+
 class IndexCorrupt(Corrupt):
     """A sealed index file or manifest fails authentication or does not parse."""
 

@@ -40,6 +40,7 @@ from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.search import SearchTree
 from slurpfs.index import Indexer, SearchService
+from slurpfs.index.sealed import open_table
 from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 
@@ -231,6 +232,7 @@ class Daemon:
     def run(self, ready: Callable[[], None] | None = None) -> int:
         """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
         self.control.claim()
+        open_table(self.model.store)  # before any thread could open it (see there)
         try:
             pyfuse3.init(self.ops, str(self.options.mountpoint), self.options.fuse_options())
         except RuntimeError as exc:

@@ -1,0 +1,135 @@
+"""What the fs layer keeps between requests, and when it lets go (ops-level).
+
+Listings, heads and attributes are kept while the store does not change
+(`slurpfs.fs.view`); a commit by anyone, or a change made through the mount,
+must show in the very next request. Syncs cover every write made before them,
+so back-to-back ``fsync`` requests sync once. The audit line is written once
+and stays exactly what ``json.dumps`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pyfuse3
+import pytest
+from fsutil import AUTH, OpsHarness
+
+from slurpfs import audit
+from slurpfs.fs.ops import Operations
+from slurpfs.model import ContextStore
+from slurpfs.ucxl import parse
+
+DIR = f"ucxl/{AUTH}/src/auth.go"
+ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
+DEV = "developer"
+ARCH = "architect"
+
+
+@pytest.fixture
+def ops(model: ContextStore) -> Iterator[Operations]:
+    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
+    yield ops
+    assert not ops.handles.files, "a test left files open"
+
+
+@pytest.fixture
+async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
+    harness = OpsHarness(ops)
+    yield harness
+    await harness.forget_all()
+    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
+
+
+async def sizes(fs: OpsHarness, path: str) -> dict[str, int]:
+    return {os.fsdecode(name): attrs.st_size for name, attrs in await fs.list_attrs(path)}
+
+
+async def test_commits_of_another_writer_show_in_the_next_request(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"one")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    for _ in range(2):  # the second round is answered from what the first kept
+        assert await sizes(fs, DIR) == {DEV: 3}
+        assert (await fs.ops.getattr(ino, fs.ctx)).st_size == 3
+    model.put(ADDR, DEV, b"longer")  # not through the mount, nobody told
+    assert (await fs.ops.getattr(ino, fs.ctx)).st_size == 6
+    model.put(ADDR, ARCH, b"a new role file")
+    assert await sizes(fs, DIR) == {ARCH: 15, DEV: 6}
+    model.delete(ADDR, DEV)
+    assert await sizes(fs, DIR) == {ARCH: 15}
+    assert not await fs.exists(f"{DIR}/{DEV}")
+
+
+async def test_writes_through_the_mount_show_at_once(fs: OpsHarness) -> None:
+    await fs.makedirs(DIR)
+    assert await sizes(fs, DIR) == {}
+    await fs.write(f"{DIR}/{DEV}", b"12345")
+    assert await sizes(fs, DIR) == {DEV: 5}
+    await fs.write(f"{DIR}/{DEV}", b"678", append=True)
+    assert (await fs.lookup(f"{DIR}/{DEV}")).st_size == 8
+    await fs.unlink(f"{DIR}/{DEV}")
+    assert await sizes(fs, DIR) == {}
+
+
+async def test_directories_made_and_removed_here_keep_counts_and_listings_right(
+    fs: OpsHarness,
+) -> None:
+    top = f"ucxl/{AUTH}/src"
+    await fs.makedirs(top)
+    parent = await fs.ino(top)
+    nlink = (await fs.ops.getattr(parent, fs.ctx)).st_nlink
+    assert await fs.listdir(top) == []
+    for name in ("b", "c", "a"):
+        await fs.mkdir(f"{top}/{name}")
+        listed = await fs.listdir(top)
+        assert (await fs.ops.getattr(parent, fs.ctx)).st_nlink == nlink + len(listed)
+    assert await fs.listdir(top) == ["a", "b", "c"]  # the store's order
+    await fs.ops.rmdir(parent, b"b", fs.ctx)
+    assert await fs.listdir(top) == ["a", "c"]
+    assert (await fs.ops.getattr(parent, fs.ctx)).st_nlink == nlink + 2
+    assert not await fs.exists(f"{top}/b")
+    await fs.mkdir(f"{top}/b")
+    assert await fs.listdir(top) == ["a", "b", "c"]
+    assert sorted(await fs.listdir(f"ucxl/{AUTH}")) == ["src"]
+
+
+async def test_a_sync_covers_every_write_made_before_it(fs: OpsHarness) -> None:
+    gateway = fs.ops.gateway
+    await fs.makedirs(DIR)
+    parent, name = await fs.parent(f"{DIR}/{DEV}")
+    fi, attrs = await fs.ops.create(parent, name, 0o644, os.O_WRONLY, fs.ctx)
+    fs.held[attrs.st_ino] = fs.held.get(attrs.st_ino, 0) + 1
+    await fs.ops.write(fi.fh, 0, b"durable")
+    synced = gateway.syncs
+    await fs.ops.fsync(fi.fh, False)  # commits, then syncs
+    assert gateway.syncs == synced + 1
+    await fs.ops.release(fi.fh)
+    dh = await fs.ops.opendir(parent, fs.ctx)
+    await fs.ops.fsyncdir(dh, False)  # nothing written since: nothing to sync
+    assert gateway.syncs == synced + 1
+    await fs.mkdir(f"{DIR}/sub")  # a directory is a store write too
+    await fs.ops.fsyncdir(dh, False)
+    await fs.ops.releasedir(dh)
+    assert gateway.syncs == synced + 2
+
+
+def test_an_audit_line_is_what_json_dumps_gives(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = audit.AuditLog(path)
+    odd = ["", 'quote " and \\ backslash', "tab\tnewline\n", "é ü 日本 \u2028", "\x00\x1f"]
+    for i, text in enumerate(odd):
+        log.record(
+            who=text, action="read", address=text, role=text, allowed=i % 2 == 0, reason=text
+        )
+    log.close()
+    assert audit.verify(path) == len(odd)
+    for line in path.read_bytes().splitlines():
+        body = json.loads(line)
+        assert json.dumps(body, sort_keys=True, separators=(",", ":")).encode() == line
+    assert [e.who for e in audit.read(path)] == odd

@@ -1,0 +1,118 @@
+"""The indexer yields to the mount: it waits for a pause, applies a backlog in steps.
+
+Activity is a counter the test moves by hand (the daemon passes the count of
+requests the mount served); commits come from the model as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+from conftest import Node, Nodes
+from test_index_support import ENGINES, address, document
+
+from slurpfs.index import Indexer, SearchService
+from slurpfs.model import BatchItem, ContextStore
+
+
+async def eventually(condition: Callable[[], bool], deadline: float) -> None:
+    """Wait until `condition()` holds (a search of an index another task updates)."""
+    with trio.fail_after(deadline):
+        while not condition():  # noqa: ASYNC110 - polled under a deadline
+            await trio.sleep(0.005)
+
+
+def hits(search: SearchService, query: str) -> int:
+    return search.search(query, ["developer"]).total
+
+
+@pytest.fixture(params=ENGINES)
+def setup(request: pytest.FixtureRequest, nodes: Nodes) -> tuple[Node, ContextStore]:
+    return nodes.new(held=["developer"], overrides={"search.engine": request.param})
+
+
+async def busy(activity: list[int], every: float) -> None:
+    """The mount serving requests: the counter moves every `every` seconds."""
+    while True:
+        activity[0] += 1
+        await trio.sleep(every)
+
+
+async def test_indexing_waits_while_the_mount_is_busy(setup: tuple[Node, ContextStore]) -> None:
+    _node, model = setup
+    search = SearchService.open(model)
+    activity = [0]
+    indexer = Indexer(
+        search, poll_interval=60.0, quiet=1.0, max_delay=60.0, activity=lambda: activity[0]
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(indexer.run)
+        model.put(address("src/busy.go"), "developer", document("deferredword"))
+        with trio.move_on_after(1.5):  # requests for longer than `quiet`, never a pause
+            await busy(activity, 0.02)
+        assert hits(search, "deferredword") == 0
+        assert indexer.statistics().queue_depth == 1
+        # Requests stop: indexed after the quiet period.
+        await eventually(lambda: hits(search, "deferredword") == 1, deadline=5.0)
+        indexer.stop()
+    search.close()
+
+
+async def test_a_busy_mount_still_gets_indexed_after_the_longest_delay(
+    setup: tuple[Node, ContextStore],
+) -> None:
+    _node, model = setup
+    search = SearchService.open(model)
+    activity = [0]
+    indexer = Indexer(
+        search, poll_interval=60.0, quiet=0.5, max_delay=0.3, activity=lambda: activity[0]
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(indexer.run)
+        nursery.start_soon(busy, activity, 0.02)
+        model.put(address("src/forced.go"), "developer", document("forcedword"))
+        await eventually(lambda: hits(search, "forcedword") == 1, deadline=5.0)
+        indexer.stop()
+        nursery.cancel_scope.cancel()
+    search.close()
+
+
+async def test_a_backlog_is_applied_in_growing_steps(setup: tuple[Node, ContextStore]) -> None:
+    _node, model = setup
+    search = SearchService.open(model)
+    indexer = Indexer(search, poll_interval=60.0, quiet=0.05, min_step=4, max_step=16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(indexer.run)
+        burst = [
+            BatchItem(address(f"burst/b{i}"), "developer", document(f"stepword {i}"))
+            for i in range(40)
+        ]
+        await trio.to_thread.run_sync(model.put_many, burst)
+        await eventually(lambda: hits(search, "stepword") == 40, deadline=20.0)
+        await eventually(lambda: indexer.statistics().queue_depth == 0, deadline=5.0)
+        stats = indexer.statistics()
+        assert stats.documents_indexed == 40
+        assert 4 <= stats.batches < 10  # 4 + 8 + 16 + 12, not ten steps of 4
+        assert stats.seq == model.store.sequence()
+        indexer.stop()
+    search.close()
+
+
+def test_catch_up_applies_at_most_a_limit_and_says_what_is_left(
+    setup: tuple[Node, ContextStore],
+) -> None:
+    _node, model = setup
+    search = SearchService.open(model)
+    for i in range(5):
+        model.put(address(f"limit/l{i}"), "developer", document(f"limitword {i}"))
+    assert search.pending()
+    report = search.catch_up(limit=2)
+    assert report.indexed == 2
+    assert search.pending()
+    assert hits(search, "limitword") == 2
+    search.catch_up()
+    assert not search.pending()
+    assert hits(search, "limitword") == 5
+    search.close()
