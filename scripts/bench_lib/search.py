@@ -640,6 +640,7 @@ def _visibility(found_ns: list[int | None], gone_ns: list[int | None]) -> Json:
         out[name] = {
             "n": len(values),
             "timeouts": len(values) - len(ok),
+            "samples_ms": [None if v is None else _ms(v) for v in values],
             **({"p50_ms": _ms(percentile(sorted(ok), 50)), "p95_ms": _ms(percentile(sorted(ok), 95)),
                 "max_ms": _ms(max(ok))} if ok else {}),
         }  # fmt: skip
@@ -789,17 +790,43 @@ def _settle(pid: int, limit_s: float = 120.0) -> float | None:
 _MATCHES = re.compile(rb"# (?:counts over )?(\d+) match")
 
 
-def _mount_query(root: Path, q: Query, role: str | None) -> tuple[int, int | None]:
+class _SearchDir:
+    """`.search/` of a mount, opened once: queries are looked up relative to it, so that
+    polling it sends no request on the rest of the tree (which the indexer waits on)."""
+
+    def __init__(self, mnt: Path) -> None:
+        self._fd = os.open(mnt / ".search", os.O_RDONLY | os.O_DIRECTORY)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def listdir(self, name: str) -> list[str]:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, name: str) -> bytes:
+        fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
+        try:
+            return os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+
+    def links(self, name: str) -> int:
+        return sum(1 for e in self.listdir(name) if not e.startswith("."))
+
+
+def _mount_query(root: _SearchDir, q: Query, role: str | None) -> tuple[int, int | None]:
     """Run one query through `.search/`: (links listed or -1 for an error, total if read)."""
-    directory = root / q.name(role)
+    name = q.name(role)
     if KINDS[q.kind].mount_op == "ls":
-        entries = os.listdir(directory)
+        entries = root.listdir(name)
         if ".error" in entries:
             return -1, None
         return sum(1 for e in entries if not e.startswith(".")), None
-    with open(directory / KINDS[q.kind].mount_op, "rb") as f:
-        text = f.read()
-    found = _MATCHES.search(text)
+    found = _MATCHES.search(root.read(f"{name}/{KINDS[q.kind].mount_op}"))
     return 0, int(found.group(1)) if found else -1
 
 
@@ -814,40 +841,52 @@ def _through_mount(
     mnt.mkdir(exist_ok=True)
     info: Json = {}
     out: Json = {}
-    one = len(layout.roles) == 1
     with _mounted(column, mnt, base / f"daemon-{column.engine}.log", info) as started:
         out["ready_s"] = round(_wait_ready(mnt, started, len(layout.docs)), 2)
         out["settle_s"] = _settle(info["pid"])
-        root = mnt / ".search"
-        for qs in queries.values():  # warm-up
-            for i, q in enumerate(qs[:5]):
-                _mount_query(root, q, None if one else layout.role_of(i))
-        out["queries"] = {}
-        clock = time.perf_counter_ns
-        for kind, qs in queries.items():
-            samples: list[int] = []
-            mismatched = errors = 0
-            expected = reference[kind]["totals"]
-            gc.collect()
-            for i, q in enumerate(qs):
-                t0 = clock()
-                links, total = _mount_query(root, q, None if one else layout.role_of(i))
-                samples.append(clock() - t0)
-                if links < 0 or total == -1:
-                    errors += 1
-                elif total is not None:
-                    mismatched += total != expected[i]
-                else:
-                    mismatched += links != min(expected[i], q.limit)
-            out["queries"][kind] = {**_summary(samples), "errors": errors, "mismatched": mismatched}
-            print(f"search: {column.key}: mount {kind}: p50 {out['queries'][kind]['p50_ms']} ms, "
-                  f"p95 {out['queries'][kind]['p95_ms']} ms", file=sys.stderr)  # fmt: skip
-        out["saved"] = _saved_through_mount(mnt, column, sizes.saves)
+        root = _SearchDir(mnt)
+        try:
+            out.update(_mount_queries(column, root, queries, reference))
+            out["saved"] = _saved_through_mount(mnt, root, column, sizes.saves)
+        finally:
+            root.close()
     out.update(info)
     return out
 
 
-def _saved_through_mount(mnt: Path, column: Column, n: int) -> Json:
+def _mount_queries(
+    column: Column, root: _SearchDir, queries: dict[str, list[Query]], reference: Json
+) -> Json:
+    layout = column.layout
+    one = len(layout.roles) == 1
+    out: Json = {}
+    for qs in queries.values():  # warm-up
+        for i, q in enumerate(qs[:5]):
+            _mount_query(root, q, None if one else layout.role_of(i))
+    out["queries"] = {}
+    clock = time.perf_counter_ns
+    for kind, qs in queries.items():
+        samples: list[int] = []
+        mismatched = errors = 0
+        expected = reference[kind]["totals"]
+        gc.collect()
+        for i, q in enumerate(qs):
+            t0 = clock()
+            links, total = _mount_query(root, q, None if one else layout.role_of(i))
+            samples.append(clock() - t0)
+            if links < 0 or total == -1:
+                errors += 1
+            elif total is not None:
+                mismatched += total != expected[i]
+            else:
+                mismatched += links != min(expected[i], q.limit)
+        out["queries"][kind] = {**_summary(samples), "errors": errors, "mismatched": mismatched}
+        print(f"search: {column.key}: mount {kind}: p50 {out['queries'][kind]['p50_ms']} ms, "
+              f"p95 {out['queries'][kind]['p95_ms']} ms", file=sys.stderr)  # fmt: skip
+    return out
+
+
+def _saved_through_mount(mnt: Path, root: _SearchDir, column: Column, n: int) -> Json:
     """Write a new file (a context) through the mount; list `.search/<its word>` until it
     shows; remove the file; list until it is gone."""
     layout = column.layout
@@ -861,10 +900,10 @@ def _saved_through_mount(mnt: Path, column: Column, n: int) -> Json:
         folder = mnt / "ucxl" / doc.parts[0] / "bench-saved" / f"{column.key}-mount-{i:04d}"
         folder.mkdir(parents=True)
         path = folder / role
-        query = mnt / ".search" / (canary if one else f"{canary}@role={role}")
+        query = canary if one else f"{canary}@role={role}"
 
-        def links(query: Path = query) -> int:
-            return sum(1 for e in os.listdir(query) if not e.startswith("."))
+        def links(query: str = query) -> int:
+            return root.links(query)
 
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
