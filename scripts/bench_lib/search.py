@@ -211,10 +211,13 @@ def run(opts: Options) -> Section:
 
 
 def _column(column: Column, queries: dict[str, list[Query]], sizes: Sizes) -> Json:
+    load, t0 = os.getloadavg()[0], time.perf_counter()
     print(f"search: {column.key}: in process", file=sys.stderr)
     out = _in_process(column, queries, sizes)
     print(f"search: {column.key}: through the mount", file=sys.stderr)
     out["mount"] = _through_mount(column, queries, sizes, out["queries"])
+    out["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    out["column_s"] = round(time.perf_counter() - t0, 1)
     return out
 
 
@@ -271,6 +274,14 @@ def _index_table_bytes(model: ContextStore, roles: Sequence[str]) -> tuple[int, 
 
 def _mdb_bytes(layout: Layout) -> int:
     return (layout.data_dir / "store" / "data.mdb").stat().st_size
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 # -- picking queries ----------------------------------------------------------------------
@@ -474,9 +485,12 @@ def _in_process(column: Column, queries: dict[str, list[Query]], sizes: Sizes) -
     with _open_model(layout) as model:
         sealed_before = _index_table_bytes(model, layout.roles)
         gc.collect()
+        rss_before = _rss_bytes()
         t0 = time.perf_counter()
         service = SearchService.open(model, engine=engine)
         build_s = time.perf_counter() - t0
+        gc.collect()
+        rss_growth = _rss_bytes() - rss_before
         try:
             stats = service.statistics()
             indexed = sum(stats.documents.values())
@@ -497,6 +511,9 @@ def _in_process(column: Column, queries: dict[str, list[Query]], sizes: Sizes) -
                 "mdb_growth_bytes": _mdb_bytes(layout) - mdb_before,
                 "persistent": engine == "whoosh",
             }
+            # The indexes live in this process's memory (both engines); the growth
+            # of its resident set over the build approximates their size there.
+            out["memory"] = {"rss_growth_bytes": rss_growth}
             out["first_query_ms"] = _first_query(service, layout, queries)
             _warm_up(service, layout, queries)
             # The index exactly as the build left it (for whoosh: the segments of its
@@ -529,7 +546,7 @@ def _in_process(column: Column, queries: dict[str, list[Query]], sizes: Sizes) -
             again = [_search(service, q, layout.role_of(i)).total
                      for i, q in enumerate(queries["term"][:20])]  # fmt: skip
             out["reopen"] = {
-                "store_open_s": round(model_s, 3),
+                "store_open_ms": _ms(model_s * 1e9),
                 "search_open_s": round(open_s, 2),
                 "rebuilt_roles": len(service.statistics().rebuilt),
                 "first_query_ms": first,
@@ -1092,10 +1109,11 @@ def _other_table(columns: dict[str, Json]) -> list[str]:
         row("of it: read + decrypt + parse a context (p50)", num("µs"), "build", "decrypt_extract", "p50_us"),
         row("index at rest: sealed bytes added to the store", sealed, "at_rest", "sealed_bytes", ratio=False),
         row("index at rest: growth of data.mdb", _mib, "at_rest", "mdb_growth_bytes", ratio=False),
+        row("process memory growth over the build (RSS)", _mib, "memory", "rss_growth_bytes", ratio=False),
         row("first query after the build", num("ms"), "first_query_ms"),
         row("one term, index as built: p50", num("ms"), "term_as_built", "p50_ms"),
         row("one term, index as built: p95", num("ms"), "term_as_built", "p95_ms"),
-        row("restart: `ContextStore.open`", num("s"), "reopen", "store_open_s"),
+        row("restart: `ContextStore.open`", num("ms"), "reopen", "store_open_ms"),
         row("restart: `SearchService.open`", num("s"), "reopen", "search_open_s"),
         row("restart: first query", num("ms"), "reopen", "first_query_ms"),
         row("saved (`put`) → found by search, p50 / p95 / max", vis, "saved", "visible", ratio=False),
@@ -1156,7 +1174,9 @@ def _markdown(data: Json) -> list[str]:
             + ("every mount query listed what the API returned" if not bad
                else f"mount queries with (errors, mismatches): {bad}")
             + f"; restart rebuilt {col['reopen']['rebuilt_roles']} role index(es), "
-            f"same totals after it: {col['reopen']['same_totals']}"
+            f"same totals after it: {col['reopen']['same_totals']}; "
+            f"column {col['column_s']:,.0f} s, load average "
+            f"{col['load_1min'][0]:.2f} at the start, {col['load_1min'][1]:.2f} at the end"
         )  # fmt: skip
     lines += ["", *(f"- {n}" for n in notes)]
     return lines
