@@ -11,7 +11,7 @@ from conftest import Nodes
 from test_index_support import ENGINES, SECRET, address, document, new_model, put_many, seed
 
 from slurpfs.errors import AccessDenied, QueryError
-from slurpfs.index import SearchResult, SearchService, check_index
+from slurpfs.index import SearchResult, SearchService, check_index, service
 from slurpfs.index.render import facets_text, link_name, link_target, results_text
 from slurpfs.index.sealed import INDEX_TABLE
 from slurpfs.model import ContextStore
@@ -247,6 +247,30 @@ def test_rebuild_keeps_answering_and_saves(model: ContextStore) -> None:
         assert search.rebuild(["developer"], progress=lambda n, total: seen.append((n, total))) == 3
         assert seen[-1] == (3, 3)  # the developer index holds developer contexts
         assert search.search("rotating", ["developer"]).total == 2
+    assert check_index(model) == []
+
+
+def test_a_build_in_many_batches_indexes_every_context_once(
+    model: ContextStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each role index commits every BUILD_BATCH documents of its own while building.
+    monkeypatch.setattr(service, "BUILD_BATCH", 2)
+    roles = ("developer", "architect")
+    put_many(
+        model,
+        [
+            (address(f"batch/d{i}"), roles[i % 3 % 2], document(f"batchword{i} common"))
+            for i in range(11)
+        ],
+    )
+    with SearchService.open(model) as search:
+        # architects read developer contexts too: 11 in theirs, 7 in the developer index
+        documents = search.statistics().documents
+        assert (documents["architect"], documents["developer"]) == (11, 7)
+        assert search.search("common", ["architect"]).total == 11
+        assert search.search("common", ["developer"]).total == 7
+        for i in range(11):
+            assert search.search(f"batchword{i}", ["architect"]).total == 1
     assert check_index(model) == []
 
 

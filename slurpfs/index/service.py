@@ -34,7 +34,7 @@ from slurpfs.model import ContextStore
 
 log = logging.getLogger("slurpfs.index")
 
-BUILD_BATCH = 2000  # documents per index commit while building (no pool spill at ~2 KiB each)
+BUILD_BATCH = 2000  # documents per role index commit while building (no pool spill at ~2 KiB)
 CATCH_UP_BATCH = 2000  # change-log entries per index commit while catching up
 FACET_LIMIT = 50  # values listed per facet
 
@@ -273,6 +273,10 @@ class SearchService:
         with self._apply_lock:
             seq = store.sequence()  # changes after this are caught up later
             contexts = [(a, r) for a, r, _ in store.iter_contexts() if self._targets(r, indexes)]
+            # Each role index commits when it has BUILD_BATCH documents of its own
+            # (one segment each), not when BUILD_BATCH contexts were read: with
+            # several roles the latter left many small segments, and whoosh
+            # searches every segment of an index in turn.
             pending: dict[str, list[IndexDoc]] = {r: [] for r in indexes}
             for n, (address, role) in enumerate(contexts, 1):
                 doc, bad, _ = self._document(address, role)
@@ -280,12 +284,11 @@ class SearchService:
                 if doc is not None:
                     for target in self._targets(role, indexes):
                         pending[target].append(doc)
-                if n % BUILD_BATCH == 0 or n == len(contexts):
-                    for target, docs in pending.items():
-                        if docs:
-                            indexes[target].write(docs, (), seq=0, save=False)
-                            report = report + ApplyReport(indexed=len(docs))
-                            docs.clear()
+                for target, docs in pending.items():
+                    if docs and (len(docs) >= BUILD_BATCH or n == len(contexts)):
+                        indexes[target].write(docs, (), seq=0, save=False)
+                        report = report + ApplyReport(indexed=len(docs))
+                        docs.clear()
                 if progress is not None:
                     progress(n, len(contexts))
             for role, index in indexes.items():

@@ -245,9 +245,12 @@ def _fields(doc: IndexDoc) -> dict[str, Any]:
 class _CountingCollector(collectors.TopCollector):  # type: ignore[misc]
     """Top hits, plus the total and facet counts of every match, in one pass.
 
-    Block-quality skipping and matcher replacement are off so that every match
-    is seen (and counted); `total` is the collector's own count of matches.
+    Block-quality skipping and quality-driven matcher replacement are off so
+    that every match is seen (and counted); `total` is the collector's own count
+    of matches.
     """
+
+    matcher: Any  # whoosh's matcher of the current segment
 
     def __init__(
         self, limit: int, facets: Callable[[Searcher], dict[str, list[list[str]]] | None]
@@ -259,6 +262,11 @@ class _CountingCollector(collectors.TopCollector):  # type: ignore[misc]
 
     def set_subsearcher(self, subsearcher: Searcher, offset: int) -> None:
         super().set_subsearcher(subsearcher, offset)
+        # Drop sub-matchers with nothing to match in this segment (a word absent
+        # from a field): a default-field word is an Or over every default field,
+        # and each inactive branch still costs a call per candidate document.
+        # `replace(0)` removes only inactive branches; every match is still seen.
+        self.matcher = self.matcher.replace(0)
         self._values = self._facets(subsearcher)
 
     def collect(self, sub_docnum: int) -> Any:
