@@ -596,6 +596,23 @@ class ContextStore:
         usable = self._authorise(info.address, role, caller_roles, who, "read")
         return Context(info, self._decrypt(info, usable, stored))
 
+    def authorise_read(
+        self,
+        address: Address,
+        role: str,
+        caller_roles: Collection[str] | None = None,
+        *,
+        who: str = "local",
+    ) -> None:
+        """Decide (and audit) whether the caller may read `role` at `address`, reading nothing.
+
+        For a reader that already holds the plaintext of the current version (the
+        kernel's page cache of a mounted file): the same decision `get` makes, with
+        the same audit entry, without the envelope. AccessDenied/KeyMissing.
+        """
+        self._check_role(role)
+        self._authorise(address.key, role, caller_roles, who, "read")
+
     def get_version(
         self,
         address: Address,

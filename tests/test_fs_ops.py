@@ -21,6 +21,7 @@ import trio
 from conftest import Nodes
 from fsutil import AUTH, FakeKernel, OpsHarness, ctx, raises_errno
 
+from slurpfs import audit
 from slurpfs.config import Config, RoleConfig
 from slurpfs.crypto import envelope as env
 from slurpfs.errors import NotInitialised
@@ -28,7 +29,7 @@ from slurpfs.fs.access import RoleMap, read_sup_groups
 from slurpfs.fs.inodes import Kind
 from slurpfs.fs.invalidate import Invalidator
 from slurpfs.fs.ops import Operations
-from slurpfs.model import ContextStore
+from slurpfs.model import ContextStore, data_paths
 from slurpfs.service import control, mountcmd
 from slurpfs.service.daemon import MountError
 from slurpfs.store import Commit, VersionRecord
@@ -510,3 +511,51 @@ async def test_keep_cache_only_while_the_version_is_unchanged(
     model.put(ADDR, DEV, b"v2 from elsewhere")
     assert not await open_close()
     assert await open_close()
+
+
+async def test_an_open_served_from_the_page_cache_still_decides_and_audits_access(
+    nodes: Nodes,
+) -> None:
+    """Re-opening an unchanged file decrypts nothing, but each open is still an
+    access decision in the audit log, a denied caller still gets EACCES, and a
+    read the page cache cannot serve is answered from the store."""
+    toml = """
+[roles.developer]
+readers = ["architect"]
+users = ["4242"]
+[roles.architect]
+readers = []
+[roles.reviewer]
+readers = ["architect"]
+"""
+    _, model = nodes.new(toml=toml)
+    owner = OpsHarness(make_ops(model))
+    await owner.makedirs(DIR)
+    await owner.write(f"{DIR}/architect", b"arch only")
+    ino = await owner.ino(f"{DIR}/architect")
+    log = data_paths(model.config.data_dir)["audit"]
+
+    async def open_read(read: bool = True) -> tuple[bool, bytes]:
+        fi = await owner.ops.open(ino, os.O_RDONLY, owner.ctx)
+        try:
+            return bool(fi.keep_cache), await owner.ops.read(fi.fh, 0, 100) if read else b""
+        finally:
+            await owner.ops.release(fi.fh)
+
+    assert await open_read() == (False, b"arch only")  # first open after the write
+    decisions = len(audit.read(log))
+    # The kernel serves these reads from its page cache: open is the only request.
+    assert await open_read(read=False) == (True, b"")
+    assert await open_read(read=False) == (True, b"")
+    entries = audit.read(log)
+    assert len(entries) == decisions + 2  # one decision per open
+    assert all(e.allowed and e.role == "architect" for e in entries[-2:])
+    # A read the page cache cannot serve (pages dropped) is answered from the store.
+    assert await open_read() == (True, b"arch only")
+
+    other = owner.as_user(uid=4242, gid=4242, pid=0)
+    with raises_errno(errno.EACCES):
+        await other.ops.open(ino, os.O_RDONLY, other.ctx)
+    denied = audit.read(log)[-1]
+    assert not denied.allowed
+    assert denied.role == "architect"

@@ -136,7 +136,7 @@ class Keyring:
     listed for the same (role, generation).
     """
 
-    __slots__ = ("_privates", "_publics", "_trusted", "node")
+    __slots__ = ("_held", "_privates", "_publics", "_trusted", "node")
 
     def __init__(
         self,
@@ -168,6 +168,9 @@ class Keyring:
         )
         self._privates: Mapping[tuple[str, int], PrivateKey] = MappingProxyType(priv)
         self._trusted = frozenset(trusted)
+        self._held = frozenset(
+            role for role, gens in self._publics.items() if (role, max(gens)) in self._privates
+        )
 
     def roles(self) -> frozenset[str]:
         """Every role with at least one known public key."""
@@ -175,9 +178,7 @@ class Keyring:
 
     def held_roles(self) -> frozenset[str]:
         """Roles whose *current* generation private key this node holds."""
-        return frozenset(
-            role for role, gens in self._publics.items() if (role, max(gens)) in self._privates
-        )
+        return self._held
 
     def generations(self, role: str) -> tuple[int, ...]:
         """Known generations of ``role``, ascending (empty if the role is unknown)."""

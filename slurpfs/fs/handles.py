@@ -302,6 +302,9 @@ class Gateway:
             functools.partial(self.model.get, address, role, caller.roles, who=caller.who),
         )
 
+    def authorise_read(self, address: Address, role: str, caller: Caller) -> None:
+        self.model.authorise_read(address, role, caller.roles, who=caller.who)
+
     async def get_version(
         self, address: Address, role: str, info: VersionInfo, caller: Caller
     ) -> Context:

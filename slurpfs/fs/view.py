@@ -24,6 +24,7 @@ are never memoised: they are raised (and audited by the model) every time.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import TypeVar
 
@@ -91,13 +92,19 @@ class StoreView:
         if listing is None:
             return
         name = address.path[-1] if address.path else str(address.authority)
-        dirs = set(listing.dirs)
-        if add:
-            dirs.add(name)
+        # The store lists children in the order of their UTF-8 bytes (code point
+        # order), so the name goes in (or out) by bisection: a mkdir loop in one
+        # parent must not sort a growing listing again and again.
+        dirs = listing.dirs
+        at = bisect.bisect_left(dirs, name)
+        present = at < len(dirs) and dirs[at] == name
+        if add and not present:
+            dirs = (*dirs[:at], name, *dirs[at:])
+        elif not add and present:
+            dirs = dirs[:at] + dirs[at + 1 :]
         else:
-            dirs.discard(name)
-        # The store lists children in the order of their UTF-8 bytes: code point order.
-        self._listings[key] = dataclasses.replace(listing, dirs=tuple(sorted(dirs)))
+            return
+        self._listings[key] = dataclasses.replace(listing, dirs=dirs)
 
     def list_dir(self, address: Address | None) -> Listing:
         """`ContextStore.list_dir` of `address` (its temporal segment is ignored)."""
