@@ -292,8 +292,8 @@ async def test_inode_numbers_are_stable_and_forget_purges(fs: OpsHarness) -> Non
     assert node.lookups == fs.held[node.ino]
 
 
-async def test_callers_get_their_roles_only(nodes: Nodes) -> None:
-    toml = """
+# uid 4242 holds only `developer`; `architect` reads every role.
+UID_4242_DEVELOPER = """
 [roles.developer]
 readers = ["architect"]
 users = ["4242"]
@@ -302,7 +302,10 @@ readers = []
 [roles.reviewer]
 readers = ["architect"]
 """
-    _, model = nodes.new(toml=toml)
+
+
+async def test_callers_get_their_roles_only(nodes: Nodes) -> None:
+    _, model = nodes.new(toml=UID_4242_DEVELOPER)
     owner = OpsHarness(make_ops(model))
     await owner.makedirs(DIR)
     await owner.write(f"{DIR}/{DEV}", b"dev")
@@ -519,16 +522,7 @@ async def test_an_open_served_from_the_page_cache_still_decides_and_audits_acces
     """Re-opening an unchanged file decrypts nothing, but each open is still an
     access decision in the audit log, a denied caller still gets EACCES, and a
     read the page cache cannot serve is answered from the store."""
-    toml = """
-[roles.developer]
-readers = ["architect"]
-users = ["4242"]
-[roles.architect]
-readers = []
-[roles.reviewer]
-readers = ["architect"]
-"""
-    _, model = nodes.new(toml=toml)
+    _, model = nodes.new(toml=UID_4242_DEVELOPER)
     owner = OpsHarness(make_ops(model))
     await owner.makedirs(DIR)
     await owner.write(f"{DIR}/architect", b"arch only")
