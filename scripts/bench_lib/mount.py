@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,11 +22,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_lib import corpus
+from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, latency, table, timed_loop
 
 NEEDLE = "rotating"  # appears in a fraction of the documents (an adjective of the corpus)
 PASSWORD_CMD = "echo pw"
+ENV = daemons.clean_env()  # daemons and tools run without SLURPFS_* settings
 SETTLE_LIMIT_S = 900.0  # how long a daemon may stay busy after mounting before we measure anyway
 
 # metric -> (label, unit, how to read the value, goal for slurpfs/gocryptfs from the issue)
@@ -77,7 +77,7 @@ def run(opts: Options) -> Section:
                 columns[name]["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
             columns[name].update(extra)  # filled in at teardown (daemon log)
     finally:
-        _remove(base)
+        daemons.remove(base, label="mount")
     hits = {name: col["grep_hits"] for name, col in columns.items() if "grep_hits" in col}
     data: Json = {
         "documents": opts.docs,
@@ -231,24 +231,16 @@ def _gocryptfs(base: Path, work: Workload, extra: Json) -> Column:
     subprocess.run([exe, "-init", "-q", "-extpass", PASSWORD_CMD, "-scryptn", "10", str(cipher)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     argv = [exe, "-fg", "-q", "-extpass", PASSWORD_CMD, str(cipher), str(mnt)]
-    with _daemon(argv, mnt, base / "gocryptfs.log", None, extra) as pid:
+    with daemons.running(argv, mnt, base / "gocryptfs.log", extra, env=ENV, label="mount") as pid:
         _populate(mnt, work)
         _settle(pid, extra)
         yield mnt, "gocryptfs defaults (-scryptn 10 only speeds up -init)"
 
 
-def _slurpfs_cli() -> list[str]:
-    return [sys.executable, "-m", "slurpfs.cli"]
-
-
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURPFS_")}
-
-
 @contextlib.contextmanager
 def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
-    probe = subprocess.run([*_slurpfs_cli(), "mount", "--help"], capture_output=True,
-                           env=_clean_env(), check=False)  # fmt: skip
+    probe = subprocess.run(daemons.slurpfs("mount", "--help"), capture_output=True, env=ENV,
+                           check=False)  # fmt: skip
     if probe.returncode != 0:
         yield None, "`slurpfs mount` does not exist yet"
         return
@@ -270,109 +262,22 @@ def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
             report = store.put_many(batch)
             if report.failed:
                 raise RuntimeError(f"slurpfs import failed: {report.failed[:3]}")
-    argv = [*_slurpfs_cli(), "mount", "--foreground", "--data", str(data), str(mnt)]
-    stop = [*_slurpfs_cli(), "umount", str(mnt)]
-    with _daemon(argv, mnt, base / "slurpfs.log", stop, extra) as pid:
+    argv = daemons.slurpfs("mount", "--foreground", "--data", str(data), str(mnt))
+    stop = daemons.slurpfs("umount", str(mnt))
+    with daemons.running(
+        argv, mnt, base / "slurpfs.log", extra, env=ENV, stop=stop, label="mount"
+    ) as pid:
         _settle(pid, extra)
         yield mnt, "slurpfs mount --foreground, default configuration"
 
 
-@contextlib.contextmanager
-def _daemon(
-    argv: list[str], mnt: Path, log: Path, stop: list[str] | None, extra: Json
-) -> Iterator[int]:
-    """Start a FUSE daemon in the foreground as our child; unmount and reap it by PID at the end.
-
-    `extra` receives the daemon's exit status and its log's WARNING/ERROR lines.
-    """
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mnt):
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{argv[0]} exited {proc.returncode} before mounting: {log.read_text()[-800:]}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{mnt} was not mounted after 30 s")
-            time.sleep(0.05)
-        yield proc.pid
-    finally:
-        _unmount(mnt, stop)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            print(f"mount: pid {proc.pid} still running after unmount; SIGTERM", file=sys.stderr)
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if os.path.ismount(mnt):  # the daemon died without unmounting
-            _unmount(mnt, None, lazy=True)
-        lines = log.read_text(errors="replace").splitlines()
-        bad = [
-            line for line in lines if "WARNING" in line or "ERROR" in line or "Traceback" in line
-        ]
-        extra.update(
-            daemon_exit=proc.returncode, daemon_log_problems=len(bad), daemon_log_sample=bad[:5]
-        )
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _settle(pid: int, extra: Json, limit: float = SETTLE_LIMIT_S) -> None:
+def _settle(pid: int, extra: Json) -> None:
     """Wait until the daemon is idle (background work such as indexing done): under 5% of a
     core over 2 s. Measuring while it still works would time that work, not the tools."""
-    t0 = time.monotonic()
-    last = _cpu_seconds(pid)
-    while time.monotonic() - t0 < limit:
-        time.sleep(2)
-        now = _cpu_seconds(pid)
-        if now - last < 0.1:
-            extra["settle_s"] = round(time.monotonic() - t0, 1)
-            return
-        last = now
-    extra["settle_s"] = None  # still busy: measured anyway, and the table says so
-    print(f"mount: pid {pid} still busy after {limit:.0f} s; measuring anyway", file=sys.stderr)
-
-
-def _unmount(mnt: Path, stop: list[str] | None, *, lazy: bool = False) -> None:
-    if not os.path.ismount(mnt):
-        return
-    commands = [stop] if stop else []
-    for tool in ("fusermount3", "fusermount"):
-        if shutil.which(tool):
-            commands.append([tool, "-u", *(["-z"] if lazy else []), str(mnt)])
-    for argv in commands:
-        for _ in range(20):  # EBUSY right after the last close is common: retry briefly
-            done = subprocess.run(argv, capture_output=True, env=_clean_env(), check=False)
-            if done.returncode == 0:
-                return
-            if not os.path.ismount(mnt):
-                return
-            time.sleep(0.25)
-    print(f"mount: could not unmount {mnt}", file=sys.stderr)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p.startswith(prefix)]
-
-
-def _remove(base: Path) -> None:
-    left = _mounts_under(base)
-    if left:
-        print(f"mount: not removing {base}: still mounted: {left}", file=sys.stderr)
-        return
-    shutil.rmtree(base, ignore_errors=True)
+    extra["settle_s"] = daemons.settle(pid, limit_s=SETTLE_LIMIT_S, window_s=2.0)
+    if extra["settle_s"] is None:  # still busy: measured anyway, and the table says so
+        print(f"mount: pid {pid} still busy after {SETTLE_LIMIT_S:.0f} s; measuring anyway",
+              file=sys.stderr)  # fmt: skip
 
 
 def _fs_type(path: Path) -> str:

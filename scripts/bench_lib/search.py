@@ -38,9 +38,7 @@ import random
 import re
 import secrets
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -52,7 +50,7 @@ from typing import Any
 
 import trio
 
-from bench_lib import corpus
+from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, percentile, table
 from slurpfs import config, ucxl
 from slurpfs.crypto.keystore import KdfParams
@@ -195,7 +193,7 @@ def run(opts: Options) -> Section:
         one = _layout(base, "1x100k", (ONE_ROLE,), docs[: sizes.one_role], setup)
         columns["tantivy_1"] = _column(Column("tantivy_1", "tantivy", one), queries, sizes)
     finally:
-        _remove(base)
+        daemons.remove(base, label="search")
     data: Json = {
         "context_bytes": CONTEXT_BYTES,
         "sizes": vars(sizes),
@@ -694,75 +692,25 @@ def _saved_in_process(model: ContextStore, service: SearchService, column: Colum
 # -- through a mount ----------------------------------------------------------------------
 
 
-def _clean_env(engine: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURPFS_")}
-    env["SLURPFS_SEARCH_ENGINE"] = engine
-    return env
-
-
-def _slurpfs(*args: str) -> list[str]:
-    return [sys.executable, "-m", "slurpfs.cli", *args]
-
-
-def _unmount(mnt: Path, engine: str, *, lazy: bool = False) -> None:
-    commands = [] if lazy else [_slurpfs("umount", str(mnt))]
-    for tool in ("fusermount3", "fusermount"):
-        if shutil.which(tool):
-            commands.append([tool, "-u", *(["-z"] if lazy else []), str(mnt)])
-    for argv in commands:
-        for _ in range(20):  # EBUSY right after the last close is common: retry briefly
-            if not os.path.ismount(mnt):
-                return
-            done = subprocess.run(argv, capture_output=True, env=_clean_env(engine), check=False)
-            if done.returncode == 0 or not os.path.ismount(mnt):
-                return
-            time.sleep(0.25)
-    print(f"search: could not unmount {mnt}", file=sys.stderr)
-
-
 @contextlib.contextmanager
 def _mounted(column: Column, mnt: Path, log: Path, info: Json) -> Iterator[float]:
-    """`slurpfs mount --foreground` as our child; yields its start time (perf_counter).
-
-    Unmounts and reaps the daemon by its PID at the end; `info` gets its exit
-    status and the WARNING/ERROR lines of its log.
-    """
-    argv = _slurpfs("mount", "--foreground", "--data", str(column.layout.data_dir), str(mnt))
+    """`slurpfs mount --foreground` as our child (`daemons.running`); yields its start
+    time (perf_counter) and puts its PID into `info`."""
+    argv = daemons.slurpfs("mount", "--foreground", "--data", str(column.layout.data_dir), str(mnt))
     started = time.perf_counter()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env(column.engine)
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mnt):
-            if proc.poll() is not None:
-                raise RuntimeError(f"slurpfs exited {proc.returncode} before mounting: "
-                                   f"{log.read_text(errors='replace')[-800:]}")  # fmt: skip
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{mnt} was not mounted after 60 s")
-            time.sleep(0.05)
-        info["pid"] = proc.pid
+    with daemons.running(
+        argv,
+        mnt,
+        log,
+        info,
+        env=daemons.clean_env(SLURPFS_SEARCH_ENGINE=column.engine),
+        stop=daemons.slurpfs("umount", str(mnt)),
+        mount_timeout=60.0,
+        exit_timeout=60.0,
+        label="search",
+    ) as pid:
+        info["pid"] = pid
         yield started
-    finally:
-        _unmount(mnt, column.engine)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            print(f"search: pid {proc.pid} still running after unmount; SIGTERM", file=sys.stderr)
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if os.path.ismount(mnt):  # the daemon died without unmounting
-            _unmount(mnt, column.engine, lazy=True)
-        lines = log.read_text(errors="replace").splitlines()
-        bad = [x for x in lines if "WARNING" in x or "ERROR" in x or "Traceback" in x]
-        info.update(
-            daemon_exit=proc.returncode, daemon_log_problems=len(bad), daemon_log_sample=bad[:5]
-        )
 
 
 def _status(mnt: Path) -> dict[str, str]:
@@ -786,22 +734,9 @@ def _wait_ready(mnt: Path, started: float, expected: int) -> float:
     raise RuntimeError(f"the search service of {mnt} was not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _settle(pid: int, limit_s: float = 120.0) -> float | None:
+def _settle(pid: int) -> float | None:
     """Wait until the daemon uses under 5% of a CPU over a second (catch-up done)."""
-    t0 = time.monotonic()
-    last = _cpu_seconds(pid)
-    while time.monotonic() - t0 < limit_s:
-        time.sleep(1)
-        now = _cpu_seconds(pid)
-        if now - last < 0.05:
-            return round(time.monotonic() - t0, 1)
-        last = now
-    return None
+    return daemons.settle(pid, limit_s=120.0, window_s=1.0)
 
 
 _MATCHES = re.compile(rb"# (?:counts over )?(\d+) match")
@@ -933,20 +868,6 @@ def _saved_through_mount(mnt: Path, root: _SearchDir, column: Column, n: int) ->
         t0 = time.perf_counter_ns()
         gone.append(_wait_until(lambda: links() == 0, t0))
     return _visibility(found, gone)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [p for line in f if (p := line.split()[4]).startswith(prefix)]
-
-
-def _remove(base: Path) -> None:
-    left = _mounts_under(base)
-    if left:
-        print(f"search: not removing {base}: still mounted: {left}", file=sys.stderr)
-        return
-    shutil.rmtree(base, ignore_errors=True)
 
 
 # -- comparison, goals, report --------------------------------------------------------------
