@@ -12,7 +12,7 @@ from slurpfs.index.check import check_index
 from slurpfs.index.indexer import Indexer, IndexerStatistics
 from slurpfs.index.query import DEFAULT_LIMIT, MAX_LIMIT, QuerySpec, check_syntax, parse_query_name
 from slurpfs.index.results import SearchHit, SearchResult, Snippet
-from slurpfs.index.sealed import IndexConflict, IndexCorrupt, IndexRollback
+from slurpfs.index.sealed import IndexConflict, IndexCorrupt, IndexOutdated, IndexRollback
 from slurpfs.index.service import SearchService, SearchStatistics
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "MAX_LIMIT",
     "IndexConflict",
     "IndexCorrupt",
+    "IndexOutdated",
     "IndexRollback",
     "Indexer",
     "IndexerStatistics",

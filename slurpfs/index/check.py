@@ -9,7 +9,7 @@ from __future__ import annotations
 from slurpfs.errors import KeyMissing
 from slurpfs.index.document import doc_key
 from slurpfs.index.engine import ENGINES
-from slurpfs.index.sealed import IndexCorrupt, SealedIndexStore
+from slurpfs.index.sealed import IndexCorrupt, IndexOutdated, SealedIndexStore
 from slurpfs.model import ContextStore
 
 MAX_PROBLEMS_PER_ROLE = 20
@@ -22,7 +22,8 @@ def check_index(model: ContextStore) -> list[str]:
     manifest, a document missing for a live context, a document for a context
     that is deleted or gone, and a document of another version than the head.
     Changes committed after the index was saved are not problems (the indexer
-    applies them when it runs). A role never indexed is not a problem either.
+    applies them when it runs). A role never indexed is not a problem either, nor
+    an index saved with an older schema (rebuilt when the search service opens).
     """
     engine = ENGINES[model.config.search.engine]
     if not engine.persistent:
@@ -36,6 +37,8 @@ def check_index(model: ContextStore) -> list[str]:
         except (IndexCorrupt, KeyMissing) as exc:
             problems.append(f"search index of role {role}: {exc}")
             continue
+        except IndexOutdated:
+            continue  # not a problem: the search service rebuilds it when it opens
         if index is None:
             continue
         try:

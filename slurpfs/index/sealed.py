@@ -70,6 +70,10 @@ class IndexConflict(SlurpError):
     """Another process saved this role's index since this one loaded it."""
 
 
+class IndexOutdated(SlurpError):
+    """The saved index is intact but was made with an older schema: rebuild it."""
+
+
 def index_key(keyring: Keyring, role: str, generation: int) -> bytes:
     """The index key of `role` at a key generation; `KeyMissing` if that key is not held."""
     private = keyring.private(role, generation)

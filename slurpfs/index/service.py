@@ -29,7 +29,7 @@ from slurpfs.index.document import FACETS, IndexDoc, doc_key, extract
 from slurpfs.index.engine import ENGINES, RoleIndex, read_version
 from slurpfs.index.query import MAX_LIMIT, check_syntax
 from slurpfs.index.results import SearchHit, SearchResult
-from slurpfs.index.sealed import IndexConflict, IndexCorrupt, SealedIndexStore
+from slurpfs.index.sealed import IndexConflict, IndexCorrupt, IndexOutdated, SealedIndexStore
 from slurpfs.model import ContextStore
 
 log = logging.getLogger("slurpfs.index")
@@ -107,7 +107,7 @@ class SearchService:
 
         A saved index is opened, not rebuilt. One that fails authentication or is
         an older set than its manifest names is refused, logged as an error and
-        rebuilt from the store. With `catch_up`, changes committed since the index
+        rebuilt from the store; one saved with an older schema is rebuilt too. With `catch_up`, changes committed since the index
         was saved are applied before returning.
         """
         service = cls(model, engine or model.config.search.engine)
@@ -131,6 +131,8 @@ class SearchService:
             return self._type.load(role, sealed)
         except IndexCorrupt as exc:
             log.error("search index of role %s refused, rebuilding it: %s", role, exc)
+        except IndexOutdated as exc:
+            log.info("search index of role %s is out of date, rebuilding it: %s", role, exc)
         except KeyMissing as exc:
             log.warning("search index of role %s cannot be opened, rebuilding it: %s", role, exc)
         sealed.purge()

@@ -19,13 +19,24 @@ One whoosh 2.7 bug is worked around: ``AndNotMatcher`` does not exclude the
 first positive match when the excluded side starts at an earlier document, so
 ``a ANDNOT b``, ``a -b`` and the file-role filter could let an excluded document
 through. Every ``AndNot`` is searched with `_AndNotMatcher` instead.
+
+A word or phrase that names no field searches one catch-all field, ``alltext``,
+rather than every default field in turn (an Or of seven posting lists per word,
+scored in Python document by document, was too slow at 25,000 documents). It
+holds the default free-text fields (`CATCH_ALL_PARTS`); the keyword defaults
+(tags, technologies) keep their own fields, matched whole as before. The parts
+are separated by `POSITION_GAP` token positions so that a phrase never spans two
+fields, and each part's words carry its field boost as their weight (a summary
+word counts twice). An index saved with an older schema is refused on load
+(`IndexOutdated`) and rebuilt by the service.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from whoosh import analysis, collectors, fields, qparser, query
@@ -33,16 +44,32 @@ from whoosh.filedb.filestore import Storage
 from whoosh.filedb.structfile import BufferFile, StructFile
 from whoosh.index import FileIndex
 from whoosh.matching import AndNotMatcher
+from whoosh.query.compound import DefaultOr
 from whoosh.searching import Searcher
 from whoosh.writing import SegmentWriter
 
 from slurpfs.errors import QueryError
-from slurpfs.index.document import DEFAULT_FIELDS, FACETS, FIELD_BOOSTS, IndexDoc
+from slurpfs.index.document import (
+    DEFAULT_FIELDS,
+    FACETS,
+    FIELD_BOOSTS,
+    TEXT_FIELDS,
+    IndexDoc,
+)
 from slurpfs.index.results import EngineHit, EngineResult, highlight_words, plain_snippet
-from slurpfs.index.sealed import SealedIndexStore
+from slurpfs.index.sealed import IndexOutdated, SealedIndexStore
 
 ENGINE = "whoosh"
 POOL_LIMIT_MB = 128  # posting pool size before it spills a run (into memory); whoosh's default
+
+CATCH_ALL = "alltext"
+CATCH_ALL_PARTS = tuple(name for name in DEFAULT_FIELDS if name in TEXT_FIELDS)
+"""The default fields `CATCH_ALL` holds, in this order."""
+SEARCHED_FIELDS = (CATCH_ALL, *(name for name in DEFAULT_FIELDS if name not in CATCH_ALL_PARTS))
+"""The fields a word that names no field searches."""
+POSITION_GAP = 100  # token positions between two parts of the catch-all field
+_PART_SEP = "\x1f"  # separates the parts of a catch-all value (never inside a word)
+_WORD = re.compile(r"[^\W_]+")  # tantivy's default tokenizer: alphanumeric runs
 
 
 class _AndNotMatcher(AndNotMatcher):  # type: ignore[misc]
@@ -60,9 +87,18 @@ class _AndNot(query.AndNot):  # type: ignore[misc]
 
 
 def _fixed(q: query.Query) -> query.Query:
-    """`q` with every ``AndNot`` searched by `_AndNotMatcher`."""
+    """`q` with every ``AndNot`` searched by `_AndNotMatcher`, every ``Or`` by a tree
+    of union matchers.
+
+    whoosh's ``Or`` preloads every match in a segment of under 5,000 documents into
+    arrays the size of the segment, even for a word that matches a handful of
+    documents (or, in tags, none): at 25,000 documents in such segments that was
+    about half the time of a one-word query.
+    """
     if type(q) is query.AndNot:
         return _AndNot(q.a, q.b)
+    if type(q) is query.Or:
+        return DefaultOr(q.subqueries, boost=q.boost, minmatch=q.minmatch, scale=q.scale)
     return q
 
 
@@ -186,10 +222,72 @@ class _TempStorage(MemoryStorage):
         return super().create_file(name, **kwargs)
 
 
+class PartsTokenizer(analysis.Tokenizer):  # type: ignore[misc]
+    """Words of a catch-all value: parts joined by `_PART_SEP`, each part's words
+    weighted by its boost, `POSITION_GAP` positions between two parts.
+
+    A query (one part, no separator) is split into words as `_WORD` splits it.
+    Saved indexes name this class in their pickled schema: keep its name and module.
+    """
+
+    def __init__(self, boosts: Sequence[float] = ()) -> None:
+        super().__init__()
+        self.boosts = tuple(boosts)
+
+    def __call__(  # noqa: PLR0913 (whoosh's tokenizer signature)
+        self,
+        value: str,
+        positions: bool = False,
+        chars: bool = False,
+        keeporiginal: bool = False,
+        removestops: bool = True,
+        start_pos: int = 0,
+        start_char: int = 0,
+        tokenize: bool = True,
+        mode: str = "",
+        **kwargs: Any,
+    ) -> Iterator[analysis.Token]:
+        t = analysis.Token(positions, chars, removestops=removestops, mode=mode, **kwargs)
+        if not tokenize:
+            t.original = t.text = value
+            t.boost = 1.0
+            if positions:
+                t.pos = start_pos
+            if chars:
+                t.startchar, t.endchar = start_char, start_char + len(value)
+            yield t
+            return
+        pos, offset = start_pos, start_char
+        for i, part in enumerate(value.split(_PART_SEP)):
+            boost = self.boosts[i] if i < len(self.boosts) else 1.0
+            for match in _WORD.finditer(part):
+                t.text = match.group(0)
+                t.boost = boost
+                t.stopped = False
+                if keeporiginal:
+                    t.original = t.text
+                if positions:
+                    t.pos = pos
+                if chars:
+                    t.startchar, t.endchar = offset + match.start(), offset + match.end()
+                pos += 1
+                yield t
+            pos += POSITION_GAP
+            offset += len(part) + len(_PART_SEP)
+
+
+def _catch_all(doc: IndexDoc) -> str:
+    return _PART_SEP.join(
+        str(getattr(doc, name)).replace(_PART_SEP, " ") for name in CATCH_ALL_PARTS
+    )
+
+
 def schema() -> fields.Schema:
     """The index schema; analysers match tantivy's default tokenizer (alphanumeric
     runs, lower-cased, no stemming, no stop words) so both engines find the same."""
-    words = analysis.RegexTokenizer(r"[^\W_]+") | analysis.LowercaseFilter()
+    words = analysis.RegexTokenizer(_WORD.pattern) | analysis.LowercaseFilter()
+    boosts = [FIELD_BOOSTS.get(name, 1.0) for name in CATCH_ALL_PARTS]
+    catch_all = PartsTokenizer(boosts) | analysis.LowercaseFilter()
 
     def text(stored: bool = False) -> fields.TEXT:
         return fields.TEXT(analyzer=words, stored=stored)
@@ -204,6 +302,9 @@ def schema() -> fields.Schema:
         version=fields.STORED(),
         hlc=fields.STORED(),
         excerpt=fields.STORED(),
+        # A query word the tokenizer splits (e.g. "utf8_decode") is a phrase, as
+        # tantivy's parser makes it, so its words stay together within one part.
+        alltext=fields.TEXT(analyzer=catch_all, multitoken_query="phrase"),
         content=text(),
         summary=text(stored=True),
         purpose=text(),
@@ -227,6 +328,7 @@ def _fields(doc: IndexDoc) -> dict[str, Any]:
         "version": doc.version,
         "hlc": doc.hlc,
         "excerpt": doc.excerpt,
+        CATCH_ALL: _catch_all(doc),
         "content": doc.content,
         "summary": doc.summary,
         "purpose": doc.purpose,
@@ -263,8 +365,9 @@ class _CountingCollector(collectors.TopCollector):  # type: ignore[misc]
     def set_subsearcher(self, subsearcher: Searcher, offset: int) -> None:
         super().set_subsearcher(subsearcher, offset)
         # Drop sub-matchers with nothing to match in this segment (a word absent
-        # from a field): a default-field word is an Or over every default field,
-        # and each inactive branch still costs a call per candidate document.
+        # from a field): a word that names no field is an Or over `SEARCHED_FIELDS`
+        # (most words are in no tag), and each inactive branch still costs a call
+        # per candidate document.
         # `replace(0)` removes only inactive branches; every match is still seen.
         self.matcher = self.matcher.replace(0)
         self._values = self._facets(subsearcher)
@@ -294,7 +397,9 @@ class WhooshIndex:
         self._storage = storage
         self._ix = FileIndex(storage)
         self._parser = qparser.MultifieldParser(
-            list(DEFAULT_FIELDS), self._ix.schema, fieldboosts=FIELD_BOOSTS
+            list(SEARCHED_FIELDS),
+            self._ix.schema,
+            fieldboosts={k: v for k, v in FIELD_BOOSTS.items() if k in SEARCHED_FIELDS},
         )
         self._parser.add_plugin(qparser.PlusMinusPlugin())
         self._write_lock = threading.Lock()
@@ -314,12 +419,23 @@ class WhooshIndex:
 
     @classmethod
     def load(cls, role: str, sealed: SealedIndexStore) -> WhooshIndex | None:
-        """The saved index, or None. IndexRollback/IndexCorrupt/KeyMissing as `sealed.load`."""
+        """The saved index, or None. IndexRollback/IndexCorrupt/KeyMissing as `sealed.load`;
+        `IndexOutdated` if it was saved with another schema than `schema()`."""
         loaded = sealed.load(ENGINE)
         if loaded is None:
             return None
         meta, files = loaded
-        return cls(role, sealed, MemoryStorage(files), meta.seq)
+        storage = MemoryStorage(files)
+        saved = FileIndex(storage).schema
+        current = schema()
+        if sorted(saved.names()) != sorted(current.names()) or any(
+            saved[name] != current[name] for name in current.names()
+        ):
+            raise IndexOutdated(
+                f"the saved whoosh index of role {role!r} has an older schema "
+                f"(fields: {', '.join(sorted(saved.names()))})"
+            )
+        return cls(role, sealed, storage, meta.seq)
 
     @property
     def runs_spilled(self) -> int:

@@ -1,0 +1,120 @@
+"""The whoosh schema: the catch-all field a word without a field searches, and
+indexes saved with an older schema (rebuilt when the search service opens)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Nodes
+from test_index_support import ENGINES, address, document, new_model, put_many
+
+from slurpfs import config, fsck
+from slurpfs.index import SearchService, check_index
+from slurpfs.index import whoosh_engine as we
+from slurpfs.index.document import IndexDoc
+from slurpfs.model import ContextStore
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format1"
+PASSPHRASE = b"fixture-passphrase"
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def model(nodes: Nodes, engine: str) -> ContextStore:
+    return new_model(nodes, engine)
+
+
+def test_a_phrase_never_spans_two_fields(model: ContextStore) -> None:
+    put_many(
+        model,
+        [
+            (
+                address("src/edge.go"),
+                "developer",
+                document("the body ends with gamma", summary="delta opens the summary"),
+            )
+        ],
+    )
+    with SearchService.open(model) as search:
+        assert search.search('"gamma delta"', ["developer"]).total == 0
+        assert search.search('"with gamma"', ["developer"]).total == 1
+        assert search.search('"delta opens"', ["developer"]).total == 1
+        assert search.search("gamma delta", ["developer"]).total == 1
+
+
+def test_a_summary_match_ranks_above_a_body_match(model: ContextStore) -> None:
+    put_many(
+        model,
+        [
+            (address("a/body"), "developer", document("notes on quokka habits", summary="x")),
+            (address("a/summary"), "developer", document("notes on habits", summary="quokka")),
+        ],
+    )
+    with SearchService.open(model) as search:
+        hits = search.search("quokka", ["developer"]).hits
+    assert [h.address.rsplit("/", 1)[1] for h in hits] == ["summary", "body"]
+
+
+_current_schema = we.schema
+_current_fields = we._fields
+
+
+def _legacy_schema() -> Any:
+    """The schema before the catch-all field: a word searched every default field."""
+    old = _current_schema()
+    old.remove(we.CATCH_ALL)
+    return old
+
+
+def _legacy_fields(doc: IndexDoc) -> dict[str, Any]:
+    return {k: v for k, v in _current_fields(doc).items() if k != we.CATCH_ALL}
+
+
+@pytest.fixture
+def format1(tmp_path: Path) -> config.Config:
+    data = tmp_path / "format1"
+    shutil.copytree(FIXTURE, data)
+    for path in [data, *data.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    return config.load(
+        data / "config.toml",
+        environ={"HOME": str(tmp_path)},
+        overrides={"node.data_dir": str(data)},
+    )
+
+
+def test_an_index_with_the_older_schema_is_rebuilt(
+    format1: config.Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ContextStore.open(format1, PASSPHRASE) as model:
+        # Saved as before the catch-all field existed.
+        with monkeypatch.context() as old:
+            old.setattr(we, "schema", _legacy_schema)
+            old.setattr(we, "_fields", _legacy_fields)
+            with SearchService.open(model) as search:
+                assert search.search("content:version", ["developer"]).total == 1
+        assert check_index(model) == []  # an older schema is not a problem for fsck
+
+        caplog.set_level(logging.INFO, logger="slurpfs.index")
+        with SearchService.open(model) as search:
+            rebuilt = [r for r in caplog.records if "out of date, rebuilding" in r.getMessage()]
+            assert {r.levelno for r in rebuilt} == {logging.INFO}
+            assert len(rebuilt) == len(model.held_roles())
+            assert search.search("version", ["developer"]).total == 1
+            assert search.search('"second version"', ["developer"]).total == 1
+            assert search.search("notes", ["architect"]).total == 1
+
+        caplog.clear()
+        with SearchService.open(model) as search:  # saved with this schema: opened as is
+            assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+            assert search.search("version", ["developer"]).total == 1
+        assert check_index(model) == []
+        assert fsck.check(model).ok
