@@ -21,7 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -30,7 +30,9 @@ import pyfuse3
 import pytest
 from conftest import CLI_TIMEOUT, Nodes, cli_env
 
+from slurpfs.config import Config
 from slurpfs.fs.ops import Operations
+from slurpfs.model import ContextStore
 
 ROLE_FILE_OK = "ok"
 AUTH = "claude:architect@bzzz:auth"
@@ -68,6 +70,29 @@ def raises_oserror(code: int) -> Iterator[None]:
     with pytest.raises(OSError, match=re.escape(os.strerror(code))) as info:
         yield
     assert info.value.errno == code
+
+
+def make_ops(model: ContextStore, config: Config | None = None) -> Operations:
+    """The handlers over `model`, owned by this process's user (as a mount would be)."""
+    return Operations(model, config or model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
+
+
+@contextlib.contextmanager
+def checked_ops(model: ContextStore) -> Iterator[Operations]:
+    """`make_ops`, and at the end: no file left open."""
+    ops = make_ops(model)
+    yield ops
+    assert not ops.handles.files, "a test left files open"
+
+
+@contextlib.asynccontextmanager
+async def checked_harness(ops: Operations) -> AsyncIterator[OpsHarness]:
+    """An `OpsHarness`; at the end the kernel forgets everything it was handed and
+    only the root node may be left (no node leaks, whatever the test did)."""
+    harness = OpsHarness(ops)
+    yield harness
+    await harness.forget_all()
+    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
 
 
 class FakeKernel:

@@ -19,10 +19,19 @@ import pyfuse3
 import pytest
 import trio
 from conftest import Nodes
-from fsutil import AUTH, FakeKernel, OpsHarness, ctx, raises_errno
+from fsutil import (
+    AUTH,
+    FakeKernel,
+    OpsHarness,
+    checked_harness,
+    checked_ops,
+    ctx,
+    make_ops,
+    raises_errno,
+)
 
 from slurpfs import audit
-from slurpfs.config import Config, RoleConfig
+from slurpfs.config import RoleConfig
 from slurpfs.crypto import envelope as env
 from slurpfs.errors import NotInitialised
 from slurpfs.fs.access import RoleMap, read_sup_groups
@@ -40,25 +49,16 @@ ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
 DEV = "developer"
 
 
-def make_ops(model: ContextStore, config: Config | None = None) -> Operations:
-    return Operations(model, config or model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-
-
 @pytest.fixture
 def ops(model: ContextStore) -> Iterator[Operations]:
-    ops = make_ops(model)
-    yield ops
-    assert not ops.handles.files, "a test left files open"
+    with checked_ops(model) as ops:
+        yield ops
 
 
 @pytest.fixture
 async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    harness = OpsHarness(ops)
-    yield harness
-    # Once the kernel forgets everything it was handed, only the root is left:
-    # no node leaks, whatever the test did.
-    await harness.forget_all()
-    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
+    async with checked_harness(ops) as harness:
+        yield harness
 
 
 async def test_the_root_lists_the_three_entries(fs: OpsHarness) -> None:

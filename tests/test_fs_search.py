@@ -18,7 +18,7 @@ import pyfuse3
 import pytest
 import trio
 from conftest import Nodes
-from fsutil import OpsHarness, raises_errno
+from fsutil import OpsHarness, checked_harness, checked_ops, raises_errno
 from test_index_support import ENGINES, address, document, seed
 
 from slurpfs.fs.ops import Operations
@@ -57,18 +57,15 @@ def service(model: ContextStore) -> Iterator[SearchService]:
 
 @pytest.fixture
 def ops(model: ContextStore, service: SearchService) -> Iterator[Operations]:
-    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-    ops.search.attach(service)
-    yield ops
-    assert not ops.handles.files, "a test left files open"
+    with checked_ops(model) as ops:
+        ops.search.attach(service)
+        yield ops
 
 
 @pytest.fixture
 async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    harness = OpsHarness(ops)
-    yield harness
-    await harness.forget_all()
-    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
+    async with checked_harness(ops) as harness:
+        yield harness
 
 
 @pytest.fixture

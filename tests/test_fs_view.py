@@ -14,9 +14,8 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pyfuse3
 import pytest
-from fsutil import AUTH, OpsHarness
+from fsutil import AUTH, OpsHarness, checked_harness, checked_ops
 
 from slurpfs import audit
 from slurpfs.fs.ops import Operations
@@ -31,17 +30,14 @@ ARCH = "architect"
 
 @pytest.fixture
 def ops(model: ContextStore) -> Iterator[Operations]:
-    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-    yield ops
-    assert not ops.handles.files, "a test left files open"
+    with checked_ops(model) as ops:
+        yield ops
 
 
 @pytest.fixture
 async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    harness = OpsHarness(ops)
-    yield harness
-    await harness.forget_all()
-    assert [n.ino for n in ops.inodes] == [pyfuse3.ROOT_INODE]
+    async with checked_harness(ops) as harness:
+        yield harness
 
 
 async def sizes(fs: OpsHarness, path: str) -> dict[str, int]:
