@@ -267,22 +267,21 @@ class Gateway:
         return info
 
     def mkdir(self, address: Address) -> None:
-        try:
-            self.model.mkdir(address)
-        except BaseException:
-            self._changed()
-            raise
-        self._writes += 1
+        self._dir_write(self.model.mkdir, address)
         self.view.added_dir(address)
 
     def rmdir(self, address: Address) -> None:
+        self._dir_write(self.model.rmdir, address)
+        self.view.removed_dir(address)
+
+    def _dir_write(self, write: Callable[[Address], None], address: Address) -> None:
+        """A directory write: the caller corrects the view; a failure drops it."""
         try:
-            self.model.rmdir(address)
+            write(address)
         except BaseException:
             self._changed()
             raise
         self._writes += 1
-        self.view.removed_dir(address)
 
     def expired(self) -> None:
         """The TTL cleanup purged contexts (in a worker thread)."""

@@ -398,7 +398,8 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        # No view refresh: what open serves comes from the model itself (`get`).
+        # The view is refreshed only where open trusts it (`_kernel_holds_head`);
+        # otherwise what open serves comes from the model itself (`get`).
         with errmap(self.inodes.sweep):
             node = self.node(inode)
             caller = self.caller(ctx)

@@ -363,7 +363,7 @@ class Tree:
         return stored
 
     def _roles_with_history(self, address: Address) -> list[str]:
-        return [r for r in sorted(self.roles) if self.model.history(address, r)]
+        return [r for r in self.sorted_roles if self.model.history(address, r)]
 
     # -- attributes --------------------------------------------------------------
 

@@ -107,8 +107,9 @@ class SearchService:
 
         A saved index is opened, not rebuilt. One that fails authentication or is
         an older set than its manifest names is refused, logged as an error and
-        rebuilt from the store; one saved with an older schema is rebuilt too. With `catch_up`, changes committed since the index
-        was saved are applied before returning.
+        rebuilt from the store; one saved with an older schema is rebuilt too (an
+        INFO line). With `catch_up`, changes committed since the index was saved
+        are applied before returning.
         """
         service = cls(model, engine or model.config.search.engine)
         missing: list[str] = []
