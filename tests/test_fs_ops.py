@@ -538,9 +538,13 @@ async def test_an_open_served_from_the_page_cache_still_decides_and_audits_acces
 
     assert await open_read() == (False, b"arch only")  # first open after the write
     decisions = len(audit.read(log))
-    # The kernel serves these reads from its page cache: open is the only request.
+    cache = model.statistics().cache
+    # The kernel serves these reads from its page cache: open is the only request,
+    # and it neither decrypts nor even looks for the plaintext.
     assert await open_read(read=False) == (True, b"")
     assert await open_read(read=False) == (True, b"")
+    after = model.statistics().cache
+    assert (after.hits, after.misses) == (cache.hits, cache.misses)
     entries = audit.read(log)
     assert len(entries) == decisions + 2  # one decision per open
     assert all(e.allowed and e.role == "architect" for e in entries[-2:])
