@@ -43,7 +43,7 @@ METRICS: dict[str, tuple[str, str, str, float | None]] = {
     "create_write_op": ("create+write+close, per op (p50)", "µs", "create_write.p50_us", None),
     "save": ("atomic save loop, per save (p50)", "µs", "p50_us", None),
 }
-BACKENDS = ("plain", "gocryptfs", "slurpfs")
+BACKENDS = ("plain", "gocryptfs", "floor", "slurpfs")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ def run(opts: Options) -> Section:
         list_file.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
         work = Workload(docs, files, list(corpus.generate(opts.creates, seed=2)), list_file)
         columns: dict[str, Json] = {}
-        for name, setup in (("plain", _plain), ("gocryptfs", _gocryptfs), ("slurpfs", _slurpfs)):
+        columns_setup = (("plain", _plain), ("gocryptfs", _gocryptfs), ("floor", _floor),
+                         ("slurpfs", _slurpfs))  # fmt: skip
+        for name, setup in columns_setup:
             extra: Json = {}
             with setup(base / name, work, extra) as (root, note):
                 if root is None:
@@ -238,6 +240,21 @@ def _gocryptfs(base: Path, work: Workload, extra: Json) -> Column:
 
 
 @contextlib.contextmanager
+def _floor(base: Path, work: Workload, extra: Json) -> Column:
+    """The pyfuse3 floor (bench_lib/floorfs.py): what any pyfuse3 file system costs."""
+    if not os.path.exists("/dev/fuse"):
+        yield None, "no /dev/fuse"
+        return
+    mnt = base / "mnt"
+    mnt.mkdir(parents=True)
+    argv = [sys.executable, str(Path(__file__).with_name("floorfs.py")), str(mnt)]
+    with daemons.running(argv, mnt, base / "floorfs.log", extra, env=ENV, label="mount") as pid:
+        _populate(mnt, work)
+        _settle(pid, extra)
+        yield mnt, "a minimal pyfuse3 file system in memory, slurpfs' FUSE and cache settings"
+
+
+@contextlib.contextmanager
 def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
     probe = subprocess.run(daemons.slurpfs("mount", "--help"), capture_output=True, env=ENV,
                            check=False)  # fmt: skip
@@ -367,11 +384,12 @@ def _markdown(data: Json) -> list[str]:
         v, r = cmp["values"], cmp["vs_gocryptfs"]
         goal = f"<= {cmp['goal']}" if cmp["goal"] is not None else None
         met = None if cmp["met"] is None else ("yes" if cmp["met"] else "**no**")
-        rows.append([f"{label} [{unit}]", v.get("plain"), v.get("gocryptfs"), v.get("slurpfs"),
-                     r.get("plain"), r.get("slurpfs"), goal, met])  # fmt: skip
+        rows.append([f"{label} [{unit}]", v.get("plain"), v.get("gocryptfs"), v.get("floor"),
+                     v.get("slurpfs"), r.get("plain"), r.get("floor"), r.get("slurpfs"), goal,
+                     met])  # fmt: skip
     lines += table(
-        ["test", "plain", "gocryptfs", "slurpfs", "plain / gocryptfs", "slurpfs / gocryptfs",
-         "goal (slurpfs / gocryptfs)", "met"],
+        ["test", "plain", "gocryptfs", "pyfuse3 floor", "slurpfs", "plain / gocryptfs",
+         "floor / gocryptfs", "slurpfs / gocryptfs", "goal (slurpfs / gocryptfs)", "met"],
         rows,
     )  # fmt: skip
     return lines
