@@ -1,13 +1,16 @@
-"""Section `mount`: the same documents in a plain directory, gocryptfs and a slurpfs mount.
+"""Section `mount`: the same documents in a plain directory, gocryptfs, the pyfuse3 floor
+(bench_lib/floorfs.py) and a slurpfs mount.
 
 Every column holds the same tree, laid out as the slurpfs mount shows it:
 ``ucxl/<authority>/<p1>/.../<role>``, one 4 KiB file per context. The tools run on
 ``<root>/ucxl`` so that slurpfs' virtual ``.search`` and ``.slurp`` are not walked.
-Whole-tree tool runs are timed after one untimed warm-up run (warm caches); per-op
-latencies come from `os.stat` / open-read-close in this process, also after a warm-up
-pass. Every process started here is stopped by its PID, every mount unmounted, in
-`finally` blocks.
-"""
+All columns are mounted at once and measured interleaved (this machine's load moves
+by tens of percent within minutes; measured one after the other, a busy spell would
+land on one column): whole-tree tool runs rotate the column order every repetition,
+after one untimed warm-up round; per-op latencies (`os.stat`, open-read-close,
+mkdir, create+write, atomic save) come from loops in this process, in chunks that
+the columns take in turn. Every process started here is stopped by its PID, every
+mount unmounted, in `finally` blocks."""
 
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, latency, table, timed_loop
@@ -64,19 +68,25 @@ def run(opts: Options) -> Section:
         list_file.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
         work = Workload(docs, files, list(corpus.generate(opts.creates, seed=2)), list_file)
         columns: dict[str, Json] = {}
-        columns_setup = (("plain", _plain), ("gocryptfs", _gocryptfs), ("floor", _floor),
-                         ("slurpfs", _slurpfs))  # fmt: skip
-        for name, setup in columns_setup:
-            extra: Json = {}
-            with setup(base / name, work, extra) as (root, note):
+        extras: dict[str, Json] = {}
+        with contextlib.ExitStack() as stack:
+            roots: dict[str, Path] = {}
+            for name, setup in COLUMNS:
+                extras[name] = {}
+                root, note = stack.enter_context(setup(base / name, work, extras[name]))
                 if root is None:
                     columns[name] = {"skipped": note}
                     print(f"mount: {name}: skipped: {note}", file=sys.stderr)
-                    continue
-                print(f"mount: {name}: measuring {root}", file=sys.stderr)
-                load = os.getloadavg()[0]
-                columns[name] = {"note": note, **_measure(root, work, opts)}
+                else:
+                    columns[name] = {"note": note}
+                    roots[name] = root
+            print(f"mount: measuring {', '.join(roots)}, interleaved", file=sys.stderr)
+            load = os.getloadavg()[0]
+            for name, measured in _measure(roots, work, opts).items():
+                columns[name].update(measured)
+            for name in roots:
                 columns[name]["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        for name, extra in extras.items():
             columns[name].update(extra)  # filled in at teardown (daemon log)
     finally:
         daemons.remove(base, label="mount")
@@ -101,22 +111,18 @@ def _rel(doc: corpus.Doc) -> str:
 # -- the measurements --------------------------------------------------------------------
 
 
-def _tool(root: Path, argv: Sequence[str], repeat: int, ok: Sequence[int] = (0,)) -> Json:
-    """Run a shell-level tool `repeat` times after one warm-up; median wall seconds."""
-    times = []
-    for i in range(repeat + 1):
-        t0 = time.perf_counter_ns()
-        proc = subprocess.run(
-            argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+def _tool(root: Path, argv: Sequence[str], ok: Sequence[int] = (0,)) -> float:
+    """Run a shell-level tool once in `root`; wall seconds."""
+    t0 = time.perf_counter_ns()
+    proc = subprocess.run(
+        argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+    )
+    elapsed = time.perf_counter_ns() - t0
+    if proc.returncode not in ok:
+        raise RuntimeError(
+            f"{' '.join(argv)} in {root}: exit {proc.returncode}: {proc.stderr[-500:]!r}"
         )
-        elapsed = time.perf_counter_ns() - t0
-        if proc.returncode not in ok:
-            raise RuntimeError(
-                f"{' '.join(argv)} in {root}: exit {proc.returncode}: {proc.stderr[-500:]!r}"
-            )
-        if i:
-            times.append(elapsed / 1e9)
-    return {"wall": round(statistics.median(times), 4), "runs_s": [round(t, 4) for t in times]}
+    return elapsed / 1e9
 
 
 def _count(root: Path, argv: Sequence[str]) -> int:
@@ -124,54 +130,102 @@ def _count(root: Path, argv: Sequence[str]) -> int:
     return proc.stdout.count(b"\n")
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _measure(roots: dict[str, Path], work: Workload, opts: Options) -> dict[str, Json]:
+    """Every test on every column, interleaved so that a busy spell of the machine is
+    shared by all columns rather than landing on one: tool runs rotate the column order
+    each repetition; per-op loops run in chunks, the columns taking turns per chunk."""
+    out: dict[str, Json] = {name: {} for name in roots}
+    for name, root in roots.items():
+        found = _count(root, ["find", "ucxl", "-type", "f"])
+        if found != len(work.files):
+            raise RuntimeError(f"{root}: find sees {found} files, expected {len(work.files)}")
+        out[name]["files_found"] = found
+        out[name]["grep_hits"] = _count(root, ["grep", "-r", "-l", "-F", NEEDLE, "ucxl"])
+    tools: dict[str, tuple[list[str], tuple[int, ...]]] = {
+        "find": (["find", "ucxl"], (0,)),
+        "ls_lR": (["ls", "-lR", "ucxl"], (0,)),
+        "cat": (["xargs", "-0", "-a", str(work.list_file), "cat"], (0,)),
+        "grep": (["grep", "-r", "-l", "-F", NEEDLE, "ucxl"], (0, 1)),
+    }
+    for metric, (argv, ok) in tools.items():
+        runs: dict[str, list[float]] = {name: [] for name in roots}
+        for rep in range(opts.repeat + 1):  # the first round warms up, untimed
+            for name in _rotated(list(roots), rep):
+                elapsed = _tool(roots[name], argv, ok)
+                if rep:
+                    runs[name].append(elapsed)
+        for name, times in runs.items():
+            out[name][metric] = {
+                "wall": round(statistics.median(times), 4),
+                "runs_s": [round(t, 4) for t in times],
+            }
 
-
-def _measure(root: Path, work: Workload, opts: Options) -> Json:
-    out: Json = {}
-    n = opts.repeat
-    out["files_found"] = _count(root, ["find", "ucxl", "-type", "f"])
-    if out["files_found"] != len(work.files):
-        raise RuntimeError(
-            f"{root}: find sees {out['files_found']} files, expected {len(work.files)}"
-        )
-    out["grep_hits"] = _count(root, ["grep", "-r", "-l", "-F", NEEDLE, "ucxl"])
-    out["find"] = _tool(root, ["find", "ucxl"], n)
-    out["ls_lR"] = _tool(root, ["ls", "-lR", "ucxl"], n)
-    out["cat"] = _tool(root, ["xargs", "-0", "-a", str(work.list_file), "cat"], n)
-    out["grep"] = _tool(root, ["grep", "-r", "-l", "-F", NEEDLE, "ucxl"], n, ok=(0, 1))
-
-    paths = [str(root / f) for f in work.files]
-    for p in paths:  # warm-up pass for both per-op tests
-        os.stat(p)
-    ns, wall, _ = timed_loop(paths, os.stat)
-    out["stat"] = latency(ns, wall)
-    ns, wall, got = timed_loop(paths, _read)
-    if any(data != doc.data for data, doc in zip(got, work.docs, strict=True)):
-        raise RuntimeError(f"{root}: a file reads back different from what was stored")
-    out["open_read"] = latency(ns, wall)
+    paths = {name: [str(root / f) for f in work.files] for name, root in roots.items()}
+    for name in roots:  # warm-up pass for both per-op tests
+        for p in paths[name]:
+            os.stat(p)
+    _interleaved(out, "stat", {n: [(p, None) for p in ps] for n, ps in paths.items()},
+                 lambda p, _: os.stat(p))  # fmt: skip
+    reads = {n: list(zip(ps, work.docs, strict=True)) for n, ps in paths.items()}
+    _interleaved(out, "open_read", reads, _read_and_check)
 
     authority = work.docs[0].parts[0]
-    new_dirs = [
-        root / "ucxl" / authority / "bench-new" / f"n{i:05d}" for i in range(len(work.new_docs))
-    ]
-    ns, wall, _ = timed_loop(new_dirs, lambda d: os.makedirs(d))
-    out["mkdir"] = latency(ns, wall)
-    items = list(zip(new_dirs, work.new_docs, strict=True))
-    ns, wall, _ = timed_loop(items, lambda it: _create(it[0] / corpus.ROLE, it[1].data))
-    out["create_write"] = latency(ns, wall)
+    new_dirs = {
+        name: [root / "ucxl" / authority / "bench-new" / f"n{i:05d}"
+               for i in range(len(work.new_docs))]
+        for name, root in roots.items()
+    }  # fmt: skip
+    _interleaved(out, "mkdir", {n: [(d, None) for d in ds] for n, ds in new_dirs.items()},
+                 lambda d, _: os.makedirs(d))  # fmt: skip
+    creates = {n: list(zip(ds, work.new_docs, strict=True)) for n, ds in new_dirs.items()}
+    _interleaved(out, "create_write", creates, lambda d, doc: _create(d / corpus.ROLE, doc.data))
 
-    targets = [root / f for f in work.files[: opts.saves]]
-    edits = [(t, doc.data + f"edited in save {i}\n".encode())
-             for i, (t, doc) in enumerate(zip(targets, work.docs, strict=False))]  # fmt: skip
-    ns, wall, _ = timed_loop(edits, lambda e: _atomic_save(e[0], e[1]))
-    for target, data in edits:
-        if target.read_bytes() != data:
-            raise RuntimeError(f"{target}: the saved content did not stick")
-    out["save"] = latency(ns, wall)
+    edits = {
+        name: [(root / f, doc.data + f"edited in save {i}\n".encode())
+               for i, (f, doc) in enumerate(zip(work.files[: opts.saves], work.docs, strict=False))]
+        for name, root in roots.items()
+    }  # fmt: skip
+    _interleaved(out, "save", edits, _atomic_save)
+    for per_column in edits.values():
+        for target, data in per_column:
+            if target.read_bytes() != data:
+                raise RuntimeError(f"{target}: the saved content did not stick")
     return out
+
+
+CHUNKS = 8  # per-op loops: how many turns each column takes
+
+
+def _interleaved(
+    out: dict[str, Json],
+    metric: str,
+    items: dict[str, list[tuple[Any, Any]]],
+    op: Callable[[Any, Any], object],
+) -> None:
+    """Run `op` over each column's items in CHUNKS turns, the columns alternating."""
+    samples: dict[str, list[int]] = {name: [] for name in items}
+    walls = dict.fromkeys(items, 0)
+    for turn in range(CHUNKS):
+        for name in _rotated(list(items), turn):
+            column = items[name]
+            size = -(-len(column) // CHUNKS)
+            ns, wall, _ = timed_loop(column[turn * size : (turn + 1) * size], lambda it: op(*it))
+            samples[name] += ns
+            walls[name] += wall
+    for name in items:
+        out[name][metric] = latency(samples[name], walls[name])
+
+
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names) or 1
+    return names[k:] + names[:k]
+
+
+def _read_and_check(path: str, doc: corpus.Doc) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    if data != doc.data:
+        raise RuntimeError(f"{path}: reads back different from what was stored")
 
 
 def _create(path: Path, data: bytes) -> None:
@@ -286,6 +340,22 @@ def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
     ) as pid:
         _settle(pid, extra)
         yield mnt, "slurpfs mount --foreground, default configuration"
+
+
+COLUMNS: tuple[
+    tuple[
+        str,
+        Callable[
+            [Path, Workload, Json], contextlib.AbstractContextManager[tuple[Path | None, str]]
+        ],
+    ],
+    ...,
+] = (
+    ("plain", _plain),
+    ("gocryptfs", _gocryptfs),
+    ("floor", _floor),
+    ("slurpfs", _slurpfs),
+)
 
 
 def _settle(pid: int, extra: Json) -> None:
