@@ -9,6 +9,7 @@ decision; never any content.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
-from slurpfs.errors import Corrupt
+from slurpfs.errors import AuditUnavailable, Corrupt
 
 GENESIS = "0" * 64
 
@@ -90,8 +91,32 @@ class AuditLog:
                 f'"seq":{self._seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
             )
             entry_hash = _digest(head + rest)
-            os.write(self._fd, f'{head}"hash":"{entry_hash}",{rest}\n'.encode())
+            self._append(f'{head}"hash":"{entry_hash}",{rest}\n'.encode())
             self._prev = entry_hash
+
+    def _append(self, line: bytes) -> None:
+        """Append one whole line, or nothing: a torn line would break the chain for good.
+
+        Raises `AuditUnavailable` (the caller then refuses the access it was recording)
+        and leaves the chain where it was, so the next entry can still extend it.
+        """
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:  # nothing was written
+            self._seq -= 1
+            raise AuditUnavailable(
+                f"audit log {self._path}: {exc.strerror}; access refused until it can be recorded",
+                exc.errno or errno.EIO,
+            ) from None
+        if written < len(line):  # the disk filled up mid-line: cut the fragment off
+            self._seq -= 1
+            end = os.fstat(self._fd).st_size
+            os.ftruncate(self._fd, end - written)
+            raise AuditUnavailable(
+                f"audit log {self._path}: only {written} of {len(line)} bytes of an entry "
+                "could be written (disk full?); access refused until it can be recorded",
+                errno.ENOSPC,
+            )
 
     def close(self) -> None:
         os.close(self._fd)

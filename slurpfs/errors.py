@@ -134,6 +134,20 @@ class StoreFull(SlurpError):
     exit_code = 8
 
 
+class AuditUnavailable(SlurpError):
+    """The audit log could not record an access decision (a full disk, an I/O error).
+
+    Access is refused rather than granted unrecorded; nothing stored is affected.
+    The errno is the one the log's file system gave (ENOSPC for a full disk).
+    """
+
+    exit_code = 8
+
+    def __init__(self, message: str, code: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
 def exit_code(exc: BaseException) -> int:
     """The CLI exit code for an exception (1 for anything unexpected)."""
     return exc.exit_code if isinstance(exc, SlurpError) else 1

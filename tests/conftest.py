@@ -347,3 +347,17 @@ def assert_no_canary(root: Path, canary: bytes, *, exclude: Sequence[Path] = ())
             scanned += 1
     assert not hits, f"canary {canary!r} found in: " + ", ".join(hits)
     return scanned
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs at ``tmp_path/small``, unmounted last (list it before `nodes`)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", root], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", root], check=False)

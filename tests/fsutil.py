@@ -382,3 +382,17 @@ def role_path(root: Path, authority: str, *parts: str) -> Path:
 
 def versions(address_dir: Path, role: str) -> int:
     return len(os.listdir(address_dir / ".history" / role))
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system holding it is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):  # ENOSPC: go on with smaller writes
+                while os.write(fd, b"\0" * size):
+                    pass
+        with raises_oserror(errno.ENOSPC):
+            os.write(fd, b"\0")
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 from collections.abc import Iterator
@@ -13,12 +14,14 @@ from typing import Any
 import lmdb
 import pytest
 from conftest import Node, Nodes
+from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
 from slurpfs import audit, fsck
 from slurpfs.crypto import envelope as env
 from slurpfs.errors import (
     AccessDenied,
+    AuditUnavailable,
     AuthenticationFailed,
     BadSignature,
     CiphertextTampered,
@@ -775,3 +778,33 @@ def test_a_torn_audit_log_tail_is_a_clear_error(node: Node, model: ContextStore)
     with pytest.raises(Corrupt, match="audit log .* last entry is damaged"):
         node.open()
     node.expect_damage()
+
+
+def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Path) -> None:
+    # Appends go on until the disk is full (the first may still fit the last page);
+    # then each refuses with ENOSPC and leaves no fragment of a line behind, so once
+    # there is room again the chain goes on and verifies whole.
+    path = small_disk / "audit.log"
+    log = audit.AuditLog(path)
+
+    def record() -> None:
+        log.record(who="uid 0", action="read", address="a:r@p:t/x", role="developer", allowed=True)
+
+    def until_refused() -> tuple[int, AuditUnavailable]:
+        for n in range(1000):
+            try:
+                record()
+            except AuditUnavailable as exc:
+                return n, exc
+        raise AssertionError("a full disk took 1,000 entries")
+
+    record()
+    fill(small_disk / "filler")
+    fitted, refusal = until_refused()
+    assert refusal.errno == errno.ENOSPC
+    assert "access refused until it can be recorded" in str(refusal)
+    assert path.read_bytes().endswith(b"}\n")
+    (small_disk / "filler").unlink()
+    record()
+    log.close()
+    assert audit.verify(path) == 1 + fitted + 1

@@ -25,6 +25,7 @@ from fsutil import (
     BACKUP_EVERYWHERE,
     Mounted,
     developer_only,
+    fill,
     is_mounted,
     mounted_at,
     raises_oserror,
@@ -531,3 +532,49 @@ def test_ten_thousand_entries_in_one_directory(mnt: Mounted, tmp_path: Path) -> 
     for i in range(10_000):
         os.unlink(d / f"tmp{i}")
     assert os.listdir(d) == [DEV]
+
+
+def test_a_full_disk_is_a_clear_error_and_loses_nothing(
+    small_disk: Path, nodes: Nodes, tmp_path: Path
+) -> None:
+    # The data directory sits on a small tmpfs, filled up while mounted. Expected: a
+    # save fails at close with ENOSPC and is not stored; reads are refused with
+    # ENOSPC too, as no audit entry can be written for them (access is never granted
+    # unrecorded); the daemon keeps serving and logs why. Once there is room again
+    # the stored version reads back unchanged, the same save works, the audit chain
+    # verifies, and the store holds exactly the two versions (fsck-clean).
+    node, _ = nodes.new("small/data")
+    node.close_all()
+    m = Mounted(node.data_dir, tmp_path / "mnt")
+    m.mount()
+    try:
+        d = m.ucxl / AUTH / "src"
+        d.mkdir(parents=True)
+        (d / DEV).write_bytes(b"stored before the disk filled\n")
+        filler = small_disk / "filler"
+        fill(filler)
+        new = os.urandom(256 << 10)
+        fd = os.open(d / DEV, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, new)
+        finally:
+            with raises_oserror(errno.ENOSPC):
+                os.close(fd)
+        with raises_oserror(errno.ENOSPC):
+            (d / DEV).read_bytes()
+        assert os.listdir(d) == [DEV]
+        assert "data_dir:" in (m.mnt / ".slurp" / "status").read_text()
+        filler.unlink()
+        assert (d / DEV).read_bytes() == b"stored before the disk filled\n"
+        (d / DEV).write_bytes(new)
+        assert (d / DEV).read_bytes() == new
+        assert versions(d, DEV) == 2
+        m.expect_warnings = True
+        m.unmount()
+        log = m.log.read_text()
+        assert "could not store 'developer' at release" in log, log
+        assert "No space left on device" in log, log
+        assert "access refused until it can be recorded" in log, log
+        assert b"entries" in m.cli("audit", "verify").stdout
+    finally:
+        m.sweep()

@@ -1,8 +1,10 @@
 """Domain errors to errno, in one place.
 
 Every request handler runs its body inside `errmap`: a `SlurpError` becomes
-`pyfuse3.FUSEError` carrying the error's ``errno``; `FUSEError` passes through;
-anything else is a bug and propagates (loudly) to pyfuse3.
+`pyfuse3.FUSEError` carrying the error's ``errno``; `FUSEError` passes through; an
+`OSError` that reaches a handler (the machine speaking: a full disk, an I/O error)
+becomes its own errno and an ERROR log line, so the mount goes on serving; anything
+else is a bug and propagates (loudly) to pyfuse3.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from types import TracebackType
 
 import pyfuse3
 
-from slurpfs.errors import AccessDenied, Corrupt, InvalidAddress, SlurpError
+from slurpfs.errors import AccessDenied, AuditUnavailable, Corrupt, InvalidAddress, SlurpError
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -68,6 +70,8 @@ def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
         log.error("refusing to serve corrupt data: %s", exc)
     elif isinstance(exc, AccessDenied):
         log.debug("access denied: %s", exc)
+    elif isinstance(exc, AuditUnavailable):
+        log.error("%s", exc)
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
 
 
@@ -95,6 +99,9 @@ class errmap:  # lower case: it reads as a function at every handler
         try:
             if isinstance(exc, SlurpError):
                 raise fuse_error(exc) from None
+            if isinstance(exc, OSError):
+                log.error("request failed: %s", exc)
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         finally:
             if self._cleanup is not None:
                 self._cleanup()

@@ -574,7 +574,7 @@ class Operations(pyfuse3.Operations):
             if handle.content is not None and handle.content.dirty:
                 await self.commit(handle.node)
         except SlurpError as exc:
-            log.error("could not store %r at release: %s", handle.node.name, exc)
+            log.error("could not store %r at release: %s", os.fsdecode(handle.node.name), exc)
             raise fuse_error(exc) from None
         finally:
             self._close(handle)
@@ -621,7 +621,7 @@ class Operations(pyfuse3.Operations):
                 await self.commit(handle.node)
             except SlurpError as exc:
                 failed += 1
-                log.error("could not store %r at shutdown: %s", handle.node.name, exc)
+                log.error("could not store %r at shutdown: %s", os.fsdecode(handle.node.name), exc)
         return failed
 
     # -- directories ------------------------------------------------------------------
