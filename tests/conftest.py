@@ -26,15 +26,19 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import lmdb
 import pytest
 import zstandard
 
 from slurpfs import config, fsck
 from slurpfs.crypto.keystore import KdfParams
 from slurpfs.model import ContextStore
+from slurpfs.store import schema as s
 
 WEAK_KDF = KdfParams.weak()
 TEST_USER = "slurpfs-test"
@@ -361,3 +365,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield root
     finally:
         subprocess.run(["umount", "-l", root], check=False)
+
+
+@contextmanager
+def raw_store(node: Node) -> Iterator[tuple[Any, dict[bytes, Any]]]:
+    """A write transaction on the node's LMDB store, opened behind the model's back."""
+    node.close_all()
+    node.expect_damage()
+    raw = lmdb.open(str(node.data_dir / "store"), max_dbs=16)
+    try:
+        dbs = {name: raw.open_db(name) for name in s.ALL_DBS}
+        with raw.begin(write=True) as txn:
+            yield txn, dbs
+    finally:
+        raw.close()

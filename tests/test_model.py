@@ -5,15 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import pytest
-from conftest import Node, Nodes
+from conftest import Node, Nodes, raw_store
 from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
@@ -544,20 +541,6 @@ def test_audit_verify_detects_tampering(
 
 
 # -- tampering ---------------------------------------------------------------------------
-
-
-@contextmanager
-def raw_store(node: Node) -> Iterator[tuple[Any, dict[bytes, Any]]]:
-    """A write transaction on the node's LMDB store, opened behind the model's back."""
-    node.close_all()
-    node.expect_damage()
-    raw = lmdb.open(str(node.data_dir / "store"), max_dbs=16)
-    try:
-        dbs = {name: raw.open_db(name) for name in s.ALL_DBS}
-        with raw.begin(write=True) as txn:
-            yield txn, dbs
-    finally:
-        raw.close()
 
 
 def assert_refused(

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Nodes
+from conftest import Nodes, raw_store
 from fsutil import (
     AUTH,
     BACKUP_EVERYWHERE,
@@ -34,6 +34,9 @@ from fsutil import (
     versions,
     wait_for,
 )
+
+from slurpfs.store import schema as s
+from slurpfs.ucxl import parse
 
 pytestmark = [
     pytest.mark.mount,
@@ -578,3 +581,44 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(
         assert b"entries" in m.cli("audit", "verify").stdout
     finally:
         m.sweep()
+
+
+def test_a_tampered_context_is_eio_and_everything_else_is_served(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    # One flipped byte in one stored envelope, behind the store's back. Expected:
+    # reading that file fails with EIO (never bytes), the daemon logs why and goes on
+    # serving everything else, the older intact version included, and fsck names the
+    # damaged version.
+    node, model = nodes.new()
+    target, other = parse(f"ucxl://{AUTH}/src/auth.go"), parse(f"ucxl://{AUTH}/src/other.go")
+    model.put(target, DEV, b"first version\n")
+    damaged = model.put(target, DEV, b"second version, to be damaged\n")
+    model.put(other, DEV, b"untouched\n")
+    raw = model.store.envelope(damaged.version_id)
+    assert raw is not None
+    with raw_store(node) as (txn, dbs):
+        middle = len(raw) // 2
+        tampered = raw[:middle] + bytes([raw[middle] ^ 1]) + raw[middle + 1 :]
+        txn.put(damaged.version_id, tampered, db=dbs[s.DB_ENVELOPES])
+    m = Mounted(node.data_dir, tmp_path / "mnt")
+    m.mount()
+    try:
+        d = m.ucxl / AUTH / "src"
+        with raises_oserror(errno.EIO):
+            (d / "auth.go" / DEV).read_bytes()
+        assert (d / "other.go" / DEV).read_bytes() == b"untouched\n"
+        assert (d / "auth.go" / ".history" / DEV / "1").read_bytes() == b"first version\n"
+        with raises_oserror(errno.EIO):
+            (d / "auth.go" / ".history" / DEV / "2").read_bytes()
+        grep = subprocess.run(["grep", "-r", "-l", "untouched", str(m.ucxl)], capture_output=True)
+        assert grep.stdout.splitlines() == [os.fsencode(d / "other.go" / DEV)]
+        assert grep.returncode == 2  # grep read the damaged file, got EIO, went on
+        m.expect_warnings = True
+        m.unmount()
+        assert "refusing to serve corrupt data" in m.log.read_text()
+    finally:
+        m.sweep()
+    report = slurpfs("fsck", "--data", node.data_dir, check=False)
+    assert report.returncode != 0
+    assert damaged.short_id in report.stdout.decode()
