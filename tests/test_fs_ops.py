@@ -557,3 +557,23 @@ async def test_an_open_served_from_the_page_cache_still_decides_and_audits_acces
     denied = audit.read(log)[-1]
     assert not denied.allowed
     assert denied.role == "architect"
+
+
+async def test_attributes_of_a_file_open_for_reading_follow_a_write_elsewhere(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    """While a reader holds the file open (served from the page cache, so nothing is
+    loaded), getattr answers from the kept attributes, and still sees a version
+    another process stores meanwhile."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"first")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    await fs.read(f"{DIR}/{DEV}")  # the kernel now holds this version
+    fi = await fs.ops.open(ino, os.O_RDONLY, fs.ctx)
+    try:
+        assert fi.keep_cache
+        assert (await fs.ops.getattr(ino, fs.ctx)).st_size == len(b"first")
+        model.put(ADDR, DEV, b"a longer second version")
+        assert (await fs.ops.getattr(ino, fs.ctx)).st_size == len(b"a longer second version")
+    finally:
+        await fs.ops.release(fi.fh)

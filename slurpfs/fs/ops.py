@@ -145,17 +145,16 @@ class Operations(pyfuse3.Operations):
         file is open (its buffer is then what counts).
         """
         epoch = self.view.epoch
+        content = node.content
+        # Open but not yet loaded or written (a read served from the page cache):
+        # the attributes are still the stored version's.
+        stored = content is None or (content.buffer is None and not content.dirty)
         kept = node.attrs
-        if kept is not None and kept[0] == epoch and node.content is None:
+        if kept is not None and kept[0] == epoch and stored:
             return kept[1]
         s = self.tree.stat(node, known)
         attrs = self.attrs(node, s)
-        if (
-            s.cacheable
-            and node.kind in _KEPT_KINDS
-            and node.content is None
-            and node.key is not None
-        ):
+        if s.cacheable and node.kind in _KEPT_KINDS and stored and node.key is not None:
             node.attrs = (epoch, attrs)
         return attrs
 
