@@ -16,6 +16,7 @@ from slurpfs import config, fsck
 from slurpfs.index import SearchService, check_index
 from slurpfs.index import whoosh_engine as we
 from slurpfs.index.document import IndexDoc
+from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS
 from slurpfs.model import ContextStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
@@ -67,15 +68,22 @@ _current_schema = we.schema
 _current_fields = we._fields
 
 
-def _legacy_schema() -> Any:
-    """The schema before the catch-all field: a word searched every default field."""
-    old = _current_schema()
-    old.remove(we.CATCH_ALL)
-    return old
+# Fields older schemas lacked: before the catch-all field a word searched every
+# default field; before the pair field a phrase checked word positions.
+LEGACY = {"before alltext": (CATCH_ALL, PAIRS), "before allpairs": (PAIRS,)}
 
 
-def _legacy_fields(doc: IndexDoc) -> dict[str, Any]:
-    return {k: v for k, v in _current_fields(doc).items() if k != we.CATCH_ALL}
+def _legacy(missing: tuple[str, ...]) -> tuple[Any, Any]:
+    def schema() -> Any:
+        old = _current_schema()
+        for name in missing:
+            old.remove(name)
+        return old
+
+    def fields(doc: IndexDoc) -> dict[str, Any]:
+        return {k: v for k, v in _current_fields(doc).items() if k not in missing}
+
+    return schema, fields
 
 
 @pytest.fixture
@@ -91,14 +99,19 @@ def format1(tmp_path: Path) -> config.Config:
     )
 
 
-def test_an_index_with_the_older_schema_is_rebuilt(
-    format1: config.Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("missing", LEGACY.values(), ids=LEGACY.keys())
+def test_an_index_with_an_older_schema_is_rebuilt(
+    format1: config.Config,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    missing: tuple[str, ...],
 ) -> None:
     with ContextStore.open(format1, PASSPHRASE) as model:
-        # Saved as before the catch-all field existed.
+        # Saved as before these fields existed.
+        legacy_schema, legacy_fields = _legacy(missing)
         with monkeypatch.context() as old:
-            old.setattr(we, "schema", _legacy_schema)
-            old.setattr(we, "_fields", _legacy_fields)
+            old.setattr(we, "schema", legacy_schema)
+            old.setattr(we, "_fields", legacy_fields)
             with SearchService.open(model) as search:
                 assert search.search("content:version", ["developer"]).total == 1
         assert check_index(model) == []  # an older schema is not a problem for fsck

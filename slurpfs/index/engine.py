@@ -41,8 +41,11 @@ class RoleIndex(Protocol):
 
     def save(self) -> None: ...
 
-    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
-        """Top `limit` hits of a checked query, restricted to `file_roles` if given."""
+    def search(
+        self, text: str, *, file_roles: frozenset[str] | None, limit: int, snippets: bool = True
+    ) -> EngineResult:
+        """Top `limit` hits of a checked query, restricted to `file_roles` if given;
+        each with its snippet if `snippets` (else `NO_SNIPPET`: a listing needs none)."""
         ...
 
     def doc_count(self) -> int: ...

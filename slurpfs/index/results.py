@@ -39,6 +39,10 @@ class Snippet:
         return "".join(out)
 
 
+NO_SNIPPET = Snippet("")
+"""The snippet of every hit of a search asked for no snippets."""
+
+
 def clean_text(text: str) -> str:
     """Text safe to mark: control characters and the marks themselves become spaces."""
     return _CONTROL.sub(" ", text)
@@ -133,7 +137,7 @@ class EngineHit:
     version: str  # hex
     hlc: int
     summary: str
-    snippet: Snippet
+    snippet: Snippet  # NO_SNIPPET when the search was asked for none
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,7 @@ class SearchHit:
     version_id: bytes
     hlc: int
     summary: str
-    snippet: Snippet
+    snippet: Snippet  # NO_SNIPPET when the search was asked for none
 
     @property
     def url(self) -> str:

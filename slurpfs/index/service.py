@@ -367,12 +367,15 @@ class SearchService:
         *,
         role: str | None = None,
         limit: int = 50,
+        snippets: bool = True,
     ) -> SearchResult:
         """Search the contexts a caller holding `caller_roles` may read.
 
         `role` restricts hits to that role's files. Hits are in score order,
-        one per (address, role). Raises `QueryError` (the message says what is
-        wrong), `AccessDenied` if `role` is not readable by the caller.
+        one per (address, role). Without `snippets` every hit's snippet is `NO_SNIPPET`:
+        making them is a good part of a query's time, and a listing shows none.
+        Raises `QueryError` (the message says what is wrong), `AccessDenied` if
+        `role` is not readable by the caller.
         Blocking: run it in a worker thread from async code.
         """
         started = time.perf_counter()
@@ -383,7 +386,8 @@ class SearchService:
             indexes = self._indexes
             plan = self._plan(caller_roles, role)
             parts = [
-                (x, indexes[x].search(query, file_roles=f, limit=limit)) for x, f in plan.items()
+                (x, indexes[x].search(query, file_roles=f, limit=limit, snippets=snippets))
+                for x, f in plan.items()
             ]
         except QueryError:
             self._query_errors += 1
