@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from conftest import Nodes
 from test_index_support import ENGINES, address, document, new_model, put_many
+from whoosh import query
 
 from slurpfs import config, fsck
 from slurpfs.index import SearchService, check_index
 from slurpfs.index import whoosh_engine as we
 from slurpfs.index.document import IndexDoc
-from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS
+from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS, PairPhrase, prepare
 from slurpfs.model import ContextStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
@@ -62,6 +63,52 @@ def test_a_summary_match_ranks_above_a_body_match(model: ContextStore) -> None:
     with SearchService.open(model) as search:
         hits = search.search("quokka", ["developer"]).hits
     assert [h.address.rsplit("/", 1)[1] for h in hits] == ["summary", "body"]
+
+
+PHRASES = {
+    '"alpha beta gamma"': 1,  # not in b: it has both pairs, apart
+    '"alpha beta"': 2,
+    '"beta gamma delta"': 1,
+    '"alpha beta gamma delta"': 1,
+    '"beta alpha"': 0,
+    '"tick tock tick"': 1,  # not in c: "tick tock tock tick"
+    '"tock tick"': 2,
+    '"two three"': 0,  # the body ends with "two", the summary starts with "three"
+    '"one two three"': 0,
+    '"three four"': 1,
+    "utf8_decode": 1,  # split into a phrase of two words by both engines
+    '"decode utf8"': 0,
+}
+
+
+def test_phrases_are_exact_at_any_length(model: ContextStore) -> None:
+    put_many(
+        model,
+        [
+            (address("p/a"), "developer", document("alpha beta gamma delta")),
+            (address("p/b"), "developer", document("alpha beta then beta gamma")),
+            (address("p/c"), "developer", document("tick tock tock tick")),
+            (address("p/d"), "developer", document("one two", summary="three four")),
+            (address("p/e"), "developer", document("Tick TOCK tick calls utf8_decode")),
+        ],
+    )
+    with SearchService.open(model) as search:
+        found = {q: search.search(q, ["developer"]).total for q in PHRASES}
+    assert found == PHRASES  # the same for both engines
+
+
+def test_pairs_never_span_two_parts_of_the_catch_all() -> None:
+    analyzer = we.schema()[PAIRS].analyzer
+    value = we._PART_SEP.join(["One two", "THREE", "", "four five six"])
+    assert [t.text for t in analyzer(value)] == ["one two", "four five", "five six"]
+
+
+def test_whoosh_finds_a_catch_all_phrase_through_the_pair_field() -> None:
+    phrase = query.Phrase(CATCH_ALL, ["a", "b", "c"])
+    assert isinstance(phrase.accept(prepare), PairPhrase)
+    # A phrase with slop, or of one field, is searched by its positions as before.
+    for other in (query.Phrase(CATCH_ALL, ["a", "b"], slop=2), query.Phrase("summary", ["a", "b"])):
+        assert type(other.accept(prepare)) is query.Phrase
 
 
 _current_schema = we.schema

@@ -35,8 +35,13 @@ class RoleIndex(Protocol):
         *,
         seq: int,
         save: bool = True,
+        commit: bool = True,
     ) -> None:
-        """Replace documents by key, remove keys, commit, save, make it searchable."""
+        """Replace documents by key, remove keys, commit, save, make it searchable.
+
+        Without `commit` an engine may keep the changes pending until the next
+        write that commits (a build's batches); `seq` and `save` apply then.
+        """
         ...
 
     def save(self) -> None: ...

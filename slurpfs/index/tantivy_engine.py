@@ -125,7 +125,9 @@ class TantivyIndex:
         *,
         seq: int,
         save: bool = True,
+        commit: bool = True,
     ) -> None:
+        # Always committed: tantivy merges its segments in the background.
         with self._lock:
             if upserts or deletes:
                 if self._searcher.num_docs:
