@@ -482,7 +482,7 @@ class WhooshIndex:
         Without `commit` the changes wait in an open writer for the next write
         that commits (`seq` and `save` apply then): a build adds all its batches to
         one segment. whoosh searches an index one segment at a time, and with a
-        segment per 2,000-document batch that was a third of a query's time.
+        segment per 2,000-document batch that was a quarter of a query's time.
         """
         with self._write_lock:
             writer = self._writer
