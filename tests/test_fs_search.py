@@ -13,6 +13,7 @@ import os
 import stat as st
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -23,7 +24,7 @@ from test_index_support import ENGINES, address, document, seed
 
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.search import ERROR, FACETS, RESULTS, SearchTree
-from slurpfs.index import SearchService
+from slurpfs.index import SearchResult, SearchService
 from slurpfs.model import ContextStore
 from slurpfs.service.daemon import SearchRunner
 
@@ -119,7 +120,10 @@ async def test_results_are_links_in_rank_order_with_results_and_facets(fs: OpsHa
         if name.startswith(b"."):
             assert st.S_ISREG(attrs.st_mode)
             data = await fs.read(f".search/key/{os.fsdecode(name)}")
-            assert attrs.st_size == len(data)  # true sizes: cat reads them whole
+            # True sizes, so that cat reads them whole; a listing makes no snippets,
+            # so it shows .results empty until a lookup (which the kernel always
+            # makes: it keeps no attributes here) asks for its size.
+            assert attrs.st_size == (0 if name == RESULTS.encode() else len(data))
             assert (await fs.lookup(f".search/key/{os.fsdecode(name)}")).st_size == len(data)
         else:
             assert st.S_ISLNK(attrs.st_mode)
@@ -277,11 +281,36 @@ async def test_search_results_are_read_only(fs: OpsHarness) -> None:
 
 
 async def test_repeated_requests_run_the_query_once(fs: OpsHarness) -> None:
-    await fs.listdir(".search/key")
     await fs.read(f".search/key/{RESULTS}")
+    await fs.listdir(".search/key")
     await fs.lookup(f".search/key/{FACETS}")
+    await fs.read(f".search/key/{RESULTS}")
     assert queries(fs.ops) == 1
-    assert fs.ops.search.statistics().cached >= 2
+    assert fs.ops.search.statistics().cached >= 3
+
+
+async def test_a_listing_makes_no_snippets(
+    fs: OpsHarness, service: SearchService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[bool] = []
+    search = service.search
+
+    def spy(*args: Any, **kwargs: Any) -> SearchResult:
+        asked.append(kwargs["snippets"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(service, "search", spy)
+    links = [n for n in await fs.listdir(".search/key") if not n.startswith(".")]
+    await readlink(fs, f".search/key/{links[0]}")
+    await fs.read(f".search/key/{FACETS}")
+    assert asked == [False]  # names, link targets and facets need no snippets
+    results = await fs.read(f".search/key/{RESULTS}")
+    assert asked == [False, True]
+    assert b"[key]" in results.lower()  # with highlighted snippets
+    assert (await fs.lookup(f".search/key/{RESULTS}")).st_size == len(results)
+    listed = dict(await fs.list_attrs(".search/key"))  # kept with its snippets now
+    assert listed[RESULTS.encode()].st_size == len(results)
+    assert asked == [False, True]
 
 
 async def test_concurrent_requests_share_one_run(fs: OpsHarness) -> None:

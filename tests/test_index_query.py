@@ -114,3 +114,17 @@ def test_highlight_window_is_one_bounded_line() -> None:
     assert snippet.text.endswith(" …")
     assert len(snippet.text) < 260
     assert "[needle]" in snippet.marked()
+
+
+def test_highlights_see_control_characters_as_spaces_wherever_they_are() -> None:
+    # The raw text is searched, only the snippet's window cleaned: a control
+    # character still separates words, and a word holding one never matches.
+    far = ("filler " * 300) + "x\x07needle\x1fend " + ("tail " * 50)
+    snippet = highlight_words(far, {"needle", "x\x07needle"})
+    assert snippet is not None
+    assert "x [needle] end" in snippet.marked()
+    assert "\x07" not in snippet.text
+    accented = highlight_words("café NEEDLE", {"needle"})
+    assert accented is not None
+    assert accented.marked() == "café [NEEDLE]"
+    assert highlight_words("plain ascii text", {"needle"}) is None

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from conftest import Nodes
 from test_index_support import ENGINES, address, document, new_model, put_many
+from whoosh import query
 
 from slurpfs import config, fsck
 from slurpfs.index import SearchService, check_index
 from slurpfs.index import whoosh_engine as we
 from slurpfs.index.document import IndexDoc
+from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS, PairPhrase, prepare
 from slurpfs.model import ContextStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
@@ -63,19 +65,72 @@ def test_a_summary_match_ranks_above_a_body_match(model: ContextStore) -> None:
     assert [h.address.rsplit("/", 1)[1] for h in hits] == ["summary", "body"]
 
 
+PHRASES = {
+    '"alpha beta gamma"': 1,  # not in b: it has both pairs, apart
+    '"alpha beta"': 2,
+    '"beta gamma delta"': 1,
+    '"alpha beta gamma delta"': 1,
+    '"beta alpha"': 0,
+    '"tick tock tick"': 1,  # not in c: "tick tock tock tick"
+    '"tock tick"': 2,
+    '"two three"': 0,  # the body ends with "two", the summary starts with "three"
+    '"one two three"': 0,
+    '"three four"': 1,
+    "utf8_decode": 1,  # split into a phrase of two words by both engines
+    '"decode utf8"': 0,
+}
+
+
+def test_phrases_are_exact_at_any_length(model: ContextStore) -> None:
+    put_many(
+        model,
+        [
+            (address("p/a"), "developer", document("alpha beta gamma delta")),
+            (address("p/b"), "developer", document("alpha beta then beta gamma")),
+            (address("p/c"), "developer", document("tick tock tock tick")),
+            (address("p/d"), "developer", document("one two", summary="three four")),
+            (address("p/e"), "developer", document("Tick TOCK tick calls utf8_decode")),
+        ],
+    )
+    with SearchService.open(model) as search:
+        found = {q: search.search(q, ["developer"]).total for q in PHRASES}
+    assert found == PHRASES  # the same for both engines
+
+
+def test_pairs_never_span_two_parts_of_the_catch_all() -> None:
+    analyzer = we.schema()[PAIRS].analyzer
+    value = we._PART_SEP.join(["One two", "THREE", "", "four five six"])
+    assert [t.text for t in analyzer(value)] == ["one two", "four five", "five six"]
+
+
+def test_whoosh_finds_a_catch_all_phrase_through_the_pair_field() -> None:
+    phrase = query.Phrase(CATCH_ALL, ["a", "b", "c"])
+    assert isinstance(phrase.accept(prepare), PairPhrase)
+    # A phrase with slop, or of one field, is searched by its positions as before.
+    for other in (query.Phrase(CATCH_ALL, ["a", "b"], slop=2), query.Phrase("summary", ["a", "b"])):
+        assert type(other.accept(prepare)) is query.Phrase
+
+
 _current_schema = we.schema
 _current_fields = we._fields
 
 
-def _legacy_schema() -> Any:
-    """The schema before the catch-all field: a word searched every default field."""
-    old = _current_schema()
-    old.remove(we.CATCH_ALL)
-    return old
+# Fields older schemas lacked: before the catch-all field a word searched every
+# default field; before the pair field a phrase checked word positions.
+LEGACY = {"before alltext": (CATCH_ALL, PAIRS), "before allpairs": (PAIRS,)}
 
 
-def _legacy_fields(doc: IndexDoc) -> dict[str, Any]:
-    return {k: v for k, v in _current_fields(doc).items() if k != we.CATCH_ALL}
+def _legacy(missing: tuple[str, ...]) -> tuple[Any, Any]:
+    def schema() -> Any:
+        old = _current_schema()
+        for name in missing:
+            old.remove(name)
+        return old
+
+    def fields(doc: IndexDoc) -> dict[str, Any]:
+        return {k: v for k, v in _current_fields(doc).items() if k not in missing}
+
+    return schema, fields
 
 
 @pytest.fixture
@@ -91,14 +146,19 @@ def format1(tmp_path: Path) -> config.Config:
     )
 
 
-def test_an_index_with_the_older_schema_is_rebuilt(
-    format1: config.Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("missing", LEGACY.values(), ids=LEGACY.keys())
+def test_an_index_with_an_older_schema_is_rebuilt(
+    format1: config.Config,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    missing: tuple[str, ...],
 ) -> None:
     with ContextStore.open(format1, PASSPHRASE) as model:
-        # Saved as before the catch-all field existed.
+        # Saved as before these fields existed.
+        legacy_schema, legacy_fields = _legacy(missing)
         with monkeypatch.context() as old:
-            old.setattr(we, "schema", _legacy_schema)
-            old.setattr(we, "_fields", _legacy_fields)
+            old.setattr(we, "schema", legacy_schema)
+            old.setattr(we, "_fields", legacy_fields)
             with SearchService.open(model) as search:
                 assert search.search("content:version", ["developer"]).total == 1
         assert check_index(model) == []  # an older schema is not a problem for fsck

@@ -28,6 +28,13 @@ How a query is served:
   kernel is told not to cache these entries at all (timeouts 0): with nothing to
   invalidate them by, it must ask, and the brief cache makes its asking cheap
   (one ``ls -l`` resolves the directory once per entry).
+- Listing a query directory, its links and ``.facets`` need no snippets, and
+  making them is a good part of a query's time: those run the query without
+  snippets. ``.results`` shows them, so looking it up, stat'ing or reading it runs
+  the query with snippets (unless a result with them is kept). A listing
+  therefore reports ``.results`` with size 0 when it has not been made: the
+  kernel keeps no attributes of these entries (timeouts 0), so a ``stat`` or
+  ``open`` after the listing asks again and gets the true size.
 - Opening the search service can take a while (tantivy rebuilds its index in
   memory at each mount), and the mount does not wait for it. A query meanwhile
   waits up to `READY_WAIT` seconds; if the service is still not open its
@@ -87,7 +94,8 @@ RESULT_KINDS = frozenset({Kind.QUERY_FILE, Kind.QUERY_LINK})
 class QueryView:
     """What one query shows one caller role set: files and links, by name."""
 
-    files: Mapping[str, bytes]  # .results and .facets, or .error
+    # .results and .facets, or .error; .results is None until made (it needs snippets)
+    files: Mapping[str, bytes | None]
     links: Mapping[str, bytes]  # link name -> relative target
     mtime_ns: int
     taken: float  # clock() when computed
@@ -155,7 +163,7 @@ class SearchTree:
         self._failure: str | None = None
         self._ready = trio.Event()
         self._cache: dict[tuple[str, frozenset[str]], QueryView] = {}
-        self._pending: dict[tuple[str, frozenset[str]], _Pending] = {}
+        self._pending: dict[tuple[str, frozenset[str], bool], _Pending] = {}
         self._queries = self._cached = self._invalid = self._not_ready = 0
 
     # -- the service -------------------------------------------------------------
@@ -196,7 +204,7 @@ class SearchTree:
             key = Key(Kind.QUERY, (text,), extra=tag)
             return self.inodes.bind(key, parent.ino, name), None
         query = self._query_of(parent)
-        view = await self.view(query, caller)
+        view = await self.view(query, caller, snippets=text == RESULTS)
         # No await from here on: the node is bound and handed to the kernel at once.
         if text in view.files:
             kind = Kind.QUERY_FILE
@@ -233,12 +241,14 @@ class SearchTree:
     async def stat(self, node: Node, caller: Caller) -> Stat:
         """Attributes of a result file or link, as `caller` sees them."""
         query, name = self._parts(node)
-        return self._stat(await self.view(query, caller), node.kind, name)
+        view = await self.view(query, caller, snippets=self._needs_snippets(node))
+        return self._stat(view, node.kind, name)
 
     async def read(self, node: Node, caller: Caller) -> bytes:
         """The bytes of ``.results``, ``.facets`` or ``.error`` for `caller`."""
         query, name = self._parts(node)
-        data = (await self.view(query, caller)).files.get(name)
+        view = await self.view(query, caller, snippets=self._needs_snippets(node))
+        data = view.files.get(name)
         if node.kind is not Kind.QUERY_FILE or data is None:
             raise NotFound(f"no {name!r} in the results of {query!r}")
         return data
@@ -252,15 +262,25 @@ class SearchTree:
 
     def _stat(self, view: QueryView, kind: Kind, name: str) -> Stat:
         if kind is Kind.QUERY_FILE:
-            data = view.files.get(name)
+            if name not in view.files:
+                raise NotFound(f"{name!r} is no longer in the results")
+            data = view.files[name]
+            size = 0 if data is None else len(data)  # None: not made for a listing
             mode = st.S_IFREG | 0o444
         else:
-            data = view.links.get(name)
+            target = view.links.get(name)
+            if target is None:
+                raise NotFound(f"{name!r} is no longer in the results")
+            size = len(target)
             mode = st.S_IFLNK | 0o777
-        if data is None:
-            raise NotFound(f"{name!r} is no longer in the results")
         t = view.mtime_ns
-        return Stat(mode, len(data), 1, t, t, self.uid, self.gid, cacheable=False)
+        return Stat(mode, size, 1, t, t, self.uid, self.gid, cacheable=False)
+
+    @staticmethod
+    def _needs_snippets(node: Node) -> bool:
+        return (
+            node.kind is Kind.QUERY_FILE and node.key is not None and node.key.parts[1] == RESULTS
+        )
 
     @staticmethod
     def _query_of(node: Node) -> str:
@@ -277,33 +297,36 @@ class SearchTree:
 
     # -- running queries ---------------------------------------------------------------
 
-    async def view(self, query: str, caller: Caller) -> QueryView:
-        """The result of `query` for `caller`'s roles: cached briefly, else run now."""
+    async def view(self, query: str, caller: Caller, *, snippets: bool = False) -> QueryView:
+        """The result of `query` for `caller`'s roles: cached briefly, else run now.
+
+        With `snippets` the view holds ``.results``; without, it may not.
+        """
         key = (query, caller.roles)
         while True:
-            kept = self._kept(key)
+            kept = self._kept(key, snippets)
             if kept is not None:
                 self._cached += 1
                 return kept
-            pending = self._pending.get(key)
+            pending = self._pending.get((*key, snippets))
             if pending is None:
                 break
             await pending.done.wait()
             if pending.view is not None:
                 self._cached += 1
                 return pending.view
-        pending = self._pending[key] = _Pending()
+        pending = self._pending[(*key, snippets)] = _Pending()
         try:
-            view = await self._run(query, caller)
+            view = await self._run(query, caller, snippets)
             pending.view = view
             if view.keep:
                 self._keep(key, view)
         finally:
-            del self._pending[key]
+            del self._pending[(*key, snippets)]
             pending.done.set()
         return view
 
-    def _kept(self, key: tuple[str, frozenset[str]]) -> QueryView | None:
+    def _kept(self, key: tuple[str, frozenset[str]], snippets: bool) -> QueryView | None:
         view = self._cache.get(key)
         if view is None:
             return None
@@ -313,6 +336,8 @@ class SearchTree:
         ):
             del self._cache[key]
             return None
+        if snippets and view.files.get(RESULTS, b"") is None:
+            return None  # kept for a listing: .results is not made yet
         return view
 
     def _keep(self, key: tuple[str, frozenset[str]], view: QueryView) -> None:
@@ -325,7 +350,7 @@ class SearchTree:
                 del self._cache[next(iter(self._cache))]  # the oldest
         self._cache[key] = view
 
-    async def _run(self, query: str, caller: Caller) -> QueryView:
+    async def _run(self, query: str, caller: Caller, snippets: bool) -> QueryView:
         raw = os.fsencode(query)
         try:
             spec = parse_query_name(raw.decode("utf-8"))
@@ -348,7 +373,12 @@ class SearchTree:
             return self._error(query, SearchNotReady(reason), keep=False)
         seq = service.seq  # read first: a batch applied meanwhile makes the result stale
         run = functools.partial(
-            service.search, spec.text, caller.roles, role=spec.role, limit=spec.limit
+            service.search,
+            spec.text,
+            caller.roles,
+            role=spec.role,
+            limit=spec.limit,
+            snippets=snippets,
         )
         try:
             result = await trio.to_thread.run_sync(run, limiter=self.limiter)
@@ -358,7 +388,7 @@ class SearchTree:
         width = link_width(spec.limit)
         return QueryView(
             files={
-                RESULTS: results_text(result).encode(),
+                RESULTS: results_text(result).encode() if snippets else None,
                 FACETS: facets_text(result).encode(),
             },
             links={link_name(h, width): os.fsencode(link_target(h)) for h in result.hits},

@@ -35,14 +35,22 @@ class RoleIndex(Protocol):
         *,
         seq: int,
         save: bool = True,
+        commit: bool = True,
     ) -> None:
-        """Replace documents by key, remove keys, commit, save, make it searchable."""
+        """Replace documents by key, remove keys, commit, save, make it searchable.
+
+        Without `commit` an engine may keep the changes pending until the next
+        write that commits (a build's batches); `seq` and `save` apply then.
+        """
         ...
 
     def save(self) -> None: ...
 
-    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
-        """Top `limit` hits of a checked query, restricted to `file_roles` if given."""
+    def search(
+        self, text: str, *, file_roles: frozenset[str] | None, limit: int, snippets: bool = True
+    ) -> EngineResult:
+        """Top `limit` hits of a checked query, restricted to `file_roles` if given;
+        each with its snippet if `snippets` (else `NO_SNIPPET`: a listing needs none)."""
         ...
 
     def doc_count(self) -> int: ...

@@ -34,7 +34,7 @@ from slurpfs.model import ContextStore
 
 log = logging.getLogger("slurpfs.index")
 
-BUILD_BATCH = 2000  # documents per role index commit while building (no pool spill at ~2 KiB)
+BUILD_BATCH = 2000  # documents handed to a role index at a time while building
 CATCH_UP_BATCH = 2000  # change-log entries per index commit while catching up
 FACET_LIMIT = 50  # values listed per facet
 
@@ -276,10 +276,9 @@ class SearchService:
         with self._apply_lock:
             seq = store.sequence()  # changes after this are caught up later
             contexts = [(a, r) for a, r, _ in store.iter_contexts() if self._targets(r, indexes)]
-            # Each role index commits when it has BUILD_BATCH documents of its own
-            # (one segment each), not when BUILD_BATCH contexts were read: with
-            # several roles the latter left many small segments, and whoosh
-            # searches every segment of an index in turn.
+            # Each role index takes BUILD_BATCH documents of its own at a time, not
+            # BUILD_BATCH contexts read; it commits them all at the end (for whoosh
+            # one segment: it searches every segment of an index in turn).
             pending: dict[str, list[IndexDoc]] = {r: [] for r in indexes}
             for n, (address, role) in enumerate(contexts, 1):
                 doc, bad, _ = self._document(address, role)
@@ -289,7 +288,7 @@ class SearchService:
                         pending[target].append(doc)
                 for target, docs in pending.items():
                     if docs and (len(docs) >= BUILD_BATCH or n == len(contexts)):
-                        indexes[target].write(docs, (), seq=0, save=False)
+                        indexes[target].write(docs, (), seq=0, save=False, commit=False)
                         report = report + ApplyReport(indexed=len(docs))
                         docs.clear()
                 if progress is not None:
@@ -367,12 +366,15 @@ class SearchService:
         *,
         role: str | None = None,
         limit: int = 50,
+        snippets: bool = True,
     ) -> SearchResult:
         """Search the contexts a caller holding `caller_roles` may read.
 
         `role` restricts hits to that role's files. Hits are in score order,
-        one per (address, role). Raises `QueryError` (the message says what is
-        wrong), `AccessDenied` if `role` is not readable by the caller.
+        one per (address, role). Without `snippets` every hit's snippet is `NO_SNIPPET`:
+        making them is a good part of a query's time, and a listing shows none.
+        Raises `QueryError` (the message says what is wrong), `AccessDenied` if
+        `role` is not readable by the caller.
         Blocking: run it in a worker thread from async code.
         """
         started = time.perf_counter()
@@ -383,7 +385,8 @@ class SearchService:
             indexes = self._indexes
             plan = self._plan(caller_roles, role)
             parts = [
-                (x, indexes[x].search(query, file_roles=f, limit=limit)) for x, f in plan.items()
+                (x, indexes[x].search(query, file_roles=f, limit=limit, snippets=snippets))
+                for x, f in plan.items()
             ]
         except QueryError:
             self._query_errors += 1

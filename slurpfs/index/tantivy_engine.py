@@ -19,8 +19,10 @@ from slurpfs.index.document import DEFAULT_FIELDS, FACETS, FIELD_BOOSTS, IndexDo
 from slurpfs.index.results import (
     MARK_CLOSE,
     MARK_OPEN,
+    NO_SNIPPET,
     EngineHit,
     EngineResult,
+    Snippet,
     clean_text,
     plain_snippet,
     snippet_from_marked,
@@ -123,7 +125,9 @@ class TantivyIndex:
         *,
         seq: int,
         save: bool = True,
+        commit: bool = True,
     ) -> None:
+        # Always committed: tantivy merges its segments in the background.
         with self._lock:
             if upserts or deletes:
                 if self._searcher.num_docs:
@@ -163,7 +167,9 @@ class TantivyIndex:
         except ValueError as exc:
             raise QueryError(f"the query {text!r} does not parse: {exc}") from None
 
-    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
+    def search(
+        self, text: str, *, file_roles: frozenset[str] | None, limit: int, snippets: bool = True
+    ) -> EngineResult:
         q = self._parse(text)
         if file_roles is not None:
             only = tantivy.Query.term_set_query(self._schema, "file_role", sorted(file_roles))
@@ -178,19 +184,15 @@ class TantivyIndex:
             result = searcher.search(q, limit=limit, count=True)
         except ValueError as exc:  # e.g. a name tantivy took for a field: "/ :x"
             raise QueryError(f"the query {text!r} cannot be run: {exc}") from None
-        snippets = tantivy.SnippetGenerator.create(searcher, q, self._schema, "content")
-        snippets.set_max_num_chars(200)
+        generator = None
+        if snippets:
+            generator = tantivy.SnippetGenerator.create(searcher, q, self._schema, "content")
+            generator.set_max_num_chars(200)
         hits = []
         for score, address in result.hits:
             doc = searcher.doc(address)
             summary = str(doc.get_first("summary") or "")
-            excerpt = clean_text(bytes(doc.get_first("excerpt") or b"").decode(errors="replace"))
-            snippet = plain_snippet(summary, excerpt)
-            if excerpt:
-                found = snippets.snippet_from_doc(tantivy.Document(content=excerpt))
-                ranges = [(r.start, r.end) for r in found.highlighted()]
-                if ranges:
-                    snippet = snippet_from_marked(_marked(found.fragment(), ranges))
+            snippet = NO_SNIPPET if generator is None else self._snippet(generator, doc, summary)
             hits.append(
                 EngineHit(
                     score=float(score),
@@ -212,6 +214,18 @@ class TantivyIndex:
                 for bucket in aggs.get(name, {}).get("buckets", []):
                     facets[name][str(bucket["key"])] = int(bucket["doc_count"])
         return EngineResult(hits, total, facets)
+
+    @staticmethod
+    def _snippet(
+        generator: tantivy.SnippetGenerator, doc: tantivy.Document, summary: str
+    ) -> Snippet:
+        excerpt = clean_text(bytes(doc.get_first("excerpt") or b"").decode(errors="replace"))
+        if excerpt:
+            found = generator.snippet_from_doc(tantivy.Document(content=excerpt))
+            ranges = [(r.start, r.end) for r in found.highlighted()]
+            if ranges:
+                return snippet_from_marked(_marked(found.fragment(), ranges))
+        return plain_snippet(summary, excerpt)
 
     def close(self) -> None:
         with self._lock:

@@ -15,10 +15,8 @@ traps are closed here on purpose:
 * ``writer(procs>1)`` pickles whole documents to temp files; the writer is
   always a plain single-process `SegmentWriter`.
 
-One whoosh 2.7 bug is worked around: ``AndNotMatcher`` does not exclude the
-first positive match when the excluded side starts at an earlier document, so
-``a ANDNOT b``, ``a -b`` and the file-role filter could let an excluded document
-through. Every ``AndNot`` is searched with `_AndNotMatcher` instead.
+How a parsed query is searched (whoosh bugs worked around, phrases through the
+pair field, faster leaf matchers) is in `slurpfs.index.whoosh_query`.
 
 A word or phrase that names no field searches one catch-all field, ``alltext``,
 rather than every default field in turn (an Or of seven posting lists per word,
@@ -27,8 +25,10 @@ holds the default free-text fields (`CATCH_ALL_PARTS`); the keyword defaults
 (tags, technologies) keep their own fields, matched whole as before. The parts
 are separated by `POSITION_GAP` token positions so that a phrase never spans two
 fields, and each part's words carry its field boost as their weight (a summary
-word counts twice). An index saved with an older schema is refused on load
-(`IndexOutdated`) and rebuilt by the service.
+word counts twice). Beside it, ``allpairs`` holds every two adjacent words of one
+part as one term, so that a phrase is a term lookup rather than a check of word
+positions in every document holding its words. An index saved with an older
+schema is refused on load (`IndexOutdated`) and rebuilt by the service.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from whoosh import analysis, collectors, fields, qparser, query
 from whoosh.filedb.filestore import Storage
 from whoosh.filedb.structfile import BufferFile, StructFile
 from whoosh.index import FileIndex
-from whoosh.matching import AndNotMatcher
-from whoosh.query.compound import DefaultOr
 from whoosh.searching import Searcher
 from whoosh.writing import SegmentWriter
 
@@ -56,13 +54,19 @@ from slurpfs.index.document import (
     TEXT_FIELDS,
     IndexDoc,
 )
-from slurpfs.index.results import EngineHit, EngineResult, highlight_words, plain_snippet
+from slurpfs.index.results import (
+    NO_SNIPPET,
+    EngineHit,
+    EngineResult,
+    highlight_words,
+    plain_snippet,
+)
 from slurpfs.index.sealed import IndexOutdated, SealedIndexStore
+from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS, AndNot, FastIndex, prepare
 
 ENGINE = "whoosh"
 POOL_LIMIT_MB = 128  # posting pool size before it spills a run (into memory); whoosh's default
 
-CATCH_ALL = "alltext"
 CATCH_ALL_PARTS = tuple(name for name in DEFAULT_FIELDS if name in TEXT_FIELDS)
 """The default fields `CATCH_ALL` holds, in this order."""
 SEARCHED_FIELDS = (CATCH_ALL, *(name for name in DEFAULT_FIELDS if name not in CATCH_ALL_PARTS))
@@ -70,36 +74,6 @@ SEARCHED_FIELDS = (CATCH_ALL, *(name for name in DEFAULT_FIELDS if name not in C
 POSITION_GAP = 100  # token positions between two parts of the catch-all field
 _PART_SEP = "\x1f"  # separates the parts of a catch-all value (never inside a word)
 _WORD = re.compile(r"[^\W_]+")  # tantivy's default tokenizer: alphanumeric runs
-
-
-class _AndNotMatcher(AndNotMatcher):  # type: ignore[misc]
-    def _find_first(self) -> None:
-        # whoosh only skips when both sides start on the same document; the
-        # excluded side may start earlier and still hold the first positive match.
-        if self.a.is_active() and self.b.is_active():
-            self._find_next()
-
-
-class _AndNot(query.AndNot):  # type: ignore[misc]
-    def matcher(self, searcher: Searcher, context: Any = None) -> _AndNotMatcher:
-        scored = self.a.matcher(searcher, context)
-        return _AndNotMatcher(scored, self.b.matcher(searcher, searcher.boolean_context()))
-
-
-def _fixed(q: query.Query) -> query.Query:
-    """`q` with every ``AndNot`` searched by `_AndNotMatcher`, every ``Or`` by a tree
-    of union matchers.
-
-    whoosh's ``Or`` preloads every match in a segment of under 5,000 documents into
-    arrays the size of the segment, even for a word that matches a handful of
-    documents (or, in tags, none): at 25,000 documents in such segments that was
-    about half the time of a one-word query.
-    """
-    if type(q) is query.AndNot:
-        return _AndNot(q.a, q.b)
-    if type(q) is query.Or:
-        return DefaultOr(q.subqueries, boost=q.boost, minmatch=q.minmatch, scale=q.scale)
-    return q
 
 
 class _CaptureBuffer(io.BytesIO):
@@ -276,6 +250,52 @@ class PartsTokenizer(analysis.Tokenizer):  # type: ignore[misc]
             offset += len(part) + len(_PART_SEP)
 
 
+class PairsTokenizer(PartsTokenizer):
+    """Each two adjacent words of one part of a catch-all value, lower-cased, as one
+    token ``"w1 w2"`` weighted by the part's boost: no pair spans two parts.
+
+    Words never hold a space, so a pair names its two words unambiguously.
+    Saved indexes name this class in their pickled schema: keep its name and module.
+    """
+
+    def __call__(  # noqa: PLR0913 (whoosh's tokenizer signature)
+        self,
+        value: str,
+        positions: bool = False,
+        chars: bool = False,
+        keeporiginal: bool = False,
+        removestops: bool = True,
+        start_pos: int = 0,
+        start_char: int = 0,
+        tokenize: bool = True,
+        mode: str = "",
+        **kwargs: Any,
+    ) -> Iterator[analysis.Token]:
+        if not tokenize:
+            yield from super().__call__(
+                value, positions, chars, keeporiginal, removestops, start_pos, start_char,
+                tokenize, mode, **kwargs,
+            )  # fmt: skip
+            return
+        pair = analysis.Token(positions, False, removestops=removestops, mode=mode, **kwargs)
+        previous, previous_pos = "", -2
+        n = start_pos
+        words = super().__call__(value, positions=True, mode=mode, **kwargs)
+        for word in words:
+            text = word.text.lower()
+            if word.pos == previous_pos + 1:
+                pair.text = f"{previous} {text}"
+                pair.boost = word.boost
+                pair.stopped = False
+                if keeporiginal:
+                    pair.original = pair.text
+                if positions:
+                    pair.pos = n
+                    n += 1
+                yield pair
+            previous, previous_pos = text, word.pos
+
+
 def _catch_all(doc: IndexDoc) -> str:
     return _PART_SEP.join(
         str(getattr(doc, name)).replace(_PART_SEP, " ") for name in CATCH_ALL_PARTS
@@ -288,6 +308,7 @@ def schema() -> fields.Schema:
     words = analysis.RegexTokenizer(_WORD.pattern) | analysis.LowercaseFilter()
     boosts = [FIELD_BOOSTS.get(name, 1.0) for name in CATCH_ALL_PARTS]
     catch_all = PartsTokenizer(boosts) | analysis.LowercaseFilter()
+    pairs = PairsTokenizer(boosts)
 
     def text(stored: bool = False) -> fields.TEXT:
         return fields.TEXT(analyzer=words, stored=stored)
@@ -305,6 +326,9 @@ def schema() -> fields.Schema:
         # A query word the tokenizer splits (e.g. "utf8_decode") is a phrase, as
         # tantivy's parser makes it, so its words stay together within one part.
         alltext=fields.TEXT(analyzer=catch_all, multitoken_query="phrase"),
+        # Phrases of alltext are looked up here (whoosh_query.PairPhrase): counts
+        # and weights only, no positions.
+        allpairs=fields.TEXT(analyzer=pairs, phrase=False),
         content=text(),
         summary=text(stored=True),
         purpose=text(),
@@ -321,6 +345,7 @@ def schema() -> fields.Schema:
 
 
 def _fields(doc: IndexDoc) -> dict[str, Any]:
+    catch_all = _catch_all(doc)
     return {
         "key": doc.key,
         "address": doc.address,
@@ -328,7 +353,8 @@ def _fields(doc: IndexDoc) -> dict[str, Any]:
         "version": doc.version,
         "hlc": doc.hlc,
         "excerpt": doc.excerpt,
-        CATCH_ALL: _catch_all(doc),
+        CATCH_ALL: catch_all,
+        PAIRS: catch_all,
         "content": doc.content,
         "summary": doc.summary,
         "purpose": doc.purpose,
@@ -395,7 +421,7 @@ class WhooshIndex:
         self.seq = seq
         self._sealed = sealed
         self._storage = storage
-        self._ix = FileIndex(storage)
+        self._ix = FastIndex(storage)
         self._parser = qparser.MultifieldParser(
             list(SEARCHED_FIELDS),
             self._ix.schema,
@@ -403,6 +429,7 @@ class WhooshIndex:
         )
         self._parser.add_plugin(qparser.PlusMinusPlugin())
         self._write_lock = threading.Lock()
+        self._writer: SegmentWriter | None = None  # changes not committed yet (see write)
         self._search_lock = threading.Lock()
         self._searcher: Searcher = self._ix.searcher()
         # Counting through the index opens a reader of every segment: count once
@@ -448,11 +475,20 @@ class WhooshIndex:
         *,
         seq: int,
         save: bool = True,
+        commit: bool = True,
     ) -> None:
-        """Replace/remove documents by key, commit, refresh the searcher, save sealed."""
+        """Replace/remove documents by key, commit, refresh the searcher, save sealed.
+
+        Without `commit` the changes wait in an open writer for the next write
+        that commits (`seq` and `save` apply then): a build adds all its batches to
+        one segment. whoosh searches an index one segment at a time, and with a
+        segment per 2,000-document batch that was a quarter of a query's time.
+        """
         with self._write_lock:
-            if upserts or deletes:
+            writer = self._writer
+            if writer is None and (upserts or deletes):
                 writer = SegmentWriter(self._ix, limitmb=POOL_LIMIT_MB)
+            if writer is not None:
                 try:
                     if self._docs:
                         # The open searcher reflects the last commit, which is the
@@ -465,8 +501,14 @@ class WhooshIndex:
                     for doc in upserts:
                         writer.add_document(**_fields(doc))
                 except BaseException:
+                    self._writer = None
                     writer.cancel()
                     raise
+            if not commit:
+                self._writer = writer
+                return
+            self._writer = None
+            if writer is not None:
                 writer.commit()
             self.seq = seq
             with self._search_lock:
@@ -502,9 +544,11 @@ class WhooshIndex:
                 fields_["key"]: fields_["version"] for fields_ in self._searcher.all_stored_fields()
             }
 
-    def search(self, text: str, *, file_roles: frozenset[str] | None, limit: int) -> EngineResult:
+    def search(
+        self, text: str, *, file_roles: frozenset[str] | None, limit: int, snippets: bool = True
+    ) -> EngineResult:
         try:
-            q = self._parser.parse(text).accept(_fixed)
+            q = self._parser.parse(text).accept(prepare)
         except (NotImplementedError, IndexError):
             # whoosh 2.7's parser fails on some combinations check_syntax lets
             # through, e.g. "(a -b) OR c" and "NOT NOT a".
@@ -522,14 +566,21 @@ class WhooshIndex:
                 present = {t.decode() for t in self._searcher.lexicon("file_role")}
                 others = sorted(present - file_roles)
                 if others:
-                    q = _AndNot(q, query.Or([query.Term("file_role", r) for r in others]))
+                    q = AndNot(q, query.Or([query.Term("file_role", r) for r in others]))
             collector = _CountingCollector(limit, self._segment_facets)
             self._searcher.search_with_collector(q, collector)
             hits = []
             for hit in collector.results():
                 stored = hit.fields()
                 summary = stored.get("summary", "")
-                excerpt = stored.get("excerpt", "")
+                snippet = NO_SNIPPET
+                if snippets:
+                    excerpt = stored.get("excerpt", "")
+                    snippet = (
+                        highlight_words(excerpt, words)
+                        or highlight_words(summary, words)
+                        or plain_snippet(summary, excerpt)
+                    )
                 hits.append(
                     EngineHit(
                         score=float(hit.score or 0.0),
@@ -538,9 +589,7 @@ class WhooshIndex:
                         version=stored["version"],
                         hlc=int(stored["hlc"]),
                         summary=summary,
-                        snippet=highlight_words(excerpt, words)
-                        or highlight_words(summary, words)
-                        or plain_snippet(summary, excerpt),
+                        snippet=snippet,
                     )
                 )
         return EngineResult(hits, int(collector.total), collector.counts)
@@ -569,6 +618,10 @@ class WhooshIndex:
         return cached
 
     def close(self) -> None:
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.cancel()
+                self._writer = None
         with self._search_lock:
             self._searcher.close()
             self._facet_cache.clear()
