@@ -14,6 +14,7 @@ import pytest
 from conftest import Nodes, assert_no_canary, find_canary
 from test_index_support import ENGINES, address, document, new_model, put_many
 from whoosh.filedb.filestore import FileStorage, RamStorage
+from whoosh.filedb.structfile import BufferFile
 
 from slurpfs.index import SearchService, whoosh_engine
 from slurpfs.index.whoosh_engine import MemoryStorage
@@ -62,6 +63,33 @@ def test_runs_closed_through_raw_file_are_kept() -> None:
     raw.close()
     assert temp.open_file("kept.run").read() == b"sorted postings"
     assert storage.runs_spilled == 1
+
+
+def test_segment_parts_share_the_buffer_and_read_as_whoosh_reads_them() -> None:
+    # whoosh's BufferFile copies every subset: a segment's parts were copied whole
+    # at each reader open. Ours are views of the one buffer, read the same way.
+    data = bytes(range(256)) * 64 + b"line one\nline two\nlast"
+    ours = MemoryStorage({"seg": data}).open_file("seg")
+    theirs = BufferFile(data, name="seg")
+    for outer_a, outer_b in ((ours, theirs), (ours.subset(300, 9_000), theirs.subset(300, 9_000))):
+        a, b = outer_a.subset(7, 8_000), outer_b.subset(7, 8_000)
+        assert isinstance(a._buf, memoryview)
+        assert a._buf.obj is data  # a view of the one buffer: nothing copied
+        assert a.get(10, 20) == b.get(10, 20)
+        assert list(a.get_array(40, "i", 8)) == list(b.get_array(40, "i", 8))
+        for f in (a, b):
+            f.seek(123)
+        assert (a.read(5), a.tell(), a.read_varint()) == (b.read(5), b.tell(), b.read_varint())
+        a.seek(-30, os.SEEK_END)
+        b.seek(-30, os.SEEK_END)
+        assert (a.readline(), a.read(), a.read(3), a.tell()) == (
+            b.readline(), b.read(), b.read(3), b.tell()
+        )  # fmt: skip
+        a.seek(0)
+        b.seek(0)
+        assert list(a) == list(b)
+        a.close()
+        assert a.is_closed
 
 
 @pytest.mark.slow

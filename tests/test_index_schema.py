@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Nodes
 from test_index_support import ENGINES, address, document, new_model, put_many
-from whoosh import query
+from whoosh import analysis, fields, query
 
 from slurpfs import config, fsck
 from slurpfs.index import SearchService, check_index
@@ -177,4 +178,38 @@ def test_an_index_with_an_older_schema_is_rebuilt(
             assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
             assert search.search("version", ["developer"]).total == 1
         assert check_index(model) == []
+        assert fsck.check(model).ok
+
+
+class FutureTokenizer(analysis.Tokenizer):  # type: ignore[misc]
+    """Stands for a class a newer slurpfs pickles into the schema and this one lacks."""
+
+    def __call__(self, value: str, **kwargs: Any) -> Any:
+        return analysis.RegexTokenizer()(value, **kwargs)
+
+
+def test_an_index_whose_schema_names_an_unknown_class_is_rebuilt(
+    format1: config.Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Written by a newer version (its schema pickles a class this one does not
+    # have): rebuilt with an INFO line, not a failed mount.
+    current = we.schema
+
+    def newer_schema() -> Any:
+        s = current()
+        s.add("future", fields.TEXT(analyzer=FutureTokenizer()))
+        return s
+
+    with ContextStore.open(format1, PASSPHRASE) as model:
+        with monkeypatch.context() as newer:
+            newer.setattr(we, "schema", newer_schema)
+            with SearchService.open(model) as search:
+                assert search.search("version", ["developer"]).total == 1
+        monkeypatch.delattr(sys.modules[__name__], "FutureTokenizer")
+        caplog.set_level(logging.INFO, logger="slurpfs.index")
+        with SearchService.open(model) as search:
+            rebuilt = [r for r in caplog.records if "out of date, rebuilding" in r.getMessage()]
+            assert len(rebuilt) == len(model.held_roles())
+            assert "cannot read" in rebuilt[0].getMessage()
+            assert search.search("version", ["developer"]).total == 1
         assert fsck.check(model).ok

@@ -34,6 +34,7 @@ schema is refused on load (`IndexOutdated`) and rebuilt by the service.
 from __future__ import annotations
 
 import io
+import pickle
 import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -135,8 +136,7 @@ class MemoryStorage(Storage):  # type: ignore[misc]
             data = self._files.get(name)
         if data is None:
             raise NameError(name)
-        # bytes, not a memoryview: BytesIO shares bytes without copying them.
-        return BufferFile(data, name=name)
+        return _SharedFile(data, name=name)
 
     def list(self) -> list[str]:
         with self._lock:
@@ -181,6 +181,68 @@ class MemoryStorage(Storage):  # type: ignore[misc]
     def destroy(self, *args: Any, **kwargs: Any) -> None:
         with self._lock:
             self._files.clear()
+
+
+class _SharedFile(BufferFile):  # type: ignore[misc]
+    """A read-only in-memory file whose sub-files share its buffer.
+
+    whoosh's `BufferFile.subset` copies the range, and a segment is one compound
+    file opened as a subset per part: every reader (re)opened after a commit
+    copied the whole segment (its postings run to hundreds of MiB). Here a subset
+    is a view of the same bytes, read through `_ViewStream`.
+    """
+
+    def __init__(self, buf: bytes | memoryview, name: str | None = None) -> None:
+        self._buf = buf
+        self._name = name
+        self.file: io.BytesIO | _ViewStream = (
+            io.BytesIO(buf) if isinstance(buf, bytes) else _ViewStream(buf)
+        )  # BytesIO shares a bytes object without copying it, but copies a view
+        self.onclose = None
+        self.is_real = False
+        self.is_closed = False
+
+    def subset(self, position: int, length: int, name: str | None = None) -> _SharedFile:
+        view = memoryview(self._buf)[position : position + length]
+        return _SharedFile(view, name=name or self._name)
+
+
+class _ViewStream:
+    """The file-object calls whoosh makes of a `_SharedFile`, over a view (no copy)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._pos = max(start, end)
+        return bytes(self._view[start:end])
+
+    def readline(self, size: int | None = -1) -> bytes:
+        rest = self._view[self._pos :]
+        if size is not None and size >= 0:
+            rest = rest[:size]
+        found = bytes(rest).find(b"\n")
+        return self.read(len(rest) if found < 0 else found + 1)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        pass
 
 
 class _TempStorage(MemoryStorage):
@@ -453,7 +515,15 @@ class WhooshIndex:
             return None
         meta, files = loaded
         storage = MemoryStorage(files)
-        saved = FileIndex(storage).schema
+        try:
+            saved = FileIndex(storage).schema
+        except (AttributeError, ImportError, pickle.UnpicklingError) as exc:
+            # The TOC pickles the schema: one that names a class this version does
+            # not have (an index written by a newer slurpfs) is rebuilt, not fatal.
+            raise IndexOutdated(
+                f"the saved whoosh index of role {role!r} has a schema this version "
+                f"cannot read ({type(exc).__name__}: {exc})"
+            ) from None
         current = schema()
         if sorted(saved.names()) != sorted(current.names()) or any(
             saved[name] != current[name] for name in current.names()
