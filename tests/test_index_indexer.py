@@ -37,7 +37,9 @@ def setup(request: pytest.FixtureRequest, nodes: Nodes) -> tuple[Node, ContextSt
     return nodes.new(held=["developer"], overrides={"search.engine": request.param})
 
 
-async def test_commits_become_searchable_and_deletions_vanish(setup: tuple[Node, ContextStore]) -> None:
+async def test_commits_become_searchable_and_deletions_vanish(
+    setup: tuple[Node, ContextStore],
+) -> None:
     _node, model = setup
     search = SearchService.open(model)
     indexer = Indexer(search, poll_interval=60.0)  # only commit notices can wake it in time
