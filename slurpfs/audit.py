@@ -78,7 +78,7 @@ class AuditLog:
     ) -> None:
         q = _quote
         with self._lock:
-            self._seq += 1
+            seq = self._seq + 1
             # The line `verify` checks: json.dumps(sort_keys=True, separators=(",", ":"))
             # of the entry, written out once here (keys in sorted order, "hash" between
             # "allowed" and "prev"), so the hash and the line share the serialisation.
@@ -88,28 +88,26 @@ class AuditLog:
             )
             rest = (
                 f'"prev":{q(self._prev)},"reason":{q(reason)},"role":{q(role)},'
-                f'"seq":{self._seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
+                f'"seq":{seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
             )
             entry_hash = _digest(head + rest)
             self._append(f'{head}"hash":"{entry_hash}",{rest}\n'.encode())
-            self._prev = entry_hash
+            self._seq, self._prev = seq, entry_hash
 
     def _append(self, line: bytes) -> None:
         """Append one whole line, or nothing: a torn line would break the chain for good.
 
         Raises `AuditUnavailable` (the caller then refuses the access it was recording)
-        and leaves the chain where it was, so the next entry can still extend it.
+        and leaves the file where it was, so the next entry can still extend the chain.
         """
         try:
             written = os.write(self._fd, line)
         except OSError as exc:  # nothing was written
-            self._seq -= 1
             raise AuditUnavailable(
                 f"audit log {self._path}: {exc.strerror}; access refused until it can be recorded",
                 exc.errno or errno.EIO,
             ) from None
         if written < len(line):  # the disk filled up mid-line: cut the fragment off
-            self._seq -= 1
             end = os.fstat(self._fd).st_size
             os.ftruncate(self._fd, end - written)
             raise AuditUnavailable(
