@@ -61,9 +61,12 @@ class Unsupported(SlurpError):
     errno = errno.EINVAL
 
 
-def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
-    """The `FUSEError` for a domain error (logging what a user or operator must see)."""
-    if isinstance(exc, InvalidAddress):
+def fuse_error(exc: SlurpError | OSError) -> pyfuse3.FUSEError:
+    """The `FUSEError` for a domain error, or for an `OSError` (the machine speaking:
+    a full disk, an I/O error), logging what a user or operator must see."""
+    if isinstance(exc, OSError):
+        log.error("request failed: %s", exc)
+    elif isinstance(exc, InvalidAddress):
         # The caller only sees EINVAL; the log line says why.
         log.info("invalid name: %s", exc)
     elif isinstance(exc, Corrupt):
@@ -76,7 +79,7 @@ def fuse_error(exc: SlurpError) -> pyfuse3.FUSEError:
 
 
 class errmap:  # lower case: it reads as a function at every handler
-    """Turn `SlurpError` raised in the block into the matching `FUSEError`.
+    """Turn a `SlurpError` or `OSError` raised in the block into the matching `FUSEError`.
 
     `cleanup` runs when the block ends, however it ends. (A class rather than a
     generator-based context manager: it wraps every request.)
@@ -97,11 +100,8 @@ class errmap:  # lower case: it reads as a function at every handler
         tb: TracebackType | None,
     ) -> None:
         try:
-            if isinstance(exc, SlurpError):
+            if isinstance(exc, SlurpError | OSError):
                 raise fuse_error(exc) from None
-            if isinstance(exc, OSError):
-                log.error("request failed: %s", exc)
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         finally:
             if self._cleanup is not None:
                 self._cleanup()

@@ -572,7 +572,7 @@ class Operations(pyfuse3.Operations):
         try:
             if handle.content is not None and handle.content.dirty:
                 await self.commit(handle.node)
-        except SlurpError as exc:
+        except (SlurpError, OSError) as exc:
             log.error("could not store %r at release: %s", os.fsdecode(handle.node.name), exc)
             raise fuse_error(exc) from None
         finally:
@@ -618,7 +618,7 @@ class Operations(pyfuse3.Operations):
         for handle in self.handles.dirty():
             try:
                 await self.commit(handle.node)
-            except SlurpError as exc:
+            except (SlurpError, OSError) as exc:
                 failed += 1
                 log.error("could not store %r at shutdown: %s", os.fsdecode(handle.node.name), exc)
         return failed
