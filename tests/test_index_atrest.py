@@ -90,6 +90,12 @@ def test_segment_parts_share_the_buffer_and_read_as_whoosh_reads_them() -> None:
         assert list(a) == list(b)
         a.close()
         assert a.is_closed
+    long_line = b"x" * 10_000 + b"\n" + b"y" * 9_000
+    ours = MemoryStorage({"long": long_line}).open_file("long").subset(1, len(long_line) - 1)
+    theirs = BufferFile(long_line).subset(1, len(long_line) - 1)
+    assert [ours.readline(), ours.readline(), ours.readline()] == [
+        theirs.readline(), theirs.readline(), theirs.readline()
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

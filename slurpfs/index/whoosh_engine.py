@@ -221,11 +221,16 @@ class _ViewStream:
         return bytes(self._view[start:end])
 
     def readline(self, size: int | None = -1) -> bytes:
-        rest = self._view[self._pos :]
-        if size is not None and size >= 0:
-            rest = rest[:size]
-        found = bytes(rest).find(b"\n")
-        return self.read(len(rest) if found < 0 else found + 1)
+        end = (
+            len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        )
+        at = self._pos
+        while at < end:  # look for the newline a page at a time, not in a copy of the rest
+            found = bytes(self._view[at : min(at + 4096, end)]).find(b"\n")
+            if found >= 0:
+                return self.read(at + found + 1 - self._pos)
+            at += 4096
+        return self.read(end - self._pos)
 
     def __iter__(self) -> Iterator[bytes]:
         while line := self.readline():
