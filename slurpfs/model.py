@@ -28,6 +28,7 @@ from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
 from slurpfs.crypto.keys import Keyring, RolePublicKey
 from slurpfs.crypto.keystore import KdfParams, Keystore
+from slurpfs.crypto.sealpool import SealPool
 from slurpfs.errors import (
     AccessDenied,
     AlreadyExists,
@@ -153,6 +154,8 @@ class ContextStore:
         self._local = local.LocalSlots()
         self._verify_key = local.verify_key(keyring.node)
         self._write_lock = threading.Lock()
+        # Sealed-box agreements prepared in a background thread (the daemon starts it).
+        self.boxes = SealPool()
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
         self.role_names: tuple[str, ...] = config.role_names
@@ -201,6 +204,7 @@ class ContextStore:
         return cls(config, keystore, keyring, store, audit)
 
     def close(self) -> None:
+        self.boxes.close()
         self._store.close()
         self._audit.close()
         self._cache.clear()
@@ -366,6 +370,7 @@ class ContextStore:
             deleted=deleted,
             readers=readers,
             node=self.keyring.node,
+            boxes=self.boxes,
         )
         local_slots = self._local.wrap(
             self.keyring,
@@ -629,8 +634,25 @@ class ContextStore:
         usable = self._authorise(info.address, role, caller_roles, who, "read")
         return Context(info, b"" if info.deleted else self._decrypt(info, usable))
 
+    def node_read(self, info: VersionInfo) -> bytes:
+        """The content of a version for the node's own work (the indexer).
+
+        No caller, so no access decision and no audit entry; opened with any role
+        key the node holds and checked as every read is (a failure is audited).
+        Read from the plaintext cache when there (a version just written is), but
+        not added to it: one pass over the store must not evict what callers read.
+        """
+        if info.deleted:
+            return b""
+        return self._decrypt(info, self.held_roles(), keep=False)
+
     def _decrypt(
-        self, info: VersionInfo, usable: frozenset[str], stored: StoredVersion | None = None
+        self,
+        info: VersionInfo,
+        usable: frozenset[str],
+        stored: StoredVersion | None = None,
+        *,
+        keep: bool = True,
     ) -> bytes:
         cached = self._cache.get(info.version_id)
         if cached is not None:
@@ -666,8 +688,9 @@ class ContextStore:
                 reason=f"version {info.short_id} failed authentication",
             )
             raise
-        self._cache.put(info.version_id, data)
-        self._gets += 1
+        if keep:
+            self._cache.put(info.version_id, data)
+            self._gets += 1
         return data
 
     @staticmethod

@@ -10,6 +10,7 @@ import pytest
 from conftest import Nodes
 from test_index_support import ENGINES, SECRET, address, document, new_model, put_many, seed
 
+from slurpfs.crypto import envelope
 from slurpfs.errors import AccessDenied, QueryError
 from slurpfs.index import SearchResult, SearchService, check_index, service
 from slurpfs.index.render import facets_text, link_name, link_target, results_text
@@ -362,6 +363,9 @@ def test_corrupt_versions_are_not_indexed(nodes: Nodes, caplog: pytest.LogCaptur
     with model.store._env.begin(write=True) as txn:  # tamper with the stored envelope
         db = model.store._dbs[b"envelopes"]
         txn.put(info.version_id, raw[:-70] + bytes([raw[-70] ^ 1]) + raw[-69:], db=db)
+    # The plaintext this process wrote is still in its cache (and is the version's
+    # true content); any other process, or this one after a restart, reads the store.
+    model._cache.clear()
     with SearchService.open(model) as search:
         assert search.search("goodword", ["developer"]).total == 1
         assert search.search("tamperedword", ["developer"]).total == 0
@@ -383,3 +387,26 @@ def test_a_rebuild_that_loses_a_race_still_wins(nodes: Nodes) -> None:
         assert search.statistics().rebuilt == ()
         assert search.search("before OR during", ["developer"]).total == 2
     assert check_index(model) == []
+
+
+def test_the_indexer_opens_versions_as_reads_do(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version this node stored is indexed without a second signature check or
+    sealed-box open (its verified tag and local key slot), and one still in the
+    plaintext cache without decrypting at all."""
+    _, model = nodes.new(held=["developer"], overrides={"search.engine": "tantivy"})
+    model.put(address("stored"), "developer", document("storedword"))
+    model._cache.clear()
+    model.put(address("fresh"), "developer", document("freshword"))
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the indexer took the slow path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(envelope, "verify", refuse)
+        patch.setattr(envelope, "unwrap_data_key", refuse)
+        with SearchService.open(model) as search:
+            for word in ("storedword", "freshword"):
+                assert search.search(word, ["developer"]).total == 1
+    assert model.statistics().cache.entries == 1, "indexing filled the plaintext cache"

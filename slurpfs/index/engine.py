@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from slurpfs.crypto import envelope as env
-from slurpfs.errors import Corrupt
 from slurpfs.index.document import IndexDoc
 from slurpfs.index.results import EngineResult
 from slurpfs.index.sealed import SealedIndexStore
@@ -78,22 +76,8 @@ def read_version(model: ContextStore, info: VersionInfo) -> bytes:
     """The plaintext of a version, opened with any role key this node holds.
 
     The indexer is the node itself, not a caller: access decisions (and their
-    audit entries) are made when results are shown, by role index. Checks as
-    the read path does: the envelope is the version's, authentic, and filed
-    where it belongs. Raises `Corrupt` (or a subclass) and `KeyMissing`.
+    audit entries) are made when results are shown, by role index. Checked as a
+    read is (`ContextStore.node_read`): the envelope is the version's, authentic,
+    and filed where it belongs. Raises `Corrupt` (or a subclass) and `KeyMissing`.
     """
-    stored = model.store.read_version(info.version_id)
-    if stored is None:
-        raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
-    raw, slots = stored.envelope, stored.slots
-    envelope = env.Envelope.decode(raw)
-    if envelope.version_id != info.version_id:
-        raise Corrupt(f"version {info.short_id}: envelope does not hash to its id")
-    held = model.held_roles()
-    return env.open_envelope(
-        envelope,
-        [s for s in slots if s.role in held],
-        model.keyring,
-        address=info.address,
-        role=info.role,
-    )
+    return model.node_read(info)
