@@ -28,7 +28,6 @@ from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
 from slurpfs.crypto.keys import Keyring, RolePublicKey
 from slurpfs.crypto.keystore import KdfParams, Keystore
-from slurpfs.crypto.sealpool import SealPool
 from slurpfs.errors import (
     AccessDenied,
     AlreadyExists,
@@ -154,8 +153,6 @@ class ContextStore:
         self._local = local.LocalSlots()
         self._verify_key = local.verify_key(keyring.node)
         self._write_lock = threading.Lock()
-        # Sealed-box agreements prepared in a background thread (the daemon starts it).
-        self.boxes = SealPool()
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
         self.role_names: tuple[str, ...] = config.role_names
@@ -204,7 +201,6 @@ class ContextStore:
         return cls(config, keystore, keyring, store, audit)
 
     def close(self) -> None:
-        self.boxes.close()
         self._store.close()
         self._audit.close()
         self._cache.clear()
@@ -370,7 +366,6 @@ class ContextStore:
             deleted=deleted,
             readers=readers,
             node=self.keyring.node,
-            boxes=self.boxes,
         )
         local_slots = self._local.wrap(
             self.keyring,

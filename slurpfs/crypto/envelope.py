@@ -59,7 +59,6 @@ from slurpfs.crypto.keys import (
     validate_role,
     verify_signature,
 )
-from slurpfs.crypto.sealpool import SealPool
 from slurpfs.errors import (
     AuthenticationFailed,
     BadSignature,
@@ -349,7 +348,6 @@ def seal(
     deleted: bool,
     readers: Sequence[RolePublicKey],
     node: NodeIdentity,
-    boxes: SealPool | None = None,
 ) -> Sealed:
     """Compress, encrypt, sign and wrap one new version.
 
@@ -357,7 +355,7 @@ def seal(
     :class:`InvalidAddress` for an empty or over-long address, :class:`ConfigError` for
     an invalid role name, :class:`StoreFull` for a
     plaintext over :data:`MAX_PLAINTEXT_SIZE`, ``ValueError`` for no readers or
-    malformed parents. `boxes` seals the data key with agreements prepared ahead.
+    malformed parents.
     """
     if not readers:
         raise ValueError("seal needs at least one reader")
@@ -387,7 +385,7 @@ def seal(
     seen: dict[tuple[str, int], RolePublicKey] = {}
     for reader in readers:
         seen.setdefault((reader.role, reader.generation), reader)
-    slots = tuple(wrap_data_key(data_key, pub, boxes) for pub in seen.values())
+    slots = tuple(wrap_data_key(data_key, pub) for pub in seen.values())
     return Sealed(envelope, envelope.encoded, envelope.version_id, slots, data_key)
 
 
@@ -412,12 +410,10 @@ def verify(envelope: Envelope, *, address: str, role: str, keyring: Keyring) -> 
         raise CiphertextTampered(f"ciphertext hash mismatch at {address!r} role {role!r}")
 
 
-def wrap_data_key(data_key: bytes, public: RolePublicKey, boxes: SealPool | None = None) -> KeySlot:
+def wrap_data_key(data_key: bytes, public: RolePublicKey) -> KeySlot:
     """Seal ``data_key`` to one role generation (new versions and key rotation)."""
     if len(data_key) != DATA_KEY_BYTES:
         raise ValueError("data key must be 32 bytes")
-    if boxes is not None:
-        return KeySlot(public.role, public.generation, boxes.seal(data_key, public.public))
     sealed = SealedBox(PublicKey(public.public)).encrypt(data_key)
     return KeySlot(public.role, public.generation, bytes(sealed))
 

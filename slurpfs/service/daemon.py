@@ -243,7 +243,6 @@ class Daemon:
         # sync) holds it, by default for up to 5 ms a turn: hand it over sooner.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self.model.boxes.start()
         status = 1
         try:
             trio.run(self._main, ready)
