@@ -6,6 +6,7 @@ requests the mount served); commits come from the model as usual.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import Node, Nodes
 from test_index_support import ENGINES, address, document
 
 from slurpfs.index import Indexer, SearchService
+from slurpfs.index.whoosh_engine import WhooshIndex
 from slurpfs.model import BatchItem, ContextStore
 
 
@@ -115,4 +117,64 @@ def test_catch_up_applies_at_most_a_limit_and_says_what_is_left(
     search.catch_up()
     assert not search.pending()
     assert hits(search, "limitword") == 5
+    search.close()
+
+
+def found(search: SearchService, query: str, count: int) -> bool:
+    return hits(search, query) == count
+
+
+def segments(search: SearchService) -> int:
+    index = search._indexes["developer"]
+    assert isinstance(index, WhooshIndex)
+    return index.segments()
+
+
+def test_commits_without_merge_keep_their_segments_until_tidy(nodes: Nodes) -> None:
+    """A whoosh commit made while the mount is busy merges nothing (a merge holds
+    the interpreter lock for a long sort); `tidy` merges as the commits would have."""
+    _node, model = nodes.new(held=["developer"], overrides={"search.engine": "whoosh"})
+    with SearchService.open(model) as search:
+        for i in range(8):
+            model.put(address(f"seg/s{i}"), "developer", document(f"segword {i}"))
+            search.catch_up(merge=False)
+        assert segments(search) == 8  # whoosh's policy would have merged five of them
+        assert hits(search, "segword") == 8
+        assert search.tidy()
+        assert segments(search) < 8
+        assert hits(search, "segword") == 8
+        assert not search.tidy(), "nothing left to merge"
+    with SearchService.open(model) as search:  # the merged index was saved
+        assert hits(search, "segword") == 8
+        assert search.statistics().rebuilt == ()
+
+
+async def test_a_busy_mount_gets_its_segments_merged_once_idle(nodes: Nodes) -> None:
+    _node, model = nodes.new(held=["developer"], overrides={"search.engine": "whoosh"})
+    search = SearchService.open(model)
+    activity = [0]
+    indexer = Indexer(
+        search,
+        poll_interval=0.2,
+        quiet=0.5,
+        max_delay=0.1,
+        min_step=1,
+        max_step=1,
+        activity=lambda: activity[0],
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(indexer.run)
+        async with trio.open_nursery() as requests:
+            requests.start_soon(busy, activity, 0.01)
+            for i in range(8):
+                model.put(address(f"busy/b{i}"), "developer", document(f"busyword {i}"))
+                await eventually(functools.partial(found, search, "busyword", i + 1), 10.0)
+            # Every document was committed as a segment of its own while requests went on.
+            assert segments(search) == 8
+            assert indexer.statistics().tidied == 0
+            requests.cancel_scope.cancel()
+        await eventually(lambda: indexer.statistics().tidied == 1, deadline=10.0)
+        assert segments(search) < 8
+        assert hits(search, "busyword") == 8
+        indexer.stop()
     search.close()

@@ -34,12 +34,18 @@ class RoleIndex(Protocol):
         seq: int,
         save: bool = True,
         commit: bool = True,
+        merge: bool = True,
     ) -> None:
         """Replace documents by key, remove keys, commit, save, make it searchable.
 
         Without `commit` an engine may keep the changes pending until the next
         write that commits (a build's batches); `seq` and `save` apply then.
+        Without `merge` the commit merges no existing segments (`tidy` does later).
         """
+        ...
+
+    def tidy(self) -> bool:
+        """Merge what commits without `merge` left unmerged; whether anything was."""
         ...
 
     def save(self) -> None: ...

@@ -22,7 +22,11 @@ runs while files are being written or read slows every request down. Hence:
   quiet, so a burst of writes that starts meanwhile waits for a short step at
   most. When writes or requests resume it waits for the next pause again.
 - Past `max_delay`, with the mount still busy, it goes on in short steps,
-  each followed by a pause as long as the step took.
+  each followed by a pause as long as the step took. Those steps merge no
+  index segments (a whoosh merge sorts the postings of the merged segments in
+  one C call that holds the interpreter lock for tens of milliseconds, and
+  every request waits meanwhile); once the mount is idle for a whole
+  `poll_interval`, `SearchService.tidy` merges what they left.
 
 Without notices the loop polls every `poll_interval` seconds for commits of
 other processes.
@@ -65,6 +69,7 @@ class IndexerStatistics:
     batches: int
     dropped_notices: int  # notices that found the queue full (indexed anyway, from the change log)
     errors: int
+    tidied: int  # merges of segments that commits made while the mount was busy left
     seq: int  # store change sequence the indexes reflect
 
 
@@ -109,6 +114,8 @@ class Indexer:
         self._totals = ApplyReport()
         self._lag = 0.0
         self._batches = self._dropped = self._errors = 0
+        self._unmerged = False  # commits made while busy merged no segments
+        self._tidied = 0
 
     # -- any thread ------------------------------------------------------------------
 
@@ -170,13 +177,20 @@ class Indexer:
             receive.close()
 
     async def _batch(self, receive: trio.MemoryReceiveChannel[int | None]) -> None:
+        quiet = self._marker()
         with trio.move_on_after(self._poll) as idle:
             self._note(await receive.receive())
         deadline = trio.current_time() + self._max_delay
-        if not idle.cancelled_caught:
-            await self._settle(receive, deadline)
+        busy = False
+        if idle.cancelled_caught:
+            if self._unmerged and self._marker() == quiet:
+                await self._tidy()
+        else:
+            busy = await self._settle(receive, deadline)
         # Steps start small and double while no commit comes in, so that a burst
-        # of writes starting meanwhile waits for a short step only.
+        # of writes starting meanwhile waits for a short step only. While the
+        # mount stays busy past the deadline the steps merge no segments: a merge
+        # holds the interpreter lock long enough to stall the FUSE loop.
         step = self._min_step
         while True:
             self._drain(receive)
@@ -184,7 +198,7 @@ class Indexer:
             started = trio.current_time()
             try:
                 report = await trio.to_thread.run_sync(
-                    functools.partial(self._service.catch_up, limit=step),
+                    functools.partial(self._service.catch_up, limit=step, merge=not busy),
                     limiter=self._limiter,
                 )
             except SlurpError as exc:
@@ -193,18 +207,33 @@ class Indexer:
                 log.error("indexing failed, retrying in %.1f s: %s", self._poll, exc)
                 await trio.sleep(self._poll)
                 return
+            if busy and (report.indexed or report.removed):
+                self._unmerged = True
             pending = self._service.pending()
             self._account(report, caught_up=not pending)
             if not pending:
                 return
             if self._marker() == marker:  # neither commits nor requests meanwhile
                 step = min(2 * step, self._max_step)
+                busy = False
                 continue
             step = self._min_step
-            if await self._settle(receive, deadline):
+            busy = await self._settle(receive, deadline)
+            if busy:
                 # Commits went on past the deadline: index in turns with them, each
                 # pause as long as the step before it took.
                 await trio.sleep(trio.current_time() - started)
+
+    async def _tidy(self) -> None:
+        """Merge the segments that busy commits left, once the mount is idle."""
+        try:
+            await trio.to_thread.run_sync(self._service.tidy, limiter=self._limiter)
+        except SlurpError as exc:
+            self._errors += 1
+            log.error("merging index segments failed, retrying later: %s", exc)
+            return
+        self._unmerged = False
+        self._tidied += 1
 
     async def _settle(
         self, receive: trio.MemoryReceiveChannel[int | None], deadline: float
@@ -273,5 +302,6 @@ class Indexer:
             batches=self._batches,
             dropped_notices=self._dropped,
             errors=self._errors,
+            tidied=self._tidied,
             seq=self._service.seq,
         )

@@ -189,7 +189,9 @@ class SearchService:
             return None, 0, head.hlc
         return extract(head, data), 0, head.hlc
 
-    def _apply(self, contexts: Iterable[tuple[str, str]], seq: int) -> ApplyReport:
+    def _apply(
+        self, contexts: Iterable[tuple[str, str]], seq: int, *, merge: bool = True
+    ) -> ApplyReport:
         upserts: dict[str, list[IndexDoc]] = {r: [] for r in self._indexes}
         deletes: dict[str, set[str]] = {r: set() for r in self._indexes}
         skipped = 0
@@ -208,7 +210,7 @@ class SearchService:
                 else:
                     upserts[target].append(doc)
         for role, index in self._indexes.items():
-            self._write(role, index, upserts[role], deletes[role], seq)
+            self._write(role, index, upserts[role], deletes[role], seq, merge=merge)
         return ApplyReport(
             indexed=sum(len(v) for v in upserts.values()),
             removed=sum(len(v) for v in deletes.values()),
@@ -217,13 +219,20 @@ class SearchService:
             oldest_hlc=min(hlcs) if hlcs else None,
         )
 
-    def _write(
-        self, role: str, index: RoleIndex, docs: list[IndexDoc], keys: set[str], seq: int
+    def _write(  # noqa: PLR0913
+        self,
+        role: str,
+        index: RoleIndex,
+        docs: list[IndexDoc],
+        keys: set[str],
+        seq: int,
+        *,
+        merge: bool = True,
     ) -> None:
         # A replaced index is not closed: a search may still be running on it
         # (garbage collection frees it); the dict is replaced, never mutated.
         try:
-            index.write(docs, keys, seq=seq)
+            index.write(docs, keys, seq=seq, merge=merge)
         except IndexConflict:
             # Another process saved this index: take its version; the next
             # catch-up (from its sequence) re-applies whatever it lacks.
@@ -238,13 +247,16 @@ class SearchService:
             log.warning("dropping the search index of role %s: %s", role, exc)
             self._indexes = {r: i for r, i in self._indexes.items() if r != role}
 
-    def catch_up(self, *, batch: int = CATCH_UP_BATCH, limit: int | None = None) -> ApplyReport:
+    def catch_up(
+        self, *, batch: int = CATCH_UP_BATCH, limit: int | None = None, merge: bool = True
+    ) -> ApplyReport:
         """Apply the changes in the store's change log that the indexes lack.
 
         Every change when `limit` is None, else at least the next `limit` (fewer
         only if no more are logged): the background indexer applies a long backlog
         in such steps, each one engine commit, so that it can pause between them.
-        `pending` tells whether changes are left.
+        `pending` tells whether changes are left. Without `merge` the commits
+        merge no segments (while the mount is busy); `tidy` merges them later.
 
         Blocking (decrypts and commits): run it in a worker thread from async code.
         """
@@ -260,10 +272,19 @@ class SearchService:
                 if last == start and not stale:
                     break
                 contexts = [*((r.address, r.role) for r in records), *stale]
-                report = report + self._apply(contexts, last)
+                report = report + self._apply(contexts, last, merge=merge)
                 applied += len(records)
             self._totals = self._totals + report
         return report
+
+    def tidy(self) -> bool:
+        """Merge what commits without `merge` left unmerged; whether any index did.
+
+        Blocking: run it in a worker thread from async code.
+        """
+        with self._apply_lock:
+            tidied = [index.tidy() for index in self._indexes.values()]
+        return any(tidied)
 
     def pending(self) -> bool:
         """Whether the store logged changes the indexes do not reflect yet."""

@@ -126,8 +126,9 @@ class TantivyIndex:
         seq: int,
         save: bool = True,
         commit: bool = True,
+        merge: bool = True,
     ) -> None:
-        # Always committed: tantivy merges its segments in the background.
+        # Always committed: tantivy merges its segments in its own threads.
         with self._lock:
             if upserts or deletes:
                 if self._searcher.num_docs:
@@ -142,6 +143,10 @@ class TantivyIndex:
 
     def save(self) -> None:
         """Nothing to save: this index lives in memory only."""
+
+    def tidy(self) -> bool:
+        """Nothing to do: tantivy merges in its own threads, outside the interpreter."""
+        return False
 
     def doc_count(self) -> int:
         return int(self._searcher.num_docs)

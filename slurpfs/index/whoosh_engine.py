@@ -67,6 +67,7 @@ from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS, AndNot, FastIndex, prep
 
 ENGINE = "whoosh"
 POOL_LIMIT_MB = 128  # posting pool size before it spills a run (into memory); whoosh's default
+TIDY_SEGMENTS = 2  # `tidy` does nothing below this many segments
 
 CATCH_ALL_PARTS = tuple(name for name in DEFAULT_FIELDS if name in TEXT_FIELDS)
 """The default fields `CATCH_ALL` holds, in this order."""
@@ -551,6 +552,7 @@ class WhooshIndex:
         seq: int,
         save: bool = True,
         commit: bool = True,
+        merge: bool = True,
     ) -> None:
         """Replace/remove documents by key, commit, refresh the searcher, save sealed.
 
@@ -558,6 +560,11 @@ class WhooshIndex:
         that commits (`seq` and `save` apply then): a build adds all its batches to
         one segment. whoosh searches an index one segment at a time, and with a
         segment per 2,000-document batch that was a quarter of a query's time.
+
+        Without `merge` the commit writes its own segment and merges none of the
+        existing ones (whoosh's policy otherwise merges small segments now and
+        then: a sort of all their postings that holds the interpreter lock for
+        up to ~150 ms, while the FUSE loop waits); `tidy` merges them later.
         """
         with self._write_lock:
             writer = self._writer
@@ -584,20 +591,38 @@ class WhooshIndex:
                 return
             self._writer = None
             if writer is not None:
-                writer.commit()
-            self.seq = seq
-            with self._search_lock:
-                self._searcher = self._searcher.refresh()
-                self._docs = int(self._searcher.doc_count())
-                live = {
-                    str(segment.segment_id())
-                    for leaf, _ in self._searcher.leaf_searchers()
-                    if (segment := leaf.reader().segment()) is not None
-                }
-                for segid in set(self._facet_cache) - live:
-                    del self._facet_cache[segid]
-            if save:
-                self.save()
+                writer.commit(merge=merge)
+            self._committed(seq, save=save)
+
+    def tidy(self) -> bool:
+        """Merge small segments as a commit with `merge` would have (`write`)."""
+        with self._write_lock:
+            before = self.segments()
+            if self._writer is not None or before < TIDY_SEGMENTS:
+                return False
+            SegmentWriter(self._ix, limitmb=POOL_LIMIT_MB).commit(merge=True)
+            self._committed(self.seq, save=True)
+            return self.segments() < before
+
+    def segments(self) -> int:
+        with self._search_lock:
+            return len(self._searcher.leaf_searchers())
+
+    def _committed(self, seq: int, *, save: bool) -> None:
+        """After a commit: the new searcher, facet caches of gone segments, the save."""
+        self.seq = seq
+        with self._search_lock:
+            self._searcher = self._searcher.refresh()
+            self._docs = int(self._searcher.doc_count())
+            live = {
+                str(segment.segment_id())
+                for leaf, _ in self._searcher.leaf_searchers()
+                if (segment := leaf.reader().segment()) is not None
+            }
+            for segid in set(self._facet_cache) - live:
+                del self._facet_cache[segid]
+        if save:
+            self.save()
 
     def save(self) -> None:
         """Seal what changed since the last save into the store (one transaction)."""
