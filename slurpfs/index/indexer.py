@@ -23,10 +23,9 @@ runs while files are being written or read slows every request down. Hence:
   most. When writes or requests resume it waits for the next pause again.
 - Past `max_delay`, with the mount still busy, it goes on in short steps,
   each followed by a pause as long as the step took. Those steps merge no
-  index segments (a whoosh merge sorts the postings of the merged segments in
-  one C call that holds the interpreter lock for tens of milliseconds, and
-  every request waits meanwhile); once the mount is idle for a whole
-  `poll_interval`, `SearchService.tidy` merges what they left.
+  index segments (a whoosh merge holds the interpreter lock in stretches of
+  tens of milliseconds, and every request waits meanwhile); once the mount is
+  idle for a whole `poll_interval`, `SearchService.tidy` merges what they left.
 
 Without notices the loop polls every `poll_interval` seconds for commits of
 other processes.

@@ -563,8 +563,8 @@ class WhooshIndex:
 
         Without `merge` the commit writes its own segment and merges none of the
         existing ones (whoosh's policy otherwise merges small segments now and
-        then: a sort of all their postings that holds the interpreter lock for
-        up to ~150 ms, while the FUSE loop waits); `tidy` merges them later.
+        then, 100-150 ms of work that holds the interpreter lock in long
+        stretches while the FUSE loop waits); `tidy` merges them later.
         """
         with self._write_lock:
             writer = self._writer
