@@ -178,3 +178,18 @@ async def test_a_busy_mount_gets_its_segments_merged_once_idle(nodes: Nodes) -> 
         assert hits(search, "busyword") == 8
         indexer.stop()
     search.close()
+
+
+def test_a_tidy_that_finds_the_index_saved_elsewhere_takes_that_one(nodes: Nodes) -> None:
+    _node, model = nodes.new(held=["developer"], overrides={"search.engine": "whoosh"})
+    first = SearchService.open(model)
+    for i in range(2):
+        model.put(address(f"race/r{i}"), "developer", document(f"raceword {i}"))
+        first.catch_up(merge=False)
+    second = SearchService.open(model)
+    model.put(address("race/other"), "developer", document("raceword other"))
+    second.catch_up()  # saved by `second`: what `first` last read is now stale
+    assert not first.tidy(), "its merge could not be saved"
+    assert hits(first, "raceword") == 3  # it took the index `second` saved
+    first.close()
+    second.close()

@@ -233,7 +233,12 @@ class SearchService:
         # (garbage collection frees it); the dict is replaced, never mutated.
         try:
             index.write(docs, keys, seq=seq, merge=merge)
-        except IndexConflict:
+        except (IndexConflict, KeyMissing) as exc:
+            self._replace(role, exc)
+
+    def _replace(self, role: str, exc: IndexConflict | KeyMissing) -> None:
+        """After a write or save of `role`'s index failed with `exc`."""
+        if isinstance(exc, IndexConflict):
             # Another process saved this index: take its version; the next
             # catch-up (from its sequence) re-applies whatever it lacks.
             log.info("search index of role %s was saved elsewhere; reloading it", role)
@@ -241,7 +246,7 @@ class SearchService:
                 role, self._sealed[role]
             )
             self._indexes = {**self._indexes, role: fresh}
-        except KeyMissing as exc:
+        else:
             # The role's key was dropped from this node meanwhile: it no longer
             # reads the role, so it keeps no index of it either.
             log.warning("dropping the search index of role %s: %s", role, exc)
@@ -282,9 +287,14 @@ class SearchService:
 
         Blocking: run it in a worker thread from async code.
         """
+        tidied = False
         with self._apply_lock:
-            tidied = [index.tidy() for index in self._indexes.values()]
-        return any(tidied)
+            for role, index in self._indexes.items():  # replaced, never mutated
+                try:
+                    tidied = index.tidy() or tidied
+                except (IndexConflict, KeyMissing) as exc:
+                    self._replace(role, exc)
+        return tidied
 
     def pending(self) -> bool:
         """Whether the store logged changes the indexes do not reflect yet."""
