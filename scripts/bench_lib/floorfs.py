@@ -2,7 +2,10 @@
 
 A read-write file system kept in a dict, with no encryption, no store and no access
 checks, mounted with the same FUSE options and kernel cache settings as a slurpfs
-mount (60 s entry and attribute timeouts, ``keep_cache``, no ``default_permissions``).
+mount (60 s entry and attribute timeouts, ``keep_cache``, no ``default_permissions``),
+and answering the same requests: extended attributes are supported (none set), so the
+kernel asks it what it asks slurpfs and gocryptfs (three per ``ls -l`` entry, one per
+write).
 Whatever it costs is the cost of the kernel round trip plus pyfuse3's request loop on
 this machine: a bound no pyfuse3 file system can go below. The mount section runs it
 as a fourth column so a ratio to gocryptfs can be read against that bound.
@@ -213,6 +216,19 @@ class FloorFS(pyfuse3.Operations):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass
+
+    # Extended attributes: supported (as in slurpfs and gocryptfs), none set. A file
+    # system without getxattr would answer ENOSYS once and the kernel would stop
+    # asking; one that has xattrs is asked on every `ls -l` entry (ACLs, SELinux
+    # label) and every write (security.capability), so the floor is asked too.
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
 
 
 def main(argv: list[str]) -> int:
