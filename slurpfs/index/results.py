@@ -119,9 +119,9 @@ def highlight_words(text: str, words: Collection[str]) -> Snippet | None:
     first = pattern.search(text)
     if first is None:
         return None
-    lo, hi = max(0, first.start() - SNIPPET_CHARS // 4), first.start() + SNIPPET_CHARS
-    text = text[:lo] + clean_text(text[lo:hi]) + text[hi:]
     start = max(0, first.start() - SNIPPET_CHARS // 4)
+    window_end = first.start() + SNIPPET_CHARS  # the snippet ends before this
+    text = text[:start] + clean_text(text[start:window_end]) + text[window_end:]
     if start:
         space = text.find(" ", start, first.start())
         start = space + 1 if space >= 0 else start
