@@ -305,9 +305,12 @@ def _floor(base: Path, work: Workload, extra: Json) -> Column:
     with daemons.running(argv, mnt, base / "floorfs.log", extra, env=ENV, label="mount") as pid:
         _populate(mnt, work)
         _settle(pid, extra)
-        yield mnt, (
-            "a minimal pyfuse3 file system in memory, slurpfs' FUSE and cache settings, "
-            "xattr requests answered as slurpfs answers them"
+        yield (
+            mnt,
+            (
+                "a minimal pyfuse3 file system in memory, slurpfs' FUSE and cache settings, "
+                "xattr requests answered as slurpfs answers them"
+            ),
         )
 
 
