@@ -201,6 +201,7 @@ class Commands:
         address = _address(args.address)
         data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
         with self.model(cfg, passphrase) as model:
+            model.authorise_change(address.key, args.role, action="write")
             info = model.put(address, args.role, data, ttl=args.ttl)
             model.sync()
         _notify(cfg)
@@ -249,8 +250,10 @@ class Commands:
         return 0
 
     def rm(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        address = _address(args.address)
         with self.model(cfg, passphrase) as model:
-            info = model.delete(_address(args.address), args.role)
+            model.authorise_change(address.key, args.role, action="delete")
+            info = model.delete(address, args.role)
             model.sync()
         _notify(cfg)
         _emit(args, _info_dict(info), f"deleted (version {info.short_id}; history kept)")
@@ -295,6 +298,7 @@ class Commands:
                 rel = path.relative_to(root)
                 try:
                     address = Address(authority, tuple(rel.parts))
+                    model.authorise_change(address.key, args.role, action="write")
                     batch.append(BatchItem(address, args.role, path.read_bytes(), label=str(rel)))
                 except (InvalidAddress, OSError) as exc:
                     failed.append((str(rel), str(exc)))

@@ -41,6 +41,12 @@ class InvalidAddress(SlurpError):
     exit_code = 6
 
 
+class AddressTooLong(InvalidAddress):
+    """An address longer than the store can key (`slurpfs.ucxl.MAX_ADDRESS_BYTES`)."""
+
+    errno = errno.ENAMETOOLONG
+
+
 class NotFound(SlurpError):
     """No such context, version or directory."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -26,7 +27,7 @@ from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
-from slurpfs.crypto.keys import Keyring, RolePublicKey
+from slurpfs.crypto.keys import ROLE_PATTERN, Keyring, RolePublicKey
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import (
     AccessDenied,
@@ -55,6 +56,8 @@ VersionInfo = VersionRecord
 # Optimistic concurrency with other processes writing the same context: re-seal on
 # the new head and retry, backing off a random moment so two busy writers do not
 # keep overtaking each other in lockstep.
+# `<role>.conflict-<id>`: a losing leaf of concurrent heads, listed beside the role file.
+CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]{{16}})")
 _COMMIT_RETRIES = 64
 _RETRY_BACKOFF = 0.0005  # seconds, times the attempt number (capped at 20)
 
@@ -236,14 +239,25 @@ class ContextStore:
     def check_component(self, name: str) -> None:
         """InvalidAddress unless `name` may be an address path component."""
         validate_component(name)
+        reserved = self._reserved(name)
+        if reserved:
+            raise InvalidAddress(f"path component {name!r} is {reserved}")
+
+    def _reserved(self, name: str) -> str:
+        """Why `name` names a file in an address directory (a role or a conflict), or ''."""
         if name in self.config.roles:
-            raise InvalidAddress(f"path component {name!r} is a role name; role names are files")
+            return "a role name; role names are files"
+        match = CONFLICT_NAME.fullmatch(name)
+        if match is not None and match["role"] in self.config.roles:
+            return "the name of a conflict file"
+        return ""
 
     def _check_address(self, address: Address, *, writing: bool) -> None:
         for name in address.path:
-            if name in self.config.roles:
+            reserved = self._reserved(name)
+            if reserved:
                 raise InvalidAddress(
-                    f"invalid address {str(address)!r}: path component {name!r} is a role name"
+                    f"invalid address {str(address)!r}: path component {name!r} is {reserved}"
                 )
         if writing and address.temporal is not None:
             raise InvalidAddress(f"cannot write to a temporal address {str(address)!r}")
@@ -612,6 +626,36 @@ class ContextStore:
         """
         self._check_role(role)
         self._authorise(address.key, role, caller_roles, who, "read")
+
+    def authorise_change(
+        self,
+        address: str,
+        role: str,
+        caller_roles: Collection[str] | None = None,
+        *,
+        who: str = "local",
+        action: str = "write",
+    ) -> None:
+        """Decide (and audit) whether the caller may change `role` at address key `address`.
+
+        A mount's caller must be able to read the role here (`readable_roles`): a role
+        file is opened whole. The node itself (`caller_roles` None: the command line)
+        writes for any role, as the envelope allows (public keys only). `action` names
+        the change in the audit log (write, delete, rename, resolve). AccessDenied.
+        """
+        self._check_role(role)
+        allowed = caller_roles is None or role in self.readable_roles(caller_roles)
+        self._audit.record(
+            who=who,
+            action=action,
+            address=address,
+            role=role,
+            allowed=allowed,
+            reason="" if allowed else "caller cannot read the role on this node",
+        )
+        if not allowed:
+            self._denied += 1
+            raise AccessDenied(f"{who} may not {action} {role!r} contexts on this node")
 
     def get_version(
         self,

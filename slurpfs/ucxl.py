@@ -19,10 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from slurpfs.errors import InvalidAddress
+from slurpfs.errors import AddressTooLong, InvalidAddress
 
 WILDCARD = "any"
 MAX_NAME_BYTES = 255  # a path component, in UTF-8 bytes
+# The whole address key (``agent:role@project:task/p1/p2``, UTF-8). LMDB keys are at
+# most 511 bytes, and the longest key holding an address is a history entry:
+# address, NUL, role (at most 64 bytes), NUL, HLC (8), author (32), version id (32).
+MAX_ADDRESS_BYTES = 511 - (1 + 64 + 1 + 8 + 32 + 32)
 
 _SCHEME = "ucxl://"
 _MOUNT_ROOT = "ucxl"
@@ -263,6 +267,7 @@ class Address:
     def __post_init__(self) -> None:
         for name in self.path:
             validate_component(name)
+        _check_size(self.authority, self.path)
 
     def __str__(self) -> str:
         segments = [_SCHEME + str(self.authority)]
@@ -287,7 +292,9 @@ class Address:
     def child(self, name: str) -> Address:
         """The address one component deeper; raises `InvalidAddress` for a bad name."""
         validate_component(name)
-        return _trusted(self.authority, (*self.path, name), self.temporal)
+        path = (*self.path, name)
+        _check_size(self.authority, path)
+        return _trusted(self.authority, path, self.temporal)
 
     def parent(self) -> Address | None:
         """The address one component up; None for an authority-only address."""
@@ -335,6 +342,15 @@ class Address:
             raise InvalidAddress(f"invalid address key {_quote(key)}: {exc}") from None
 
 
+def _check_size(authority: Authority, path: tuple[str, ...]) -> None:
+    size = len(str(authority).encode()) + sum(len(name.encode()) + 1 for name in path)
+    if size > MAX_ADDRESS_BYTES:
+        raise AddressTooLong(
+            f"address {_quote('/'.join((str(authority), *path)))} is {size} bytes"
+            f" in UTF-8, more than {MAX_ADDRESS_BYTES}"
+        )
+
+
 def _trusted(authority: Authority, path: tuple[str, ...], temporal: Temporal | None) -> Address:
     # An Address from parts already checked: re-running __post_init__ on every prefix
     # would make `ancestors` quadratic in the depth.
@@ -360,6 +376,7 @@ def _from_segments(authority_text: str, rest: Sequence[str], *, allow_temporal: 
             _check_component(name)
         except _Reason as exc:
             raise _Reason(f"path component {_quote(name)}: {exc}") from None
+    _check_size(authority, tuple(names))
     return _trusted(authority, tuple(names), temporal)
 
 

@@ -347,20 +347,24 @@ def test_fsck_and_status(data: Path) -> None:
 
 
 def test_audit_show_and_verify(data: Path) -> None:
+    # Every access decision is an entry, changes as well as reads.
     put(data, ADDR, DEV, b"x")
     ok(get(data, ADDR, DEV))
     ok(get(data, ADDR, DEV))
+    ok(run_cli("rm", "--data", data, ADDR, "--role", DEV))
 
     entries = js(run_cli("audit", "show", "--data", data, "--json"))
     last = js(run_cli("audit", "show", "-n", "1", "--data", data, "--json"))
     verified = js(run_cli("audit", "verify", "--data", data, "--json"))
 
-    assert [(e["seq"], e["action"], e["allowed"], e["role"]) for e in entries] == [
-        (1, "read", True, DEV),
-        (2, "read", True, DEV),
+    assert [(e["seq"], e["action"], e["allowed"], e["role"], e["who"]) for e in entries] == [
+        (1, "write", True, DEV, "local"),
+        (2, "read", True, DEV, "local"),
+        (3, "read", True, DEV, "local"),
+        (4, "delete", True, DEV, "local"),
     ]
-    assert last == entries[1:]
-    assert verified == {"ok": True, "entries": 2}
+    assert last == entries[3:]
+    assert verified == {"ok": True, "entries": 4}
     log = data / "audit.log"
     log.write_bytes(log.read_bytes().replace(b'"allowed":true', b'"allowed":false', 1))
     fails(run_cli("audit", "verify", "--data", data), CORRUPT, "line 1")

@@ -92,6 +92,87 @@ async def test_empty_create_is_stored_and_open_trunc_needs_no_old_content(
     assert len(model.history(ADDR, DEV)) == 2
 
 
+async def test_a_close_stores_only_what_its_own_handle_wrote(
+    fs: OpsHarness, ops: Operations, model: ContextStore
+) -> None:
+    """One version per save, whatever else closes meanwhile. The kernel flushes at
+    every close of every duplicate descriptor: a shell's ``> file`` closes one before
+    anything is written, and a reader may close in the middle of a writer's save.
+    Expected: neither stores a version; the writer's own close stores exactly its
+    bytes; an emptying alone (``: > file``) is stored at release."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"old\n")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+
+    def sizes() -> list[int]:
+        return [v.size for v in model.history(ADDR, DEV)]
+
+    writer = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, fs.ctx)
+    await ops.flush(writer.fh)  # the duplicate closed before the first write
+    reader = await ops.open(ino, os.O_RDONLY, fs.ctx)
+    await ops.write(writer.fh, 0, b"part1-")
+    assert await ops.read(reader.fh, 0, 100) == b"part1-"  # shared buffer, as POSIX says
+    await ops.flush(reader.fh)
+    await ops.release(reader.fh)
+    assert sizes() == [4]
+    await ops.write(writer.fh, 6, b"part2\n")
+    await ops.flush(writer.fh)
+    await ops.release(writer.fh)
+    assert sizes() == [4, 12]
+    assert model.get(ADDR, DEV).data == b"part1-part2\n"
+
+    emptier = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, fs.ctx)
+    await ops.flush(emptier.fh)
+    assert sizes() == [4, 12]
+    await ops.release(emptier.fh)
+    assert sizes() == [4, 12, 0]
+
+
+async def test_o_append_writes_go_to_the_end_whatever_offset_the_kernel_sends(
+    fs: OpsHarness, ops: Operations, model: ContextStore
+) -> None:
+    """Without the writeback cache the kernel sends an O_APPEND write at the size it
+    last saw; after another process stored a longer (or shorter) version that size is
+    stale. Expected: the bytes land at the end of the current version, no overwrite,
+    no hole of zero bytes."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"short\n")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    for other, stale in ((b"a much longer version\n", 6), (b"x\n", 22)):
+        model.put(ADDR, DEV, other)  # as `slurpfs put` would, behind the mount's back
+        fi = await ops.open(ino, os.O_WRONLY | os.O_APPEND, fs.ctx)
+        assert await ops.write(fi.fh, stale, b"APPENDED\n") == 9
+        await ops.flush(fi.fh)
+        await ops.release(fi.fh)
+        assert model.get(ADDR, DEV).data == other + b"APPENDED\n"
+
+
+@pytest.mark.expect_warnings
+async def test_a_bug_in_a_handler_fails_that_request_not_the_mount(
+    fs: OpsHarness,
+    ops: Operations,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception (a bug) must not end the FUSE loop, which would take
+    every open buffer of every process with it. Expected: that request fails with
+    EIO, an ERROR line carries the traceback, the next request is served."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"kept\n")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ops.tree, "entries", broken)
+    with raises_errno(errno.EIO):
+        await fs.listdir(DIR)
+    assert "internal error; the request fails with EIO" in caplog.text
+    assert "RuntimeError: a bug" in caplog.text
+    monkeypatch.undo()
+    assert await fs.listdir(DIR) == [DEV]
+    assert await fs.read(f"{DIR}/{DEV}") == b"kept\n"
+
+
 @dataclass
 class Fields:
     """Stands in for `pyfuse3.SetattrFields` (whose flags cannot be set from Python)."""
@@ -152,10 +233,17 @@ async def test_invalid_names_are_einval_with_a_log_line(
         await fs.mkdir("ucxl/not-an-authority")
     assert "not-an-authority" in caplog.text
     await fs.makedirs(f"ucxl/{AUTH}/src")
-    for bad in (".git", "developer", "~~1"):
+    for bad in (".git", "developer", "~~1", "developer.conflict-0123456789abcdef"):
         with raises_errno(errno.EINVAL):
             await fs.mkdir(f"ucxl/{AUTH}/src/{bad}")
     assert "role name" in caplog.text
+    assert "the name of a conflict file" in caplog.text
+    # Each name is valid, but the address would be longer than the store keys.
+    await fs.mkdir(f"ucxl/{AUTH}/src/{'y' * 255}")
+    with raises_errno(errno.ENAMETOOLONG):
+        await fs.mkdir(f"ucxl/{AUTH}/src/{'y' * 255}/{'z' * 255}")
+    assert "more than 373" in caplog.text
+    await fs.ops.rmdir(*await fs.parent(f"ucxl/{AUTH}/src/{'y' * 255}"), fs.ctx)
     assert await fs.listdir(f"ucxl/{AUTH}/src") == []
     with raises_errno(errno.EINVAL):
         await fs.write(f"ucxl/{AUTH}/src/developer.conflict-0123456789abcdef", b"x")
@@ -412,6 +500,25 @@ async def test_status_files_report_their_true_size(fs: OpsHarness) -> None:
         await fs.ops.open(attrs.st_ino, os.O_WRONLY, fs.ctx)
 
 
+async def test_the_audit_trail_is_for_the_mount_owner_only(nodes: Nodes) -> None:
+    """`.slurp/audit` names every user, role and address accessed: with
+    ``--allow-other``, another user must not read it. Expected: mode 0400, EACCES
+    (and ``access`` false) for uid 4242, the owner reads it; other status files
+    stay readable by everyone."""
+    _, model = nodes.new(toml=UID_4242_DEVELOPER)
+    owner = OpsHarness(make_ops(model))
+    await owner.makedirs(DIR)
+    await owner.write(f"{DIR}/{DEV}", b"dev")
+    other = owner.as_user(uid=4242, gid=4242, pid=0)
+    attrs = await other.lookup(".slurp/audit")
+    assert attrs.st_mode & 0o777 == 0o400
+    with raises_errno(errno.EACCES):
+        await other.ops.open(attrs.st_ino, os.O_RDONLY, other.ctx)
+    assert not await other.ops.access(attrs.st_ino, os.R_OK, other.ctx)
+    assert b'"action": "write"' in await owner.read(".slurp/audit")
+    assert b"data_dir:" in await other.read(".slurp/status")
+
+
 async def test_fsync_and_statfs_work(fs: OpsHarness) -> None:
     await fs.makedirs(DIR)
     parent, name = await fs.parent(f"{DIR}/{DEV}")
@@ -557,6 +664,54 @@ async def test_an_open_served_from_the_page_cache_still_decides_and_audits_acces
     denied = audit.read(log)[-1]
     assert not denied.allowed
     assert denied.role == "architect"
+
+
+async def test_every_change_decision_is_audited_allowed_or_denied(nodes: Nodes) -> None:
+    """Writes, truncations, deletions and renames are access decisions like reads:
+    each goes into the audit log, allowed or denied, naming who, the action, the
+    role and the address. Expected: a denied caller gets EACCES and leaves a denied
+    entry for each attempt; the owner's changes leave allowed entries."""
+    _, model = nodes.new(toml=UID_4242_DEVELOPER)
+    owner = OpsHarness(make_ops(model))
+    await owner.makedirs(DIR)
+    await owner.write(f"{DIR}/architect", b"arch only")
+    log = data_paths(model.config.data_dir)["audit"]
+    written = audit.read(log)[-1]
+    assert (written.who, written.action, written.role, written.allowed) == (
+        "uid:0",
+        "write",
+        "architect",
+        True,
+    )
+    assert written.address == ADDR.key
+
+    other = owner.as_user(uid=4242, gid=4242, pid=0)
+    ino = await other.ino(f"{DIR}/architect")
+    before = len(audit.read(log))
+    with raises_errno(errno.EACCES):
+        await other.ops.open(ino, os.O_WRONLY | os.O_TRUNC, other.ctx)
+    with raises_errno(errno.EACCES):
+        await other.ops.open(ino, os.O_WRONLY | os.O_APPEND, other.ctx)
+    with raises_errno(errno.EACCES):
+        await setattr_size(other, f"{DIR}/architect", 0)
+    with raises_errno(errno.EACCES):
+        await other.unlink(f"{DIR}/architect")
+    with raises_errno(errno.EACCES):
+        await other.rename(f"{DIR}/architect", f"{DIR}/architect~")
+    denied = audit.read(log)[before:]
+    assert [(e.action, e.allowed, e.who, e.role) for e in denied] == [
+        ("write", False, "uid:4242", "architect"),
+        ("write", False, "uid:4242", "architect"),
+        ("write", False, "uid:4242", "architect"),
+        ("delete", False, "uid:4242", "architect"),
+        ("rename", False, "uid:4242", "architect"),
+    ]
+    assert model.get(ADDR, "architect").data == b"arch only"
+
+    await owner.unlink(f"{DIR}/architect")
+    deleted = audit.read(log)[-1]
+    assert (deleted.action, deleted.allowed, deleted.who) == ("delete", True, "uid:0")
+    assert audit.verify(log) == len(audit.read(log, 1_000_000))
 
 
 async def test_attributes_of_a_file_open_for_reading_follow_a_write_elsewhere(

@@ -306,6 +306,41 @@ def test_shell_append(mnt: Mounted, ctxdir: Path) -> None:
     check_one_save(mnt, ctxdir, before, b"line one\nline two\nappended\n")
 
 
+def test_shell_redirections_store_one_version_per_save(mnt: Mounted, ctxdir: Path) -> None:
+    # A shell opens the target, duplicates it onto stdout and closes the original
+    # before the command writes, and the kernel flushes at every close. Expected:
+    # `cmd > file` stores exactly one version (not an empty one first), for a builtin
+    # and for a program; a reader that closes the file in the middle of a save stores
+    # nothing (it sees the unsaved bytes, as POSIX says).
+    before = versions(ctxdir, DEV)
+    subprocess.run(["bash", "-c", f"printf 'from printf\\n' > '{ctxdir / DEV}'"], check=True)
+    assert (ctxdir / DEV).read_bytes() == b"from printf\n"
+    assert versions(ctxdir, DEV) == before + 1
+    subprocess.run(["bash", "-c", f"/bin/echo from echo > '{ctxdir / DEV}'"], check=True)
+    assert (ctxdir / DEV).read_bytes() == b"from echo\n"
+    assert versions(ctxdir, DEV) == before + 2
+    fd = os.open(ctxdir / DEV, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, b"part one, ")
+        assert (ctxdir / DEV).read_bytes() == b"part one, "
+        os.write(fd, b"part two\n")
+    finally:
+        os.close(fd)
+    check_one_save(mnt, ctxdir, before + 2, b"part one, part two\n")
+
+
+def test_appends_after_an_outside_write_go_to_the_end(mnt: Mounted, ctxdir: Path) -> None:
+    # The kernel sends an O_APPEND write at the size it last saw; after a `slurpfs
+    # put` from outside that size is stale. Expected: the line lands at the end of
+    # the new version, neither over its middle nor after a run of zero bytes.
+    address = f"ucxl://{AUTH}/{'/'.join(SRC)}"
+    assert (ctxdir / DEV).read_bytes() == b"line one\nline two\n"
+    for outside in (b"a much longer version, from the command line\n", b"short\n"):
+        slurpfs("put", "--data", mnt.data, address, "--role", DEV, input=outside)
+        subprocess.run(["sh", "-c", f"echo appended >> '{ctxdir / DEV}'"], check=True)
+        assert (ctxdir / DEV).read_bytes() == outside + b"appended\n"
+
+
 def test_truncate_to_zero(mnt: Mounted, ctxdir: Path) -> None:
     before = versions(ctxdir, DEV)
     subprocess.run(["truncate", "-s", "0", str(ctxdir / DEV)], check=True)
@@ -486,6 +521,9 @@ def test_long_names_binary_content_and_invalid_utf8(mnt: Mounted) -> None:
     assert (d / ("s" * 255)).read_bytes() == b"scratch"
     with raises_oserror(errno.ENAMETOOLONG):
         (d / ("s" * 256)).write_bytes(b"x")
+    # Every name fits, but the address would not fit the store's keys.
+    with raises_oserror(errno.ENAMETOOLONG):
+        (d / ("y" * 255)).mkdir()
     odd = os.fsencode(d) + b"/\xff\xfe-scratch"
     with open(odd, "wb") as f:
         f.write(b"scratch with a non-UTF-8 name")
@@ -541,9 +579,9 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(
     small_disk: Path, nodes: Nodes, tmp_path: Path
 ) -> None:
     # The data directory sits on a small tmpfs, filled up while mounted. Expected: a
-    # save fails at close with ENOSPC and is not stored; reads are refused with
-    # ENOSPC too, as no audit entry can be written for them (access is never granted
-    # unrecorded); the daemon keeps serving and logs why. Once there is room again
+    # save begun before fails at close with ENOSPC and is not stored; opens (reads, and
+    # writes) are refused with ENOSPC, as no audit entry can be written for them
+    # (access is never granted unrecorded); the daemon keeps serving and logs why. Once there is room again
     # the stored version reads back unchanged, the same save works, the audit chain
     # verifies, and the store holds exactly the two versions (fsck-clean).
     node, _ = nodes.new("small/data")
@@ -555,16 +593,26 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(
         d.mkdir(parents=True)
         (d / DEV).write_bytes(b"stored before the disk filled\n")
         filler = small_disk / "filler"
-        fill(filler)
         new = os.urandom(256 << 10)
         fd = os.open(d / DEV, os.O_WRONLY | os.O_TRUNC)
+        fill(filler)
         try:
             os.write(fd, new)
         finally:
             with raises_oserror(errno.ENOSPC):
                 os.close(fd)
+        # The audit log's last page may still take an entry or two.
+        refused: OSError | None = None
+        for _ in range(64):
+            try:
+                (d / DEV).read_bytes()
+            except OSError as exc:
+                refused = exc
+                break
+        assert refused is not None, "reads went on with no room left for their audit entries"
+        assert refused.errno == errno.ENOSPC, refused
         with raises_oserror(errno.ENOSPC):
-            (d / DEV).read_bytes()
+            os.open(d / DEV, os.O_WRONLY | os.O_TRUNC)
         assert os.listdir(d) == [DEV]
         assert "data_dir:" in (m.mnt / ".slurp" / "status").read_text()
         filler.unlink()

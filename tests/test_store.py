@@ -22,7 +22,7 @@ from slurpfs.errors import AlreadyExists, NotEmpty, NotFound, SlurpError, StoreF
 from slurpfs.model import ContextStore
 from slurpfs.store import Commit, StaleHead, Store, VersionRecord
 from slurpfs.store import schema as s
-from slurpfs.ucxl import Address, parse
+from slurpfs.ucxl import MAX_ADDRESS_BYTES, Address, parse
 
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
 DEV = "developer"
@@ -578,3 +578,24 @@ def test_a_newer_store_format_is_refused(node: Node, model: ContextStore) -> Non
         ContextStore.open(node.config, None, kdf=WEAK_KDF)
 
     node.expect_damage()
+
+
+def test_the_longest_address_fits_every_store_key(model: ContextStore, tmp_path: Path) -> None:
+    """`MAX_ADDRESS_BYTES` is what LMDB's key limit leaves: the longest key holding an
+    address (a history entry, with the longest role name) is exactly at the limit, and
+    a context at the longest address is stored, listed and read like any other."""
+    with lmdb.open(str(tmp_path / "probe")) as probe:
+        limit = probe.max_key_size()
+    authority = "claude:architect@bzzz:auth"
+    left = MAX_ADDRESS_BYTES - len(authority) - 1
+    path = ["x" * 250, "y" * (left - 251)]
+    address = parse(f"ucxl://{authority}/{'/'.join(path)}")
+    assert len(address.key.encode()) == MAX_ADDRESS_BYTES
+    longest = s.history_key(address.key, "r" * 64, 2**64 - 1, bytes(32), bytes(s.VERSION_ID_LEN))
+    assert len(longest) == limit
+
+    model.put(address, DEV, b"deep context")
+    assert model.get(address, DEV).data == b"deep context"
+    listing = model.list_dir(parse(f"ucxl://{authority}/{path[0]}"))
+    assert (listing.dirs, listing.roles) == ((path[1],), ())
+    assert model.list_dir(address).roles == (DEV,)

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurpfs.errors import InvalidAddress
+from slurpfs.errors import AddressTooLong, InvalidAddress
 from slurpfs.ucxl import (
+    MAX_ADDRESS_BYTES,
     MAX_NAME_BYTES,
     WILDCARD,
     Address,
@@ -369,8 +370,10 @@ temporals = st.one_of(
         timezones=st.just(UTC),
     ).map(lambda at: Temporal(TemporalKind.AT, at=at.replace(microsecond=0))),
 )
-addresses = st.builds(
-    Address, authorities, st.lists(components, max_size=6).map(tuple), st.none() | temporals
+addresses = (
+    st.tuples(authorities, st.lists(components, max_size=6).map(tuple), st.none() | temporals)
+    .filter(lambda t: len("/".join((str(t[0]), *t[1])).encode()) <= MAX_ADDRESS_BYTES)
+    .map(lambda t: Address(*t))
 )
 grammar_text = st.text(st.sampled_from(list("ar09:@/.*^~-_TZ \x00\x7fé\udcff")))
 
@@ -429,3 +432,33 @@ def test_from_key_raises_only_invalid_address(key: str) -> None:
         assert str(result).startswith("invalid address key")
     else:
         assert result.key == key
+
+
+def _long_path(size: int) -> tuple[str, ...]:
+    """Components after ``a:r@p:t`` making an address key of exactly `size` bytes."""
+    left = size - len(str(AUTH))
+    parts = []
+    while left > 0:
+        take = min(MAX_NAME_BYTES, left - 1)
+        parts.append("x" * take)
+        left -= take + 1
+    return tuple(parts)
+
+
+def test_an_address_at_the_size_limit_is_valid_and_one_byte_more_is_too_long() -> None:
+    path = _long_path(MAX_ADDRESS_BYTES)
+    at_limit = Address(AUTH, path)
+    assert len(at_limit.key.encode()) == MAX_ADDRESS_BYTES
+    assert parse(str(at_limit)) == at_limit
+    longer = path[:-1] + (path[-1] + "y",)
+    # Each way of building an address refuses it, with ENAMETOOLONG and the size.
+    with pytest.raises(AddressTooLong, match=f"more than {MAX_ADDRESS_BYTES}"):
+        Address(AUTH, longer)
+    with pytest.raises(AddressTooLong):
+        parse(f"{BASE}/{'/'.join(longer)}")
+    with pytest.raises(AddressTooLong):
+        Address(AUTH, path[:-1]).child(longer[-1])
+    with pytest.raises(AddressTooLong):
+        Address.from_mount_parts(("ucxl", str(AUTH), "~~1", *longer))
+    assert AddressTooLong.errno == 36  # ENAMETOOLONG
+    assert issubclass(AddressTooLong, InvalidAddress)  # the CLI's exit code 6

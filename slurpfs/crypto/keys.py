@@ -29,7 +29,8 @@ ROLE_KEY_BYTES = 32
 
 # Role names end up in key file names and in the envelope header (role_len u8), so they
 # are restricted to the UCXL role alphabet and a short length.
-_ROLE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+ROLE_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}"
+_ROLE_RE = re.compile(ROLE_PATTERN)
 
 
 def validate_role(role: str) -> str:

@@ -3,8 +3,9 @@
 Every request handler runs its body inside `errmap`: a `SlurpError` becomes
 `pyfuse3.FUSEError` carrying the error's ``errno``; `FUSEError` passes through; an
 `OSError` that reaches a handler (the machine speaking: a full disk, an I/O error)
-becomes its own errno and an ERROR log line, so the mount goes on serving; anything
-else is a bug and propagates (loudly) to pyfuse3.
+becomes its own errno and an ERROR log line, so the mount goes on serving. Any other
+exception is a bug: it is logged with its traceback and the request fails with
+`EIO`, but the mount (and every other open buffer in it) stays up.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class errmap:  # lower case: it reads as a function at every handler
         try:
             if isinstance(exc, SlurpError | OSError):
                 raise fuse_error(exc) from None
+            if isinstance(exc, Exception) and not isinstance(exc, pyfuse3.FUSEError):
+                log.error("internal error; the request fails with EIO", exc_info=exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if self._cleanup is not None:
                 self._cleanup()

@@ -3,8 +3,10 @@
 A role file's content while it is open lives in one `Content` per inode, shared
 by every handle on it (so a reader sees what a writer wrote, as POSIX expects).
 It is loaded lazily: a writer that truncates first (``open(O_TRUNC)``, ``cp``,
-``>``) never needs to decrypt the old version. `flush` of a dirty buffer (each
-``close``) commits exactly one new version in one store transaction; `fsync`
+``>``) never needs to decrypt the old version. `flush` (each ``close``) of a handle
+that wrote commits the buffer as exactly one new version in one store transaction;
+a handle that only read commits nothing, and a handle whose only change is the
+emptying at open commits at `release` (see `Operations.flush`); `fsync`
 commits and then syncs the store to stable storage (one sync covers every store
 write this process made before it began, so an editor's ``fsync`` of a scratch
 file and then of the directory syncs once).
@@ -129,6 +131,16 @@ class FileHandle:
     content: Content | None = None
     snapshot: bytes | None = None
     scratch: ScratchFile | None = None
+    append: bool = False  # O_APPEND: every write goes to the end, whatever its offset
+    # What this handle changed and has not committed yet: written bytes (or an
+    # ftruncate), and the emptying at open (O_TRUNC, or a new file). See `Operations.flush`.
+    wrote: bool = False
+    emptied: bool = False
+
+    @property
+    def owes_commit(self) -> bool:
+        """Whether the shared buffer holds changes made through this handle."""
+        return (self.wrote or self.emptied) and self.content is not None and self.content.dirty
 
 
 @dataclass(eq=False)

@@ -58,10 +58,12 @@ class Namespace:
 
     # -- checks ------------------------------------------------------------------
 
-    def require_role(self, caller: Caller, role: str) -> None:
-        """AccessDenied unless the caller may read (and so write) `role` files here."""
-        if role not in self.model.readable_roles(caller.roles):
-            raise AccessDenied(f"uid {caller.uid} may not open {role!r} files on this node")
+    def require_role(self, caller: Caller, role: str, address: Address, action: str) -> None:
+        """AccessDenied unless the caller may read (and so change) `role` files here.
+
+        Allowed or not, the decision goes into the audit log as `action` on `address`.
+        """
+        self.model.authorise_change(address.key, role, caller.roles, who=caller.who, action=action)
 
     @staticmethod
     def require_some_role(caller: Caller) -> None:
@@ -151,7 +153,7 @@ class Namespace:
         text = decode(name)
         if text in self.tree.roles:
             assert text is not None
-            self.require_role(caller, text)
+            self.require_role(caller, text, address, "write")
             if exclusive and self._role_exists(parent, address, text):
                 raise AlreadyExists(f"{text} exists at {address}")
             key = Key(Kind.ROLE, address.to_mount_parts(), text)
@@ -203,7 +205,7 @@ class Namespace:
         elif node.kind is Kind.ROLE:
             assert node.key is not None
             role = node.key.role
-            self.require_role(caller, role)
+            self.require_role(caller, role, address, "delete")
             if node.content is not None:
                 node.content.dirty = False  # writes to a removed file go nowhere
             try:
@@ -216,7 +218,7 @@ class Namespace:
         elif node.kind is Kind.CONFLICT:
             assert node.key is not None
             assert node.info is not None
-            self.require_role(caller, node.key.role)
+            self.require_role(caller, node.key.role, address, "resolve")
             self.gateway.resolve_conflict(address, node.key.role, node.info.version_id)
             self.inodes.detach(node)
         elif node.kind is Kind.DIR:
@@ -294,7 +296,7 @@ class Namespace:
         role: str,
         caller: Caller,
     ) -> None:
-        self.require_role(caller, role)
+        self.require_role(caller, role, dst_dir, "write")
         if sf.target is not None:
             raise InvalidAddress(f"a symlink cannot become the role file {role!r}")
         try:
@@ -350,7 +352,7 @@ class Namespace:
         dst: Node | None,
         caller: Caller,
     ) -> None:
-        self.require_role(caller, role)
+        self.require_role(caller, role, src_dir, "rename")
         self.check_scratch_name(dst_dir, new_name, decode(new_name))
         content = src.content
         if content is not None and content.dirty:

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import pyfuse3
 
 from slurpfs.config import Config
-from slurpfs.errors import NotFound, SlurpError
+from slurpfs.errors import AccessDenied, NotFound, SlurpError
 from slurpfs.fs import virtual
 from slurpfs.fs.access import Caller, RoleMap
 from slurpfs.fs.errmap import (
@@ -44,7 +44,7 @@ from slurpfs.fs.namespace import Namespace
 from slurpfs.fs.scratch import ScratchStore
 from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
-from slurpfs.fs.virtual import FsStatistics, VirtualFiles
+from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
 from slurpfs.model import ContextStore, VersionInfo, data_paths
 
 log = logging.getLogger("slurpfs.fs")
@@ -87,6 +87,7 @@ class Operations(pyfuse3.Operations):
         self.namespace = Namespace(self.tree, self.gateway, self.commit)
         self.handles = HandleTable()
         self.roles = RoleMap(config.roles, model.held_roles(), owner_uid)
+        self.owner_uid = owner_uid
         self.root_xattrs = dict(root_xattrs or {})
         self.invalidations = 0
         # Requests on the tree (not on .search/): the indexer leaves the
@@ -238,7 +239,7 @@ class Operations(pyfuse3.Operations):
         content = handle.content if handle is not None else node.content
         if content is None:
             # truncate(1) by path with nobody holding the file open: commit now.
-            self.namespace.require_role(caller, node.key.role)
+            self.namespace.require_role(caller, node.key.role, node.address, "write")
             data = b""
             if size:
                 ctx = await self.gateway.get(node.address, node.key.role, caller)
@@ -255,6 +256,8 @@ class Operations(pyfuse3.Operations):
             content.truncate(size)
         if handle is None:
             await self.commit(node)
+        else:
+            handle.wrote = True
 
     def _check_size(self, size: int) -> None:
         limit = self.config.store.max_context_bytes
@@ -296,7 +299,9 @@ class Operations(pyfuse3.Operations):
             return False
         if node.kind is Kind.SCRATCH:
             return True
-        if node.kind is Kind.VIRTUAL or self.search.owns(node):
+        if node.kind is Kind.VIRTUAL:
+            return not mode & os.W_OK and self._may_read_status(node, caller)
+        if self.search.owns(node):
             return not mode & os.W_OK
         if mode & os.W_OK and node.readonly:
             return False
@@ -387,11 +392,13 @@ class Operations(pyfuse3.Operations):
                 self.node(parent_inode), name, mode, caller, exclusive=bool(flags & os.O_EXCL)
             )
             handle = self.handles.open_file(node, caller, readable=True, writable=True)
+            handle.append = bool(flags & os.O_APPEND)
             if node.scratch is not None:
                 handle.scratch = node.scratch
                 node.scratch.opens += 1
             else:
                 handle.content = node.content
+                handle.emptied = True
             return pyfuse3.FileInfo(fh=handle.fh), self._entry(node)
 
     # -- files ---------------------------------------------------------------------------
@@ -410,6 +417,7 @@ class Operations(pyfuse3.Operations):
             if writable and node.readonly:
                 raise ReadOnly(f"{node.name!r} is read-only")
             handle = self.handles.open_file(node, caller, readable=readable, writable=writable)
+            handle.append = writable and bool(flags & os.O_APPEND)
             try:
                 return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
             except BaseException:
@@ -422,6 +430,8 @@ class Operations(pyfuse3.Operations):
         fi = pyfuse3.FileInfo(fh=handle.fh)
         if node.kind is Kind.VIRTUAL:
             assert node.key is not None
+            if not self._may_read_status(node, caller):
+                raise AccessDenied(f"only the mount's owner reads .slurp/{node.key.extra}")
             # The rendering getattr just sized (if recent), so size and bytes agree.
             handle.snapshot = self.virtual.render(node.key.extra)
             fi.direct_io = True
@@ -466,17 +476,23 @@ class Operations(pyfuse3.Operations):
         if truncate and handle.writable:
             # libfuse passes O_TRUNC to open (atomic_o_trunc): no separate truncate
             # follows, and nothing needs decrypting for a writer that replaces it all.
-            self.namespace.require_role(caller, role)
+            self.namespace.require_role(caller, role, address, "write")
             content.start_empty()
+            handle.emptied = True
         elif handle.readable:
             await self._load(node, content, caller, force=True)
         else:
-            self.namespace.require_role(caller, role)
+            self.namespace.require_role(caller, role, address, "write")
         fi.keep_cache = (
             not content.dirty and content.base is not None and node.cached_version == content.base
         )
         node.cached_version = None if content.dirty else content.base
         return fi
+
+    def _may_read_status(self, node: Node, caller: Caller) -> bool:
+        """The audit trail names every user's accesses: for the mount's owner (and root)."""
+        name = node.key.extra if node.key is not None else ""
+        return name not in PRIVATE_STATUS or caller.uid in (0, self.owner_uid)
 
     def _kernel_holds_head(self, node: Node, caller: Caller) -> bool:
         """Whether the page cache holds the head version of `node`, and the caller may read it.
@@ -549,28 +565,49 @@ class Operations(pyfuse3.Operations):
             self._check_size(off + len(buf))
             if content.buffer is None:
                 await self._load(handle.node, content, handle.caller)
+            assert content.buffer is not None
+            if handle.append:
+                # Without the writeback cache the kernel sends an O_APPEND write at the
+                # size it last saw; the end is here (another process may have committed).
+                off = len(content.buffer)
+                self._check_size(off + len(buf))
             content.write(off, buf)
+            handle.wrote = True
             return len(buf)
 
     async def flush(self, fh: int) -> None:
+        """``close`` of a descriptor: commit what this handle wrote, as one version.
+
+        The kernel flushes at every ``close`` of every duplicate of a descriptor (a
+        shell's ``> file`` opens, duplicates and closes before anything is written),
+        and pyfuse3 does not say which process closes. So a flush commits only if
+        this handle wrote: a reader's ``close`` never stores another handle's
+        half-written buffer, and an emptying at open (O_TRUNC, a new file) with
+        nothing written yet waits for the next flush that follows a write, or for
+        `release`.
+        """
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
-            if handle.content is not None and handle.content.dirty:
-                await self.commit(handle.node)
+            if handle.wrote:
+                await self._commit_own(handle)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
-            if handle.content is not None and handle.content.dirty:
-                await self.commit(handle.node)
+            await self._commit_own(handle)
             await self.gateway.sync()
+
+    async def _commit_own(self, handle: FileHandle) -> None:
+        if handle.owes_commit:
+            await self.commit(handle.node)
+        handle.wrote = handle.emptied = False
 
     async def release(self, fh: int) -> None:
         handle = self.handles.files.get(fh)
         if handle is None:
             return
         try:
-            if handle.content is not None and handle.content.dirty:
+            if handle.owes_commit:
                 await self.commit(handle.node)
         except (SlurpError, OSError) as exc:
             log.error("could not store %r at release: %s", os.fsdecode(handle.node.name), exc)

@@ -31,8 +31,8 @@ from slurpfs.fs.errmap import NameTooLong, NotADirectory
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Key, Kind, Node
 from slurpfs.fs.scratch import DirKey, ScratchFile, ScratchStore
 from slurpfs.fs.view import StoreView
-from slurpfs.fs.virtual import VirtualFiles
-from slurpfs.model import ContextStore, VersionInfo
+from slurpfs.fs.virtual import PRIVATE_STATUS, VirtualFiles
+from slurpfs.model import CONFLICT_NAME, ContextStore, VersionInfo
 from slurpfs.ucxl import Address, Authority, Temporal
 
 UCXL = "ucxl"
@@ -42,7 +42,7 @@ HISTORY = ".history"
 NAME_MAX = 255
 MAX_STORED = 1 << 16  # directory listings kept (`Tree._stored_entries`)
 XATTR_PREFIX = b"user.slurp."
-CONFLICT = re.compile(r"(?P<role>[a-z][a-z0-9_-]{0,31})\.conflict-(?P<id>[0-9a-f]{16})")
+CONFLICT = CONFLICT_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +379,8 @@ class Tree:
             name = node.key.extra if node.key is not None else ""
             size = len(self.virtual.render(name)) if name in self.virtual else 0
             now = time.time_ns()
-            return self._file(0o444, size, now, cacheable=False)
+            perm = 0o400 if name in PRIVATE_STATUS else 0o444
+            return self._file(perm, size, now, cacheable=False)
         if kind is Kind.SCRATCH:
             sf = node.scratch
             assert sf is not None

@@ -21,6 +21,9 @@ from slurpfs import __version__, audit
 from slurpfs.model import ContextStore
 
 Provider = Callable[[], str]
+# Status files only the mount's owner (and root) may read: the audit trail names
+# every user, role and address accessed.
+PRIVATE_STATUS = frozenset({"audit"})
 _FRESH_SECONDS = 1.0
 
 

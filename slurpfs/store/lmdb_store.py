@@ -19,7 +19,7 @@ from pathlib import Path
 import lmdb
 
 from slurpfs.crypto.envelope import KeySlot
-from slurpfs.errors import Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
+from slurpfs.errors import AddressTooLong, Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
 from slurpfs.store import schema as s
 from slurpfs.store.schema import VersionRecord
 
@@ -149,6 +149,10 @@ class Store:
         except lmdb.DiskError as exc:
             self._counters.commit_failures += 1
             raise StoreFull(f"disk error while committing: {exc}") from None
+        except lmdb.BadValsizeError:
+            # `ucxl` keeps addresses short enough; this is the store's own guard.
+            self._counters.commit_failures += 1
+            raise AddressTooLong("an address is too long for the store's keys") from None
         except lmdb.Error as exc:
             self._counters.commit_failures += 1
             if exc.args and isinstance(exc.args[0], str) and "No space" in exc.args[0]:
@@ -230,8 +234,13 @@ class Store:
 
     def mkdir(self, address: str) -> None:
         """Create an address directory and its ancestors (idempotent)."""
-        with self._env.begin(write=True) as txn:
-            self._ensure_dirs(txn, address)
+        try:
+            with self._env.begin(write=True) as txn:
+                self._ensure_dirs(txn, address)
+        except lmdb.BadValsizeError:
+            raise AddressTooLong(
+                f"address {address[:80]!r}... is too long for the store's keys"
+            ) from None
 
     def rmdir(self, address: str) -> None:
         """Remove an empty address directory; its stored history stays."""
