@@ -323,6 +323,22 @@ async def test_unlink_stores_a_deletion_and_keeps_history(
     assert model.all_versions(ADDR, DEV)[-1].deleted
 
 
+async def test_a_file_unlinked_while_open_has_no_links(fs: OpsHarness, ops: Operations) -> None:
+    """fstat of a descriptor whose file was unlinked: st_nlink 0 (POSIX), for a role
+    file and for a scratch file; the open descriptor still reads its bytes."""
+    await fs.makedirs(DIR)
+    for name in (DEV, "notes.tmp"):
+        await fs.write(f"{DIR}/{name}", b"still open")
+        ino = await fs.ino(f"{DIR}/{name}")
+        fi = await ops.open(ino, os.O_RDONLY, fs.ctx)
+        assert await ops.read(fi.fh, 0, 100) == b"still open"
+        assert (await ops.getattr(ino, fs.ctx)).st_nlink == 1
+        await fs.unlink(f"{DIR}/{name}")
+        assert (await ops.getattr(ino, fs.ctx)).st_nlink == 0
+        assert await ops.read(fi.fh, 0, 100) == b"still open"
+        await ops.release(fi.fh)
+
+
 async def test_rmdir_refuses_non_empty_and_removes_empty(fs: OpsHarness) -> None:
     await fs.makedirs(f"{DIR}/sub")
     with raises_errno(errno.ENOTEMPTY):

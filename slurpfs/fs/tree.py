@@ -24,7 +24,7 @@ import re
 import stat as st
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slurpfs.errors import InvalidAddress, NotFound
 from slurpfs.fs.errmap import NameTooLong, NotADirectory
@@ -384,7 +384,8 @@ class Tree:
         if kind is Kind.SCRATCH:
             sf = node.scratch
             assert sf is not None
-            return Stat(sf.mode, sf.size, 1, sf.mtime_ns, sf.ctime_ns, self.uid, self.gid)
+            links = 1 if sf.linked else 0  # unlinked while open: fstat says 0, as POSIX does
+            return Stat(sf.mode, sf.size, links, sf.mtime_ns, sf.ctime_ns, self.uid, self.gid)
         if kind is Kind.ROLE:
             return self._role_stat(node, known)
         # HISTORY_FILE, CONFLICT: immutable versions
@@ -396,7 +397,10 @@ class Tree:
     def _role_stat(self, node: Node, known: VersionInfo | None) -> Stat:
         content = node.content
         buffer = content.buffer if content is not None else None
-        if content is not None and buffer is not None and (content.dirty or node.detached):
+        if node.detached and content is not None and buffer is not None:
+            # Unlinked (or renamed over) while open: fstat still works and says so.
+            return replace(self._file(0o644, len(buffer), content.mtime_ns), nlink=0)
+        if content is not None and buffer is not None and content.dirty:
             return self._file(0o644, len(buffer), content.mtime_ns)
         address = node.address
         if known is not None and node.key is not None and content is None:
