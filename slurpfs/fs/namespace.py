@@ -38,8 +38,8 @@ from slurpfs.fs.errmap import (
 from slurpfs.fs.handles import Content, Gateway
 from slurpfs.fs.inodes import DIR_KINDS, Key, Kind, Node
 from slurpfs.fs.scratch import ScratchFile
-from slurpfs.fs.tree import CONFLICT, HISTORY, Tree, check_length, decode, dir_key
-from slurpfs.model import VersionInfo
+from slurpfs.fs.tree import HISTORY, Tree, check_length, decode, dir_key
+from slurpfs.model import CONFLICT_NAME, VersionInfo
 from slurpfs.ucxl import Address, Authority, Temporal
 
 Committer = Callable[[Node], Awaitable[None]]
@@ -90,7 +90,7 @@ class Namespace:
         """InvalidAddress/AlreadyExists unless `name` may name a scratch file here."""
         if text is None:
             return
-        if text == HISTORY or CONFLICT.fullmatch(text):
+        if text == HISTORY or CONFLICT_NAME.fullmatch(text):
             raise InvalidAddress(f"{text!r} is a reserved name in an address directory")
         if not address.path and Temporal.is_temporal(text):
             raise InvalidAddress(f"{text!r} is a temporal segment, not a file name")

@@ -42,7 +42,6 @@ HISTORY = ".history"
 NAME_MAX = 255
 MAX_STORED = 1 << 16  # directory listings kept (`Tree._stored_entries`)
 XATTR_PREFIX = b"user.slurp."
-CONFLICT = CONFLICT_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +204,7 @@ class Tree:
         if text == HISTORY and not temporal:
             key = Key(Kind.HISTORY, address.to_mount_parts())
             return self.inodes.bind(key, parent.ino, name, address)
-        match = CONFLICT.fullmatch(text)
+        match = CONFLICT_NAME.fullmatch(text)
         if match is not None and not temporal and match["role"] in self.roles:
             for info in self.model.conflicts(address, match["role"]):
                 if info.short_id == match["id"]:
