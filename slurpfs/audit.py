@@ -10,6 +10,7 @@ decision; never any content.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -44,13 +45,24 @@ class AuditEntry:
 
 
 class AuditLog:
-    """Appends entries to `path` (0600); thread-safe; resumes the chain on open."""
+    """Appends entries to `path` (0600); thread-safe; resumes the chain on open.
+
+    Several processes append to one log (the mount's daemon, `slurpfs put`, ...):
+    each append holds an exclusive `flock` on the file, and a process that finds the
+    file grown since its own last append reads the new tail first, so the chain
+    stays one line of entries.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = threading.Lock()
-        self._seq, self._prev = self._tail()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._seq, self._prev = self._tail()
+            self._end = os.lseek(self._fd, 0, os.SEEK_END)  # where this process's view ends
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _tail(self) -> tuple[int, str]:
         try:
@@ -76,23 +88,39 @@ class AuditLog:
     def record(
         self, *, who: str, action: str, address: str, role: str, allowed: bool, reason: str = ""
     ) -> None:
-        q = _quote
         with self._lock:
-            seq = self._seq + 1
-            # The line `verify` checks: json.dumps(sort_keys=True, separators=(",", ":"))
-            # of the entry, written out once here (keys in sorted order, "hash" between
-            # "allowed" and "prev"), so the hash and the line share the serialisation.
-            head = (
-                f'{{"action":{q(action)},"address":{q(address)},'
-                f'"allowed":{"true" if allowed else "false"},'
-            )
-            rest = (
-                f'"prev":{q(self._prev)},"reason":{q(reason)},"role":{q(role)},'
-                f'"seq":{seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
-            )
-            entry_hash = _digest(head + rest)
-            self._append(f'{head}"hash":"{entry_hash}",{rest}\n'.encode())
-            self._seq, self._prev = seq, entry_hash
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                end = os.lseek(self._fd, 0, os.SEEK_END)
+                if end != self._end:  # another process appended meanwhile
+                    self._seq, self._prev = self._tail()
+                    self._end = end
+                self._record(who, action, address, role, allowed, reason)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _record(  # noqa: PLR0913
+        self, who: str, action: str, address: str, role: str, allowed: bool, reason: str
+    ) -> None:
+        """Append the next entry (under both locks; the chain's tail is current)."""
+        q = _quote
+        seq = self._seq + 1
+        # The line `verify` checks: json.dumps(sort_keys=True, separators=(",", ":"))
+        # of the entry, written out once here (keys in sorted order, "hash" between
+        # "allowed" and "prev"), so the hash and the line share the serialisation.
+        head = (
+            f'{{"action":{q(action)},"address":{q(address)},'
+            f'"allowed":{"true" if allowed else "false"},'
+        )
+        rest = (
+            f'"prev":{q(self._prev)},"reason":{q(reason)},"role":{q(role)},'
+            f'"seq":{seq},"time":{round(time.time(), 6)!r},"who":{q(who)}}}'
+        )
+        entry_hash = _digest(head + rest)
+        line = f'{head}"hash":"{entry_hash}",{rest}\n'.encode()
+        self._append(line)
+        self._seq, self._prev = seq, entry_hash
+        self._end += len(line)
 
     def _append(self, line: bytes) -> None:
         """Append one whole line, or nothing: a torn line would break the chain for good.

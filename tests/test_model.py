@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import traceback
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node, Nodes, raw_store
+from conftest import Node, Nodes, cli_env, raw_store
 from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
@@ -791,3 +793,35 @@ def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Pa
     record()
     log.close()
     assert audit.verify(path) == 1 + fitted + 1
+
+
+def test_processes_sharing_the_audit_log_keep_one_chain(node: Node, model: ContextStore) -> None:
+    """A mount's daemon keeps its model (and audit log) open while `slurpfs put` and
+    `slurpfs get`, other processes, append to the same log. Expected: each process
+    continues the chain from the other's last entry, so the entries are numbered
+    1..N in order and `audit verify` passes (before, each process extended its own
+    idea of the tail and the chain forked)."""
+    model.put(ADDR, DEV, b"one")
+    model.get(ADDR, DEV)
+    for command in (["put", str(ADDR), "--role", DEV, "-"], ["get", str(ADDR), "--role", DEV]):
+        done = subprocess.run(
+            [sys.executable, "-m", "slurpfs.cli", *command, "--data", str(node.data_dir)],
+            env=cli_env(),
+            input=b"two",
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        model.get(ADDR, DEV)  # the long-lived process appends after the other one
+    log = data_paths(model.config.data_dir)["audit"]
+    entries = audit.read(log)
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    assert [(e.who, e.action) for e in entries] == [
+        ("local", "read"),
+        ("local", "write"),
+        ("local", "read"),
+        ("local", "read"),
+        ("local", "read"),
+    ]
+    assert audit.verify(log) == len(entries)
