@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -458,6 +459,33 @@ def test_allow_other_gives_users_their_mapped_roles(
         assert b"Permission denied" in denied.stderr
         assert ARCH in run_as(test_user, "ls", d).stdout.decode()  # listed, not readable
         assert (d / ARCH).read_bytes() == b"for architects\n"  # root, the mounting user
+
+        # Scratch files (editor swap, backup, temporary files) are their creator's:
+        # another user can neither read, change, remove nor rename one over a role
+        # file; their own work as usual, and root reads theirs.
+        (d / "plan.tmp").write_bytes(b"root's unsaved plaintext\n")
+        shutil.copyfile(d / ARCH, d / "architect~")  # what a backup holds
+        for argv in (
+            ["cat", d / "plan.tmp"],
+            ["cat", d / "architect~"],
+            ["sh", "-c", f"echo injected > '{d / 'plan.tmp'}'"],
+            ["truncate", "-s", "0", d / "plan.tmp"],
+            ["rm", "-f", d / "plan.tmp"],
+            ["mv", d / "plan.tmp", d / DEV],
+        ):
+            refused = run_as(test_user, *argv)
+            assert refused.returncode != 0, argv
+            assert b"not permitted" in refused.stderr or b"denied" in refused.stderr, refused
+        assert (d / "plan.tmp").read_bytes() == b"root's unsaved plaintext\n"
+        assert (d / DEV).read_bytes() == b"for developers\n"
+        own = d / "mine.tmp"
+        assert run_as(test_user, "sh", "-c", f"echo mine > '{own}'").returncode == 0
+        assert run_as(test_user, "cat", own).stdout == b"mine\n"
+        assert own.read_bytes() == b"mine\n"
+        assert run_as(test_user, "mv", own, d / DEV).returncode == 0  # a save as developer
+        assert (d / DEV).read_bytes() == b"mine\n"
+        os.unlink(d / "plan.tmp")
+        os.unlink(d / "architect~")
         m.unmount()
     finally:
         m.sweep()

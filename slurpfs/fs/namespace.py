@@ -66,6 +66,18 @@ class Namespace:
         self.model.authorise_change(address.key, role, caller.roles, who=caller.who, action=action)
 
     @staticmethod
+    def owns_scratch(caller: Caller, sf: ScratchFile) -> bool:
+        """Scratch files are their creator's (and root's) alone: an editor's swap,
+        backup and temporary files hold a role's plaintext, and a scratch file renamed
+        over a role file becomes its next version."""
+        return caller.uid in (0, sf.uid)
+
+    def require_scratch_owner(self, caller: Caller, sf: ScratchFile, what: str) -> None:
+        """NotPermitted (EPERM, as in a sticky directory) unless `owns_scratch`."""
+        if not self.owns_scratch(caller, sf):
+            raise NotPermitted(f"uid {caller.uid} may not {what} a scratch file of uid {sf.uid}")
+
+    @staticmethod
     def require_some_role(caller: Caller) -> None:
         if not caller.roles:
             raise AccessDenied(f"uid {caller.uid} holds no role and cannot change the tree")
@@ -167,6 +179,7 @@ class Namespace:
         if old is not None:
             if exclusive:
                 raise AlreadyExists(f"{name!r} exists")
+            self.require_scratch_owner(caller, old, "replace")
             self._detach_scratch(old)
         sf = self.scratch.create(where, name, st.S_IFREG | (mode & 0o7777), caller.uid, caller.gid)
         return self.tree.scratch_node(parent, name, sf)
@@ -200,6 +213,8 @@ class Namespace:
         node = self.tree.child(parent, name)
         if node.kind is Kind.SCRATCH:
             self.require_some_role(caller)
+            assert node.scratch is not None
+            self.require_scratch_owner(caller, node.scratch, "remove")
             self.scratch.unlink(dir_key(address), name)
             self.inodes.detach(node)
         elif node.kind is Kind.ROLE:
@@ -263,11 +278,14 @@ class Namespace:
                 raise IsADirectory(f"{new_name!r} is a directory")
             if dst.kind not in (Kind.ROLE, Kind.SCRATCH):
                 raise ReadOnly(f"{new_name!r} cannot be replaced")
+            if dst.scratch is not None:
+                self.require_scratch_owner(caller, dst.scratch, "replace")
         if src.kind is Kind.DIR:
             raise CrossDevice("address directories are not renamed; copy them instead")
         dst_text = decode(new_name)
         if src.kind is Kind.SCRATCH:
             assert src.scratch is not None
+            self.require_scratch_owner(caller, src.scratch, "rename")
             if dst_text in self.tree.roles:
                 assert dst_text is not None
                 await self._scratch_to_role(

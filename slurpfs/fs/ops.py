@@ -208,9 +208,13 @@ class Operations(pyfuse3.Operations):
             caller = self.caller(ctx)
             if self.search.owns(node):
                 raise ReadOnly("search results are read-only")
+            sf = node.scratch
+            if sf is not None:
+                self.namespace.require_scratch_owner(caller, sf, "change")
+                if fields.update_uid and attr.st_uid != sf.uid and caller.uid != 0:
+                    raise NotPermitted("only root gives a scratch file away")
             if fields.update_size:
                 await self._truncate(node, attr.st_size, fh, caller)
-            sf = node.scratch
             if sf is not None:
                 if fields.update_mode:
                     sf.mode = st.S_IFMT(sf.mode) | (attr.st_mode & 0o7777)
@@ -298,7 +302,8 @@ class Operations(pyfuse3.Operations):
         if mode & os.X_OK:
             return False
         if node.kind is Kind.SCRATCH:
-            return True
+            assert node.scratch is not None
+            return self.namespace.owns_scratch(caller, node.scratch)
         if node.kind is Kind.VIRTUAL:
             return not mode & os.W_OK and self._may_read_status(node, caller)
         if self.search.owns(node):
@@ -443,6 +448,10 @@ class Operations(pyfuse3.Operations):
             return fi
         if node.kind is Kind.SCRATCH:
             assert node.scratch is not None
+            if not self.namespace.owns_scratch(caller, node.scratch):
+                raise AccessDenied(
+                    f"uid {caller.uid} may not open a scratch file of uid {node.scratch.uid}"
+                )
             handle.scratch = node.scratch
             node.scratch.opens += 1
             if truncate and handle.writable:

@@ -384,7 +384,7 @@ class Tree:
             sf = node.scratch
             assert sf is not None
             links = 1 if sf.linked else 0  # unlinked while open: fstat says 0, as POSIX does
-            return Stat(sf.mode, sf.size, links, sf.mtime_ns, sf.ctime_ns, self.uid, self.gid)
+            return Stat(sf.mode, sf.size, links, sf.mtime_ns, sf.ctime_ns, sf.uid, sf.gid)
         if kind is Kind.ROLE:
             return self._role_stat(node, known)
         # HISTORY_FILE, CONFLICT: immutable versions
