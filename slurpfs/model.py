@@ -331,7 +331,7 @@ class ContextStore:
         extra_parents: Sequence[bytes] = (),
     ) -> VersionInfo:
         readers = [self.keyring.current_public(r) for r in self.config.readers_of(role)]
-        with self._write_lock:
+        with self._write_lock, self._store.writer:
             for attempt in range(_COMMIT_RETRIES):
                 if attempt:
                     time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
@@ -407,51 +407,71 @@ class ContextStore:
         )
 
     def put_many(self, items: Iterable[BatchItem]) -> BatchReport:
-        """Store many contexts in one transaction; bad items are reported, not fatal."""
-        failed: list[tuple[str, str]] = []
-        with self._write_lock:
-            heads: dict[tuple[str, str], bytes] = {}
-            commits: list[Commit] = []
-            for item in items:
-                label = item.label or f"{item.address} [{item.role}]"
+        """Store many contexts in one transaction; bad items are reported, not fatal.
+
+        As with `put`, each new version is sealed on the leaves it replaces; when
+        another process commits to one of those contexts first (`StaleHead`), the
+        batch is sealed again on the new heads, so concurrent writers never fork a
+        context's history.
+        """
+        batch = list(items)
+        with self._write_lock, self._store.writer:
+            for attempt in range(_COMMIT_RETRIES):
+                if attempt:
+                    time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
+                commits, failed = self._seal_batch(batch)
                 try:
-                    self._check_address(item.address, writing=True)
-                    self._check_role(item.role)
-                    if len(item.data) > self.config.store.max_context_bytes:
-                        raise ContextTooLarge(
-                            f"{len(item.data)} bytes is over store.max_context_bytes"
-                        )
-                    ctx = (item.address.key, item.role)
-                    parent = heads.get(ctx)
-                    if ctx not in heads:
-                        head = self._store.head(*ctx)
-                        if head is not None:
-                            self._clock.observe(head.hlc)
-                            parent = head.version_id
-                    readers = [
-                        self.keyring.current_public(r) for r in self.config.readers_of(item.role)
-                    ]
-                    record, commit = self._seal(
-                        ctx[0],
-                        item.role,
-                        item.data,
-                        (parent,) if parent else (),
-                        False,
-                        readers,
-                        None,
-                    )
-                except SlurpError as exc:
-                    failed.append((label, str(exc)))
+                    if commits:
+                        self._store.commit(commits)
+                except StaleHead:
                     continue
-                heads[ctx] = record.version_id
-                commits.append(commit)
-            if commits:
-                self._store.commit(commits)
+                break
+            else:
+                raise Busy(
+                    f"a batch of {len(batch)}: gave up after {_COMMIT_RETRIES} concurrent commits"
+                )
         for commit in commits:
             for callback in self._subscribers:
                 callback(commit.record)
         self._puts += len(commits)
         return BatchReport(tuple(c.record for c in commits), tuple(failed))
+
+    def _seal_batch(self, items: Sequence[BatchItem]) -> tuple[list[Commit], list[tuple[str, str]]]:
+        """Seal every good item on its context's current leaves (or on the batch's own
+        previous version of it); the bad ones, labelled, with why."""
+        failed: list[tuple[str, str]] = []
+        heads: dict[tuple[str, str], bytes] = {}
+        commits: list[Commit] = []
+        for item in items:
+            label = item.label or f"{item.address} [{item.role}]"
+            try:
+                self._check_address(item.address, writing=True)
+                self._check_role(item.role)
+                if len(item.data) > self.config.store.max_context_bytes:
+                    raise ContextTooLarge(f"{len(item.data)} bytes is over store.max_context_bytes")
+                ctx = (item.address.key, item.role)
+                parents: tuple[bytes, ...]
+                expected: tuple[bytes, ...]
+                if ctx in heads:
+                    parents = expected = (heads[ctx],)
+                else:
+                    leaves = self._store.leaves(*ctx)
+                    for leaf in leaves:
+                        self._clock.observe(leaf.hlc)
+                    parents = (leaves[0].version_id,) if leaves else ()
+                    expected = tuple(v.version_id for v in leaves)
+                readers = [
+                    self.keyring.current_public(r) for r in self.config.readers_of(item.role)
+                ]
+                record, commit = self._seal(
+                    ctx[0], item.role, item.data, parents, False, readers, None
+                )
+            except SlurpError as exc:
+                failed.append((label, str(exc)))
+                continue
+            heads[ctx] = record.version_id
+            commits.append(dataclasses.replace(commit, expected_leaves=expected))
+        return commits, failed
 
     def resolve_conflict(self, address: Address, role: str, version_id: bytes) -> VersionInfo:
         """Drop a losing leaf: a merge version (content of the head) with both as parents."""
@@ -500,7 +520,7 @@ class ContextStore:
         the old generation until restarted.
         """
         self._check_role(role)
-        with self._write_lock:
+        with self._write_lock, self._store.writer:
             new, old = self._keystore.rotate(role)
             self.keyring = self._keystore.load()
             rewrapped = 0

@@ -450,9 +450,9 @@ WRITER = """
 import sys
 from slurpfs import config
 from slurpfs.crypto.keystore import KdfParams
-from slurpfs.model import ContextStore
+from slurpfs.model import BatchItem, ContextStore
 from slurpfs.ucxl import parse
-data_dir, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data_dir, name, count, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = config.load(None, {"HOME": "/nonexistent"}, {"node.data_dir": data_dir})
 address = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
 with ContextStore.open(cfg, kdf=KdfParams.weak()) as m:
@@ -460,21 +460,31 @@ with ContextStore.open(cfg, kdf=KdfParams.weak()) as m:
     sys.stdout.flush()
     sys.stdin.readline()  # start together
     for i in range(count):
-        m.put(address, "developer", f"{name} {i}".encode())
+        data = f"{name} {i}".encode()
+        if how == "put":
+            m.put(address, "developer", data)
+        else:  # as `slurpfs import` does
+            assert not m.put_many([BatchItem(address, "developer", data)]).failed
 """
 
 
-def test_two_processes_writing_one_context_keep_it_linear(node: Node, model: ContextStore) -> None:
+@pytest.mark.parametrize("how", [("put", "put"), ("put_many", "put")], ids=["put", "put_many"])
+def test_two_processes_writing_one_context_keep_it_linear(
+    node: Node, model: ContextStore, how: tuple[str, str]
+) -> None:
+    """Two processes write one context at once (`slurpfs put`, `slurpfs import`, a
+    mount). Expected: every version is stored, each on the one before: no conflict
+    leaves, history a single line."""
     model.put(ADDR, DEV, b"base")
-    count = 100
+    count = 1000
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(node.data_dir), name, str(count)],
+            [sys.executable, "-c", WRITER, str(node.data_dir), name, str(count), kind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=cli_env(),
         )
-        for name in ("A", "B")
+        for name, kind in zip("AB", how, strict=True)
     ]
     try:
         for p in procs:

@@ -11,6 +11,8 @@ commits survive power loss.
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +86,31 @@ def _scan(
         yield key, bytes(value)
 
 
+class WriterLock:
+    """``with store.writer:`` — one writer of new versions at a time, across processes.
+
+    A writer reads a context's leaves, seals a version on them (~0.3 ms) and commits
+    it; LMDB serialises only the commit, so two processes writing one context could
+    keep invalidating each other's leaves (`StaleHead`) until one gave up. An
+    exclusive ``flock`` on ``writers.lock`` in the store's directory, held from the
+    read to the commit, makes them take turns instead. Not reentrant.
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class Store:
     """A handle on one LMDB environment (a directory). Thread-safe."""
 
@@ -105,6 +132,7 @@ class Store:
             raise SlurpError(f"cannot open store at {path}: {exc}") from exc
         self._dbs = {name: self._env.open_db(name, create=not readonly) for name in s.ALL_DBS}
         self._path = path
+        self.writer = WriterLock(path / "writers.lock")
         self._counters = _Counters()
         self._lock = threading.Lock()
         self._aux: dict[bytes, lmdb._Database] = {}
@@ -123,6 +151,7 @@ class Store:
     def close(self) -> None:
         self.sync()
         self._env.close()
+        self.writer.close()
 
     def sync(self) -> None:
         """Flush committed transactions to stable storage."""
