@@ -38,6 +38,7 @@ from slurpfs.fs.access import RoleMap, read_sup_groups
 from slurpfs.fs.inodes import Kind
 from slurpfs.fs.invalidate import Invalidator
 from slurpfs.fs.ops import Operations
+from slurpfs.fs.scratch import ENTRY_BYTES
 from slurpfs.model import ContextStore, data_paths
 from slurpfs.service import control, mountcmd
 from slurpfs.service.daemon import MountError
@@ -262,7 +263,7 @@ async def test_scratch_files_and_a_save_by_rename(fs: OpsHarness, model: Context
     assert len(model.history(ADDR, DEV)) == 2
     await fs.unlink(f"{DIR}/.{DEV}.swp")
     assert await fs.listdir(DIR) == [DEV]
-    assert fs.ops.scratch.used == 4  # unlinked, but the kernel may still use the inode
+    assert fs.ops.scratch.used == ENTRY_BYTES + 4  # unlinked, but the kernel may still use it
     await fs.forget_all()
     assert fs.ops.scratch.used == 0
 
@@ -348,12 +349,28 @@ async def test_rmdir_refuses_non_empty_and_removes_empty(fs: OpsHarness) -> None
 
 
 async def test_scratch_memory_is_bounded(model: ContextStore) -> None:
-    config = model.config.replace(mount=model.config.mount.__class__(scratch_bytes=10))
+    """Scratch files live in memory under `mount.scratch_bytes`: bytes, symlink
+    targets and a fixed cost per file all count. Expected: ENOSPC past the bound
+    (for data, for one file too many, for a long link target), all of it back once
+    the files are gone."""
+    bound = 2 * ENTRY_BYTES + 16
+    config = model.config.replace(mount=model.config.mount.__class__(scratch_bytes=bound))
     fs = OpsHarness(make_ops(model, config))
     await fs.makedirs(DIR)
     await fs.write(f"{DIR}/small", b"0123456789")
     with raises_errno(errno.ENOSPC):
-        await fs.write(f"{DIR}/big", b"x")
+        await fs.write(f"{DIR}/big", b"01234567890")  # created, but its bytes do not fit
+    with raises_errno(errno.ENOSPC):
+        await fs.write(f"{DIR}/one-too-many", b"")
+    await fs.unlink(f"{DIR}/big")
+    await fs.forget_all()
+    parent, _ = await fs.parent(f"{DIR}/link")
+    with raises_errno(errno.ENOSPC):
+        await fs.ops.symlink(parent, b"link", b"t" * (ENTRY_BYTES + 1), fs.ctx)
+    link = await fs.ops.symlink(parent, b"link", b"target", fs.ctx)
+    fs.held[link.st_ino] = fs.held.get(link.st_ino, 0) + 1  # the kernel's reference
+    assert fs.ops.scratch.used == bound
+    await fs.unlink(f"{DIR}/link")
     await fs.unlink(f"{DIR}/small")
     await fs.forget_all()
     assert fs.ops.scratch.used == 0

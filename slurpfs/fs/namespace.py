@@ -202,9 +202,7 @@ class Namespace:
         where = dir_key(address)
         if self.scratch.get(where, name) is not None:
             raise AlreadyExists(f"{name!r} exists")
-        sf = self.scratch.copy_of(b"", st.S_IFLNK | 0o777, None)
-        sf.target = target
-        sf.uid, sf.gid = caller.uid, caller.gid
+        sf = self.scratch.symlink(target, caller.uid, caller.gid)
         self.scratch.link(where, name, sf)
         return self.tree.scratch_node(parent, name, sf)
 

@@ -57,8 +57,17 @@ class ScratchFile:
         self.mtime_ns = self.ctime_ns = time.time_ns()
 
 
+# What one scratch file costs besides its bytes (its record, name, directory slot and
+# inode, rounded up), charged against the bound: a flood of empty files or long
+# symlink targets must hit ENOSPC too, not grow the daemon without limit.
+ENTRY_BYTES = 1024
+
+
 class ScratchStore:
-    """All scratch files of a mount, by directory and name, with one memory bound."""
+    """All scratch files of a mount, by directory and name, with one memory bound.
+
+    The bound counts each file's bytes (a symlink's target) plus `ENTRY_BYTES`.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -82,6 +91,7 @@ class ScratchStore:
         self, where: DirKey, name: bytes, mode: int, uid: int = 0, gid: int = 0
     ) -> ScratchFile:
         """A new empty scratch file named `name` (replacing any scratch file of that name)."""
+        self._reserve(ENTRY_BYTES)
         sf = ScratchFile(next(self._serials), mode=mode, uid=uid, gid=gid)
         self.link(where, name, sf)
         return sf
@@ -115,13 +125,21 @@ class ScratchStore:
         if sf.linked or sf.referenced or sf.opens or sf.released:
             return
         sf.released = True
-        self.used -= len(sf.data)
+        self.used -= ENTRY_BYTES + len(sf.data) + len(sf.target or b"")
         sf.data = bytearray()
 
     def copy_of(self, data: bytes, mode: int, origin: tuple[str, bytes] | None) -> ScratchFile:
         """An unlinked scratch file holding `data` (accounted; link it with `link`)."""
-        self._reserve(len(data))
+        self._reserve(ENTRY_BYTES + len(data))
         sf = ScratchFile(next(self._serials), data=bytearray(data), mode=mode, origin=origin)
+        sf.linked = False
+        return sf
+
+    def symlink(self, target: bytes, uid: int, gid: int) -> ScratchFile:
+        """An unlinked symbolic link to `target` (accounted; link it with `link`)."""
+        self._reserve(ENTRY_BYTES + len(target))
+        sf = ScratchFile(next(self._serials), mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid)
+        sf.target = target
         sf.linked = False
         return sf
 
