@@ -268,6 +268,12 @@ class Commands:
             f"{report.versions} versions, {report.contexts} contexts, {report.directories} directories,"
             f" {report.decrypted} decrypted: "
             + ("clean" if report.ok else f"{len(report.problems)} problems")
+            + (
+                f"; {report.conflicts} contexts with unresolved conflicts"
+                " (<role>.conflict-<id> files in a mount)"
+                if report.conflicts
+                else ""
+            )
         )
         _emit(
             args,
@@ -276,6 +282,7 @@ class Commands:
                 "versions": report.versions,
                 "contexts": report.contexts,
                 "decrypted": report.decrypted,
+                "conflicts": report.conflicts,
                 "problems": report.problems,
             },
             "\n".join([*report.problems, summary]),

@@ -24,6 +24,7 @@ class FsckReport:
     contexts: int = 0
     directories: int = 0
     decrypted: int = 0
+    conflicts: int = 0  # contexts with concurrent heads: not damage, but worth telling
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +99,8 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
             report.problems.append(f"{where}: a leaf does not resolve to a version")
             continue
         known = [leaf for leaf in leaves if leaf is not None]
+        if len(known) > 1:
+            report.conflicts += 1
         if [leaf.order for leaf in known] != sorted((leaf.order for leaf in known), reverse=True):
             report.problems.append(f"{where}: head is not the greatest (HLC, author) leaf")
         if any(leaf.address != address or leaf.role != role for leaf in known):

@@ -339,7 +339,14 @@ def test_fsck_and_status(data: Path) -> None:
     shallow = js(run_cli("fsck", "--data", data, "--json", "--shallow"))
     status = js(run_cli("status", "--data", data, "--json"))
 
-    assert report == {"ok": True, "versions": 2, "contexts": 1, "decrypted": 2, "problems": []}
+    assert report == {
+        "ok": True,
+        "versions": 2,
+        "contexts": 1,
+        "decrypted": 2,
+        "conflicts": 0,
+        "problems": [],
+    }
     assert shallow["decrypted"] == 0
     assert ok(run_cli("fsck", "--data", data)).stdout.decode().rstrip().endswith("clean")
     assert (status["versions"], status["contexts"], status["plaintext_bytes"]) == (2, 1, 12)

@@ -146,10 +146,13 @@ def test_resolving_a_conflict_merges_the_leaves_and_keeps_history(nodes: Nodes) 
         model, ADDR.key, DEV, b"winner", parents=[base.version_id], hlc=base.hlc + 2, author=peer
     )
     model.store.commit([loser, winner])
+    report = fsck.check(model)
+    assert (report.ok, report.conflicts) == (True, 1)  # not damage, but fsck tells
 
     with pytest.raises(NotFound):
         model.resolve_conflict(ADDR, DEV, winner.record.version_id)  # the head is no conflict
     merged = model.resolve_conflict(ADDR, DEV, loser.record.version_id)
+    assert fsck.check(model).conflicts == 0
 
     assert set(merged.parents) == {winner.record.version_id, loser.record.version_id}
     assert model.store.leaves(ADDR.key, DEV) == [merged]
