@@ -11,12 +11,13 @@ Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,14 @@ from slurpfs.ucxl import Address, TemporalKind, validate_component
 VersionInfo = VersionRecord
 """Metadata of one version (an alias: the store's record is the public shape)."""
 
+
 # Optimistic concurrency with other processes writing the same context: re-seal on
 # the new head and retry, backing off a random moment so two busy writers do not
 # keep overtaking each other in lockstep.
+class WriterBusy(Exception):
+    """Another writer holds the writer lock and the caller asked not to wait."""
+
+
 # `<role>.conflict-<id>`: a losing leaf of concurrent heads, listed beside the role file.
 CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]{{16}})")
 _COMMIT_RETRIES = 64
@@ -297,9 +303,19 @@ class ContextStore:
     # -- writing ---------------------------------------------------------------
 
     def put(
-        self, address: Address, role: str, data: bytes, *, ttl: float | None = None
+        self,
+        address: Address,
+        role: str,
+        data: bytes,
+        *,
+        ttl: float | None = None,
+        wait: bool = True,
     ) -> VersionInfo:
-        """Store `data` as the new latest version of (address, role): one LMDB transaction."""
+        """Store `data` as the new latest version of (address, role): one LMDB transaction.
+
+        With `wait` false, `WriterBusy` instead of waiting while another writer (a
+        thread, or another process such as `slurpfs import`) holds the writer lock.
+        """
         self._check_address(address, writing=True)
         self._check_role(role)
         if len(data) > self.config.store.max_context_bytes:
@@ -307,18 +323,37 @@ class ContextStore:
                 f"{len(data)} bytes is over store.max_context_bytes ({self.config.store.max_context_bytes})"
             )
         expires = None if ttl is None else int((time.time() + ttl) * 1000)
-        info = self._write(address.key, role, data, deleted=False, expires_ms=expires)
+        info = self._write(address.key, role, data, deleted=False, expires_ms=expires, wait=wait)
         self._puts += 1
         return info
 
-    def delete(self, address: Address, role: str) -> VersionInfo:
-        """Store a deletion (tombstone); history stays. NotFound if nothing live is there."""
+    def delete(self, address: Address, role: str, *, wait: bool = True) -> VersionInfo:
+        """Store a deletion (tombstone); history stays. NotFound if nothing live is there.
+
+        `wait` as for `put`.
+        """
         self._check_address(address, writing=True)
         self._check_role(role)
         head = self._store.head(address.key, role)
         if head is None or head.deleted:
             raise NotFound(f"no context at {address} for role {role!r}")
-        return self._write(address.key, role, b"", deleted=True, expires_ms=None)
+        return self._write(address.key, role, b"", deleted=True, expires_ms=None, wait=wait)
+
+    @contextlib.contextmanager
+    def _writer(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold this process's write lock and the store's writer lock (`WriterBusy`
+        at once, if not `wait` and either is taken)."""
+        if not self._write_lock.acquire(blocking=wait):
+            raise WriterBusy
+        try:
+            if not self._store.writer.acquire(blocking=wait):
+                raise WriterBusy
+            try:
+                yield
+            finally:
+                self._store.writer.release()
+        finally:
+            self._write_lock.release()
 
     def _write(
         self,
@@ -329,9 +364,10 @@ class ContextStore:
         deleted: bool,
         expires_ms: int | None,
         extra_parents: Sequence[bytes] = (),
+        wait: bool = True,
     ) -> VersionInfo:
         readers = [self.keyring.current_public(r) for r in self.config.readers_of(role)]
-        with self._write_lock, self._store.writer:
+        with self._writer(wait=wait):
             for attempt in range(_COMMIT_RETRIES):
                 if attempt:
                     time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
@@ -415,7 +451,7 @@ class ContextStore:
         context's history.
         """
         batch = list(items)
-        with self._write_lock, self._store.writer:
+        with self._writer():
             for attempt in range(_COMMIT_RETRIES):
                 if attempt:
                     time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
@@ -520,7 +556,7 @@ class ContextStore:
         the old generation until restarted.
         """
         self._check_role(role)
-        with self._write_lock, self._store.writer:
+        with self._writer():
             new, old = self._keystore.rotate(role)
             self.keyring = self._keystore.load()
             rewrapped = 0

@@ -18,6 +18,7 @@ from typing import cast
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from conftest import Nodes
 from fsutil import (
     AUTH,
@@ -43,6 +44,7 @@ from slurpfs.model import ContextStore, data_paths
 from slurpfs.service import control, mountcmd
 from slurpfs.service.daemon import MountError
 from slurpfs.store import Commit, VersionRecord
+from slurpfs.store.lmdb_store import WriterLock
 from slurpfs.ucxl import parse
 
 DIR = f"ucxl/{AUTH}/src/auth.go"
@@ -146,6 +148,39 @@ async def test_o_append_writes_go_to_the_end_whatever_offset_the_kernel_sends(
         await ops.flush(fi.fh)
         await ops.release(fi.fh)
         assert model.get(ADDR, DEV).data == other + b"APPENDED\n"
+
+
+async def test_a_save_waits_for_another_writer_off_the_fuse_loop(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    """While another process holds the store's writer lock (`slurpfs import` sealing
+    a batch, say), a save waits for it in a worker thread, not on the FUSE loop.
+    Expected: other requests are answered meanwhile; the save completes, as one new
+    version, once the lock is free."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"one\n")
+    await fs.write(f"{DIR}/architect", b"other\n")
+    other = WriterLock(model.store.path / "writers.lock")  # as another process would
+    assert other.acquire()
+    saved = trio.Event()
+
+    async def save() -> None:
+        await fs.write(f"{DIR}/{DEV}", b"two\n")
+        saved.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not saved.is_set()
+            assert await fs.read(f"{DIR}/architect") == b"other\n"
+            assert await fs.listdir(DIR) == ["architect", DEV]
+            other.release()
+    finally:
+        other.close()
+    assert saved.is_set()
+    assert [v.size for v in model.history(ADDR, DEV)] == [4, 4]
+    assert model.get(ADDR, DEV).data == b"two\n"
 
 
 @pytest.mark.expect_warnings

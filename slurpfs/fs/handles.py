@@ -33,7 +33,7 @@ from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
 from slurpfs.fs.tree import Entry
 from slurpfs.fs.view import StoreView
-from slurpfs.model import Context, ContextStore, VersionInfo
+from slurpfs.model import Context, ContextStore, VersionInfo, WriterBusy
 from slurpfs.ucxl import Address
 
 T = TypeVar("T")
@@ -241,9 +241,22 @@ class Gateway:
             return fn()
         return await trio.to_thread.run_sync(fn, limiter=self.limiter)
 
+    async def _write(self, big: bool, write: Callable[..., VersionInfo]) -> VersionInfo:
+        """Run `write(wait=...)`: small ones inline unless another writer (another
+        process's `slurpfs import`, say) holds the store's writer lock; waiting for it
+        is done in a worker thread, never on the FUSE loop."""
+        if not big:
+            try:
+                return write(wait=False)
+            except WriterBusy:
+                pass
+        return await trio.to_thread.run_sync(
+            functools.partial(write, wait=True), limiter=self.limiter
+        )
+
     async def put(self, address: Address, role: str, data: bytes) -> VersionInfo:
         try:
-            info = await self._run(
+            info = await self._write(
                 len(data) > self.inline_bytes,
                 functools.partial(self.model.put, address, role, data),
             )
@@ -258,7 +271,7 @@ class Gateway:
 
     async def delete(self, address: Address, role: str) -> VersionInfo:
         try:
-            info = self.model.delete(address, role)
+            info = await self._write(False, functools.partial(self.model.delete, address, role))
         finally:
             self._changed()
         self.commits += 1

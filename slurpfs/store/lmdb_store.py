@@ -87,7 +87,7 @@ def _scan(
 
 
 class WriterLock:
-    """``with store.writer:`` — one writer of new versions at a time, across processes.
+    """One writer of new versions at a time, across processes (``with store.writer:``).
 
     A writer reads a context's leaves, seals a version on them (~0.3 ms) and commits
     it; LMDB serialises only the commit, so two processes writing one context could
@@ -101,11 +101,22 @@ class WriterLock:
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
+    def acquire(self, *, blocking: bool = True) -> bool:
+        """Take the lock; without `blocking`, False at once if another holder has it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self.release()
 
     def close(self) -> None:
         os.close(self._fd)
