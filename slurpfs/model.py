@@ -55,15 +55,16 @@ VersionInfo = VersionRecord
 """Metadata of one version (an alias: the store's record is the public shape)."""
 
 
-# Optimistic concurrency with other processes writing the same context: re-seal on
-# the new head and retry, backing off a random moment so two busy writers do not
-# keep overtaking each other in lockstep.
 class WriterBusy(Exception):
     """Another writer holds the writer lock and the caller asked not to wait."""
 
 
 # `<role>.conflict-<id>`: a losing leaf of concurrent heads, listed beside the role file.
 CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]{{16}})")
+
+# Writers take turns (`Store.writer`), but a version stored by another path (a
+# replica, a writer of an older slurpfs) can still move the leaves between reading
+# and committing: re-seal on the new head and retry, backing off a random moment.
 _COMMIT_RETRIES = 64
 _RETRY_BACKOFF = 0.0005  # seconds, times the attempt number (capped at 20)
 
