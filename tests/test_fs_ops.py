@@ -150,6 +150,39 @@ async def test_o_append_writes_go_to_the_end_whatever_offset_the_kernel_sends(
         assert model.get(ADDR, DEV).data == other + b"APPENDED\n"
 
 
+async def test_an_open_file_follows_versions_stored_elsewhere(
+    fs: OpsHarness, ops: Operations, model: ContextStore
+) -> None:
+    """A file stays open (less, tail -f, an editor) while another process or a peer
+    stores new versions. Expected: the open reader's next read gives the new bytes,
+    as many as the size it is told; an in-place write through another descriptor
+    builds on the newest version, so nothing stored meanwhile is lost."""
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"v1\n")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    holder = await ops.open(ino, os.O_RDONLY, fs.ctx)
+    assert await ops.read(holder.fh, 0, 100) == b"v1\n"
+
+    model.put(ADDR, DEV, b"v2 from elsewhere\n")  # as `slurpfs put` would
+    assert (await ops.getattr(ino, fs.ctx)).st_size == 18
+    assert await ops.read(holder.fh, 3, 100) == b"from elsewhere\n"
+
+    appender = await ops.open(ino, os.O_WRONLY | os.O_APPEND, fs.ctx)
+    patcher = await ops.open(ino, os.O_WRONLY, fs.ctx)
+    model.put(ADDR, DEV, b"v3\n")  # again, while all three are open
+    assert await ops.write(appender.fh, 18, b"appended\n") == 9
+    await ops.flush(appender.fh)
+    await ops.release(appender.fh)
+    assert model.get(ADDR, DEV).data == b"v3\nappended\n"
+    model.put(ADDR, DEV, b"abc\n")
+    assert await ops.write(patcher.fh, 0, b"X") == 1  # dd conv=notrunc
+    await ops.flush(patcher.fh)
+    await ops.release(patcher.fh)
+    assert model.get(ADDR, DEV).data == b"Xbc\n"
+    assert await ops.read(holder.fh, 0, 100) == b"Xbc\n"
+    await ops.release(holder.fh)
+
+
 async def test_a_save_waits_for_another_writer_off_the_fuse_loop(
     fs: OpsHarness, model: ContextStore
 ) -> None:

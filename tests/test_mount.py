@@ -342,6 +342,56 @@ def test_appends_after_an_outside_write_go_to_the_end(mnt: Mounted, ctxdir: Path
         assert (ctxdir / DEV).read_bytes() == outside + b"appended\n"
 
 
+HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    first = os.read(fd, 1 << 16)
+    print(len(first), flush=True)
+    sys.stdin.readline()  # another process stores a new version meanwhile
+    size = os.fstat(fd).st_size
+    print(size, repr(os.pread(fd, 1 << 16, len(first))), flush=True)  # what tail -f does
+    os.close(fd)
+    """
+)
+
+
+def test_an_open_file_follows_a_put_from_outside(mnt: Mounted, ctxdir: Path) -> None:
+    # A reader holds the file open (tail -f, less, an editor) while `slurpfs put`
+    # stores a new version. Expected: the reader reads on into the new bytes, as
+    # many as the size it is told; an append afterwards builds on the new version
+    # (nothing lost); `cat` and `stat` agree with the store at once.
+    address = f"ucxl://{AUTH}/{'/'.join(SRC)}"
+    target = ctxdir / DEV
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        assert holder.stdout.readline() == b"18\n"  # "line one\nline two\n"
+        new = b"line one\nline two\nline three, from the CLI\n"
+        slurpfs("put", "--data", mnt.data, address, "--role", DEV, input=new)
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+        size, rest = holder.stdout.readline().decode().split(" ", 1)
+        assert (int(size), rest.strip()) == (len(new), repr(new[18:]))
+        assert holder.wait(timeout=60) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+    subprocess.run(["sh", "-c", f"echo appended >> '{target}'"], check=True)
+    assert target.read_bytes() == new + b"appended\n"
+    assert os.stat(target).st_size == len(new) + 9
+    assert slurpfs("get", "--data", mnt.data, address, "--role", DEV).stdout == new + b"appended\n"
+
+
 def test_truncate_to_zero(mnt: Mounted, ctxdir: Path) -> None:
     before = versions(ctxdir, DEV)
     subprocess.run(["truncate", "-s", "0", str(ctxdir / DEV)], check=True)

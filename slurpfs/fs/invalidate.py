@@ -179,12 +179,15 @@ class Invalidator:
                 if node.content is not None and node.content.dirty:
                     continue  # an open writer here: its commit comes next and wins
                 known = node.info.version_id if node.info is not None else None
+                # An open file's buffer may hold an older version than what the node
+                # (and so the kernel's attributes) already say: its pages go too.
+                held = node.content.base if node.content is not None else known
                 if head is None:
                     if known is not None:
                         actions.entries.append((node.parent, node.name))
                         actions.inodes.append(node.ino)
                         node.info = None
-                elif known != head.version_id:
+                elif known != head.version_id or held not in (head.version_id, None):
                     actions.inodes.append(node.ino)
                     node.info = head
             elif node.kind is Kind.CONFLICT and node.info is not None:

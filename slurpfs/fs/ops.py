@@ -557,10 +557,25 @@ class Operations(pyfuse3.Operations):
                 return bytes(handle.scratch.data[off : off + size])
             content = handle.content
             assert content is not None
-            if content.buffer is None:
-                await self._load(handle.node, content, handle.caller)
+            if content.buffer is None or self._behind(handle.node, content):
+                await self._load(handle.node, content, handle.caller, force=True)
             assert content.buffer is not None
             return bytes(content.buffer[off : off + size])
+
+    def _behind(self, node: Node, content: Content) -> bool:
+        """Whether a clean buffer holds an older version than the head: another process
+        (`slurpfs put`) or a peer stored one while this file stayed open. Reads and
+        writes then start from the new head, or an append would silently build on the
+        old version and a reader would get fewer bytes than the size it was told."""
+        if content.buffer is None or content.dirty or content.base is None:
+            return False
+        if node.key is None or node.address is None:
+            return False  # unlinked or renamed over while open: it keeps what it held
+        self.view.refresh()
+        try:
+            return self.view.stat(node.address, node.key.role).version_id != content.base
+        except NotFound:
+            return False  # deleted meanwhile: this open file keeps what it held
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         with errmap(self.inodes.sweep):
@@ -572,8 +587,8 @@ class Operations(pyfuse3.Operations):
             content = handle.content
             assert content is not None
             self._check_size(off + len(buf))
-            if content.buffer is None:
-                await self._load(handle.node, content, handle.caller)
+            if content.buffer is None or self._behind(handle.node, content):
+                await self._load(handle.node, content, handle.caller, force=True)
             assert content.buffer is not None
             if handle.append:
                 # Without the writeback cache the kernel sends an O_APPEND write at the
