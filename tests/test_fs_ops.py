@@ -462,8 +462,15 @@ async def test_xattrs_expose_metadata(fs: OpsHarness, model: ContextStore) -> No
     assert await fs.ops.getxattr(ino, b"user.slurp.address", fs.ctx) == str(ADDR).encode()
     with raises_errno(pyfuse3.ENOATTR):
         await fs.ops.getxattr(ino, b"user.other", fs.ctx)
-    with raises_errno(errno.ENOTSUP):
-        await fs.ops.setxattr(ino, b"user.slurp.version", b"x", fs.ctx)
+    # What `cp --preserve=xattr` / `rsync -aX` from another mount do: accepted, not kept.
+    await fs.ops.setxattr(ino, b"user.slurp.version", b"x", fs.ctx)
+    await fs.ops.removexattr(ino, b"user.slurp.author", fs.ctx)
+    assert (
+        await fs.ops.getxattr(ino, b"user.slurp.version", fs.ctx) == head.version_id.hex().encode()
+    )
+    assert len(await fs.ops.listxattr(ino, fs.ctx)) == 4
+    with raises_errno(errno.ENOTSUP):  # anything else cannot be stored
+        await fs.ops.setxattr(ino, b"user.other", b"x", fs.ctx)
 
 
 async def test_inode_numbers_are_stable_and_forget_purges(fs: OpsHarness) -> None:

@@ -392,6 +392,19 @@ def test_an_open_file_follows_a_put_from_outside(mnt: Mounted, ctxdir: Path) -> 
     assert slurpfs("get", "--data", mnt.data, address, "--role", DEV).stdout == new + b"appended\n"
 
 
+def test_copies_that_keep_attributes_succeed(mnt: Mounted, ctxdir: Path) -> None:
+    # `rsync -aX` and `cp --preserve=all` copy extended attributes too; from another
+    # address of a mount those are `user.slurp.*`. Expected: exit 0 and one version
+    # with the same bytes at the copy; the copy's attributes describe its own version.
+    copy = ctxdir.parent / "copy"
+    subprocess.run(["rsync", "-aX", f"{ctxdir}/", f"{copy}/"], check=True)
+    assert (copy / DEV).read_bytes() == (ctxdir / DEV).read_bytes()
+    assert versions(copy, DEV) == 1
+    subprocess.run(["cp", "--preserve=all", str(ctxdir / DEV), str(copy / DEV)], check=True)
+    assert versions(copy, DEV) == 2
+    assert os.getxattr(copy / DEV, "user.slurp.address").endswith(b"/copy")
+
+
 def test_truncate_to_zero(mnt: Mounted, ctxdir: Path) -> None:
     before = versions(ctxdir, DEV)
     subprocess.run(["truncate", "-s", "0", str(ctxdir / DEV)], check=True)

@@ -747,10 +747,19 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        raise fail(errno.ENOTSUP)
+        self._own_xattr(inode, name)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise fail(errno.ENOTSUP)
+        self._own_xattr(inode, name)
+
+    def _own_xattr(self, inode: int, name: bytes) -> None:
+        """`user.slurp.*` describes the stored version: `cp --preserve=xattr` and
+        ``rsync -aX`` out of another mount set it, and are answered with success and
+        nothing kept, like mode and times. No other attribute can be stored."""
+        if not name.startswith(XATTR_PREFIX):
+            raise fail(errno.ENOTSUP)
+        with errmap(self.inodes.sweep):
+            self.node(inode)
 
     # -- state -------------------------------------------------------------------------
 
