@@ -336,6 +336,20 @@ def test_a_new_ttl_replaces_the_old_one(model: ContextStore) -> None:
     assert model.expire(now=now + 2000) == 2
 
 
+def test_a_version_without_ttl_makes_the_context_permanent(model: ContextStore) -> None:
+    """`put --ttl` then a plain `put` (or a save through a mount): the newest version
+    was written to stay. Expected: nothing expires, history intact."""
+    model.put(ADDR, DEV, b"draft", ttl=10)
+    model.put(ADDR, DEV, b"final")
+    now = model.history(ADDR, DEV)[-1].mtime
+
+    assert model.expire(now=now + 10_000) == 0
+    assert model.get(ADDR, DEV).data == b"final"
+    assert len(model.history(ADDR, DEV)) == 2
+    model.put(ADDR, DEV, b"temporary again", ttl=10)
+    assert model.expire(now=now + 10_000) == 3
+
+
 def test_a_purged_context_can_be_written_again(model: ContextStore) -> None:
     model.put(ADDR, DEV, b"old", ttl=1)
     assert model.expire(now=model.history(ADDR, DEV)[-1].mtime + 10) == 1

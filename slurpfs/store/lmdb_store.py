@@ -243,6 +243,8 @@ class Store:
         self._ensure_dirs(txn, rec.address)
         if c.expires_ms is not None:
             self._set_ttl(txn, ctx, c.expires_ms)
+        else:  # a version stored without a TTL makes the context permanent again
+            self._clear_ttl(txn, ctx)
         txn.put(s.U64.pack(seq), rec.version_id, db=dbs[s.DB_CHANGES])
 
     def _put_leaves(self, txn: lmdb.Transaction, ctx: bytes, leaves: list[bytes]) -> None:
@@ -251,12 +253,16 @@ class Store:
         txn.put(ctx, b"".join(r.version_id for r in records), db=self._dbs[s.DB_LEAVES])
 
     def _set_ttl(self, txn: lmdb.Transaction, ctx: bytes, expires_ms: int) -> None:
-        old = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
-        if old is not None:
-            txn.delete(bytes(old) + ctx, db=self._dbs[s.DB_TTL])
+        self._clear_ttl(txn, ctx)
         packed = s.U64.pack(expires_ms)
         txn.put(ctx, packed, db=self._dbs[s.DB_TTL_BY_CONTEXT])
         txn.put(packed + ctx, b"", db=self._dbs[s.DB_TTL])
+
+    def _clear_ttl(self, txn: lmdb.Transaction, ctx: bytes) -> None:
+        old = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+        if old is not None:
+            txn.delete(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+            txn.delete(bytes(old) + ctx, db=self._dbs[s.DB_TTL])
 
     def _ensure_dirs(self, txn: lmdb.Transaction, address: str) -> None:
         parts = address.split("/")
