@@ -187,6 +187,7 @@ class ContextStore:
         keystore.create(config.role_names, held=held)
         if not paths["config"].exists():
             paths["config"].write_text(render_toml(config), encoding="utf-8")
+        Store(paths["store"], map_size=config.store.map_size).close()  # the empty store
         return cls.open(config, passphrase, kdf=kdf)
 
     @classmethod
@@ -201,6 +202,13 @@ class ContextStore:
         if unknown:
             raise SlurpError(
                 f"role {unknown[0]!r} is configured but has no key: run `slurpfs keys add {unknown[0]}`"
+            )
+        if not (paths["store"] / "data.mdb").is_file():
+            # `init` made it; opening would quietly start an empty store, and every
+            # command (fsck too) would report the loss as a clean, empty node.
+            raise Corrupt(
+                f"{paths['store']}: the store is missing although this node is initialised"
+                " (restore the data directory from a backup or a peer)"
             )
         store = Store(paths["store"], map_size=config.store.map_size)
         try:

@@ -234,12 +234,18 @@ def test_rotate_rewrap_destroy(tmp_path: Path) -> None:
         ks.rotate("nobody")
 
 
-def test_rotate_unheld_role_returns_no_old_pair(tmp_path: Path) -> None:
+def test_rotating_a_role_this_node_does_not_hold_is_refused(tmp_path: Path) -> None:
+    """Rotation re-wraps the role's data keys, which needs its current private key;
+    without it the node would only make itself a key that opens no existing version.
+    Expected: KeyMissing naming the role, and nothing written."""
     ks = Keystore(tmp_path, None)
     ks.create(ROLES, held=["developer"])
-    new, old = ks.rotate("architect")
-    assert old is None
-    assert ks.load().held_roles() == set(ROLES)
+    before = ks.load()
+    with pytest.raises(KeyMissing, match="does not hold role 'architect'"):
+        ks.rotate("architect")
+    after = ks.load()
+    assert after.held_roles() == before.held_roles() == {"developer"}
+    assert after.generations("architect") == before.generations("architect") == (1,)
 
 
 def test_drop_private(tmp_path: Path) -> None:

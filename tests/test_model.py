@@ -756,6 +756,21 @@ def test_a_relabelled_metadata_record_is_refused(node: Node, model: ContextStore
     assert ADDR.key in str(error)
 
 
+def test_a_lost_store_is_corrupt_not_a_fresh_empty_one(node: Node, model: ContextStore) -> None:
+    """The LMDB store of an initialised node is gone (deleted, a bad restore).
+    Expected: opening fails with Corrupt naming the store (exit 5), rather than
+    quietly starting an empty store that fsck would call clean."""
+    model.put(ADDR, DEV, b"kept")
+    node.close_all()
+    store = data_paths(model.config.data_dir)["store"]
+    for name in ("data.mdb", "lock.mdb"):
+        (store / name).unlink()
+    with pytest.raises(Corrupt, match="store is missing"):
+        node.open()
+    assert not (store / "data.mdb").exists()
+    node.expect_damage()
+
+
 def test_a_torn_audit_log_tail_is_a_clear_error(node: Node, model: ContextStore) -> None:
     log, lines = _audit_lines(model, node)
     log.write_bytes(b"".join(lines)[:-25])  # power loss in the middle of an append

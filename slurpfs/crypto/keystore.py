@@ -57,6 +57,7 @@ from slurpfs.errors import (
     AlreadyExists,
     ConfigError,
     Corrupt,
+    KeyMissing,
     NotFound,
     NotInitialised,
     WrongPassphrase,
@@ -225,6 +226,14 @@ class Keystore:
             if not gens:
                 raise NotFound(f"no keys for role {role!r}")
             current = max(gens)
+            if (role, current) not in state.pairs:
+                # Rotating is re-wrapping data keys to the new generation, which needs
+                # the current private key; without it this node would only make itself
+                # a key that opens none of the role's existing versions.
+                raise KeyMissing(
+                    f"this node does not hold role {role!r} (generation {current});"
+                    " rotate it on a node that does"
+                )
             new = RoleKeyPair.generate(role, current + 1)
             self._write_pair(new)
             gens[new.generation] = new.public.public
