@@ -26,11 +26,12 @@ from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import InvalidAddress, SlurpError, WrongPassphrase, exit_code
 from slurpfs.index import cli as index_cli
 from slurpfs.index.check import check_index
-from slurpfs.model import BatchItem, ContextStore, VersionInfo, data_paths
+from slurpfs.model import BatchItem, ContextStore, ContextTooLarge, VersionInfo, data_paths
 from slurpfs.service import mountcmd
 from slurpfs.ucxl import Address, Authority, parse
 
 EXIT_PARTIAL = 9
+TTL_MAX_SECONDS = 10 * 365 * 24 * 3600
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 
 
@@ -199,7 +200,14 @@ class Commands:
 
     def put(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         address = _address(args.address)
-        data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+        limit = cfg.store.max_context_bytes
+        if args.file in (None, "-"):
+            data = sys.stdin.buffer.read(limit + 1)  # no more than can be stored, plus one
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ContextTooLarge(f"the input is over store.max_context_bytes ({limit})")
         with self.model(cfg, passphrase) as model:
             model.authorise_change(address.key, args.role, action="write")
             info = model.put(address, args.role, data, ttl=args.ttl)
@@ -507,7 +515,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("address")
     p.add_argument("--role", required=True)
     p.add_argument("file", nargs="?", help="file to read (default: standard input)")
-    p.add_argument("--ttl", type=float, help="expire the context after this many seconds")
+    p.add_argument("--ttl", type=_seconds, help="expire the context after this many seconds")
     p = add("get", commands.get, "print a context (temporal segments work)")
     p.add_argument("address")
     p.add_argument("--role", required=True)
@@ -549,6 +557,19 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    """A TTL: a positive, finite number of seconds (at most ten years)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= TTL_MAX_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give seconds above 0, at most {TTL_MAX_SECONDS}"
+        )
+    return value
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     env = dict(os.environ if environ is None else environ)
     commands = Commands(env)
@@ -566,6 +587,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # The machine speaking about a path the user gave (a missing input file, an
+        # output directory that is not there, a full disk): say which and why.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"slurpfs: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -533,3 +533,29 @@ def test_cli_writes_are_visible_to_the_model(data: Path) -> None:
 
         assert model.get(parse(ADDR), DEV).data == b"from the cli"
     assert len(audit.read(data / "audit.log")) == entries_before + 1
+
+
+def test_bad_paths_and_values_are_clear_errors(data: Path, tmp_path: Path) -> None:
+    """What a user mistypes: a missing or directory input file, an output directory
+    that is not there, a TTL that is not a positive finite number, a missing
+    passphrase file or a directory given as the configuration, input over the
+    size limit. Expected: the path or value named, the documented exit code, no
+    traceback, and nothing stored."""
+    put(data, ADDR, DEV, b"kept")
+    fails(run_cli("put", "--data", data, ADDR, "--role", DEV, tmp_path / "nope"), FAILURE,
+          "nope: No such file or directory")  # fmt: skip
+    fails(run_cli("put", "--data", data, ADDR, "--role", DEV, tmp_path), FAILURE,
+          "Is a directory")  # fmt: skip
+    out = tmp_path / "missing" / "out"
+    fails(run_cli("get", "--data", data, ADDR, "--role", DEV, "-o", out), FAILURE,
+          "missing/out: No such file or directory")  # fmt: skip
+    for ttl in ("nan", "inf", "-1", "0", "soon"):
+        fails(run_cli("put", "--data", data, ADDR, "--role", DEV, "--ttl", ttl, input=b"x"),
+              USAGE, "--ttl")  # fmt: skip
+    fails(run_cli("--passphrase-file", tmp_path / "nope", "status", "--data", data), FAILURE,
+          "nope: No such file or directory")  # fmt: skip
+    fails(run_cli("--config", tmp_path, "status", "--data", data), FAILURE, "Is a directory")
+    big = run_cli("put", "--data", data, ADDR, "--role", DEV, "/dev/zero",
+                  env={"SLURPFS_STORE_MAX_CONTEXT_BYTES": "1000"})  # fmt: skip
+    fails(big, FULL, "over store.max_context_bytes (1000)")
+    assert ok(get(data, ADDR, DEV)).stdout == b"kept"
