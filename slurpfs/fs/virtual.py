@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,13 +106,17 @@ def render_status(info: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_UNMETRIC = re.compile(r"[^a-zA-Z0-9_:]")
+
+
 def render_metrics(stats: Mapping[str, Any]) -> str:
     """Prometheus text exposition of numeric statistics."""
     lines: list[str] = []
     for name, value in sorted(stats.items()):
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        metric = "slurpfs_" + name
+        # Role names may hold `-`, which a metric name may not (Prometheus: [a-zA-Z0-9_:]).
+        metric = "slurpfs_" + _UNMETRIC.sub("_", name)
         lines.append(f"# TYPE {metric} gauge")
         lines.append(f"{metric} {value}")
     return "\n".join(lines) + "\n"
