@@ -545,14 +545,19 @@ class ContextStore:
         self._check_address(address, writing=True)
         self._store.rmdir(address.key)
 
-    def expire(self, now: float | None = None) -> int:
-        """TTL cleanup pass: purge every context whose TTL has passed. Returns versions removed."""
+    def expire(
+        self, now: float | None = None, *, purged: list[tuple[str, str]] | None = None
+    ) -> int:
+        """TTL cleanup pass: purge every context whose TTL has passed. Returns versions
+        removed; each purged (address key, role) is appended to `purged` if given."""
         now_ms = int((time.time() if now is None else now) * 1000)
         removed = 0
         for address, role in self._store.expired(now_ms):
             for leaf in self._store.history(address, role):
                 self._cache.discard(leaf.version_id)
             removed += self._store.purge(address, role)
+            if purged is not None:
+                purged.append((address, role))
         return removed
 
     def rotate_role(self, role: str) -> RotationReport:

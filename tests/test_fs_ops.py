@@ -599,6 +599,32 @@ async def test_invalidator_tells_the_kernel_about_outside_changes(
     assert kernel.entries == [(parent, DEV.encode())]
 
 
+async def test_a_context_purged_by_its_ttl_leaves_the_mount(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    """A TTL purge leaves no change record for the invalidator to find. Expected: the
+    purge tells the kernel to drop the entry and the inode, and an open through an
+    entry the kernel still held is ENOENT (it served an empty file before)."""
+    kernel = FakeKernel()
+    invalidator = Invalidator(fs.ops, kernel)
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"for a while")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    parent = await fs.ino(DIR)
+    model.put(ADDR, DEV, b"for a while", ttl=1)
+    await invalidator.cycle()
+    kernel.inodes.clear()
+
+    purged: list[tuple[str, str]] = []
+    assert model.expire(now=model.stat(ADDR, DEV).mtime + 10, purged=purged) == 2
+    assert purged == [(ADDR.key, DEV)]
+    await invalidator.forget(purged)
+    assert kernel.entries == [(parent, DEV.encode())]
+    assert ino in kernel.inodes
+    with raises_errno(errno.ENOENT):
+        await fs.ops.open(ino, os.O_RDONLY, fs.ctx)
+
+
 async def test_status_files_report_their_true_size(fs: OpsHarness) -> None:
     fs.ops.virtual.register("status", lambda: "pid: 1\n" * 3)
     attrs = await fs.lookup(".slurp/status")

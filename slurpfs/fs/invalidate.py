@@ -150,6 +150,14 @@ class Invalidator:
             self.ops.invalidations += len(actions)
         return len(actions)
 
+    async def forget(self, gone: Iterable[tuple[str, str]]) -> None:
+        """Contexts removed without a change record (a TTL purge): drop what the
+        kernel holds of them."""
+        actions = self.plan(gone)
+        if actions:
+            await trio.to_thread.run_sync(self._send, actions)
+            self.ops.invalidations += len(actions)
+
     def plan(self, changed: Iterable[tuple[str, str]]) -> Actions:
         """What to tell the kernel about these (address key, role) changes."""
         actions = Actions()

@@ -541,6 +541,10 @@ class Operations(pyfuse3.Operations):
                 ctx = await self.gateway.get(node.address, node.key.role, caller)
             except NotFound:
                 if not content.loaded:
+                    if force:
+                        # An open of a file whose context is gone (purged by its TTL,
+                        # removed elsewhere) while the kernel still held its entry.
+                        raise
                     content.set(b"", None)
                 return
             if content.dirty:  # written while we were decrypting: the writes win
@@ -557,7 +561,9 @@ class Operations(pyfuse3.Operations):
                 return bytes(handle.scratch.data[off : off + size])
             content = handle.content
             assert content is not None
-            if content.buffer is None or self._behind(handle.node, content):
+            if content.buffer is None:
+                await self._load(handle.node, content, handle.caller)
+            elif self._behind(handle.node, content):
                 await self._load(handle.node, content, handle.caller, force=True)
             assert content.buffer is not None
             return bytes(content.buffer[off : off + size])
@@ -587,7 +593,9 @@ class Operations(pyfuse3.Operations):
             content = handle.content
             assert content is not None
             self._check_size(off + len(buf))
-            if content.buffer is None or self._behind(handle.node, content):
+            if content.buffer is None:
+                await self._load(handle.node, content, handle.caller)
+            elif self._behind(handle.node, content):
                 await self._load(handle.node, content, handle.caller, force=True)
             assert content.buffer is not None
             if handle.append:

@@ -20,6 +20,7 @@ status to ``slurpfs umount``, exit 0.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -91,17 +92,25 @@ class Syncer:
 
 
 class TtlCleaner:
-    """Purges contexts whose TTL has passed."""
+    """Purges contexts whose TTL has passed, and has the kernel forget them."""
 
-    def __init__(self, gateway: Gateway, interval: float = TTL_INTERVAL) -> None:
+    def __init__(
+        self, gateway: Gateway, invalidator: Invalidator, interval: float = TTL_INTERVAL
+    ) -> None:
         self.gateway = gateway
+        self.invalidator = invalidator
         self.interval = interval
 
     async def run(self) -> None:
+        model = self.gateway.model
         while True:
-            removed = await trio.to_thread.run_sync(self.gateway.model.expire)
+            purged: list[tuple[str, str]] = []
+            removed = await trio.to_thread.run_sync(functools.partial(model.expire, purged=purged))
             if removed:
                 self.gateway.expired()
+                # A purge leaves no change record: without this, a cached entry would
+                # show the file for up to mount.entry_timeout.
+                await self.invalidator.forget(purged)
                 log.info("TTL cleanup removed %d expired versions", removed)
             await trio.sleep(self.interval)
 
@@ -219,7 +228,7 @@ class Daemon:
         )
         self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
-        self.ttl = TtlCleaner(self.ops.gateway)
+        self.ttl = TtlCleaner(self.ops.gateway, self.invalidator)
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"
