@@ -42,7 +42,7 @@ from slurpfs.fs.ops import Operations
 from slurpfs.fs.scratch import ENTRY_BYTES
 from slurpfs.model import ContextStore, data_paths
 from slurpfs.service import control, mountcmd
-from slurpfs.service.daemon import MountError
+from slurpfs.service.daemon import MountError, TtlCleaner
 from slurpfs.store import Commit, VersionRecord
 from slurpfs.store.lmdb_store import WriterLock
 from slurpfs.ucxl import parse
@@ -623,6 +623,31 @@ async def test_a_context_purged_by_its_ttl_leaves_the_mount(
     assert ino in kernel.inodes
     with raises_errno(errno.ENOENT):
         await fs.ops.open(ino, os.O_RDONLY, fs.ctx)
+
+
+async def test_the_ttl_task_reports_what_it_purged(fs: OpsHarness, model: ContextStore) -> None:
+    """The daemon's TTL task purges what has expired and hands the contexts on (to the
+    invalidator and the search indexes); nothing is handed on when nothing expired."""
+    await fs.makedirs(DIR)
+    model.put(ADDR, DEV, b"for a moment", ttl=0.001)
+    model.put(ADDR, "architect", b"for good")
+    reported: list[list[tuple[str, str]]] = []
+    first = trio.Event()
+
+    async def purged(contexts: list[tuple[str, str]]) -> None:
+        reported.append(contexts)
+        model.put(ADDR, DEV, b"again, for good")
+        first.set()
+
+    cleaner = TtlCleaner(fs.ops.gateway, purged, interval=0.01)
+    with trio.move_on_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cleaner.run)
+            await first.wait()
+            await trio.sleep(0.05)  # a few more passes, with nothing left to purge
+            nursery.cancel_scope.cancel()
+    assert reported == [[(ADDR.key, DEV)]]
+    assert model.get(ADDR, "architect").data == b"for good"
 
 
 async def test_status_files_report_their_true_size(fs: OpsHarness) -> None:

@@ -352,6 +352,23 @@ def test_fsck_reports_an_index_that_disagrees_with_the_store(nodes: Nodes) -> No
     assert check_index(model) == []  # a change the indexer has yet to apply is no problem
 
 
+def test_a_ttl_purge_told_to_the_service_leaves_the_index(nodes: Nodes) -> None:
+    """The mount's TTL task hands what it purged to the search service (a purge has
+    no change record). Expected: the next catch-up drops those documents, so a
+    purge is not left for fsck to find as an index that disagrees with the store."""
+    model = new_model(nodes, "whoosh", held=["developer"])
+    target = address("short/lived")
+    model.put(target, "developer", document("ephemeral"), ttl=60)
+    with SearchService.open(model) as search:
+        purged: list[tuple[str, str]] = []
+        model.expire(now=time.time() + 3600, purged=purged)
+        search.forget(purged)
+        assert search.pending()
+        search.catch_up()
+        assert not search.pending()
+        assert check_index(model) == []
+
+
 @pytest.mark.expect_warnings
 def test_corrupt_versions_are_not_indexed(nodes: Nodes, caplog: pytest.LogCaptureFixture) -> None:
     node, model = nodes.new(held=["developer"], overrides={"search.engine": "tantivy"})

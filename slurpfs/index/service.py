@@ -282,6 +282,11 @@ class SearchService:
             self._totals = self._totals + report
         return report
 
+    def forget(self, contexts: Iterable[tuple[str, str]]) -> None:
+        """(address key, file role) removed without a change record (a TTL purge):
+        the next `catch_up` takes them out of the indexes."""
+        self._stale.update(contexts)
+
     def tidy(self) -> bool:
         """Merge what commits without `merge` left unmerged; whether any index did.
 
@@ -297,8 +302,9 @@ class SearchService:
         return tidied
 
     def pending(self) -> bool:
-        """Whether the store logged changes the indexes do not reflect yet."""
-        return bool(self._indexes) and self.seq < self.model.store.sequence()
+        """Whether the store logged changes the indexes do not reflect yet (or
+        contexts removed without a change record are waiting to be dropped)."""
+        return bool(self._indexes) and (bool(self._stale) or self.seq < self.model.store.sequence())
 
     def _build(self, indexes: dict[str, RoleIndex], progress: Progress | None) -> ApplyReport:
         """Index every live context into the given empty role indexes, then save them."""

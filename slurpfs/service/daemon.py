@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +95,13 @@ class TtlCleaner:
     """Purges contexts whose TTL has passed, and has the kernel forget them."""
 
     def __init__(
-        self, gateway: Gateway, invalidator: Invalidator, interval: float = TTL_INTERVAL
+        self,
+        gateway: Gateway,
+        purged: Callable[[list[tuple[str, str]]], Awaitable[None]],
+        interval: float = TTL_INTERVAL,
     ) -> None:
         self.gateway = gateway
-        self.invalidator = invalidator
+        self.purged = purged
         self.interval = interval
 
     async def run(self) -> None:
@@ -108,9 +111,7 @@ class TtlCleaner:
             removed = await trio.to_thread.run_sync(functools.partial(model.expire, purged=purged))
             if removed:
                 self.gateway.expired()
-                # A purge leaves no change record: without this, a cached entry would
-                # show the file for up to mount.entry_timeout.
-                await self.invalidator.forget(purged)
+                await self.purged(purged)
                 log.info("TTL cleanup removed %d expired versions", removed)
             await trio.sleep(self.interval)
 
@@ -182,6 +183,12 @@ class SearchRunner:
         if self.indexer is not None:
             self.indexer.wake()
 
+    def forget(self, contexts: list[tuple[str, str]]) -> None:
+        """Contexts purged without a change record: out of the indexes, soon."""
+        if self.service is not None:
+            self.service.forget(contexts)
+            self.wake()
+
     def stop(self) -> None:
         self._abort.set()
         if self.indexer is not None:
@@ -228,10 +235,17 @@ class Daemon:
         )
         self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
-        self.ttl = TtlCleaner(self.ops.gateway, self.invalidator)
+        self.ttl = TtlCleaner(self.ops.gateway, self._purged)
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"
+
+    async def _purged(self, contexts: list[tuple[str, str]]) -> None:
+        """Contexts the TTL task purged. A purge leaves no change record, so the kernel
+        (which would show them for up to mount.entry_timeout) and the search indexes
+        are told here."""
+        self.search.forget(contexts)
+        await self.invalidator.forget(contexts)
 
     async def _changed(self) -> None:
         """A writer outside the daemon committed (control socket ``changed``)."""
