@@ -224,7 +224,7 @@ class Commands:
         with self.model(cfg, passphrase) as model:
             ctx = model.get(_address(args.address), args.role)
         if args.output:
-            Path(args.output).write_bytes(ctx.data)
+            _write_private(Path(args.output), ctx.data)
         else:
             sys.stdout.buffer.write(ctx.data)
             sys.stdout.buffer.flush()
@@ -331,7 +331,7 @@ class Commands:
 
     def export(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         out = Path(args.dir)
-        out.mkdir(parents=True, exist_ok=True)
+        _private_dirs(out)
         failed: list[tuple[str, str]] = []
         written = 0
         with self.model(cfg, passphrase) as model:
@@ -346,14 +346,14 @@ class Commands:
                     continue
                 try:
                     ctx = model.get(address, role)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(ctx.data)
+                    _private_dirs(target.parent)
+                    _write_private(target, ctx.data)
                     os.utime(target, (ctx.info.mtime, ctx.info.mtime))
                     written += 1
                 except (SlurpError, OSError) as exc:
                     failed.append((f"{address} [{role}]", str(exc)))
             for address in _walk_dirs(model, None):
-                out.joinpath(*address.to_mount_parts()[1:]).mkdir(parents=True, exist_ok=True)
+                _private_dirs(out.joinpath(*address.to_mount_parts()[1:]))
         return self._summary(args, "exported", written, failed)
 
     def _summary(
@@ -555,6 +555,27 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     mountcmd.register(sub, common)
     index_cli.register(sub, common, opener=commands.model)
     return parser
+
+
+def _private_dirs(path: Path) -> None:
+    """`mkdir -p` with every directory it creates 0700 (pathlib's `parents` uses
+    the umask for all but the last)."""
+    if path.is_dir():
+        return
+    _private_dirs(path.parent)
+    path.mkdir(mode=0o700, exist_ok=True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Plaintext the user asked for, readable by the user alone (0600 whatever the
+    umask; an existing file is truncated and made 0600 too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+    finally:
+        os.close(fd)
 
 
 def _seconds(text: str) -> float:

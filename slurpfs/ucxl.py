@@ -38,7 +38,9 @@ _AUTHORITY_PART = re.compile(r"[A-Za-z0-9_-]{1,63}")
 _COUNT = re.compile(r"0|[1-9][0-9]{0,8}")
 _ISO = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
 _ISO_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, line and paragraph separators, and the bidirectional controls
+# that make a name display as another (U+202E turns "gpj.exe" into "exe.jpg").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f]")
 
 
 class _Reason(InvalidAddress):
@@ -225,7 +227,7 @@ def _check_component(name: str) -> None:
         raise _Reason("must not contain '/'")
     control = _CONTROL.search(name)
     if control is not None:
-        raise _Reason(f"must not contain control character {ord(control.group()):#04x}")
+        raise _Reason(f"must not contain control character U+{ord(control.group()):04X}")
     if name.startswith("."):
         raise _Reason("must not start with '.'")
     try:
@@ -243,8 +245,9 @@ def validate_component(name: str) -> None:
     """Check one address path component; raise `InvalidAddress` saying why it is bad.
 
     A component is non-empty, at most `MAX_NAME_BYTES` in UTF-8, has no ``/`` and no
-    ASCII control character, does not start with ``.``, and is not (and does not
-    resemble) a temporal segment, so that a mount path always reads one way.
+    control character (C0, C1, line separators, bidirectional controls), does not
+    start with ``.``, and is not (and does not resemble) a temporal segment, so that
+    a mount path always reads one way.
     """
     try:
         _check_component(name)

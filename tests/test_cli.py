@@ -559,3 +559,25 @@ def test_bad_paths_and_values_are_clear_errors(data: Path, tmp_path: Path) -> No
                   env={"SLURPFS_STORE_MAX_CONTEXT_BYTES": "1000"})  # fmt: skip
     fails(big, FULL, "over store.max_context_bytes (1000)")
     assert ok(get(data, ADDR, DEV)).stdout == b"kept"
+
+
+def test_plaintext_written_on_request_is_for_the_user_alone(data: Path, tmp_path: Path) -> None:
+    """`get -o` and `export` write plaintext where the user asks. Expected: files 0600
+    and directories 0700 whatever the umask (022 here), an existing file made 0600."""
+    put(data, ADDR, DEV, b"secret")
+    out = tmp_path / "out.txt"
+    out.write_bytes(b"old")
+    out.chmod(0o644)
+    before = os.umask(0o022)  # inherited by the command
+    try:
+        ok(run_cli("get", "--data", data, ADDR, "--role", DEV, "-o", out))
+        ok(run_cli("export", "--data", data, tmp_path / "export"))
+    finally:
+        os.umask(before)
+    assert (out.read_bytes(), out.stat().st_mode & 0o777) == (b"secret", 0o600)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+        for p in (tmp_path / "export").rglob("*")
+    }
+    assert modes, "nothing exported"
+    assert all(m == (0o700 if (tmp_path / p).is_dir() else 0o600) for p, m in modes.items()), modes
