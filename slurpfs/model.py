@@ -631,7 +631,9 @@ class ContextStore:
         t = address.temporal
         missing = NotFound(f"no context at {address} for role {role!r}")
         if t is None or t.kind is TemporalKind.LATEST:
-            head = self._store.head(key, role)
+            # An expired context is gone at once, before the daemon's cleanup purges
+            # it (and with no daemon at all).
+            head = self._store.head(key, role, now_ms=int(time.time() * 1000))
             if head is None or head.deleted:
                 raise missing
             return head
@@ -669,7 +671,10 @@ class ContextStore:
             self._check_address(address, writing=False)
             self._check_role(role)
             found = self._store.read_head(
-                address.key, role, load=lambda r: not self._cache.contains(r.version_id)
+                address.key,
+                role,
+                load=lambda r: not self._cache.contains(r.version_id),
+                now_ms=int(time.time() * 1000),
             )
             if found is None or found[0].deleted:
                 raise NotFound(f"no context at {address} for role {role!r}")

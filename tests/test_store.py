@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -348,6 +349,20 @@ def test_a_version_without_ttl_makes_the_context_permanent(model: ContextStore) 
     assert len(model.history(ADDR, DEV)) == 2
     model.put(ADDR, DEV, b"temporary again", ttl=10)
     assert model.expire(now=now + 10_000) == 3
+
+
+def test_an_expired_context_is_gone_before_it_is_purged(model: ContextStore) -> None:
+    """No daemon runs the cleanup (or it has not run yet). Expected: once the TTL has
+    passed, the context reads as absent (NotFound), although its versions are still
+    stored until a cleanup pass purges them."""
+    model.put(ADDR, DEV, b"short-lived", ttl=0.001)
+    time.sleep(0.01)  # past the expiry
+    with pytest.raises(NotFound):
+        model.get(ADDR, DEV)
+    with pytest.raises(NotFound):
+        model.stat(ADDR, DEV)
+    assert len(model.history(ADDR, DEV)) == 1  # purged only by `expire`
+    assert model.expire() == 1
 
 
 def test_a_purged_context_can_be_written_again(model: ContextStore) -> None:

@@ -459,10 +459,19 @@ class Store:
         with self._env.begin() as txn:
             return [self._record(txn, v) for v in self._leaf_ids(txn, s.context_key(address, role))]
 
-    def head(self, address: str, role: str) -> VersionRecord | None:
+    def head(self, address: str, role: str, *, now_ms: int | None = None) -> VersionRecord | None:
+        """The context's head; with `now_ms`, None once its TTL has passed (whether or
+        not a cleanup pass purged it yet)."""
         with self._env.begin() as txn:
-            ids = self._leaf_ids(txn, s.context_key(address, role))
+            ctx = s.context_key(address, role)
+            if now_ms is not None and self._expired(txn, ctx, now_ms):
+                return None
+            ids = self._leaf_ids(txn, ctx)
             return self._record(txn, ids[0]) if ids else None
+
+    def _expired(self, txn: lmdb.Transaction, ctx: bytes, now_ms: int) -> bool:
+        expiry = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
+        return expiry is not None and s.U64.unpack(expiry)[0] <= now_ms
 
     def record(self, version_id: bytes) -> VersionRecord | None:
         with self._env.begin() as txn:
@@ -491,15 +500,24 @@ class Store:
             return self._stored(txn, version_id)
 
     def read_head(
-        self, address: str, role: str, *, load: Callable[[VersionRecord], bool] = lambda r: True
+        self,
+        address: str,
+        role: str,
+        *,
+        load: Callable[[VersionRecord], bool] = lambda r: True,
+        now_ms: int | None = None,
     ) -> tuple[VersionRecord, StoredVersion | None] | None:
         """The head record and (when `load` says so) its stored version, in one transaction.
 
         The hot read path. The stored version is None for a deletion or when `load`
-        declines (the caller has the plaintext cached).
+        declines (the caller has the plaintext cached). With `now_ms`, None once the
+        context's TTL has passed.
         """
         with self._env.begin() as txn:
-            ids = self._leaf_ids(txn, s.context_key(address, role))
+            ctx = s.context_key(address, role)
+            if now_ms is not None and self._expired(txn, ctx, now_ms):
+                return None
+            ids = self._leaf_ids(txn, ctx)
             if not ids:
                 return None
             record = self._record(txn, ids[0])
