@@ -602,8 +602,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         handler: Handler = args.handler
         return handler(args, cfg, passphrase)
     except SlurpError as exc:
-        print(f"slurpfs: {exc}", file=sys.stderr)
-        return exit_code(exc)
+        return _failed(args, str(exc), exit_code(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -612,8 +611,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # The machine speaking about a path the user gave (a missing input file, an
         # output directory that is not there, a full disk): say which and why.
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"slurpfs: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _failed(args, f"{where}{exc.strerror or exc}", 1)
+
+
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    """Say why on stderr; with ``--json``, also as ``{"error", "exit_code"}`` on stdout
+    (a script reading the JSON of every command reads the failures too)."""
+    print(f"slurpfs: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}))
+    return code
 
 
 if __name__ == "__main__":

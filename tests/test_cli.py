@@ -581,3 +581,16 @@ def test_plaintext_written_on_request_is_for_the_user_alone(data: Path, tmp_path
     }
     assert modes, "nothing exported"
     assert all(m == (0o700 if (tmp_path / p).is_dir() else 0o600) for p, m in modes.items()), modes
+
+
+def test_json_failures_are_json_too(data: Path) -> None:
+    """A script reading `--json` output reads failures too. Expected: the reason on
+    stderr, and on stdout one JSON object with the message and the exit code."""
+    missing = run_cli("get", "--data", data, ADDR, "--role", DEV, "--json")
+    fails(missing, NOT_FOUND, "no context")
+    assert json.loads(missing.stdout) == {
+        "error": f"no context at {ADDR} for role {DEV!r}",
+        "exit_code": NOT_FOUND,
+    }
+    bad = run_cli("put", "--data", data, "ucxl://nope", "--role", DEV, "--json", input=b"x")
+    assert json.loads(fails(bad, BAD_ADDRESS).stdout)["exit_code"] == BAD_ADDRESS
