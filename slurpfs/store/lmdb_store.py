@@ -87,13 +87,14 @@ def _scan(
 
 
 class WriterLock:
-    """One writer of new versions at a time, across processes (``with store.writer:``).
+    """One writer of new versions at a time, across processes (`acquire`, `release`).
 
     A writer reads a context's leaves, seals a version on them (~0.3 ms) and commits
     it; LMDB serialises only the commit, so two processes writing one context could
     keep invalidating each other's leaves (`StaleHead`) until one gave up. An
     exclusive ``flock`` on ``writers.lock`` in the store's directory, held from the
-    read to the commit, makes them take turns instead. Not reentrant.
+    read to the commit, makes them take turns instead. Not counted: one `release`
+    frees it however often it was taken (the model holds it once per write).
     """
 
     __slots__ = ("_fd",)
@@ -111,12 +112,6 @@ class WriterLock:
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def close(self) -> None:
         os.close(self._fd)
