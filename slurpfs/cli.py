@@ -569,13 +569,9 @@ def _private_dirs(path: Path) -> None:
 def _write_private(path: Path, data: bytes) -> None:
     """Plaintext the user asked for, readable by the user alone (0600 whatever the
     umask; an existing file is truncated and made 0600 too)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-    finally:
-        os.close(fd)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
 
 
 def _seconds(text: str) -> float:
