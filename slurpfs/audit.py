@@ -99,7 +99,7 @@ class AuditLog:
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _record(  # noqa: PLR0913
+    def _record(
         self, who: str, action: str, address: str, role: str, allowed: bool, reason: str
     ) -> None:
         """Append the next entry (under both locks; the chain's tail is current)."""

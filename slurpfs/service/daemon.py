@@ -97,11 +97,11 @@ class TtlCleaner:
     def __init__(
         self,
         gateway: Gateway,
-        purged: Callable[[list[tuple[str, str]]], Awaitable[None]],
+        on_purge: Callable[[list[tuple[str, str]]], Awaitable[None]],
         interval: float = TTL_INTERVAL,
     ) -> None:
         self.gateway = gateway
-        self.purged = purged
+        self.on_purge = on_purge
         self.interval = interval
 
     async def run(self) -> None:
@@ -111,7 +111,7 @@ class TtlCleaner:
             removed = await trio.to_thread.run_sync(functools.partial(model.expire, purged=purged))
             if removed:
                 self.gateway.expired()
-                await self.purged(purged)
+                await self.on_purge(purged)
                 log.info("TTL cleanup removed %d expired versions", removed)
             await trio.sleep(self.interval)
 
