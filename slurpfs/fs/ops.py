@@ -592,7 +592,6 @@ class Operations(pyfuse3.Operations):
                 return self.scratch.write(handle.scratch, off, buf)
             content = handle.content
             assert content is not None
-            self._check_size(off + len(buf))
             if content.buffer is None:
                 await self._load(handle.node, content, handle.caller)
             elif self._behind(handle.node, content):
@@ -602,7 +601,7 @@ class Operations(pyfuse3.Operations):
                 # Without the writeback cache the kernel sends an O_APPEND write at the
                 # size it last saw; the end is here (another process may have committed).
                 off = len(content.buffer)
-                self._check_size(off + len(buf))
+            self._check_size(off + len(buf))
             content.write(off, buf)
             handle.wrote = True
             return len(buf)
