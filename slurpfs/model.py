@@ -28,6 +28,7 @@ from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
+from slurpfs.crypto.keypool import KeyPool
 from slurpfs.crypto.keys import ROLE_PATTERN, Keyring, RolePublicKey
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import (
@@ -135,6 +136,11 @@ class ModelStatistics:
     gets: int
     denied: int
     corrupt: int
+    # Data keys a mount prepared ahead (`KeyPool`): ready now, versions sealed with
+    # one, and versions sealed inline because none was ready.
+    prepared_keys_ready: int = 0
+    prepared_keys_taken: int = 0
+    prepared_keys_missed: int = 0
 
 
 def data_paths(data_dir: Path) -> dict[str, Path]:
@@ -163,6 +169,8 @@ class ContextStore:
         self._local = local.LocalSlots()
         self._verify_key = local.verify_key(keyring.node)
         self._write_lock = threading.Lock()
+        # Data keys sealed ahead of time (a mount fills it in the background).
+        self.key_pool: KeyPool | None = None
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
         self.role_names: tuple[str, ...] = config.role_names
@@ -375,7 +383,7 @@ class ContextStore:
         extra_parents: Sequence[bytes] = (),
         wait: bool = True,
     ) -> VersionInfo:
-        readers = [self.keyring.current_public(r) for r in self.config.readers_of(role)]
+        readers = self.reader_set(role)
         with self._writer(wait=wait):
             for attempt in range(_COMMIT_RETRIES):
                 if attempt:
@@ -405,6 +413,12 @@ class ContextStore:
             callback(record)
         return record
 
+    def reader_set(self, role: str) -> tuple[RolePublicKey, ...]:
+        """The current public keys a new version of `role` is sealed to."""
+        return env.distinct_readers(
+            [self.keyring.current_public(r) for r in self.config.readers_of(role)]
+        )
+
     def _seal(
         self,
         address: str,
@@ -412,7 +426,7 @@ class ContextStore:
         data: bytes,
         parents: tuple[bytes, ...],
         deleted: bool,
-        readers: Sequence[RolePublicKey],
+        readers: tuple[RolePublicKey, ...],
         expires_ms: int | None,
     ) -> tuple[VersionRecord, Commit]:
         stamp = self._clock.now()
@@ -425,6 +439,7 @@ class ContextStore:
             deleted=deleted,
             readers=readers,
             node=self.keyring.node,
+            prepared=None if self.key_pool is None else self.key_pool.take(readers),
         )
         local_slots = self._local.wrap(
             self.keyring,
@@ -505,11 +520,8 @@ class ContextStore:
                         self._clock.observe(leaf.hlc)
                     parents = (leaves[0].version_id,) if leaves else ()
                     expected = tuple(v.version_id for v in leaves)
-                readers = [
-                    self.keyring.current_public(r) for r in self.config.readers_of(item.role)
-                ]
                 record, commit = self._seal(
-                    ctx[0], item.role, item.data, parents, False, readers, None
+                    ctx[0], item.role, item.data, parents, False, self.reader_set(item.role), None
                 )
             except SlurpError as exc:
                 failed.append((label, str(exc)))
@@ -593,6 +605,8 @@ class ContextStore:
                     rewrapped += 1
                 self._keystore.destroy_generation(role, old.generation)
                 self._local.forget(role, old.generation)
+            if self.key_pool is not None:
+                self.key_pool.clear()  # keys sealed to the old generation
                 self.keyring = self._keystore.load()
         return RotationReport(
             role, None if old is None else old.generation, new.generation, rewrapped
@@ -885,4 +899,7 @@ class ContextStore:
             self._gets,
             self._denied,
             self._corrupt,
+            0 if self.key_pool is None else len(self.key_pool),
+            0 if self.key_pool is None else self.key_pool.taken,
+            0 if self.key_pool is None else self.key_pool.missed,
         )

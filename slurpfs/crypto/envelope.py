@@ -348,10 +348,13 @@ def seal(
     deleted: bool,
     readers: Sequence[RolePublicKey],
     node: NodeIdentity,
+    prepared: PreparedKey | None = None,
 ) -> Sealed:
     """Compress, encrypt, sign and wrap one new version.
 
-    The data key is sealed to each distinct reader (role, generation). Raises
+    The data key is sealed to each distinct reader (role, generation); `prepared`
+    gives one made ahead of time for exactly those readers (`slurpfs.crypto.keypool`),
+    used once. Raises
     :class:`InvalidAddress` for an empty or over-long address, :class:`ConfigError` for
     an invalid role name, :class:`StoreFull` for a
     plaintext over :data:`MAX_PLAINTEXT_SIZE`, ``ValueError`` for no readers or
@@ -370,7 +373,14 @@ def seal(
         packed = _zstd.compressor.compress(plaintext)
         if len(packed) < len(plaintext):
             payload, compression = packed, COMPRESSION_ZSTD
-    data_key = random_bytes(DATA_KEY_BYTES)
+    distinct = distinct_readers(readers)
+    if prepared is None:
+        prepared = prepare_key(distinct)
+    elif [(k.role, k.generation) for k in prepared.slots] != [
+        (r.role, r.generation) for r in distinct
+    ]:
+        raise ValueError("the prepared key was sealed for other readers")
+    data_key = prepared.data_key
     draft = Header(
         deleted=deleted, compression=compression, hlc=hlc, size=len(plaintext),
         author=node.node_id, nonce=random_bytes(NONCE_BYTES), address=address, role=role,
@@ -382,11 +392,29 @@ def seal(
     header = replace(draft, ct_hash=blake2b_256(ciphertext))
     header.__dict__["_body"] = draft._body  # ct_hash is not part of the body
     envelope = Envelope(header, ciphertext, node.sign(header.signed_message()))
+    return Sealed(envelope, envelope.encoded, envelope.version_id, prepared.slots, data_key)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedKey:
+    """A fresh data key and its slots, one per distinct reader (role, generation)."""
+
+    data_key: bytes = field(repr=False)
+    slots: tuple[KeySlot, ...]
+
+
+def distinct_readers(readers: Sequence[RolePublicKey]) -> tuple[RolePublicKey, ...]:
+    """`readers` without repeated (role, generation), the first kept, in order."""
     seen: dict[tuple[str, int], RolePublicKey] = {}
     for reader in readers:
         seen.setdefault((reader.role, reader.generation), reader)
-    slots = tuple(wrap_data_key(data_key, pub) for pub in seen.values())
-    return Sealed(envelope, envelope.encoded, envelope.version_id, slots, data_key)
+    return tuple(seen.values())
+
+
+def prepare_key(readers: Sequence[RolePublicKey]) -> PreparedKey:
+    """A new random data key sealed to each of `readers` (already distinct)."""
+    data_key = random_bytes(DATA_KEY_BYTES)
+    return PreparedKey(data_key, tuple(wrap_data_key(data_key, pub) for pub in readers))
 
 
 def verify(envelope: Envelope, *, address: str, role: str, keyring: Keyring) -> None:

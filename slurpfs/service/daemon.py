@@ -19,6 +19,7 @@ status to ``slurpfs umount``, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -36,6 +37,7 @@ import pyfuse3
 import trio
 
 from slurpfs.config import Config
+from slurpfs.crypto.keypool import DEFAULT_DEPTH, KeyPool
 from slurpfs.errors import SlurpError
 from slurpfs.fs.handles import Gateway
 from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
@@ -114,6 +116,44 @@ class TtlCleaner:
                 await self.on_purge(purged)
                 log.info("TTL cleanup removed %d expired versions", removed)
             await trio.sleep(self.interval)
+
+
+class KeyPreparer:
+    """Keeps the model's `KeyPool` topped up, sealing in a worker thread.
+
+    A commit that finds the pool low says so from whatever thread it runs on; this
+    task then refills every recently used reader set. At start it prepares keys for
+    every role, so the first saves already find some.
+    """
+
+    def __init__(self, model: ContextStore, depth: int = DEFAULT_DEPTH) -> None:
+        self.model = model
+        self.pool = KeyPool(depth, on_low=self._low)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wanted = trio.Event()
+
+    def _low(self) -> None:  # any thread
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):  # shutting down: no more takers
+            token.run_sync_soon(self._wanted.set)
+
+    async def run(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        for role in self.model.config.role_names:
+            self.pool.want(self.model.reader_set(role))
+        self.model.key_pool = self.pool
+        try:
+            while True:
+                await trio.to_thread.run_sync(self.pool.fill)
+                self._wanted = trio.Event()
+                if not self.pool.wanted():
+                    await self._wanted.wait()
+        finally:
+            self.model.key_pool = None
+            self._token = None
+            self.pool.clear()
 
 
 class OpenAborted(SlurpError):
@@ -236,6 +276,7 @@ class Daemon:
         self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
+        self.keys = KeyPreparer(model)
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"
@@ -287,6 +328,7 @@ class Daemon:
             nursery.start_soon(self.search.run, nursery)
             nursery.start_soon(self.syncer.run)
             nursery.start_soon(self.ttl.run)
+            nursery.start_soon(self.keys.run)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._watchdog)
             log.info(
