@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from slurpfs import audit, config, fsck
 from slurpfs.crypto.keystore import KdfParams, Keystore
-from slurpfs.errors import InvalidAddress, SlurpError, WrongPassphrase, exit_code
+from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
 from slurpfs.index import cli as index_cli
 from slurpfs.index.check import check_index
 from slurpfs.model import BatchItem, ContextStore, ContextTooLarge, VersionInfo, data_paths
@@ -233,15 +233,29 @@ class Commands:
     def history(
         self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
     ) -> int:
+        """Every version, deletions included; `n` numbers the content versions as
+        ``.history/<role>/<n>`` does (a deletion has none)."""
         address = _address(args.address)
         with self.model(cfg, passphrase) as model:
-            versions = model.history(address, args.role)
-        rows = [_info_dict(v, n) for n, v in enumerate(versions, 1)]
-        text = "\n".join(
-            f"{r['n']:>4}  {v.short_id}  {_iso(v.mtime)}  {v.size:>9}  {v.author.hex()[:12]}"
-            for r, v in zip(rows, versions, strict=True)
-        )
-        _emit(args, rows, text or f"no versions of {address} for role {args.role}")
+            versions = model.all_versions(address, args.role)
+        if not versions:
+            raise NotFound(f"no versions of {address} for role {args.role}")
+        rows: list[dict[str, Any]] = []
+        lines: list[str] = []
+        n = 0
+        for v in versions:
+            if v.deleted:
+                rows.append(_info_dict(v) | {"n": None})
+                lines.append(
+                    f"{'-':>4}  {v.short_id}  {_iso(v.mtime)}  {'deleted':>9}  {v.author.hex()[:12]}"
+                )
+            else:
+                n += 1
+                rows.append(_info_dict(v, n))
+                lines.append(
+                    f"{n:>4}  {v.short_id}  {_iso(v.mtime)}  {v.size:>9}  {v.author.hex()[:12]}"
+                )
+        _emit(args, rows, "\n".join(lines))
         return 0
 
     def ls(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:

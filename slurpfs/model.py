@@ -842,6 +842,7 @@ class ContextStore:
 
     def all_versions(self, address: Address, role: str) -> tuple[VersionInfo, ...]:
         """Every version, deletions included, oldest first."""
+        self._check_role(role)
         return tuple(self._store.history(address.key, role))
 
     def conflicts(self, address: Address, role: str) -> tuple[VersionInfo, ...]:

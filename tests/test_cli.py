@@ -199,8 +199,17 @@ def test_rm_deletes_and_keeps_history(data: Path) -> None:
     fails(get(data, ADDR, DEV), NOT_FOUND, "no context")
     fails(run_cli("rm", "--data", data, ADDR, "--role", DEV), NOT_FOUND)
     rows = js(run_cli("history", "--data", data, ADDR, "--role", DEV, "--json"))
-    assert len(rows) == 1
+    # The deletion is listed; `n` numbers content versions, as .history/<role>/<n> does.
+    assert [(r["n"], r["deleted"]) for r in rows] == [(1, False), (None, True)]
+    assert rows[1]["version"] == gone["version"]
+    text = ok(run_cli("history", "--data", data, ADDR, "--role", DEV)).stdout.decode()
+    assert [line.split()[0] for line in text.splitlines()] == ["1", "-"]
+    assert "deleted" in text.splitlines()[1]
     assert ok(get(data, ADDR.replace("/src/", "/*~/src/"), DEV)).stdout == b"doomed"
+    # Written again after the deletion: number 2.
+    put(data, ADDR, DEV, b"back")
+    rows = js(run_cli("history", "--data", data, ADDR, "--role", DEV, "--json"))
+    assert [r["n"] for r in rows] == [1, None, 2]
 
 
 # -- exit codes --------------------------------------------------------------------------------
@@ -208,6 +217,8 @@ def test_rm_deletes_and_keeps_history(data: Path) -> None:
 
 def test_not_found_exits_3(data: Path) -> None:
     fails(get(data, ADDR, DEV), NOT_FOUND, "no context at " + ADDR)
+    fails(run_cli("history", "--data", data, ADDR, "--role", DEV), NOT_FOUND, "no versions of")
+    fails(run_cli("history", "--data", data, ADDR, "--role", "tester"), NOT_FOUND, "no role")
     fails(run_cli("ls", "--data", data, ADDR), NOT_FOUND, "no directory")
     fails(get(data, ADDR, "tester"), NOT_FOUND, "no role 'tester'")
 
