@@ -318,7 +318,9 @@ class Commands:
         if not root.is_dir():
             raise Abort(f"{root} is not a directory")
         authority = Authority.parse(args.authority)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        files, skipped = _import_sources(root)
+        for label, reason in skipped:
+            print(f"slurpfs: skipped {label}: {reason}", file=sys.stderr)
         failed: list[tuple[str, str]] = []
         committed = 0
         with self.model(cfg, passphrase) as model:
@@ -341,7 +343,7 @@ class Commands:
             failed.extend(report.failed)
             model.sync()
         _notify(cfg)
-        return self._summary(args, "imported", committed, failed)
+        return self._summary(args, "imported", committed, failed, skipped)
 
     def export(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         out = Path(args.dir)
@@ -371,17 +373,24 @@ class Commands:
         return self._summary(args, "exported", written, failed)
 
     def _summary(
-        self, args: argparse.Namespace, verb: str, ok: int, failed: list[tuple[str, str]]
+        self,
+        args: argparse.Namespace,
+        verb: str,
+        ok: int,
+        failed: list[tuple[str, str]],
+        skipped: list[tuple[str, str]] | None = None,
     ) -> int:
-        text = "\n".join(
-            [f"FAILED {label}: {reason}" for label, reason in failed]
-            + [f"{verb} {ok}, failed {len(failed)}"]
-        )
-        _emit(
-            args,
-            {verb: ok, "failed": [{"item": label, "reason": reason} for label, reason in failed]},
-            text,
-        )
+        """Report a batch; exit 9 if an item failed (skipped ones are not failures)."""
+        counts = f"{verb} {ok}, failed {len(failed)}"
+        data: dict[str, Any] = {
+            verb: ok,
+            "failed": [{"item": label, "reason": reason} for label, reason in failed],
+        }
+        if skipped is not None:
+            counts += f", skipped {len(skipped)}"
+            data["skipped"] = [{"item": label, "reason": reason} for label, reason in skipped]
+        text = "\n".join([f"FAILED {label}: {reason}" for label, reason in failed] + [counts])
+        _emit(args, data, text)
         return EXIT_PARTIAL if failed else 0
 
     def demo(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -480,6 +489,33 @@ def _iso(ts: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _import_sources(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The regular files under `root` (sorted), and what is skipped, with why.
+
+    Symbolic links are not followed (a link may point anywhere, and two paths to one
+    file would make two contexts); FIFOs, sockets and devices are not contexts.
+    """
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for top, dirs, names in os.walk(root, onerror=None):
+        base = Path(top)
+        for name in sorted(dirs):
+            if (base / name).is_symlink():
+                skipped.append(
+                    (str((base / name).relative_to(root)), "symbolic link, not followed")
+                )
+        for name in names:
+            path = base / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                skipped.append((rel, "symbolic link, not followed"))
+            elif path.is_file():
+                files.append(path)
+            else:
+                skipped.append((rel, "not a regular file"))
+    return sorted(files), sorted(skipped)
 
 
 def _walk(model: ContextStore, address: Address | None) -> Iterator[tuple[Address, str]]:

@@ -472,6 +472,39 @@ def test_import_reports_failures_and_exits_9(data: Path, tmp_path: Path) -> None
     assert b"FAILED src/developer" in text.stdout
 
 
+def test_import_names_what_it_skips_and_follows_no_link(data: Path, tmp_path: Path) -> None:
+    """Links and special files are not contexts: each is named, none is stored, exit 0."""
+    source = tmp_path / "source"
+    write_tree(source, {"notes/plan.md": b"the plan"})
+    outside = tmp_path / "outside"
+    write_tree(outside, {"secret.txt": b"not part of the tree"})
+    (source / "notes" / "link.md").symlink_to(source / "notes" / "plan.md")
+    (source / "escape").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(source / "pipe")
+
+    proc = run_cli(
+        "import", "--data", data, source, "--authority", "me:dev@proj:task", "--role", DEV,
+        "--json",
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stderr  # it waited for no FIFO and failed nothing
+    report = json.loads(proc.stdout)
+    assert report["imported"] == 1
+    assert {s["item"]: s["reason"] for s in report["skipped"]} == {
+        "escape": "symbolic link, not followed",
+        "notes/link.md": "symbolic link, not followed",
+        "pipe": "not a regular file",
+    }
+    assert b"skipped notes/link.md: symbolic link" in proc.stderr
+    listing = js(run_cli("ls", "--data", data, "ucxl://me:dev@proj:task", "--json"))
+    assert listing["dirs"] == ["notes"]
+    fails(get(data, "ucxl://me:dev@proj:task/notes/link.md", DEV), NOT_FOUND)
+    text = run_cli(
+        "import", "--data", data, source, "--authority", "me:dev@proj:task", "--role", DEV
+    )
+    assert text.stdout.endswith(b"imported 1, failed 0, skipped 3\n")
+
+
 def test_import_of_a_clean_tree_exits_0_and_export_reproduces_it(
     data: Path, tmp_path: Path
 ) -> None:
@@ -483,7 +516,7 @@ def test_import_of_a_clean_tree_exits_0_and_export_reproduces_it(
             "--json",
         )
     )  # fmt: skip
-    assert imported == {"imported": len(TREE), "failed": []}
+    assert imported == {"imported": len(TREE), "failed": [], "skipped": []}
     put(data, ADDR, ARCH, b"architect notes")
     out = tmp_path / "export"
 
