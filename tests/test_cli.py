@@ -371,7 +371,7 @@ def test_audit_show_and_verify(data: Path) -> None:
         (4, "delete", True, DEV, "local"),
     ]
     assert last == entries[3:]
-    assert verified == {"ok": True, "entries": 4}
+    assert verified == {"ok": True, "entries": 4, "legacy": 0, "anchored": 4}
     log = data / "audit.log"
     log.write_bytes(log.read_bytes().replace(b'"allowed":true', b'"allowed":false', 1))
     fails(run_cli("audit", "verify", "--data", data), CORRUPT, "line 1")

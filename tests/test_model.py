@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node, Nodes, cli_env, raw_store
+from conftest import MemoryAnchors, Node, Nodes, audit_keys, cli_env, raw_store
 from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
@@ -503,7 +503,7 @@ def test_every_access_decision_is_audited(node: Node, model: ContextStore) -> No
     ]
     assert [e.seq for e in entries] == [1, 2, 3]
     assert entries[1].reason == "caller holds no reader role"
-    assert audit.verify(log) == 3
+    assert model.verify_audit().entries == 3
     assert audit.read(log, 2) == entries[1:]
 
 
@@ -533,12 +533,12 @@ def test_audit_verify_detects_tampering(
     node: Node, model: ContextStore, edit: Any, message: str
 ) -> None:
     log, lines = _audit_lines(model, node)
-    assert audit.verify(log) == 4
+    assert node.verify_audit() == audit.Verified(entries=4, legacy=0, anchored=4)
 
     log.write_bytes(b"".join(edit(lines)))
 
     with pytest.raises(Corrupt, match=message):
-        audit.verify(log)
+        node.verify_audit()
     node.expect_damage()  # the model may refuse a damaged audit log: not under test here
 
 
@@ -785,7 +785,7 @@ def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Pa
     # then each refuses with ENOSPC and leaves no fragment of a line behind, so once
     # there is room again the chain goes on and verifies whole.
     path = small_disk / "audit.log"
-    log = audit.AuditLog(path)
+    log = audit.AuditLog(path, audit_keys(), MemoryAnchors())
 
     def record() -> None:
         log.record(who="uid 0", action="read", address="a:r@p:t/x", role="developer", allowed=True)
@@ -806,8 +806,9 @@ def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Pa
     assert path.read_bytes().endswith(b"}\n")
     (small_disk / "filler").unlink()
     record()
+    log.anchor()
+    assert log.verify().entries == 1 + fitted + 1
     log.close()
-    assert audit.verify(path) == 1 + fitted + 1
 
 
 def test_processes_sharing_the_audit_log_keep_one_chain(node: Node, model: ContextStore) -> None:
@@ -839,4 +840,4 @@ def test_processes_sharing_the_audit_log_keep_one_chain(node: Node, model: Conte
         ("local", "read"),
         ("local", "read"),
     ]
-    assert audit.verify(log) == len(entries)
+    assert model.verify_audit().entries == len(entries)
