@@ -441,18 +441,16 @@ class AuditLog:
         with self._lock:
             with self._flock():
                 self._catch_up()
-            if self._evidence is not None:
-                self._anchor_evidence()
+            moved = self._anchor_evidence()
             if not self.unanchored:
-                return False
+                return moved
             candidate = Anchor(self._seq, self._start, self._prev)
         os.fdatasync(self._fd)  # outside the locks: appends go on meanwhile
         return self._advance(candidate)
 
-    def _anchor_evidence(self) -> None:
+    def _anchor_evidence(self) -> bool:
         evidence, self._evidence = self._evidence, None
-        if evidence is not None:
-            self._advance(evidence, force=True)
+        return evidence is not None and self._advance(evidence, force=True)
 
     def _advance(self, candidate: Anchor, *, force: bool = False) -> bool:
         """Store `candidate` unless the anchor already names a later entry.
@@ -533,8 +531,10 @@ def verify(path: Path, keys: AuditKeys, anchors: AnchorSlot) -> Verified:
             if line.seq != seq + 1:
                 raise Corrupt(f"audit log line {lineno}: entry {line.seq} follows entry {seq}")
             keyed = True
-        elif keyed:
-            raise Corrupt(f"audit log line {lineno}: an unkeyed entry after keyed ones")
+        elif keyed or (anchor is not None and line.seq > anchor.seq):
+            # Unkeyed entries are those written before the keyed chain began, which
+            # is at or before the anchor: anything else is a downgrade.
+            raise Corrupt(f"audit log line {lineno}: an unkeyed entry after the keyed chain began")
         else:
             legacy += 1
         if anchor is not None and anchor.seq and line.seq == anchor.seq and line.mac != anchor.mac:

@@ -559,7 +559,7 @@ def _canonical(body: dict[str, Any]) -> bytes:
         (lambda ls: _forged(ls, 1, who="x"), "line 2: entry altered"),
         (lambda ls: _forged(ls, 0, legacy=True), "line 4: entry 4 is not the one the anchor names"),
         (lambda ls: _forged([*ls, ls[3]], 4, seq=5), "line 5: entry altered"),
-        (lambda ls: _forged([*ls, ls[3]], 4, seq=5, legacy=True), "line 5: an unkeyed entry after keyed ones"),
+        (lambda ls: _forged([*ls, ls[3]], 4, seq=5, legacy=True), "line 5: an unkeyed entry after the keyed chain began"),
     ],
     ids=[
         "edited-who", "edited-decision", "removed", "removed-first", "reordered", "truncated",
@@ -578,6 +578,18 @@ def test_audit_verify_detects_tampering(
     with pytest.raises(Corrupt, match=message):
         node.verify_audit()
     node.expect_damage()  # the model may refuse a damaged audit log: not under test here
+
+
+def test_an_unkeyed_log_in_place_of_a_keyed_one_fails(node: Node, model: ContextStore) -> None:
+    """A node whose log began keyed (its anchor says so, here at entry 0) cannot be
+    given a log in the old unkeyed format, whose hashes anyone can compute."""
+    node.close(model)
+    log = data_paths(node.data_dir)["audit"]
+    log.write_bytes((Path(__file__).parent / "fixtures" / "audit-format1.log").read_bytes())
+
+    with pytest.raises(Corrupt, match="line 1: an unkeyed entry after the keyed chain began"):
+        node.verify_audit()
+    node.expect_damage()
 
 
 @pytest.mark.expect_warnings
