@@ -504,18 +504,9 @@ def verify(path: Path, keys: AuditKeys, anchors: AnchorSlot) -> Verified:
     """
     raw_anchor = anchors.load()
     anchor = None if raw_anchor is None else keys.open_anchor(raw_anchor)
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        lines: list[bytes] = []
-    else:
-        with f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no append is halfway through
-            size = os.fstat(f.fileno()).st_size
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            lines = f.read(size).splitlines()
-    prev, seq, legacy, keyed = GENESIS, 0, 0, False
-    for lineno, raw in enumerate(lines, 1):
+    prev, seq, legacy, keyed, count = GENESIS, 0, 0, False, 0
+    for lineno, raw in enumerate(_lines(path), 1):
+        count = lineno
         try:
             line = _parse(raw, keys)
         except ValueError:
@@ -554,7 +545,25 @@ def verify(path: Path, keys: AuditKeys, anchors: AnchorSlot) -> Verified:
             f"the audit log ends at entry {seq} but its anchor says {anchor.seq}:"
             " entries were cut off the end"
         )
-    return Verified(len(lines), legacy, None if anchor is None else anchor.seq)
+    return Verified(count, legacy, None if anchor is None else anchor.seq)
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of the log as long as it was when this began (none if it is missing)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no append is halfway through
+        size = os.fstat(f.fileno()).st_size
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        pos = 0
+        for raw in f:
+            pos += len(raw)
+            if pos > size:  # appended since
+                return
+            yield raw
 
 
 def _tail_lines(path: Path, limit: int) -> list[bytes]:
