@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -26,13 +26,21 @@ from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
 from slurpfs.index import cli as index_cli
 from slurpfs.index.check import check_index
-from slurpfs.model import BatchItem, ContextStore, ContextTooLarge, VersionInfo, data_paths
+from slurpfs.model import (
+    BatchItem,
+    ContextStore,
+    ContextTooLarge,
+    VersionInfo,
+    data_paths,
+    verify_audit,
+)
 from slurpfs.service import mountcmd
 from slurpfs.ucxl import Address, Authority, parse
 
 EXIT_PARTIAL = 9
 TTL_MAX_SECONDS = 10 * 365 * 24 * 3600
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
+T = TypeVar("T")
 
 
 class Abort(SlurpError):
@@ -110,17 +118,21 @@ def _kdf(environ: Mapping[str, str]) -> KdfParams:
     return KdfParams.weak() if environ.get("SLURPFS_TEST_WEAK_KDF") == "1" else KdfParams.default()
 
 
+def _keyed(opener: Callable[[bytes | None], T], passphrase: bytes | None) -> T:
+    """`opener(passphrase)`; with no passphrase given and the keys encrypted, ask on a terminal."""
+    try:
+        return opener(passphrase)
+    except WrongPassphrase:
+        if passphrase is None and sys.stdin.isatty():
+            return opener(getpass.getpass("slurpfs passphrase: ").encode())
+        raise
+
+
 def open_model(
     cfg: config.Config, passphrase: bytes | None, environ: Mapping[str, str]
 ) -> ContextStore:
-    try:
-        return ContextStore.open(cfg, passphrase, kdf=_kdf(environ))
-    except WrongPassphrase:
-        if passphrase is None and sys.stdin.isatty():
-            return ContextStore.open(
-                cfg, getpass.getpass("slurpfs passphrase: ").encode(), kdf=_kdf(environ)
-            )
-        raise
+    kdf = _kdf(environ)
+    return _keyed(lambda p: ContextStore.open(cfg, p, kdf=kdf), passphrase)
 
 
 def _address(text: str) -> Address:
@@ -466,8 +478,18 @@ class Commands:
     def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         path = data_paths(cfg.data_dir)["audit"]
         if args.audit_cmd == "verify":
-            n = audit.verify(path)
-            _emit(args, {"ok": True, "entries": n}, f"audit log intact: {n} entries")
+            kdf = _kdf(self.environ)
+            found = _keyed(lambda p: verify_audit(cfg, p, kdf=kdf), passphrase)
+            _emit(
+                args,
+                {
+                    "ok": True,
+                    "entries": found.entries,
+                    "legacy": found.legacy,
+                    "anchored": found.anchored,
+                },
+                _verified_text(found),
+            )
         else:
             entries = audit.read(path, args.n)
             _emit(
@@ -479,6 +501,24 @@ class Commands:
                 ),
             )
         return 0
+
+
+def _verified_text(found: audit.Verified) -> str:
+    n, legacy, anchored = found.entries, found.legacy, found.anchored
+    if anchored is None:  # only a log no keyed slurpfs has opened yet
+        return (
+            f"audit log intact: {n} entries, all in the unkeyed legacy format: the chain"
+            " holds, but anyone who can write the log could have rewritten it"
+        )
+    text = f"audit log intact: {n} entries, keyed and anchored up to entry {anchored}"
+    if n > anchored:
+        text += f"\n  the last {n - anchored} are not anchored yet (the next sync or close anchors them)"
+    if legacy:
+        text += (
+            f"\n  entries 1-{legacy} are in the unkeyed legacy format:"
+            " fixed since the keyed chain began, but not authenticated"
+        )
+    return text
 
 
 def _entry(e: audit.AuditEntry) -> dict[str, Any]:
@@ -599,7 +639,11 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
         kp.add_argument("role")
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
-    audit_sub.add_parser("verify", parents=[common])
+    audit_sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the chain with the node key (asks for the passphrase) and the anchor",
+    )
     ap = audit_sub.add_parser("show", parents=[common])
     ap.add_argument("-n", type=int, default=50)
     mountcmd.register(sub, common)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 import re
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from slurpfs import frontmatter, hlc
-from slurpfs.audit import AuditLog
+from slurpfs.audit import AuditKeys, AuditLog, StoreAnchorSlot, Verified, verify
 from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
@@ -41,6 +42,7 @@ from slurpfs.errors import (
     KeyMissing,
     NotFound,
     SlurpError,
+    StoreFull,
 )
 from slurpfs.store import (
     Commit,
@@ -51,6 +53,8 @@ from slurpfs.store import (
     VersionRecord,
 )
 from slurpfs.ucxl import Address, TemporalKind, validate_component
+
+log = logging.getLogger(__name__)
 
 VersionInfo = VersionRecord
 """Metadata of one version (an alias: the store's record is the public shape)."""
@@ -153,6 +157,39 @@ def data_paths(data_dir: Path) -> dict[str, Path]:
     }
 
 
+def _open_store(config: Config) -> Store:
+    path = data_paths(config.data_dir)["store"]
+    if not (path / "data.mdb").is_file():
+        # `init` made it; opening would quietly start an empty store, and every
+        # command (fsck too) would report the loss as a clean, empty node.
+        raise Corrupt(
+            f"{path}: the store is missing although this node is initialised"
+            " (restore the data directory from a backup or a peer)"
+        )
+    return Store(path, map_size=config.store.map_size)
+
+
+def verify_audit(
+    config: Config, passphrase: bytes | None = None, *, kdf: KdfParams | None = None
+) -> Verified:
+    """Check a data directory's audit log with the node key and the store's anchor.
+
+    Opens neither the model nor the log for appending, so a log whose last line is
+    damaged is reported line by line too. NotInitialised, WrongPassphrase; Corrupt
+    says what is wrong and where.
+    """
+    keyring = Keystore(config.data_dir, passphrase, kdf or KdfParams.default()).load()
+    store = _open_store(config)
+    try:
+        return verify(
+            data_paths(config.data_dir)["audit"],
+            AuditKeys.for_node(keyring.node),
+            StoreAnchorSlot(store),
+        )
+    finally:
+        store.close()
+
+
 class ContextStore:
     """The encrypted, versioned context store of one node."""
 
@@ -211,25 +248,24 @@ class ContextStore:
             raise SlurpError(
                 f"role {unknown[0]!r} is configured but has no key: run `slurpfs keys add {unknown[0]}`"
             )
-        if not (paths["store"] / "data.mdb").is_file():
-            # `init` made it; opening would quietly start an empty store, and every
-            # command (fsck too) would report the loss as a clean, empty node.
-            raise Corrupt(
-                f"{paths['store']}: the store is missing although this node is initialised"
-                " (restore the data directory from a backup or a peer)"
-            )
-        store = Store(paths["store"], map_size=config.store.map_size)
+        store = _open_store(config)
         try:
-            audit = AuditLog(paths["audit"])
+            audit = AuditLog(
+                paths["audit"], AuditKeys.for_node(keyring.node), StoreAnchorSlot(store)
+            )
         except BaseException:
             store.close()
             raise
         return cls(config, keystore, keyring, store, audit)
 
     def close(self) -> None:
-        self._store.close()
-        self._audit.close()
-        self._cache.clear()
+        """Anchor the audit log's newest entries, then close the store and the log."""
+        try:
+            self._anchor()
+        finally:
+            self._store.close()
+            self._audit.close()
+            self._cache.clear()
 
     def __enter__(self) -> ContextStore:
         return self
@@ -244,6 +280,33 @@ class ContextStore:
     def sync(self) -> None:
         """Make every commit so far survive power loss."""
         self._store.sync()
+
+    @property
+    def audit_unanchored(self) -> bool:
+        """True if the audit log has entries newer than its anchor (cheap: no I/O)."""
+        return self._audit.unanchored
+
+    def anchor_audit(self) -> bool:
+        """Anchor the audit log's newest entries in the store, durably (the daemon
+        calls this at every periodic sync). True if the anchor moved."""
+        if not self._anchor():
+            return False
+        self._store.sync()
+        return True
+
+    def verify_audit(self) -> Verified:
+        """Check the audit log (as `verify_audit` does, with this model's store open)."""
+        return self._audit.verify()
+
+    def _anchor(self) -> bool:
+        try:
+            return self._audit.anchor()
+        except (StoreFull, OSError) as exc:
+            # The entries are recorded; only their protection against being cut off
+            # waits for room (the next sync tries again). Loud, but no reason to
+            # refuse access.
+            log.warning("audit log not anchored: %s", exc)
+            return False
 
     def subscribe(self, callback: Callable[[VersionInfo], None]) -> None:
         """Call `callback(info)` after every local commit (from the committing thread)."""

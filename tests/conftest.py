@@ -35,9 +35,10 @@ import lmdb
 import pytest
 import zstandard
 
-from slurpfs import config, fsck
+from slurpfs import audit, config, fsck
+from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.crypto.keystore import KdfParams
-from slurpfs.model import ContextStore
+from slurpfs.model import ContextStore, verify_audit
 from slurpfs.store import schema as s
 
 WEAK_KDF = KdfParams.weak()
@@ -136,6 +137,10 @@ class Node:
         """This test damages the store on purpose; skip the teardown fsck."""
         self.damaged = True
 
+    def verify_audit(self) -> audit.Verified:
+        """`slurpfs audit verify` of this data directory (no model needs to be open)."""
+        return verify_audit(self.config, kdf=WEAK_KDF)
+
     def fsck(self) -> fsck.FsckReport:
         """Close every open model and check the data directory with a fresh one."""
         self.close_all()
@@ -206,6 +211,30 @@ def model(node_and_model: tuple[Node, ContextStore]) -> ContextStore:
 @pytest.fixture
 def data_dir(node: Node) -> Path:
     return node.data_dir
+
+
+# -- audit logs without a data directory ------------------------------------------
+
+
+class MemoryAnchors:
+    """An audit anchor cell in memory (the store's `aux:audit` for a bare `AuditLog`)."""
+
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+
+    def load(self) -> bytes | None:
+        return self.value
+
+    def replace(self, old: bytes | None, new: bytes) -> bool:
+        if self.value != old:
+            return False
+        self.value = new
+        return True
+
+
+def audit_keys() -> audit.AuditKeys:
+    """Audit keys of a fresh random node."""
+    return audit.AuditKeys.for_node(NodeIdentity.generate())
 
 
 # -- other users -----------------------------------------------------------------

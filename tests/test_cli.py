@@ -11,7 +11,7 @@ from typing import Any
 
 import lmdb
 import pytest
-from conftest import WEAK_KDF, make_config, run_cli
+from conftest import WEAK_KDF, find_canary, make_config, run_cli
 
 from slurpfs import audit
 from slurpfs.model import ContextStore
@@ -382,10 +382,41 @@ def test_audit_show_and_verify(data: Path) -> None:
         (4, "delete", True, DEV, "local"),
     ]
     assert last == entries[3:]
-    assert verified == {"ok": True, "entries": 4}
+    assert verified == {"ok": True, "entries": 4, "legacy": 0, "anchored": 4}
     log = data / "audit.log"
     log.write_bytes(log.read_bytes().replace(b'"allowed":true', b'"allowed":false', 1))
     fails(run_cli("audit", "verify", "--data", data), CORRUPT, "line 1")
+
+
+def test_audit_verify_needs_the_node_key_and_catches_a_cut_log(tmp_path: Path) -> None:
+    """`audit verify` checks MACs made with a key derived from the node key, so it
+    needs the passphrase as `get` does: none (no terminal) or a wrong one is the key
+    error. A log cut short after the commands anchored it fails with exit 5, in JSON
+    too. The log names the access, never the content (canary)."""
+    data = tmp_path / "data"
+    secret = {"SLURPFS_PASSPHRASE": "correct horse"}
+    canary = b"CANARY-audit-4c1d9e7f-never-in-the-log"
+    js(run_cli("init", "--data", data, "--json", env=secret))
+    js(run_cli("put", "--data", data, ADDR, "--role", DEV, "--json", env=secret, input=canary))
+    for _ in range(3):
+        assert ok(run_cli("get", "--data", data, ADDR, "--role", DEV, env=secret)).stdout == canary
+
+    fails(run_cli("audit", "verify", "--data", data), DENIED)
+    fails(run_cli("audit", "verify", "--data", data, env={"SLURPFS_PASSPHRASE": "no"}), DENIED)
+    verified = js(run_cli("audit", "verify", "--data", data, "--json", env=secret))
+    assert verified == {"ok": True, "entries": 4, "legacy": 0, "anchored": 4}
+    log = data / "audit.log"
+    assert all(b'"mac":"' in line for line in log.read_bytes().splitlines())
+    assert find_canary(log.read_bytes(), canary) is None
+
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:2]))
+
+    cut = fails(
+        run_cli("audit", "verify", "--data", data, "--json", env=secret),
+        CORRUPT,
+        "the audit log ends at entry 2 but its anchor says 4",
+    )
+    assert json.loads(cut.stdout)["exit_code"] == CORRUPT
 
 
 # -- passphrases -------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import IO, cast
 import pytest
 from conftest import Node, Nodes, cli_env
 
-from slurpfs import audit, fsck
-from slurpfs.model import ContextStore, data_paths
+from slurpfs import fsck
+from slurpfs.model import ContextStore
 from slurpfs.ucxl import Address, parse
 
 # Shared by the writer process and the test, so both derive the same bytes.
@@ -135,7 +135,7 @@ def verify(node: Node, reported: list[tuple[int, str, bytes]]) -> int:
         node.close(model)
     # The hash chain survived too, with an entry for every reported read.
     reads = sum(1 for i, _, _ in reported if i % 4 == 0)
-    assert audit.verify(data_paths(node.data_dir)["audit"]) >= reads
+    assert node.verify_audit().entries >= reads
     return versions
 
 

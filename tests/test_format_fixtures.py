@@ -8,15 +8,19 @@ restore the 0600/0700 modes the keystore insists on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from fsutil import Mounted, is_mounted
 
 from slurpfs import config, fsck
-from slurpfs.errors import WrongPassphrase
-from slurpfs.model import ContextStore
+from slurpfs.audit import Verified
+from slurpfs.errors import Corrupt, WrongPassphrase
+from slurpfs.model import ContextStore, verify_audit
 from slurpfs.ucxl import parse
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
@@ -82,3 +86,80 @@ def test_format1_mounts(data_dir: Path, tmp_path: Path) -> None:
     finally:
         mounted.unmount()
     assert not is_mounted(mounted.mnt)
+
+
+# -- the audit log before it was keyed ------------------------------------------------
+
+LEGACY_LOG = Path(__file__).parent / "fixtures" / "audit-format1.log"
+
+
+@pytest.fixture
+def legacy_log(data_dir: Path) -> Path:
+    """The format-1 data directory with the unkeyed audit log a format-1 slurpfs wrote
+    (four entries: plain BLAKE2b `hash`, no anchor in the store)."""
+    log = data_dir / "audit.log"
+    shutil.copyfile(LEGACY_LOG, log)
+    return log
+
+
+def test_an_unkeyed_audit_log_verifies_as_legacy_and_the_keyed_chain_continues_it(
+    data_dir: Path, legacy_log: Path
+) -> None:
+    cfg = _config(data_dir)
+    assert verify_audit(cfg, PASSPHRASE) == Verified(entries=4, legacy=4, anchored=None)
+
+    with ContextStore.open(cfg, PASSPHRASE) as model:  # anchors the legacy tail
+        model.get(parse(f"{AUTH}/src/auth.go"), "developer")
+
+    assert verify_audit(cfg, PASSPHRASE) == Verified(entries=5, legacy=4, anchored=5)
+    lines = legacy_log.read_bytes().splitlines(keepends=True)
+    first_keyed = json.loads(lines[4])
+    assert "mac" in first_keyed
+    assert first_keyed["prev"] == json.loads(lines[3])["hash"]
+    assert first_keyed["seq"] == 5
+
+
+def test_the_legacy_part_cannot_change_once_the_keyed_chain_continues_it(
+    data_dir: Path, legacy_log: Path
+) -> None:
+    """Before, anyone who could write the log could change an entry and recompute the
+    hashes after it. Expected: the first keyed entry's MAC covers the hash of the last
+    legacy one, so rewriting the legacy part breaks the chain there."""
+    cfg = _config(data_dir)
+    with ContextStore.open(cfg, PASSPHRASE) as model:
+        model.get(parse(f"{AUTH}/src/auth.go"), "developer")
+    lines = legacy_log.read_bytes().splitlines(keepends=True)
+    prev = json.loads(lines[0])["hash"]
+    forged = [lines[0]]
+    for i, raw in enumerate(lines[1:4]):
+        body = json.loads(raw)
+        del body["hash"]
+        body["prev"] = prev
+        if i == 1:
+            body["allowed"] = True  # the denied read becomes an allowed one
+        prev = hashlib.blake2b(_canonical(body), digest_size=32).hexdigest()
+        forged.append(_canonical({**body, "hash": prev}) + b"\n")
+    legacy_log.write_bytes(b"".join([*forged, lines[4]]))
+
+    with pytest.raises(Corrupt, match="line 5: chain broken"):
+        verify_audit(cfg, PASSPHRASE)
+
+
+def test_audit_verify_of_a_legacy_log_says_it_is_unkeyed(
+    data_dir: Path, legacy_log: Path, tmp_path: Path
+) -> None:
+    passphrase_file = tmp_path / "passphrase"
+    passphrase_file.write_bytes(PASSPHRASE)
+    passphrase_file.chmod(0o600)
+    env = {"SLURPFS_PASSPHRASE_FILE": str(passphrase_file)}
+
+    text = run_cli("audit", "verify", "--data", data_dir, env=env)
+    as_json = run_cli("audit", "verify", "--data", data_dir, "--json", env=env)
+
+    assert text.returncode == 0, text.stderr
+    assert b"4 entries, all in the unkeyed legacy format" in text.stdout
+    assert json.loads(as_json.stdout) == {"ok": True, "entries": 4, "legacy": 4, "anchored": None}
+
+
+def _canonical(body: dict[str, object]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
-from conftest import Node, Nodes, cli_env, raw_store
+from conftest import MemoryAnchors, Node, Nodes, audit_keys, cli_env, raw_store
 from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
@@ -503,7 +506,7 @@ def test_every_access_decision_is_audited(node: Node, model: ContextStore) -> No
     ]
     assert [e.seq for e in entries] == [1, 2, 3]
     assert entries[1].reason == "caller holds no reader role"
-    assert audit.verify(log) == 3
+    assert model.verify_audit().entries == 3
     assert audit.read(log, 2) == entries[1:]
 
 
@@ -516,6 +519,30 @@ def _audit_lines(model: ContextStore, node: Node) -> tuple[Path, list[bytes]]:
     return log, log.read_bytes().splitlines(keepends=True)
 
 
+def _forged(
+    lines: list[bytes], start: int, *, legacy: bool = False, **changes: object
+) -> list[bytes]:
+    """What someone who can write the log but has no node key can do: change the
+    entry at `start` and recompute every hash from there on (plain BLAKE2b, as the
+    unkeyed format did), under `mac` or, with `legacy`, under the old name `hash`."""
+    out = lines[:start]
+    prev = json.loads(out[-1])["mac"] if out else audit.GENESIS
+    for i, raw in enumerate(lines[start:]):
+        body = json.loads(raw)
+        body.pop("mac", None)
+        body["prev"] = prev
+        if i == 0:
+            body.update(changes)
+        prev = hashlib.blake2b(_canonical(body), digest_size=32).hexdigest()
+        body["hash" if legacy else "mac"] = prev
+        out.append(_canonical(body) + b"\n")
+    return out
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -526,20 +553,162 @@ def _audit_lines(model: ContextStore, node: Node) -> tuple[Path, list[bytes]]:
         (lambda ls: [ls[0], ls[2], ls[1], ls[3]], "line 2: chain broken"),
         (lambda ls: [*ls[:3], ls[3][:40]], "line 4: not an audit entry"),
         (lambda ls: [*ls, ls[3]], "line 5: chain broken"),
+        (lambda ls: ls[:-1], "ends at entry 3 but its anchor says 4: entries were cut off"),
+        (lambda ls: ls[:1], "ends at entry 1 but its anchor says 4"),
+        (lambda ls: [], "ends at entry 0 but its anchor says 4"),
+        (lambda ls: _forged(ls, 1, who="x"), "line 2: entry altered"),
+        (lambda ls: _forged(ls, 0, legacy=True), "line 4: entry 4 is not the one the anchor names"),
+        (lambda ls: _forged([*ls, ls[3]], 4, seq=5), "line 5: entry altered"),
+        (lambda ls: _forged([*ls, ls[3]], 4, seq=5, legacy=True), "line 5: an unkeyed entry after the keyed chain began"),
     ],
-    ids=["edited-who", "edited-decision", "removed", "removed-first", "reordered", "truncated", "replayed"],
+    ids=[
+        "edited-who", "edited-decision", "removed", "removed-first", "reordered", "truncated",
+        "replayed", "cut-last", "cut-last-3", "emptied", "edited-and-rehashed",
+        "rewritten-unkeyed", "forged-appended", "unkeyed-appended",
+    ],
 )  # fmt: skip
 def test_audit_verify_detects_tampering(
     node: Node, model: ContextStore, edit: Any, message: str
 ) -> None:
     log, lines = _audit_lines(model, node)
-    assert audit.verify(log) == 4
+    assert node.verify_audit() == audit.Verified(entries=4, legacy=0, anchored=4)
 
     log.write_bytes(b"".join(edit(lines)))
 
     with pytest.raises(Corrupt, match=message):
-        audit.verify(log)
+        node.verify_audit()
     node.expect_damage()  # the model may refuse a damaged audit log: not under test here
+
+
+def test_an_unkeyed_log_in_place_of_a_keyed_one_fails(node: Node, model: ContextStore) -> None:
+    """A node whose log began keyed (its anchor says so, here at entry 0) cannot be
+    given a log in the old unkeyed format, whose hashes anyone can compute."""
+    node.close(model)
+    log = data_paths(node.data_dir)["audit"]
+    log.write_bytes((Path(__file__).parent / "fixtures" / "audit-format1.log").read_bytes())
+
+    with pytest.raises(Corrupt, match="line 1: an unkeyed entry after the keyed chain began"):
+        node.verify_audit()
+    node.expect_damage()
+
+
+@pytest.mark.expect_warnings
+def test_a_process_that_finds_the_log_cut_under_it_anchors_its_own_last_entry(
+    node: Node, model: ContextStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mount's daemon keeps the log open; someone cuts off entries it appended since
+    the last anchor. Expected: its next append notices (the file is shorter than it
+    left it), anchors its own last entry as evidence and logs an error; verify fails
+    naming the anchor, and keeps failing after later processes append: they find the
+    anchored entry gone, log it, and never move the anchor again."""
+    model.put(ADDR, DEV, b"notes")
+    model.get(ADDR, DEV)
+    assert model.anchor_audit()
+    for who in ("a", "b"):
+        model.get(ADDR, DEV, who=who)  # entries 2 and 3: not anchored yet
+    log = data_paths(node.data_dir)["audit"]
+    log.write_bytes(log.read_bytes().splitlines(keepends=True)[0])
+
+    model.get(ADDR, DEV, who="c")
+
+    assert "does not continue its anchored chain" in caplog.text
+    with pytest.raises(Corrupt, match="ends at entry 2 but its anchor says 3"):
+        model.verify_audit()
+    model = node.reopen(model)
+    for who in ("d", "e", "f"):
+        model.get(ADDR, DEV, who=who)
+    node.close(model)  # would anchor entry 5 if it trusted the log
+    with pytest.raises(Corrupt, match="line 3: entry 3 is not the one the anchor names"):
+        node.verify_audit()
+    assert [e.who for e in audit.read(log)] == ["local", "c", "d", "e", "f"]
+    node.expect_damage()
+
+
+def _anchor_table(node: Node) -> Any:
+    """The store's `aux:audit` table, opened behind the model's back."""
+    node.close_all()
+    return lmdb.open(str(node.data_dir / "store"), max_dbs=64)
+
+
+@pytest.mark.expect_warnings
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("removed", "keyed entries but the store holds no anchor"),
+        ("altered", "does not authenticate"),
+    ],
+)
+def test_a_removed_or_altered_anchor_fails_verify_and_stays_failing(
+    node: Node, model: ContextStore, damage: str, message: str
+) -> None:
+    _audit_lines(model, node)
+    env = _anchor_table(node)
+    try:
+        table = env.open_db(b"aux:" + audit.ANCHOR_TABLE)
+        with env.begin(write=True) as txn:
+            if damage == "removed":
+                assert txn.delete(audit.ANCHOR_KEY, db=table)
+            else:
+                raw = bytearray(txn.get(audit.ANCHOR_KEY, db=table))
+                raw[12] ^= 0x01  # the seq: as if entries before it were all there was
+                txn.put(audit.ANCHOR_KEY, bytes(raw), db=table)
+    finally:
+        env.close()
+
+    with pytest.raises(Corrupt, match=message):
+        node.verify_audit()
+    model = node.open()
+    model.get(ADDR, DEV)
+    node.close(model)  # does not write an anchor over the evidence
+    with pytest.raises(Corrupt, match=message):
+        node.verify_audit()
+
+
+def test_the_unanchored_tail_of_a_process_that_died_can_be_cut_unnoticed(
+    node: Node, model: ContextStore
+) -> None:
+    """The documented window (ARCHITECTURE.md): entries appended after the newest
+    anchor by a process that then died without anchoring them (SIGKILL, power loss)
+    can be cut off while no process has the log open, and verify passes; the next
+    process that opens the log checks it from the anchor on and anchors it at close,
+    and from then on a cut fails verify."""
+    _audit_lines(model, node)  # 4 entries, anchored at close
+    died = subprocess.run(
+        [sys.executable, "-c", DIES_AFTER_TWO_READS, str(node.data_dir)],
+        env=cli_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert died.returncode == 0, died.stderr.decode()
+    log = data_paths(node.data_dir)["audit"]
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert node.verify_audit() == audit.Verified(entries=6, legacy=0, anchored=4)
+
+    log.write_bytes(b"".join(lines[:5]))
+
+    assert node.verify_audit() == audit.Verified(entries=5, legacy=0, anchored=4)
+    node.close(node.open())
+    assert node.verify_audit() == audit.Verified(entries=5, legacy=0, anchored=5)
+    log.write_bytes(b"".join(lines[:4]))
+    with pytest.raises(Corrupt, match="ends at entry 4 but its anchor says 5"):
+        node.verify_audit()
+    node.expect_damage()
+
+
+DIES_AFTER_TWO_READS = f"""
+import os, sys
+from slurpfs import config
+from slurpfs.crypto.keystore import KdfParams
+from slurpfs.model import ContextStore
+from slurpfs.ucxl import parse
+
+cfg = config.load(None, {{"HOME": "/nonexistent"}}, {{"node.data_dir": sys.argv[1]}})
+model = ContextStore.open(cfg, kdf=KdfParams.weak())
+for _ in range(2):
+    model.get(parse({str(ADDR)!r}), {DEV!r})
+os._exit(0)  # no close: the entries are never anchored
+"""
 
 
 # -- tampering ---------------------------------------------------------------------------
@@ -785,7 +954,7 @@ def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Pa
     # then each refuses with ENOSPC and leaves no fragment of a line behind, so once
     # there is room again the chain goes on and verifies whole.
     path = small_disk / "audit.log"
-    log = audit.AuditLog(path)
+    log = audit.AuditLog(path, audit_keys(), MemoryAnchors())
 
     def record() -> None:
         log.record(who="uid 0", action="read", address="a:r@p:t/x", role="developer", allowed=True)
@@ -806,8 +975,9 @@ def test_a_full_disk_refuses_the_access_and_keeps_the_audit_chain(small_disk: Pa
     assert path.read_bytes().endswith(b"}\n")
     (small_disk / "filler").unlink()
     record()
+    log.anchor()
+    assert log.verify().entries == 1 + fitted + 1
     log.close()
-    assert audit.verify(path) == 1 + fitted + 1
 
 
 def test_processes_sharing_the_audit_log_keep_one_chain(node: Node, model: ContextStore) -> None:
@@ -839,4 +1009,9 @@ def test_processes_sharing_the_audit_log_keep_one_chain(node: Node, model: Conte
         ("local", "read"),
         ("local", "read"),
     ]
-    assert audit.verify(log) == len(entries)
+    # Each process anchored what it knew when it closed (the CLI) or was asked to
+    # (the daemon, at its periodic sync): the anchor only moves forward.
+    assert model.verify_audit() == audit.Verified(entries=5, legacy=0, anchored=4)
+    assert model.anchor_audit()
+    assert not model.anchor_audit()  # nothing new
+    assert model.verify_audit() == audit.Verified(entries=5, legacy=0, anchored=5)

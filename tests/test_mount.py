@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -476,6 +477,35 @@ def test_cli_writes_while_mounted_are_seen_at_once(mnt: Mounted, ctxdir: Path) -
     slurpfs("rm", "--data", mnt.data, address, "--role", DEV)
     assert not (ctxdir / DEV).exists()
     assert os.listdir(ctxdir) == []
+
+
+def test_the_daemon_and_the_cli_keep_one_anchored_audit_chain(mnt: Mounted, ctxdir: Path) -> None:
+    """The daemon appends an entry for every open and anchors its entries at its
+    periodic sync; each CLI command appends and anchors when it closes. Expected: one
+    chain, numbered in order, that `audit verify` passes while mounted, anchored up
+    to the last entry once the daemon has synced, and still after unmount."""
+    address = f"ucxl://{AUTH}/{'/'.join(SRC)}"
+    for _ in range(3):
+        assert (ctxdir / DEV).read_bytes() == b"line one\nline two\n"
+        assert mnt.cli("get", address, "--role", DEV).stdout == b"line one\nline two\n"
+    assert (ctxdir / DEV).read_bytes() == b"line one\nline two\n"  # the daemon's is last
+    entries = json.loads(mnt.cli("audit", "show", "-n", "1000", "--json").stdout)
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+    assert {e["who"] for e in entries} == {f"uid:{os.getuid()}", "local"}
+
+    def verified() -> dict[str, object]:
+        result: dict[str, object] = json.loads(mnt.cli("audit", "verify", "--json").stdout)
+        return result
+
+    wait_for(lambda: verified()["anchored"] == len(entries), what="the daemon's anchor")
+    mnt.unmount()
+    assert verified() == {
+        "ok": True,
+        "entries": len(entries),
+        "legacy": 0,
+        "anchored": len(entries),
+    }
+    mnt.mount()
 
 
 def test_temporal_reads_after_three_saves(mnt: Mounted) -> None:

@@ -357,3 +357,8 @@ class Gateway:
         await trio.to_thread.run_sync(self.model.sync, limiter=self.limiter)
         self.syncs += 1
         self._durable = max(self._durable, target)
+
+    async def anchor_audit(self) -> None:
+        """Anchor the audit log's newest entries (in a worker thread: it fsyncs)."""
+        if self.model.audit_unanchored:
+            await trio.to_thread.run_sync(self.model.anchor_audit, limiter=self.limiter)

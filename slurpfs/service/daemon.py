@@ -81,7 +81,9 @@ class MountOptions:
 
 
 class Syncer:
-    """Syncs the store every `interval` seconds when this process wrote to it."""
+    """Syncs the store every `interval` seconds when this process wrote to it, and
+    anchors the audit log when it has new entries (the window in which entries can
+    be cut off the log unnoticed is one interval)."""
 
     def __init__(self, gateway: Gateway, interval: float) -> None:
         self.gateway = gateway
@@ -91,6 +93,7 @@ class Syncer:
         while True:
             await trio.sleep(self.interval)
             await self.gateway.sync()  # returns at once if nothing is new
+            await self.gateway.anchor_audit()  # likewise
 
 
 class TtlCleaner:

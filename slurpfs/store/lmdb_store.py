@@ -416,6 +416,16 @@ class Store:
                     txn.put(key, value, db=db)
         except lmdb.MapFullError:
             raise StoreFull("the store's map is full (raise store.map_size)") from None
+        except lmdb.DiskError as exc:
+            raise StoreFull(f"disk error while writing: {exc}") from None
+        except lmdb.Error as exc:
+            if exc.args and isinstance(exc.args[0], str) and "No space" in exc.args[0]:
+                raise StoreFull(f"no space left on device: {exc}") from None
+            raise SlurpError(f"write failed: {exc}") from exc
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFull("no space left on device") from None
+            raise
 
     # -- reading ---------------------------------------------------------
 
