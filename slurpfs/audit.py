@@ -57,6 +57,7 @@ class AuditLog:
         self._path = path
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._failure: str | None = None  # why the last append failed (None: it worked)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._seq, self._prev = self._tail()
@@ -118,7 +119,12 @@ class AuditLog:
         )
         entry_hash = _digest(head + rest)
         line = f'{head}"hash":"{entry_hash}",{rest}\n'.encode()
-        self._append(line)
+        try:
+            self._append(line)
+        except AuditUnavailable as exc:
+            self._failure = str(exc)
+            raise
+        self._failure = None
         self._seq, self._prev = seq, entry_hash
         self._end += len(line)
 
@@ -143,6 +149,21 @@ class AuditLog:
                 "could be written (disk full?); access refused until it can be recorded",
                 errno.ENOSPC,
             )
+
+    def problem(self) -> str | None:
+        """Why entries cannot be recorded now, as far as can be told without writing one:
+        the last append failed, or the file at the log's path is no longer the one
+        this process appends to (removed or replaced). None when neither."""
+        if self._failure is not None:
+            return self._failure
+        try:
+            at_path = os.stat(self._path)
+        except FileNotFoundError:
+            return f"audit log {self._path}: removed while in use; entries go to a deleted file"
+        ours = os.fstat(self._fd)
+        if (at_path.st_dev, at_path.st_ino) != (ours.st_dev, ours.st_ino):
+            return f"audit log {self._path}: replaced while in use; entries go to the old file"
+        return None
 
     def close(self) -> None:
         os.close(self._fd)
