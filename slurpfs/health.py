@@ -69,7 +69,7 @@ def store_check(model: ContextStore) -> Check:
     st = model.store.statistics()
     used = st.map_used / st.map_size if st.map_size else 0.0
     detail = (
-        f"open: {st.versions} versions, {used:.0%} of store.map_size ({_size(st.map_size)}) used"
+        f"open: {st.versions} versions; {used:.0%} of store.map_size ({_size(st.map_size)}) in use"
     )
     if used >= MAP_WARN:
         return Check("store", WARN, detail + "; raise store.map_size before it fills up")
@@ -92,8 +92,8 @@ def disk_check(path: os.PathLike[str] | str, min_free: int) -> Check:
         )
     free = sv.f_bavail * sv.f_frsize
     detail = (
-        f"{_size(free)} free of {_size(sv.f_blocks * sv.f_frsize)} under the data directory"
-        f" (health.min_free_bytes: {_size(min_free)})"
+        f"{_size(free)} free of {_size(sv.f_blocks * sv.f_frsize)} under the data directory;"
+        f" health.min_free_bytes is {_size(min_free)}"
     )
     return Check("disk", FAIL if free < min_free else OK, detail)
 

@@ -57,8 +57,8 @@ async def test_a_fresh_mount_is_ready_and_says_search_is_opening(
     lines = await health_file(fs)
     assert lines[0] == "ok, with warnings"
     assert [line.split(":")[0] for line in lines[1:]] == NAMES
-    assert lines[3] == "search: warn (opening the search indexes)"
-    assert lines[1].startswith("store: ok (open: ")
+    assert lines[3] == "search: warn - opening the search indexes"
+    assert lines[1].startswith("store: ok - open: 0 versions; ")
 
 
 async def test_search_is_ok_once_attached_and_fails_when_it_could_not_open(
@@ -87,7 +87,7 @@ async def test_shutting_down_is_not_ready(fs: OpsHarness, ops: Operations) -> No
 
     assert by_name(checks)["mount"] == Check("mount", FAIL, "shutting down")
     assert not health.ready(checks)
-    assert "mount: FAILING (shutting down)" in await health_file(fs)
+    assert "mount: FAILING - shutting down" in await health_file(fs)
 
 
 def test_disk_check_fails_below_the_configured_free_space(nodes: Nodes) -> None:
@@ -98,7 +98,7 @@ def test_disk_check_fails_below_the_configured_free_space(nodes: Nodes) -> None:
         disk = by_name(ops.health.checks())["disk"]
 
     assert disk.status == FAIL
-    assert "under the data directory (health.min_free_bytes: " in disk.detail
+    assert "under the data directory; health.min_free_bytes is " in disk.detail
     assert by_name(ops.health.checks())["store"].ok  # ready: files are still served
 
 

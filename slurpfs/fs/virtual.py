@@ -132,7 +132,7 @@ _HEALTH_WORD = {health.OK: "ok", health.WARN: "warn", health.FAIL: "FAILING"}
 
 def render_health(checks: Sequence[health.Check]) -> str:
     lines = [_HEALTH_HEADLINE[health.overall(checks)]]
-    lines += [f"{c.name}: {_HEALTH_WORD[c.status]} ({c.detail})" for c in checks]
+    lines += [f"{c.name}: {_HEALTH_WORD[c.status]} - {c.detail}" for c in checks]
     return "\n".join(lines) + "\n"
 
 
