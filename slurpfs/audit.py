@@ -233,6 +233,7 @@ class AuditLog:
         self._anchors = anchors
         self._lock = threading.Lock()
         self._broken: str | None = None  # why this process no longer moves the anchor
+        self._failure: str | None = None  # why the last append failed (None: it worked)
         self._anchored = 0  # the highest seq known to be anchored
         self._evidence: Anchor | None = None  # to anchor at once: the log was cut under us
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -398,7 +399,12 @@ class AuditLog:
         )
         mac = self._keys.mac(head + rest)
         line = f'{head}"mac":"{mac}",{rest}\n'.encode()
-        self._append(line)
+        try:
+            self._append(line)
+        except AuditUnavailable as exc:
+            self._failure = str(exc)
+            raise
+        self._failure = None
         self._seq, self._prev, self._start = seq, mac, self._end
         self._end += len(line)
 
@@ -478,6 +484,24 @@ class AuditLog:
     def verify(self) -> Verified:
         """`verify` of this log, with this process's keys and anchor."""
         return verify(self._path, self._keys, self._anchors)
+
+    def problem(self) -> str | None:
+        """Why the trail is not sound now, as far as can be told without writing an
+        entry: the last append failed, the file at the log's path is no longer the one
+        this process appends to (removed or replaced), or the log was found not to
+        continue its anchor. None when none of these."""
+        if self._failure is not None:
+            return self._failure
+        if self._broken is not None:
+            return self._broken
+        try:
+            at_path = os.stat(self._path)
+        except FileNotFoundError:
+            return f"audit log {self._path}: removed while in use; entries go to a deleted file"
+        ours = os.fstat(self._fd)
+        if (at_path.st_dev, at_path.st_ino) != (ours.st_dev, ours.st_ino):
+            return f"audit log {self._path}: replaced while in use; entries go to the old file"
+        return None
 
     def close(self) -> None:
         os.close(self._fd)

@@ -12,7 +12,8 @@ File layout::
     [cache]       plaintext_bytes, redis_url
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other
     [search]      engine
-    [http]        listen
+    [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
+    [health]      min_free_bytes
     [replication] write_quorum
     [roles.NAME]  readers, users, groups
 
@@ -24,6 +25,7 @@ lists are comma separated. ``SLURPFS_CONFIG`` names the file and
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -90,6 +92,70 @@ class SearchConfig:
 class HttpConfig:
     listen: str = "127.0.0.1:0"
 
+    @property
+    def address(self) -> ListenAddress | None:
+        """Where the HTTP endpoints listen; None when ``off``. (Checked at load.)"""
+        return parse_listen(self.listen, "http.listen")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    min_free_bytes: int = 1 << 30  # the disk check fails below this much free space
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A parsed ``http.listen``: an IP address literal and a port (0: any free port)."""
+
+    host: str
+    port: int
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.host
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.ipv6 else f"{self.host}:{self.port}"
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_listen(value: str, key: str) -> ListenAddress | None:
+    """``HOST:PORT`` (IPv4), ``[IPv6]:PORT`` or ``localhost:PORT`` -> address; ``off`` -> None.
+
+    Host names other than ``localhost`` are refused: a listening address should
+    not depend on name resolution (and ``localhost`` would resolve to two
+    addresses, each with its own port when the port is 0). `key` names the
+    setting in the `ConfigError`.
+    """
+    text = value.strip()
+    if text.lower() == "off":
+        return None
+    expected = (
+        f"{key}: expected HOST:PORT (an IPv4 address, [an IPv6 address] or localhost;"
+        f" port 0-65535, 0 for any free port) or off, got {value!r}"
+    )
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        family: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = ipaddress.IPv6Address
+    else:
+        host, sep, port = text.rpartition(":")
+        family = ipaddress.IPv4Address
+        if host.lower() == "localhost":
+            host = "127.0.0.1"  # the one loopback address every host has
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ConfigError(expected)
+    try:
+        address = family(host)
+    except ValueError:
+        raise ConfigError(expected) from None
+    return ListenAddress(str(address), int(port))
+
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
@@ -119,6 +185,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "mount": MountConfig,
     "search": SearchConfig,
     "http": HttpConfig,
+    "health": HealthConfig,
     "replication": ReplicationConfig,
 }
 
@@ -132,6 +199,7 @@ class Config:
     mount: MountConfig
     search: SearchConfig
     http: HttpConfig
+    health: HealthConfig
     replication: ReplicationConfig
     roles: Mapping[str, RoleConfig]
     source: str = "<defaults>"
@@ -208,23 +276,31 @@ def _build(cls: type[Any], key: str, table: Mapping[str, Any], **extra: Any) -> 
     return cls(**values, **extra)
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
+    """Range and syntax checks. `named` maps a key set by the environment to its
+    variable, so that the error names what the user wrote."""
+    named = named or {}
+
+    def bad(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{named.get(key, key)}: {problem}")
+
     if config.durability.sync_interval <= 0:
-        raise ConfigError("durability.sync_interval: must be positive")
+        raise bad("durability.sync_interval", "must be positive")
     if config.store.map_size < 1 << 20:
-        raise ConfigError("store.map_size: must be at least 1 MiB")
+        raise bad("store.map_size", "must be at least 1 MiB")
     if config.store.max_context_bytes < 1:
-        raise ConfigError("store.max_context_bytes: must be positive")
+        raise bad("store.max_context_bytes", "must be positive")
     if not 0 <= config.store.cascade_depth <= 64:
-        raise ConfigError("store.cascade_depth: must be between 0 and 64")
+        raise bad("store.cascade_depth", "must be between 0 and 64")
     if config.mount.scratch_bytes < 0:
-        raise ConfigError("mount.scratch_bytes: must not be negative")
+        raise bad("mount.scratch_bytes", "must not be negative")
     if config.search.engine not in ("whoosh", "tantivy"):
-        raise ConfigError(
-            f"search.engine: must be 'whoosh' or 'tantivy', not {config.search.engine!r}"
-        )
+        raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
+    parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
+    if config.health.min_free_bytes < 0:
+        raise bad("health.min_free_bytes", "must not be negative")
     if config.replication.write_quorum < 1:
-        raise ConfigError("replication.write_quorum: must be at least 1")
+        raise bad("replication.write_quorum", "must be at least 1")
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")
     for name, role in config.roles.items():
@@ -269,6 +345,7 @@ def load(
         raise ConfigError(f"{unknown[0]}: unknown section (known: roles, {', '.join(_SECTIONS)})")
 
     sections: dict[str, Any] = {}
+    named: dict[str, str] = {}  # keys whose value came from the environment -> variable
     for name, cls in _SECTIONS.items():
         raw = table.get(name, {})
         if not isinstance(raw, dict):
@@ -282,8 +359,10 @@ def load(
                 merged[field.name] = _coerce(
                     env_key, env[env_key], hints[field.name], from_env=True
                 )
+                named[key] = env_key
             if key in overrides and overrides[key] is not None:
                 merged[field.name] = overrides[key]
+                named.pop(key, None)
         sections[name] = _build(cls, name, merged)
     stray = sorted(
         k
@@ -317,7 +396,7 @@ def load(
     config = Config(
         **sections, roles=MappingProxyType(roles), source=str(path) if path else "<defaults>"
     )
-    _check(config)
+    _check(config, named)
     return config
 
 

@@ -277,6 +277,10 @@ class ContextStore:
     def store(self) -> Store:
         return self._store
 
+    def audit_problem(self) -> str | None:
+        """Why access decisions cannot be recorded now (see `AuditLog.problem`), or None."""
+        return self._audit.problem()
+
     def sync(self) -> None:
         """Make every commit so far survive power loss."""
         self._store.sync()

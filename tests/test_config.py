@@ -32,6 +32,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.store.cascade_depth == 8
     assert cfg.search.engine == "whoosh"
     assert cfg.http.listen == "127.0.0.1:0"
+    assert cfg.http.address == config.ListenAddress("127.0.0.1", 0)
+    assert cfg.health.min_free_bytes == 1 << 30
     assert cfg.replication.write_quorum == 1
     assert cfg.mount.allow_other is False
     assert cfg.role_names == ("architect", "developer", "reviewer")
@@ -221,6 +223,7 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path, env_key: str, 
         ("[store]\ncascade_depth = -1\n", "store.cascade_depth"),
         ("[mount]\nscratch_bytes = -1\n", "mount.scratch_bytes"),
         ("[search]\nengine = 'lucene'\n", "search.engine"),
+        ("[health]\nmin_free_bytes = -1\n", "health.min_free_bytes"),
         ("[replication]\nwrite_quorum = 0\n", "replication.write_quorum"),
         ("node = 5\n", "node"),
         ("roles = 5\n", "roles"),
@@ -232,6 +235,98 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path, env_key: str, 
 def test_out_of_range_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
         load_text(tmp_path, text)
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_an_override_the_key(
+    tmp_path: Path,
+) -> None:
+    env = {"HOME": str(tmp_path), "SLURPFS_DURABILITY_SYNC_INTERVAL": "0"}
+
+    with pytest.raises(ConfigError, match=r"^SLURPFS_DURABILITY_SYNC_INTERVAL: must be positive"):
+        config.load(None, env)
+    with pytest.raises(ConfigError, match=r"^durability\.sync_interval: must be positive"):
+        config.load(
+            None, {**env, "SLURPFS_DURABILITY_SYNC_INTERVAL": "1"}, {"durability.sync_interval": 0}
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "port"),
+    [
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("127.0.0.1:9464", "127.0.0.1", 9464),
+        ("0.0.0.0:65535", "0.0.0.0", 65535),
+        ("localhost:8080", "127.0.0.1", 8080),  # one address, whatever the resolver says
+        ("LocalHost:1", "127.0.0.1", 1),
+        ("[::1]:0", "::1", 0),
+        ("[::]:80", "::", 80),
+        ("[2001:DB8::1]:443", "2001:db8::1", 443),
+        (" 10.1.2.3:7 ", "10.1.2.3", 7),
+    ],
+)
+def test_http_listen_forms(tmp_path: Path, value: str, host: str, port: int) -> None:
+    from_file = load_text(tmp_path, f"[http]\nlisten = {value!r}\n")
+    from_env = config.load(None, {"HOME": str(tmp_path), "SLURPFS_HTTP_LISTEN": value})
+
+    assert from_file.http.address == from_env.http.address == config.ListenAddress(host, port)
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", " off "])
+def test_http_listen_off_disables_the_endpoints(tmp_path: Path, value: str) -> None:
+    cfg = config.load(None, {"HOME": str(tmp_path), "SLURPFS_HTTP_LISTEN": value})
+
+    assert cfg.http.address is None
+
+
+def test_listen_address_text_and_loopback() -> None:
+    assert str(config.ListenAddress("127.0.0.1", 80)) == "127.0.0.1:80"
+    assert str(config.ListenAddress("::1", 80)) == "[::1]:80"
+    assert config.ListenAddress("127.0.0.2", 1).loopback
+    assert config.ListenAddress("::1", 1).loopback
+    assert not config.ListenAddress("0.0.0.0", 1).loopback
+    assert not config.ListenAddress("::", 1).loopback
+
+
+BAD_LISTEN = [
+    "garbage",
+    "",
+    "127.0.0.1",  # no port
+    "127.0.0.1:",
+    ":80",
+    "127.0.0.1:65536",
+    "127.0.0.1:-1",
+    "127.0.0.1:+80",
+    "127.0.0.1:８０",  # fullwidth digits: int() would take them
+    "127.0.0.1:80x",
+    "256.1.1.1:80",
+    "127.1:80",
+    "example.com:80",  # host names other than localhost: no resolver at start
+    "::1:80",  # IPv6 without brackets
+    "[::1]",
+    "[::1]80",
+    "[127.0.0.1]:80",
+    "[::1]:99999",
+    "http://127.0.0.1:80",
+]
+
+
+@pytest.mark.parametrize("value", BAD_LISTEN)
+def test_bad_http_listen_in_the_file_names_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^http\.listen: expected HOST:PORT") as info:
+        load_text(tmp_path, f"[http]\nlisten = {value!r}\n")
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("value", BAD_LISTEN)
+def test_bad_http_listen_in_the_environment_names_the_variable(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^SLURPFS_HTTP_LISTEN: expected HOST:PORT") as info:
+        config.load(None, {"HOME": str(tmp_path), "SLURPFS_HTTP_LISTEN": value})
+    assert repr(value) in str(info.value)
+
+
+def test_http_listen_must_be_a_string(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^http\.listen: expected a string"):
+        load_text(tmp_path, "[http]\nlisten = 8080\n")
 
 
 def test_readers_must_be_configured_roles(tmp_path: Path) -> None:
@@ -296,6 +391,10 @@ def test_render_toml_round_trips(tmp_path: Path) -> None:
         entry_timeout = 1e-3
         [search]
         engine = "tantivy"
+        [http]
+        listen = "[::1]:9464"
+        [health]
+        min_free_bytes = 0
         [replication]
         write_quorum = 3
         [roles.dev]

@@ -21,7 +21,8 @@ import logging
 import os
 import stat as st
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pyfuse3
 
@@ -45,6 +46,7 @@ from slurpfs.fs.scratch import ScratchStore
 from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
 from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
+from slurpfs.health import Health
 from slurpfs.model import ContextStore, VersionInfo, data_paths
 
 log = logging.getLogger("slurpfs.fs")
@@ -94,7 +96,11 @@ class Operations(pyfuse3.Operations):
         # interpreter to them while this keeps moving.
         self.activity = 0
         self.stopping = False
-        self._status_info = dict(status_info or {})
+        # What .slurp/status says first (pid, mountpoint, the HTTP address): the daemon's.
+        self.status_info: dict[str, object] = dict(status_info or {})
+        # Counters of other components for .slurp/status and metrics (the daemon adds its own).
+        self.stat_sources: list[Callable[[], Mapping[str, Any]]] = [self.search.status]
+        self.health = Health(model, search=self.search.check, stopping=lambda: self.stopping)
         self._register_status_files()
         # Replaceable for tests that call readdir without a kernel.
         self.readdir_reply = pyfuse3.readdir_reply
@@ -791,8 +797,14 @@ class Operations(pyfuse3.Operations):
             self.virtual,
             self.model,
             data_paths(self.config.data_dir)["audit"],
-            info=lambda: self._status_info,
+            info=lambda: self.status_info,
             fs_stats=self.statistics,
-            healthy=lambda: not self.stopping,
-            extra_stats=self.search.status,
+            checks=self.health.checks,
+            extra_stats=self._extra_stats,
         )
+
+    def _extra_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for source in self.stat_sources:
+            out.update(source())
+        return out

@@ -66,6 +66,7 @@ from slurpfs.fs.access import Caller
 from slurpfs.fs.inodes import InodeTable, Key, Kind, Node
 from slurpfs.fs.tree import Entry, Stat, check_length
 from slurpfs.fs.virtual import flatten
+from slurpfs.health import FAIL, OK, WARN, Check
 from slurpfs.index import Indexer, SearchService, parse_query_name
 from slurpfs.index.render import (
     error_text,
@@ -85,6 +86,7 @@ CACHE_SECONDS = 1.0
 CACHE_ENTRIES = 256
 READY_WAIT = 5.0
 QUERY_THREADS = 4
+LAG_WARN = 60.0  # seconds behind the store from which the search health check warns
 
 # Nodes whose attributes and bytes come from a query result.
 RESULT_KINDS = frozenset({Kind.QUERY_FILE, Kind.QUERY_LINK})
@@ -426,6 +428,27 @@ class SearchTree:
             not_ready=self._not_ready,
             cache_entries=len(self._cache),
         )
+
+    def check(self) -> Check:
+        """The ``search`` health check: the indexes are open and the indexer keeps up.
+
+        Opening is a warning (the mount works meanwhile), a service that could not be
+        opened a failure (``.search/`` is down until the next start)."""
+        if self._failure is not None:
+            return Check("search", FAIL, self._failure)
+        service = self._service
+        if service is None:
+            return Check("search", WARN, "opening the search indexes")
+        stats = service.statistics()
+        detail = (
+            f"{stats.engine}: {sum(stats.documents.values())} documents"
+            f" in {len(stats.documents)} role indexes"
+        )
+        if self._indexer is None:
+            return Check("search", OK, detail)
+        ix = self._indexer.statistics()
+        detail += f"; indexer lag {ix.lag:.1f} s, {ix.queue_depth} changes waiting"
+        return Check("search", WARN if ix.lag > LAG_WARN else OK, detail)
 
     def status(self) -> dict[str, Any]:
         """Counters for ``.slurp/status`` and ``metrics``: this layer, the indexes, the indexer."""

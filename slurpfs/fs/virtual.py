@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slurpfs import __version__, audit
+from slurpfs import __version__, audit, health
 from slurpfs.model import ContextStore
 
 Provider = Callable[[], str]
@@ -63,6 +63,10 @@ class VirtualFiles:
 
     def __contains__(self, name: str) -> bool:
         return name in self._providers
+
+    def produce(self, name: str) -> bytes:
+        """A new rendering that leaves the one kept for the mount alone (the HTTP endpoints)."""
+        return self._providers[name]().encode("utf-8")
 
     def render(self, name: str, *, fresh: bool = False) -> bytes:
         """The file's bytes; `fresh` forces a new rendering (used at open)."""
@@ -122,10 +126,13 @@ def render_metrics(stats: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_health(checks: Mapping[str, bool]) -> str:
-    overall = all(checks.values())
-    lines = ["ok" if overall else "unhealthy"]
-    lines += [f"{name}: {'ok' if good else 'FAILING'}" for name, good in checks.items()]
+_HEALTH_HEADLINE = {health.OK: "ok", health.WARN: "ok, with warnings", health.FAIL: "unhealthy"}
+_HEALTH_WORD = {health.OK: "ok", health.WARN: "warn", health.FAIL: "FAILING"}
+
+
+def render_health(checks: Sequence[health.Check]) -> str:
+    lines = [_HEALTH_HEADLINE[health.overall(checks)]]
+    lines += [f"{c.name}: {_HEALTH_WORD[c.status]} - {c.detail}" for c in checks]
     return "\n".join(lines) + "\n"
 
 
@@ -150,12 +157,13 @@ def register_defaults(
     *,
     info: Callable[[], Mapping[str, object]],
     fs_stats: Callable[[], FsStatistics],
-    healthy: Callable[[], bool],
+    checks: Callable[[], Sequence[health.Check]],
     extra_stats: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """The standard ``.slurp/`` files over a model and the filesystem's counters.
 
-    `extra_stats` adds flattened counters of other components (search, indexer).
+    `checks` are the node's health checks (`slurpfs.health`); `extra_stats` adds
+    flattened counters of other components (search, indexer, HTTP endpoints).
     """
     started = time.time()
 
@@ -178,7 +186,7 @@ def register_defaults(
         return render_status(facts, stats())
 
     files.register("status", status)
-    files.register("health", lambda: render_health({"store": True, "mount": healthy()}))
+    files.register("health", lambda: render_health(checks()))
     files.register("metrics", lambda: render_metrics(stats()))
     files.register("peers", render_peers)
     files.register("audit", lambda: render_audit(audit_log))

@@ -9,6 +9,8 @@ Tasks (each started in the nursery, ready via ``nursery.start``):
 - `ControlServer`: the local control socket (change notifications, ``watch``);
 - `Syncer`: the periodic sync to stable storage (``durability.sync_interval``);
 - `TtlCleaner`: expired contexts are purged (once a minute);
+- `HttpServer`: ``/metrics`` and ``/health*`` on ``http.listen`` (unless ``off``);
+  its socket is bound before the mount is made, so a port in use stops the start;
 - signals: SIGTERM/SIGINT commit every dirty buffer and end the FUSE loop.
 
 Shutdown is ordered: commit open buffers, end the FUSE loop, sync, stop the
@@ -43,10 +45,13 @@ from slurpfs.fs.handles import Gateway
 from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.search import SearchTree
+from slurpfs.fs.virtual import flatten
 from slurpfs.index import Indexer, SearchService
 from slurpfs.index.sealed import open_table
 from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
+from slurpfs.service.endpoints import Endpoints, MountProbe
+from slurpfs.service.http import HttpServer
 
 log = logging.getLogger("slurpfs.daemon")
 
@@ -280,6 +285,39 @@ class Daemon:
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
         self.keys = KeyPreparer(model)
+        self.http = self._http_server()
+
+    def _http_server(self) -> HttpServer | None:
+        address = self.config.http.address
+        self.ops.status_info["http"] = "off"
+        if address is None:
+            return None
+        ops = self.ops
+        probe = MountProbe(self.options.mountpoint / ".slurp" / "status", lambda: ops.stopping)
+        endpoints = Endpoints(ops.health, probe, lambda: ops.virtual.produce("metrics"))
+        server = HttpServer(address, endpoints.routes())
+        ops.stat_sources.append(lambda: flatten(server.statistics(), "http_"))
+        return server
+
+    def _listen(self) -> None:
+        """Bind the HTTP endpoints' socket (MountError if that fails)."""
+        if self.http is None:
+            log.info("HTTP endpoints are off (http.listen = off)")
+            return
+        address = self.http.address
+        try:
+            bound = self.http.bind()
+        except OSError as exc:
+            raise MountError(
+                f"http.listen: cannot listen on {address}: {exc.strerror or exc}"
+            ) from None
+        self.ops.status_info["http"] = f"http://{bound}/"
+        if not address.loopback:
+            log.info(
+                "http.listen is %s, not a loopback address: the metrics and health endpoints"
+                " answer anyone who can reach it",
+                address,
+            )
 
     def _describe(self) -> str:
         return f"{os.getpid()} {self.options.mountpoint}"
@@ -300,12 +338,19 @@ class Daemon:
 
     def run(self, ready: Callable[[], None] | None = None) -> int:
         """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
-        self.control.claim()
-        open_table(self.model.store)  # before any thread could open it (see there)
         try:
-            pyfuse3.init(self.ops, str(self.options.mountpoint), self.options.fuse_options())
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount at {self.options.mountpoint}: {exc}") from None
+            self.control.claim()
+            self._listen()  # before mounting: a port in use fails the start with nothing mounted
+            open_table(self.model.store)  # before any thread could open it (see there)
+            try:
+                pyfuse3.init(self.ops, str(self.options.mountpoint), self.options.fuse_options())
+            except RuntimeError as exc:
+                raise MountError(f"cannot mount at {self.options.mountpoint}: {exc}") from None
+        except BaseException:
+            if self.http is not None:
+                self.http.close()
+            self.model.close()
+            raise
         # The FUSE loop waits for the GIL whenever a background thread (indexer,
         # sync) holds it, by default for up to 5 ms a turn: hand it over sooner.
         switch_interval = sys.getswitchinterval()
@@ -315,6 +360,8 @@ class Daemon:
             trio.run(self._main, ready)
             status = 0
         finally:
+            if self.http is not None:
+                self.http.close()  # (when the loop failed before serving it)
             self.ops.inodes.forget_all()
             pyfuse3.close(unmount=True)
             self.search.close()
@@ -328,6 +375,13 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.invalidator.run)
             await nursery.start(self.control.run)
+            if self.http is not None:
+                await nursery.start(self.http.run)
+                log.info(
+                    "HTTP endpoints at %s (/metrics, /health, /health/live, /health/ready,"
+                    " /health/checks)",
+                    self.ops.status_info["http"],
+                )
             nursery.start_soon(self.search.run, nursery)
             nursery.start_soon(self.syncer.run)
             nursery.start_soon(self.ttl.run)

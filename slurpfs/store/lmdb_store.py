@@ -163,6 +163,15 @@ class Store:
         """Flush committed transactions to stable storage."""
         self._env.sync(True)
 
+    def problem(self) -> str | None:
+        """Why a read transaction fails now; None when the store answers (health check)."""
+        try:
+            with self._env.begin() as txn:
+                txn.stat(self._dbs[s.DB_META])
+        except lmdb.Error as exc:
+            return str(exc)
+        return None
+
     # -- writing ---------------------------------------------------------
 
     def commit(self, commits: Sequence[Commit]) -> int:
