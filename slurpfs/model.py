@@ -672,9 +672,9 @@ class ContextStore:
                     rewrapped += 1
                 self._keystore.destroy_generation(role, old.generation)
                 self._local.forget(role, old.generation)
+                self.keyring = self._keystore.load()
             if self.key_pool is not None:
                 self.key_pool.clear()  # keys sealed to the old generation
-                self.keyring = self._keystore.load()
         return RotationReport(
             role, None if old is None else old.generation, new.generation, rewrapped
         )
