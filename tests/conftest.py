@@ -43,6 +43,8 @@ from slurpfs.store import schema as s
 
 WEAK_KDF = KdfParams.weak()
 TEST_USER = "slurpfs-test"
+
+pytest_plugins = ["ops_fixtures"]  # `ops` and `fs`: Operations without a kernel
 CLI_TIMEOUT = 120.0
 _SCRUBBED_PREFIXES = ("SLURPFS_", "XDG_")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,8 +23,6 @@ from fsutil import (
     AUTH,
     FakeKernel,
     OpsHarness,
-    checked_harness,
-    checked_ops,
     ctx,
     make_ops,
     raises_errno,
@@ -50,18 +47,6 @@ from slurpfs.ucxl import parse
 DIR = f"ucxl/{AUTH}/src/auth.go"
 ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
 DEV = "developer"
-
-
-@pytest.fixture
-def ops(model: ContextStore) -> Iterator[Operations]:
-    with checked_ops(model) as ops:
-        yield ops
-
-
-@pytest.fixture
-async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    async with checked_harness(ops) as harness:
-        yield harness
 
 
 async def test_the_root_lists_the_three_entries(fs: OpsHarness) -> None:

@@ -12,14 +12,14 @@ import logging
 import os
 import stat as st
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pyfuse3
 import pytest
 import trio
 from conftest import Nodes
-from fsutil import OpsHarness, checked_harness, checked_ops, raises_errno
+from fsutil import OpsHarness, checked_ops, raises_errno
 from test_index_support import ENGINES, address, document, seed
 
 from slurpfs.fs.ops import Operations
@@ -61,12 +61,6 @@ def ops(model: ContextStore, service: SearchService) -> Iterator[Operations]:
     with checked_ops(model) as ops:
         ops.search.attach(service)
         yield ops
-
-
-@pytest.fixture
-async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    async with checked_harness(ops) as harness:
-        yield harness
 
 
 @pytest.fixture

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pytest
 from conftest import MemoryAnchors, audit_keys
-from fsutil import AUTH, OpsHarness, checked_harness, checked_ops
+from fsutil import AUTH, OpsHarness
 from prometheus_client.parser import text_string_to_metric_families
 
 from slurpfs import audit
 from slurpfs.fs import virtual
-from slurpfs.fs.ops import Operations
 from slurpfs.model import ContextStore
 from slurpfs.ucxl import parse
 
@@ -29,18 +26,6 @@ DIR = f"ucxl/{AUTH}/src/auth.go"
 ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
 DEV = "developer"
 ARCH = "architect"
-
-
-@pytest.fixture
-def ops(model: ContextStore) -> Iterator[Operations]:
-    with checked_ops(model) as ops:
-        yield ops
-
-
-@pytest.fixture
-async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    async with checked_harness(ops) as harness:
-        yield harness
 
 
 async def sizes(fs: OpsHarness, path: str) -> dict[str, int]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import MemoryAnchors, Nodes, audit_keys
-from fsutil import OpsHarness, checked_harness, checked_ops, fill
+from fsutil import OpsHarness, checked_ops, fill
 
 from slurpfs import audit, health
 from slurpfs.errors import AuditUnavailable
@@ -22,18 +21,6 @@ from slurpfs.index import SearchService
 from slurpfs.model import ContextStore
 
 NAMES = ["store", "mount", "search", "audit", "disk"]
-
-
-@pytest.fixture
-def ops(model: ContextStore) -> Iterator[Operations]:
-    with checked_ops(model) as ops:
-        yield ops
-
-
-@pytest.fixture
-async def fs(ops: Operations) -> AsyncIterator[OpsHarness]:
-    async with checked_harness(ops) as harness:
-        yield harness
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:

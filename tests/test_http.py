@@ -26,13 +26,12 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import Nodes, find_canary
-from fsutil import AUTH, Mounted, checked_ops, is_mounted, mounted_at, slurpfs, wait_for
+from fsutil import AUTH, Mounted, is_mounted, mounted_at, slurpfs, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from slurpfs.config import ListenAddress
 from slurpfs.fs.ops import Operations
 from slurpfs.health import FAIL, OK, Check
-from slurpfs.model import ContextStore
 from slurpfs.service.endpoints import METRICS_CONTENT_TYPE, Endpoints, MountProbe
 from slurpfs.service.http import (
     HEAD_TIMEOUT,
@@ -415,12 +414,6 @@ def test_binding_ipv6_loopback() -> None:
 
 
 # -- the endpoints over a real store (no kernel mount) -----------------------------------
-
-
-@pytest.fixture
-def ops(model: ContextStore) -> Iterator[Operations]:
-    with checked_ops(model) as ops:
-        yield ops
 
 
 def answers(tmp_path: Path) -> Path:
