@@ -141,6 +141,14 @@ def test_the_model_seals_with_prepared_keys_and_rotation_drops_them(model: Conte
     reopened.close()
 
 
+def _policy(tid: int) -> int | None:
+    """The scheduling policy of a thread, None if it ended meanwhile (an idle worker)."""
+    try:
+        return os.sched_getscheduler(tid)
+    except ProcessLookupError:
+        return None
+
+
 def _stat(m: Mounted, name: str) -> int:
     status = (m.mnt / ".slurp" / "status").read_text()
     found = re.search(rf"^model_{name}: (\d+)$", status, re.MULTILINE)
@@ -159,6 +167,12 @@ def mnt(nodes: Nodes, tmp_path: Path) -> Iterator[Mounted]:
 
 def test_a_mount_prepares_keys_and_its_saves_use_them(mnt: Mounted) -> None:
     wait_for(lambda: _stat(mnt, "prepared_keys_ready") > 0, what="prepared keys")
+    # The key thread seals only when a CPU would otherwise idle; nothing else does.
+    status = (mnt.mnt / ".slurp" / "status").read_text()
+    found = re.search(r"^pid: (\d+)$", status, re.MULTILINE)
+    assert found is not None, status
+    tasks = [int(t) for t in os.listdir(f"/proc/{found.group(1)}/task")]
+    assert sum(_policy(t) == os.SCHED_IDLE for t in tasks) == 1, [_policy(t) for t in tasks]
     d = mnt.ucxl / "claude:architect@bzzz:auth" / "src"
     d.mkdir(parents=True)
     for i in range(3):

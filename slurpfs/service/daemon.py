@@ -21,7 +21,6 @@ status to ``slurpfs umount``, exit 0.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -127,41 +126,63 @@ class TtlCleaner:
 
 
 class KeyPreparer:
-    """Keeps the model's `KeyPool` topped up, sealing in a worker thread.
+    """Keeps the model's `KeyPool` topped up from a thread of its own.
 
-    A commit that finds the pool low says so from whatever thread it runs on; this
-    task then refills every recently used reader set. At start it prepares keys for
-    every role, so the first saves already find some.
+    The thread runs under Linux's ``SCHED_IDLE`` policy: it seals only when a CPU
+    would otherwise be idle. At normal priority it competed with the FUSE loop and
+    the process being served for the two cores a small machine has, and a save now
+    and then waited a scheduler time slice (3-5 ms) for it: the pool made the
+    typical save faster and the slowest ones much slower. A commit that finds the
+    pool low wakes the thread (`threading.Event`, from whatever thread commits).
+    At start it prepares keys for every role, so the first saves find some.
     """
 
     def __init__(self, model: ContextStore, depth: int = DEFAULT_DEPTH) -> None:
         self.model = model
         self.pool = KeyPool(depth, on_low=self._low)
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._wanted = trio.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
 
     def _low(self) -> None:  # any thread
-        token = self._token
-        if token is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):  # shutting down: no more takers
-            token.run_sync_soon(self._wanted.set)
+        self._wake.set()
 
     async def run(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
         for role in self.model.config.role_names:
             self.pool.want(self.model.reader_set(role))
+        self._wake.set()
+        thread = threading.Thread(target=self._fill, name="slurpfs-keys", daemon=True)
+        thread.start()
         self.model.key_pool = self.pool
         try:
-            while True:
-                await trio.to_thread.run_sync(self.pool.fill)
-                self._wanted = trio.Event()
-                if not self.pool.wanted():
-                    await self._wanted.wait()
+            await trio.sleep_forever()
         finally:
             self.model.key_pool = None
-            self._token = None
+            self._stop.set()
+            self._wake.set()
+            with trio.CancelScope(shield=True):  # it finishes the key in hand (< 1 ms)
+                await trio.to_thread.run_sync(thread.join)
             self.pool.clear()
+
+    def _fill(self) -> None:
+        background_priority()
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.pool.fill()
+
+
+def background_priority() -> None:
+    """Let the calling thread run only when a CPU would otherwise be idle."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except OSError as exc:  # a kernel without SCHED_IDLE: the lowest nice value instead
+        log.debug("SCHED_IDLE refused (%s); nice 19 instead", exc)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)  # per thread on Linux
+        except OSError as again:
+            log.debug("nice 19 refused too (%s): the key thread runs at normal priority", again)
 
 
 class OpenAborted(SlurpError):
