@@ -94,6 +94,35 @@ def test_mount_shows_the_layout_and_umount_is_clean(mnt: Mounted) -> None:
     assert os.listdir(mnt.mnt / ".search") == []
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_umount_of_a_daemon_that_does_not_answer(mnt: Mounted) -> None:
+    """A hung daemon (stopped here) must not hang `umount` too: it unmounts without
+    the daemon, exits 10 saying so, and the daemon exits 0 once it runs again."""
+    pid = int(os.getxattr(mnt.mnt, "user.slurp.pid"))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = slurpfs("umount", "--timeout", "1", mnt.mnt, env=mnt.env, check=False)
+        assert not is_mounted(mnt.mnt)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    assert result.returncode == 10, result.stderr
+    assert b"does not answer (hung or stopped); unmounting without it" in result.stderr
+    assert b"is unmounted, but its daemon did not answer" in result.stderr
+    assert b"Traceback" not in result.stderr
+    wait_for(lambda: not _running(pid), what="the daemon to exit")
+    mnt.check_log()  # "exiting with status 0", no warnings
+    mnt.mount()  # (the fixture unmounts at the end)
+
+
 def test_mount_errors_are_clear(nodes: Nodes, tmp_path: Path) -> None:
     node, _ = nodes.new()
     node.close_all()

@@ -25,9 +25,11 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from slurpfs.config import Config
 from slurpfs.crypto.keystore import Keystore
@@ -39,6 +41,7 @@ from slurpfs.service.daemon import Daemon, MountError, MountOptions
 log = logging.getLogger("slurpfs.daemon")
 
 START_TIMEOUT = 120.0
+ANSWER_TIMEOUT = 5.0  # seconds `umount` gives the daemon to answer its first question
 LOG_NAME = "daemon.log"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -330,8 +333,7 @@ def _wait_until_answers(mountpoint: Path, timeout: float) -> None:
 def umount_command(args: argparse.Namespace, config: Config, passphrase: bytes | None) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     try:
-        pid = int(os.getxattr(mountpoint, "user.slurp.pid"))
-        data_dir = Path(os.fsdecode(os.getxattr(mountpoint, "user.slurp.data")))
+        facts = _ask_mount(mountpoint, min(args.timeout, ANSWER_TIMEOUT))
     except FileNotFoundError:
         raise MountError(f"{mountpoint} does not exist") from None
     except OSError as exc:
@@ -342,6 +344,9 @@ def umount_command(args: argparse.Namespace, config: Config, passphrase: bytes |
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise MountError(f"{mountpoint} is not a slurpfs mount") from None
         raise MountError(f"{mountpoint}: {exc.strerror}") from None
+    if facts is None:
+        _unmount_unanswered(mountpoint)
+    pid, data_dir = facts
     watcher = control.watch(data_dir, args.timeout)
     if not _fusermount(mountpoint):
         if watcher is not None:
@@ -356,6 +361,52 @@ def umount_command(args: argparse.Namespace, config: Config, passphrase: bytes |
         print(f"slurpfs: the daemon (pid {pid}) exited with status {status}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ask_mount(mountpoint: Path, timeout: float) -> tuple[int, Path] | None:
+    """The daemon's pid and data directory, from the mount's root attributes.
+
+    None if the daemon does not answer within `timeout` (hung, or stopped): a
+    request to it would block for as long, so it is made from a thread that is
+    left behind then (the process exits without it). OSError as the mount gave it.
+    """
+    answer: list[tuple[int, Path] | OSError] = []
+
+    def ask() -> None:
+        try:
+            pid = int(os.getxattr(mountpoint, "user.slurp.pid"))
+            data = Path(os.fsdecode(os.getxattr(mountpoint, "user.slurp.data")))
+        except OSError as exc:
+            answer.append(exc)
+        else:
+            answer.append((pid, data))
+
+    asking = threading.Thread(target=ask, name="umount-ask", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if not answer:
+        return None
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return answer[0]
+
+
+def _unmount_unanswered(mountpoint: Path) -> NoReturn:
+    """Unmount a mount whose daemon does not answer; then say what is left."""
+    print(
+        f"slurpfs: the daemon of {mountpoint} does not answer (hung or stopped);"
+        " unmounting without it",
+        file=sys.stderr,
+    )
+    if not (_fusermount(mountpoint) or _fusermount(mountpoint, lazy=True)):
+        raise MountError(
+            f"{mountpoint} could not be unmounted: run `fusermount3 -u {mountpoint}`"
+            f" (as root: `umount -l {mountpoint}`)"
+        )
+    raise MountError(
+        f"{mountpoint} is unmounted, but its daemon did not answer and may still be"
+        " running: it exits by itself once it runs again; see its log"
+    )
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
