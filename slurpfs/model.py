@@ -12,7 +12,6 @@ Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import random
 import re
@@ -67,9 +66,7 @@ class WriterBusy(Exception):
 # `<role>.conflict-<id>`: a losing leaf of concurrent heads, listed beside the role file.
 CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]{{16}})")
 
-# Writers take turns (`Store.writer`), but a version stored by another path (a
-# replica, a writer of an older slurpfs) can still move the leaves between reading
-# and committing: re-seal on the new head and retry, backing off a random moment.
+# Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
 _RETRY_BACKOFF = 0.0005  # seconds, times the attempt number (capped at 20)
 
@@ -450,30 +447,18 @@ class ContextStore:
         extra_parents: Sequence[bytes] = (),
         wait: bool = True,
     ) -> VersionInfo:
-        readers = self.reader_set(role)
+        def seal() -> list[Commit]:
+            parents, expected = self._leaves(address, role)
+            return [
+                self._seal(
+                    address, role, data, parents + tuple(extra_parents), expected,
+                    deleted=deleted, expires_ms=expires_ms,
+                )
+            ]  # fmt: skip
+
         with self._writer(wait=wait):
-            for attempt in range(_COMMIT_RETRIES):
-                if attempt:
-                    time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
-                leaves = self._store.leaves(address, role)
-                parents = ((leaves[0].version_id,) if leaves else ()) + tuple(extra_parents)
-                for leaf in leaves:
-                    self._clock.observe(leaf.hlc)
-                record, commit = self._seal(
-                    address, role, data, parents, deleted, readers, expires_ms
-                )
-                commit = dataclasses.replace(
-                    commit, expected_leaves=tuple(v.version_id for v in leaves)
-                )
-                try:
-                    self._store.commit([commit])
-                except StaleHead:
-                    continue  # another process committed in between: re-seal on the new head
-                break
-            else:
-                raise Busy(
-                    f"{address} [{role}]: gave up after {_COMMIT_RETRIES} concurrent commits"
-                )
+            (commit,) = self._commit_retrying(seal, f"{address} [{role}]")
+        record = commit.record
         if not deleted:
             self._cache.put(record.version_id, data)
         for callback in self._subscribers:
@@ -486,16 +471,47 @@ class ContextStore:
             [self.keyring.current_public(r) for r in self.config.readers_of(role)]
         )
 
+    def _leaves(self, address: str, role: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """The parent of a new version of (address, role), which is its head, and the
+        leaves the new version replaces; the clock moves past every leaf."""
+        leaves = self._store.leaves(address, role)
+        for leaf in leaves:
+            self._clock.observe(leaf.hlc)
+        return ((leaves[0].version_id,) if leaves else ()), tuple(v.version_id for v in leaves)
+
+    def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
+        """Commit what `seal` makes on the leaves of now, and return it.
+
+        Writers take turns (`Store.writer`), but a version stored by another path (a
+        replica, a writer of an older slurpfs) can still move the leaves between
+        reading and committing (`StaleHead`): then seal again on the new leaves, after
+        a random moment, so two busy writers do not overtake each other in lockstep.
+        """
+        for attempt in range(_COMMIT_RETRIES):
+            if attempt:
+                time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
+            commits = seal()
+            try:
+                if commits:
+                    self._store.commit(commits)
+            except StaleHead:
+                continue
+            return commits
+        raise Busy(f"{what}: gave up after {_COMMIT_RETRIES} concurrent commits")
+
     def _seal(
         self,
         address: str,
         role: str,
         data: bytes,
         parents: tuple[bytes, ...],
+        expected: tuple[bytes, ...],
+        *,
         deleted: bool,
-        readers: tuple[RolePublicKey, ...],
         expires_ms: int | None,
-    ) -> tuple[VersionRecord, Commit]:
+    ) -> Commit:
+        """Seal one new version on `parents`, to commit if the leaves are still `expected`."""
+        readers = self.reader_set(role)
         stamp = self._clock.now()
         sealed = env.seal(
             data,
@@ -524,10 +540,11 @@ class ContextStore:
             size=len(data),
             deleted=deleted,
         )
-        return record, Commit(
+        return Commit(
             record,
             sealed.encoded,
             sealed.slots,
+            expected_leaves=expected,
             expires_ms=expires_ms,
             local_slots=local_slots,
             verified=local.verified_tag(self._verify_key, sealed.version_id),
@@ -542,21 +559,15 @@ class ContextStore:
         context's history.
         """
         batch = list(items)
+        failed: list[tuple[str, str]] = []
+
+        def seal() -> list[Commit]:
+            commits, bad = self._seal_batch(batch)
+            failed[:] = bad
+            return commits
+
         with self._writer():
-            for attempt in range(_COMMIT_RETRIES):
-                if attempt:
-                    time.sleep(random.random() * _RETRY_BACKOFF * min(attempt, 20))
-                commits, failed = self._seal_batch(batch)
-                try:
-                    if commits:
-                        self._store.commit(commits)
-                except StaleHead:
-                    continue
-                break
-            else:
-                raise Busy(
-                    f"a batch of {len(batch)}: gave up after {_COMMIT_RETRIES} concurrent commits"
-                )
+            commits = self._commit_retrying(seal, f"a batch of {len(batch)}")
         for commit in commits:
             for callback in self._subscribers:
                 callback(commit.record)
@@ -579,22 +590,18 @@ class ContextStore:
                 ctx = (item.address.key, item.role)
                 parents: tuple[bytes, ...]
                 expected: tuple[bytes, ...]
-                if ctx in heads:
+                if ctx in heads:  # written earlier in this batch
                     parents = expected = (heads[ctx],)
                 else:
-                    leaves = self._store.leaves(*ctx)
-                    for leaf in leaves:
-                        self._clock.observe(leaf.hlc)
-                    parents = (leaves[0].version_id,) if leaves else ()
-                    expected = tuple(v.version_id for v in leaves)
-                record, commit = self._seal(
-                    ctx[0], item.role, item.data, parents, False, self.reader_set(item.role), None
+                    parents, expected = self._leaves(*ctx)
+                commit = self._seal(
+                    ctx[0], item.role, item.data, parents, expected, deleted=False, expires_ms=None
                 )
             except SlurpError as exc:
                 failed.append((label, str(exc)))
                 continue
-            heads[ctx] = record.version_id
-            commits.append(dataclasses.replace(commit, expected_leaves=expected))
+            heads[ctx] = commit.record.version_id
+            commits.append(commit)
         return commits, failed
 
     def resolve_conflict(self, address: Address, role: str, version_id: bytes) -> VersionInfo:

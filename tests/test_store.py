@@ -441,11 +441,11 @@ def test_a_commit_between_read_and_write_makes_the_writer_retry_on_the_new_head(
 ) -> None:
     """Writer A reads the head, another writer commits, then A commits: A re-seals."""
     base = model.put(ADDR, DEV, b"base")
-    original: Callable[..., tuple[VersionRecord, Commit]] = model._seal
+    original: Callable[..., Commit] = model._seal
     seen_parents: list[tuple[bytes, ...]] = []
     others: list[Commit] = []
 
-    def seal_after_another_commit(*args: Any, **kwargs: Any) -> tuple[VersionRecord, Commit]:
+    def seal_after_another_commit(*args: Any, **kwargs: Any) -> Commit:
         seen_parents.append(args[3])
         if not others:
             others.append(
