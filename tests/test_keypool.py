@@ -84,12 +84,11 @@ def test_a_first_take_registers_its_readers_and_a_low_pool_asks_for_more() -> No
     assert pool.take(BOTH) is None  # never seen: missed, and now kept
     assert asked == [0]
     assert pool.fill() == 4
-    assert not pool.wanted()
     pool.take(BOTH)  # 3 left: above half
     assert asked == [0]
     pool.take(BOTH)  # 2 left: half
     assert asked == [0, 2]
-    assert pool.wanted()
+    assert pool.fill() == 2  # back to full
 
 
 def test_only_the_most_recently_used_reader_sets_are_kept() -> None:

@@ -33,9 +33,10 @@ ReaderSet = tuple[RolePublicKey, ...]
 class KeyPool:
     """Prepared keys per reader set; thread-safe.
 
-    `take` is called by committers (any thread); when a set runs low it calls
-    `on_low` (from the taking thread), and whoever runs the pool calls `fill`
-    (in a worker thread) to top every recently used set up to `depth`.
+    `take` is called by committers (any thread); when a set is at or below half
+    its depth it calls `on_low` (from the taking thread), and whoever runs the pool
+    calls `fill` (in a thread of its own) to top every recently used set up to
+    `depth`.
     """
 
     def __init__(
@@ -82,11 +83,6 @@ class KeyPool:
         else:
             self._ready.move_to_end(readers)
         return ready
-
-    def wanted(self) -> bool:
-        """Whether some reader set is at or below half its depth."""
-        with self._lock:
-            return any(len(q) <= self.depth // 2 for q in self._ready.values())
 
     def fill(self) -> int:
         """Top every kept reader set up to `depth`; returns how many keys were made.
