@@ -37,6 +37,8 @@ from fsutil import (
     wait_for,
 )
 
+from slurpfs import cli
+from slurpfs.service import mountcmd
 from slurpfs.store import schema as s
 from slurpfs.ucxl import parse
 
@@ -118,6 +120,36 @@ def test_umount_of_a_daemon_that_does_not_answer(mnt: Mounted) -> None:
     assert b"does not answer (hung or stopped); unmounting without it" in result.stderr
     assert b"is unmounted, but its daemon did not answer" in result.stderr
     assert b"Traceback" not in result.stderr
+    wait_for(lambda: not _running(pid), what="the daemon to exit")
+    mnt.check_log()  # "exiting with status 0", no warnings
+    mnt.mount()  # (the fixture unmounts at the end)
+
+
+def test_umount_of_a_daemon_slow_to_exit(
+    mnt: Mounted, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon answers, is unmounted, then takes longer than `--timeout` to exit
+    (in life: the final commit of a large first index build; here it is stopped just
+    before the real unmount). `umount` says so and exits 10, not a bare "timed out";
+    the daemon exits 0 once it runs again."""
+    pid = int(os.getxattr(mnt.mnt, "user.slurp.pid"))
+    unmount = mountcmd._fusermount
+
+    def stop_then_unmount(mountpoint: Path, *, lazy: bool = False) -> bool:
+        os.kill(pid, signal.SIGSTOP)
+        return unmount(mountpoint, lazy=lazy)
+
+    monkeypatch.setattr(mountcmd, "_fusermount", stop_then_unmount)
+    try:
+        code = cli.main(["umount", "--timeout", "1", str(mnt.mnt)], {**os.environ, **mnt.env})
+        assert not is_mounted(mnt.mnt)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    err = capsys.readouterr().err
+    assert code == 10, err
+    assert f"is unmounted, but its daemon (pid {pid}) has not finished exiting" in err
+    assert "timed out" not in err
     wait_for(lambda: not _running(pid), what="the daemon to exit")
     mnt.check_log()  # "exiting with status 0", no warnings
     mnt.mount()  # (the fixture unmounts at the end)

@@ -118,8 +118,10 @@ def watch(data_dir: Path, timeout: float) -> socket.socket | None:
 
 def read_exit_status(sock: socket.socket) -> int | None:
     """Block until the daemon reports its exit status (None if it died without one)."""
-    line = _read_line(sock)
-    sock.close()
+    try:
+        line = _read_line(sock)  # TimeoutError past the socket's timeout
+    finally:
+        sock.close()
     if line.startswith("exit "):
         return int(line.split()[1])
     return None

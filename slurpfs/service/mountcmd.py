@@ -352,8 +352,11 @@ def umount_command(args: argparse.Namespace, config: Config, passphrase: bytes |
         if watcher is not None:
             watcher.close()
         raise MountError(f"could not unmount {mountpoint} (is a process using it?)")
-    status = control.read_exit_status(watcher) if watcher is not None else None
-    _wait_for_exit(pid, args.timeout)
+    try:
+        status = control.read_exit_status(watcher) if watcher is not None else None
+    except TimeoutError:
+        raise MountError(_still_exiting(mountpoint, pid, args.timeout)) from None
+    _wait_for_exit(mountpoint, pid, args.timeout)
     if status is None:
         print(f"slurpfs: the daemon (pid {pid}) exited without reporting a status", file=sys.stderr)
         return 1
@@ -409,12 +412,20 @@ def _unmount_unanswered(mountpoint: Path) -> NoReturn:
     )
 
 
-def _wait_for_exit(pid: int, timeout: float) -> None:
+def _wait_for_exit(mountpoint: Path, pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:
-            raise MountError(f"the daemon (pid {pid}) did not exit within {timeout:g} s")
+            raise MountError(_still_exiting(mountpoint, pid, timeout))
         time.sleep(0.01)
+
+
+def _still_exiting(mountpoint: Path, pid: int, timeout: float) -> str:
+    return (
+        f"{mountpoint} is unmounted, but its daemon (pid {pid}) has not finished exiting"
+        f" within {timeout:g} s (storing a large search index can take minutes); it exits"
+        " by itself when done, see its log (`--timeout` waits longer)"
+    )
 
 
 def _alive(pid: int) -> bool:
