@@ -161,9 +161,19 @@ def test_mount_errors_are_clear(nodes: Nodes, tmp_path: Path) -> None:
     missing = slurpfs("mount", "--data", node.data_dir, tmp_path / "nowhere", check=False)
     assert missing.returncode != 0
     assert b"does not exist" in missing.stderr
-    empty = slurpfs("mount", "--data", tmp_path / "uninitialised", tmp_path, check=False)
+    (tmp_path / "elsewhere").mkdir()
+    empty = slurpfs(
+        "mount", "--data", tmp_path / "uninitialised", tmp_path / "elsewhere", check=False
+    )
     assert empty.returncode == 7
     assert b"slurpfs init" in empty.stderr
+    # The mount must not hide its own data directory (the daemon would serve the
+    # paths it needs itself, and hang): refused at once, nothing mounted.
+    for over in (node.data_dir, Path(node.data_dir).parent):
+        hiding = slurpfs("mount", "--data", node.data_dir, over, check=False, timeout=30)
+        assert hiding.returncode == 10, hiding.stderr
+        assert b"would hide the data directory" in hiding.stderr
+        assert not is_mounted(over)
     m = Mounted(node.data_dir, tmp_path / "mnt")
     m.mount()
     try:

@@ -88,6 +88,7 @@ def mount_command(args: argparse.Namespace, config: Config, passphrase: bytes | 
     config = config.replace(node=dataclasses.replace(config.node, data_dir=data_dir))
     check_fuse_device()
     check_mountpoint(mountpoint)
+    check_apart(mountpoint, Path(data_dir))
     passphrase = check_keys(config, passphrase)
     in_use = control.request(config.data_dir, "ping", timeout=5.0)
     if in_use is not None:
@@ -145,6 +146,19 @@ def check_mountpoint(mountpoint: Path) -> None:
     del st
     if is_mounted(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+
+
+def check_apart(mountpoint: Path, data_dir: Path) -> None:
+    """MountError if the mount would hide the data directory: the daemon keeps using
+    paths in it (audit log, control socket, key files), which would then lead into
+    the mount it serves itself, and hang."""
+    mnt = os.path.realpath(mountpoint)
+    data = os.path.realpath(data_dir)
+    if data == mnt or data.startswith(mnt.rstrip("/") + "/"):
+        raise MountError(
+            f"mountpoint {mountpoint} would hide the data directory {data_dir}:"
+            " mount somewhere outside it"
+        )
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
