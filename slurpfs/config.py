@@ -10,7 +10,7 @@ File layout::
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
     [cache]       plaintext_bytes, redis_url
-    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other
+    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll
     [search]      engine
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
@@ -37,6 +37,7 @@ from typing import Any
 
 from slurpfs.errors import ConfigError
 
+MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     # role -> roles that may also read its contexts
@@ -81,6 +82,9 @@ class MountConfig:
     attr_timeout: float = 60.0
     scratch_bytes: int = 256 << 20
     allow_other: bool = False
+    # Seconds the FUSE loop keeps polling for the next request before it sleeps
+    # (`slurpfs.fs.busypoll`); 0 turns it off.
+    busy_poll: float = 0.001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +298,8 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         raise bad("store.cascade_depth", "must be between 0 and 64")
     if config.mount.scratch_bytes < 0:
         raise bad("mount.scratch_bytes", "must not be negative")
+    if not 0 <= config.mount.busy_poll <= MAX_BUSY_POLL:
+        raise bad("mount.busy_poll", f"must be between 0 and {MAX_BUSY_POLL:g} seconds")
     if config.search.engine not in ("whoosh", "tantivy"):
         raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))

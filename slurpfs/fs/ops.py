@@ -30,6 +30,7 @@ from slurpfs.config import Config
 from slurpfs.errors import AccessDenied, NotFound, SlurpError
 from slurpfs.fs import virtual
 from slurpfs.fs.access import Caller, RoleMap
+from slurpfs.fs.busypoll import BusyPoll
 from slurpfs.fs.errmap import (
     IsADirectory,
     NotPermitted,
@@ -95,6 +96,8 @@ class Operations(pyfuse3.Operations):
         # Requests on the tree (not on .search/): the indexer leaves the
         # interpreter to them while this keeps moving.
         self.activity = 0
+        # Keeps the loop polling between the requests of a burst (the daemon runs it).
+        self.busy = BusyPoll(config.mount.busy_poll)
         self.stopping = False
         # What .slurp/status says first (pid, mountpoint, the HTTP address): the daemon's.
         self.status_info: dict[str, object] = dict(status_info or {})
@@ -117,6 +120,7 @@ class Operations(pyfuse3.Operations):
         return self.roles.caller(ctx.uid, ctx.gid, ctx.pid)
 
     def node(self, ino: int) -> Node:
+        self.busy.poke()
         node = self.inodes.get(ino)
         if node is None:
             raise fail(errno.ESTALE)
@@ -559,6 +563,7 @@ class Operations(pyfuse3.Operations):
             node.info = ctx.info
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
             if handle.snapshot is not None:
@@ -590,6 +595,7 @@ class Operations(pyfuse3.Operations):
             return False  # deleted meanwhile: this open file keeps what it held
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
             if not handle.writable:
@@ -623,6 +629,7 @@ class Operations(pyfuse3.Operations):
         nothing written yet waits for the next flush that follows a write, or for
         `release`.
         """
+        self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
             if handle.wrote:
@@ -640,6 +647,7 @@ class Operations(pyfuse3.Operations):
         handle.wrote = handle.emptied = False
 
     async def release(self, fh: int) -> None:
+        self.busy.poke()
         handle = self.handles.files.get(fh)
         if handle is None:
             return
@@ -707,6 +715,7 @@ class Operations(pyfuse3.Operations):
             return self.handles.open_dir(node, self.caller(ctx)).fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.dir(fh)
             parent = handle.node
@@ -790,6 +799,7 @@ class Operations(pyfuse3.Operations):
             invalidations=self.invalidations,
             view_hits=self.view.hits,
             view_misses=self.view.misses,
+            busy_poll_windows=self.busy.windows,
         )
 
     def _register_status_files(self) -> None:

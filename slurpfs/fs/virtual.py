@@ -44,6 +44,7 @@ class FsStatistics:
     invalidations: int
     view_hits: int  # model reads answered by the fs layer's memo (`slurpfs.fs.view`)
     view_misses: int
+    busy_poll_windows: int  # spells of polling for requests (`slurpfs.fs.busypoll`)
 
 
 class VirtualFiles:

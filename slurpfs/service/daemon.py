@@ -9,6 +9,8 @@ Tasks (each started in the nursery, ready via ``nursery.start``):
 - `ControlServer`: the local control socket (change notifications, ``watch``);
 - `Syncer`: the periodic sync to stable storage (``durability.sync_interval``);
 - `TtlCleaner`: expired contexts are purged (once a minute);
+- `BusyPoll`: keeps the loop polling for requests for ``mount.busy_poll`` seconds
+  after each one (a tree walk's requests then find it awake);
 - `HttpServer`: ``/metrics`` and ``/health*`` on ``http.listen`` (unless ``off``);
   its socket is bound before the mount is made, so a port in use stops the start;
 - signals: SIGTERM/SIGINT commit every dirty buffer and end the FUSE loop.
@@ -407,6 +409,7 @@ class Daemon:
             nursery.start_soon(self.syncer.run)
             nursery.start_soon(self.ttl.run)
             nursery.start_soon(self.keys.run)
+            nursery.start_soon(self.ops.busy.run)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._watchdog)
             log.info(
