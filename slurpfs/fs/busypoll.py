@@ -10,11 +10,12 @@ keeps the trio loop cycling (one scheduler pass at a time, each polling the
 FUSE device without blocking) until no request came for `window` seconds;
 then it sleeps until the next one. Handlers call `poke`.
 
-Measured on the 2-vCPU test machine (interleaved runs, one mount, medians;
-`docs/BENCHMARKS.md`): a 1 ms window made ``find`` 13 %, ``grep -r`` 9-16 %
-and ``ls -lR`` 6 % faster, create+write a few per cent; 0.1 ms was too short
-to help (the gaps between a tool's requests are longer). An idle mount does
-not poll: the cost is at most one CPU for `window` after the last request.
+Measured on the 2-vCPU test machine (two mounts of one store, interleaved
+rounds, medians; see docs/ARCHITECTURE.md and docs/BENCHMARKS.md): a 1 ms window
+made ``find`` 23 %, ``grep -r`` 20 % and ``ls -lR`` 24 % faster than no polling;
+0.1 ms was too short to help (the gaps between a tool's requests are longer).
+An idle mount does not poll: the cost is at most one CPU for `window` after the
+last request.
 """
 
 from __future__ import annotations
