@@ -42,6 +42,26 @@ async def test_a_poke_starts_one_spell_of_polling_that_ends_a_window_after_the_l
         nursery.cancel_scope.cancel()
 
 
+async def test_it_steps_aside_while_another_thread_works_for_the_daemon() -> None:
+    """While `yield_to` says a thread (an fsync, the key preparer) is at work, a
+    request does not start polling: that thread would wait for the interpreter lock."""
+    working = True
+    poll = BusyPoll(5.0, yield_to=lambda: working)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll.run)
+        await trio.testing.wait_all_tasks_blocked()
+        poll.poke()
+        with trio.fail_after(2):  # far less than the 5 s window: it went back to sleep
+            await trio.testing.wait_all_tasks_blocked()
+        assert poll.windows == 1
+        working = False
+        poll.poke()
+        for _ in range(50):  # now it polls: the loop stays busy
+            await trio.lowlevel.checkpoint()
+        assert poll.windows == 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_window_of_zero_turns_polling_off() -> None:
     poll = BusyPoll(0)
     with trio.fail_after(5):

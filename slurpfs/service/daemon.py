@@ -144,6 +144,7 @@ class KeyPreparer:
         self.pool = KeyPool(depth, on_low=self._low)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.filling = False  # set by the thread while it seals (read by the busy poll)
 
     def _low(self) -> None:  # any thread
         self._wake.set()
@@ -172,7 +173,11 @@ class KeyPreparer:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.pool.fill()
+            self.filling = True
+            try:
+                self.pool.fill()
+            finally:
+                self.filling = False
 
 
 def background_priority() -> None:
@@ -308,6 +313,9 @@ class Daemon:
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
         self.keys = KeyPreparer(model)
+        gateway_threads = self.ops.gateway.limiter
+        # The loop stops polling while a thread works for it (see `BusyPoll`).
+        self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
         self.http = self._http_server()
 
     def _http_server(self) -> HttpServer | None:
