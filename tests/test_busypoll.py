@@ -14,7 +14,7 @@ import trio.testing
 from conftest import Nodes
 from fsutil import Mounted, wait_for
 
-from slurpfs.fs.busypoll import BusyPoll
+from slurpfs.fs.busypoll import HOLD, BusyPoll
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -59,6 +59,26 @@ async def test_it_steps_aside_while_another_thread_works_for_the_daemon() -> Non
         for _ in range(50):  # now it polls: the loop stays busy
             await trio.lowlevel.checkpoint()
         assert poll.windows == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_change_suspends_polling_for_a_while() -> None:
+    """Saves do not gain from polling (and their slow tail grew with it): after a
+    change (`hold`) a request does not start polling until `HOLD` has passed."""
+    poll = BusyPoll(5.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll.run)
+        await trio.testing.wait_all_tasks_blocked()
+        poll.hold()
+        poll.poke()
+        with trio.fail_after(2):  # far less than the 5 s window: it did not poll
+            await trio.testing.wait_all_tasks_blocked()
+        assert poll.windows == 0  # (not even woken)
+        await trio.sleep(HOLD)
+        poll.poke()
+        for _ in range(50):  # the hold is over: it polls again
+            await trio.lowlevel.checkpoint()
+        assert poll.windows == 1
         nursery.cancel_scope.cancel()
 
 

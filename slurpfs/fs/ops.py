@@ -330,6 +330,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self.busy.hold()
         with errmap(self.inodes.sweep):
             self.view.refresh()
             node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
@@ -400,6 +401,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.busy.hold()
         with errmap(self.inodes.sweep):
             self.view.refresh()
             caller = self.caller(ctx)
@@ -595,7 +597,7 @@ class Operations(pyfuse3.Operations):
             return False  # deleted meanwhile: this open file keeps what it held
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self.busy.poke()
+        self.busy.hold()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
             if not handle.writable:
@@ -672,6 +674,7 @@ class Operations(pyfuse3.Operations):
 
     async def commit(self, node: Node) -> None:
         """Store an open role file's dirty buffer as one new version."""
+        self.busy.hold()
         content = node.content
         if content is None:
             return
