@@ -12,13 +12,11 @@ then it sleeps until the next one. Handlers call `poke`.
 
 It polls for reading bursts only: a change (`hold`: a create, a write, a
 commit, a mkdir) suspends it for `HOLD` seconds. A save costs far more than a
-wake-up, so polling gains little there, and in the benchmark's create and save
-loops the runs with polling were slower (create+write 4.6-6.6x gocryptfs,
-atomic save 2.5-2.9x; without it 4.1-4.3x and 2.0-2.4x). Nor does it poll while
-another thread works for the daemon (`yield_to`: a worker running an fsync or a
-large read, the key preparer sealing): polling holds the interpreter lock
-between passes, and such a thread would get it only when Python forces a
-switch (every 0.5 ms here).
+wake-up: in a two-mount comparison a create loop was no faster with polling,
+so the CPU is not spent there. Nor does it poll while another thread works for
+the daemon (`yield_to`: a worker running an fsync or a large read, the key
+preparer sealing): polling holds the interpreter lock between passes, and such
+a thread would get it only when Python forces a switch (every 0.5 ms here).
 
 Measured on the 2-vCPU test machine (two mounts of one store, interleaved
 rounds, medians; see docs/ARCHITECTURE.md and docs/BENCHMARKS.md): a 1 ms window
