@@ -124,6 +124,8 @@ def test_a_mount_polls_during_a_walk_and_not_when_idle(two: tuple[Mounted, Mount
     wait_for(lambda: _windows(polling) > 0, what="polling spells counted")
     time.sleep(1.1)
     assert _windows(quiet) == 0
+    # The indexer's work on the writes above is CPU too: let it finish first.
+    wait_for(lambda: _caught_up(polling), what="the indexer to catch up")
     pid = _pid(polling)
     time.sleep(0.5)  # the last window (1 ms) is long over
     before = _cpu_seconds(pid)
@@ -143,6 +145,13 @@ def _windows(m: Mounted) -> int:
     found = re.search(r"^fs_busy_poll_windows: (\d+)$", _status(m), re.MULTILINE)
     assert found is not None
     return int(found.group(1))
+
+
+def _caught_up(m: Mounted) -> bool:
+    fields = dict(re.findall(r"^(\w+): (.*)$", _status(m), re.MULTILINE))
+    return fields.get("search_ready") == "1" and fields.get("indexer_seq") == fields.get(
+        "model_store_sequence"
+    )
 
 
 def _pid(m: Mounted) -> int:
