@@ -247,6 +247,15 @@ class OpsHarness:
 # -- real mounts -------------------------------------------------------------------------
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll `condition` until it holds or `timeout` passes (no bare sleeps in tests)."""
     deadline = time.monotonic() + timeout

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import Nodes, find_canary
-from fsutil import AUTH, Mounted, is_mounted, mounted_at, slurpfs, wait_for
+from fsutil import AUTH, Mounted, is_mounted, mounted_at, running, slurpfs, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from slurpfs.config import ListenAddress
@@ -762,12 +762,3 @@ def test_sigterm_with_http_clients_connected_exits_0_quietly(nodes: Nodes, tmp_p
             socket.create_connection(address, timeout=60).close()
     finally:
         m.sweep()
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie nobody reaped yet does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False

@@ -32,6 +32,7 @@ from fsutil import (
     mounted_at,
     raises_oserror,
     run_as,
+    running,
     slurpfs,
     versions,
     wait_for,
@@ -96,15 +97,6 @@ def test_mount_shows_the_layout_and_umount_is_clean(mnt: Mounted) -> None:
     assert os.listdir(mnt.mnt / ".search") == []
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_umount_of_a_daemon_that_does_not_answer(mnt: Mounted) -> None:
     """A hung daemon (stopped here) must not hang `umount` too: it unmounts without
     the daemon, exits 10 saying so, and the daemon exits 0 once it runs again."""
@@ -120,7 +112,7 @@ def test_umount_of_a_daemon_that_does_not_answer(mnt: Mounted) -> None:
     assert b"does not answer (hung or stopped); unmounting without it" in result.stderr
     assert b"is unmounted, but its daemon did not answer" in result.stderr
     assert b"Traceback" not in result.stderr
-    wait_for(lambda: not _running(pid), what="the daemon to exit")
+    wait_for(lambda: not running(pid), what="the daemon to exit")
     mnt.check_log()  # "exiting with status 0", no warnings
     mnt.mount()  # (the fixture unmounts at the end)
 
@@ -150,7 +142,7 @@ def test_umount_of_a_daemon_slow_to_exit(
     assert code == 10, err
     assert f"is unmounted, but its daemon (pid {pid}) has not finished exiting" in err
     assert "timed out" not in err
-    wait_for(lambda: not _running(pid), what="the daemon to exit")
+    wait_for(lambda: not running(pid), what="the daemon to exit")
     mnt.check_log()  # "exiting with status 0", no warnings
     mnt.mount()  # (the fixture unmounts at the end)
 
