@@ -48,7 +48,7 @@ from slurpfs.service.http import (
 
 LOOPBACK = ListenAddress("127.0.0.1", 0)
 ENDPOINTS = ["/metrics", "/health", "/health/live", "/health/ready", "/health/checks"]
-CHECKS = ["store", "mount", "search", "audit", "disk"]
+CHECKS = ["store", "mount", "search", "audit", "disk", "tasks"]
 
 
 # -- the parser --------------------------------------------------------------------------

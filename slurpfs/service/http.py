@@ -282,13 +282,13 @@ class HttpServer:
         assert self._sock is not None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         self._sock = None  # the listener owns it now
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            try:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 nursery.start_soon(trio.serve_listeners, self._connection, [listener])
                 task_status.started()
-            finally:
-                self._scope = None
+        finally:
+            self._scope = None
 
     def stop(self) -> None:
         if self._scope is not None:
