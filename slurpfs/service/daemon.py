@@ -282,7 +282,7 @@ class OpenAborted(SlurpError):
 @dataclass(frozen=True, slots=True)
 class SearchRunnerStatistics:
     opened: bool
-    indexers_started: int
+    indexer_runs: int
 
 
 class SearchRunner:
@@ -292,7 +292,7 @@ class SearchRunner:
     memory, a whoosh one decrypted and caught up), attaches it to ``.search/``
     and runs an `Indexer` until stopped. A service that cannot be opened leaves
     the mount up with ``.search/`` answering why in ``.error``. After a failure
-    the next `run` keeps the service already open and starts a new indexer.
+    the next `run` keeps the service already open and runs the indexer again.
     `stop` stops the indexer after its batch in progress, or makes an index
     build in progress give up; `close` closes the service (after the tasks
     have ended).
@@ -321,7 +321,8 @@ class SearchRunner:
         assert self.service is not None
         if self._abort.is_set():
             return
-        self.indexer = Indexer(self.service, activity=self.activity)
+        if self.indexer is None:  # (one indexer, run again after a failure: it subscribed once)
+            self.indexer = Indexer(self.service, activity=self.activity)
         self._indexers += 1
         async with trio.open_nursery() as nursery:
             await nursery.start(self.indexer.run)
