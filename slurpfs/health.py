@@ -10,8 +10,11 @@ Checks: ``store`` (a read transaction works; warns when the LMDB map is nearly
 full), ``mount`` (supplied by the caller: the filesystem layer knows only
 whether it is shutting down, the daemon probes the mount through the kernel),
 ``search`` (the indexes are open and the indexer keeps up), ``audit`` (the last
-entry could be written and the log is still the file at its path) and ``disk``
-(free space under the data directory, against ``health.min_free_bytes``).
+entry could be written and the log is still the file at its path), ``disk``
+(free space under the data directory, against ``health.min_free_bytes``) and, in
+a mount's daemon, ``tasks`` (its background tasks run: ``warn`` while one restarts
+after a failure, ``fail`` once one failed five times in a row; see
+`slurpfs.service.supervisor`).
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ class Health:
         self.model = model
         self._search = search
         self._stopping = stopping
+        # Checks of the parts above the filesystem layer (the daemon's ``tasks``).
+        self.extra: list[Callable[[], Check]] = []
 
     def store(self) -> Check:
         return store_check(self.model)
@@ -131,4 +136,5 @@ class Health:
             self._search(),
             audit_check(model),
             disk_check(model.config.data_dir, model.config.health.min_free_bytes),
+            *(check() for check in self.extra),
         ]

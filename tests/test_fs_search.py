@@ -407,7 +407,7 @@ async def test_the_daemon_opens_search_in_the_background_and_indexes(
     fs = OpsHarness(ops)
     runner = SearchRunner(model, model.config.search.engine, ops.search)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.run, nursery)
+        nursery.start_soon(runner.run)
         assert len(await fs.listdir(".search/key")) == 5  # waits until the service is open
         assert runner.indexer is not None
         model.put(address("src/late.go"), "developer", document("a lateword arrives"))
@@ -424,8 +424,7 @@ async def test_stopping_abandons_an_index_build(model: ContextStore) -> None:
     ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
     runner = SearchRunner(model, model.config.search.engine, ops.search)
     runner.stop()  # before the first context of the build
-    async with trio.open_nursery() as nursery:
-        await runner.run(nursery)
+    await runner.run()
     assert runner.service is None  # both engines build here: the build gave up
     assert ops.search.statistics().ready == 0
 
@@ -437,8 +436,7 @@ async def test_a_service_that_cannot_open_leaves_the_mount_up(
     ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
     fs = OpsHarness(ops)
     runner = SearchRunner(model, "no-such-engine", ops.search)
-    async with trio.open_nursery() as nursery:
-        await runner.run(nursery)
+    await runner.run()
     assert await fs.listdir(".search/key") == [ERROR]
     assert b"search is unavailable on this mount" in await fs.read(f".search/key/{ERROR}")
     assert any(r.levelno == logging.ERROR for r in caplog.records)

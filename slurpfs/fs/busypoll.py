@@ -30,12 +30,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
-__all__ = ["HOLD", "BusyPoll"]
+__all__ = ["HOLD", "BusyPoll", "BusyPollStatistics"]
 
 HOLD = 0.05  # seconds without polling after a change
+
+
+@dataclass(frozen=True, slots=True)
+class BusyPollStatistics:
+    windows: int
 
 
 class BusyPoll:
@@ -45,7 +51,16 @@ class BusyPoll:
     stops then (until the next request).
     """
 
-    __slots__ = ("_asleep", "_held_until", "_last", "_wake", "window", "windows", "yield_to")
+    __slots__ = (
+        "_asleep",
+        "_held_until",
+        "_last",
+        "_scope",
+        "_wake",
+        "window",
+        "windows",
+        "yield_to",
+    )
 
     def __init__(self, window: float, yield_to: Callable[[], bool] = lambda: False) -> None:
         self.window = window
@@ -55,6 +70,7 @@ class BusyPoll:
         self._held_until = 0.0
         self._asleep = False
         self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
 
     def poke(self) -> None:
         """A request arrived (called by the handlers, on the loop's thread)."""
@@ -71,10 +87,22 @@ class BusyPoll:
         now = time.perf_counter()
         return now - self._last < self.window and now >= self._held_until and not self.yield_to()
 
-    async def run(self) -> None:
-        """Poll after requests until cancelled (a task in the daemon's nursery)."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll after requests until cancelled or `stop` (a task of the daemon)."""
+        task_status.started()
         if self.window <= 0:
             return
+        with trio.CancelScope() as self._scope:
+            await self._serve()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def statistics(self) -> BusyPollStatistics:
+        return BusyPollStatistics(windows=self.windows)
+
+    async def _serve(self) -> None:
         while True:
             self._wake = trio.Event()
             self._asleep = True

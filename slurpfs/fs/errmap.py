@@ -1,6 +1,7 @@
 """Domain errors to errno, in one place.
 
-Every request handler runs its body inside `errmap`: a `SlurpError` becomes
+Every request handler is decorated with `handler`, which runs it inside
+`errmap` (so does a block inside a handler that wants it): a `SlurpError` becomes
 `pyfuse3.FUSEError` carrying the error's ``errno``; `FUSEError` passes through; an
 `OSError` that reaches a handler (the machine speaking: a full disk, an I/O error)
 becomes its own errno and an ERROR log line, so the mount goes on serving. Any other
@@ -11,9 +12,11 @@ exception is a bug: it is logged with its traceback and the request fails with
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -109,6 +112,40 @@ class errmap:  # lower case: it reads as a function at every handler
         finally:
             if self._cleanup is not None:
                 self._cleanup()
+
+
+class _Sweeps(Protocol):
+    def sweep(self) -> None: ...
+
+
+class _Handlers(Protocol):
+    @property
+    def inodes(self) -> _Sweeps: ...
+
+
+H = TypeVar("H", bound=_Handlers)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def handler(
+    method: Callable[Concatenate[H, P], Awaitable[R]],
+) -> Callable[Concatenate[H, P], Coroutine[Any, Any, R]]:
+    """A FUSE request handler: its whole body runs inside `errmap`, and the inode
+    table's nodes resolved but never handed to the kernel are purged at its end.
+
+    pyfuse3 answers only `FUSEError`; any other exception leaving a handler ends the
+    FUSE loop, and with it the mount. So every handler has this decorator, however
+    simple (``statfs``, ``forget``, ``release``): a bug fails one request, never the
+    mount.
+    """
+
+    async def run(ops: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with errmap(ops.inodes.sweep):
+            return await method(ops, *args, **kwargs)
+
+    functools.update_wrapper(run, method)
+    return run
 
 
 def fail(code: int) -> pyfuse3.FUSEError:

@@ -71,6 +71,12 @@ class FuseKernel:
                 raise
 
 
+@dataclass(frozen=True, slots=True)
+class InvalidatorStatistics:
+    seq: int  # the last change of the store's feed read
+    invalidations: int
+
+
 @dataclass
 class Actions:
     inodes: list[int] = field(default_factory=list)
@@ -94,10 +100,14 @@ class Invalidator:
         self._completed = 0
         self._wakeup = trio.Event()
         self._progress = trio.Event()
-        self._cancel = trio.CancelScope()
+        self._cancel: trio.CancelScope | None = None
+        self._stopped = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._cancel:
+        """Poll until `stop`; a run after a failure goes on from the last change read."""
+        with trio.CancelScope() as self._cancel:
+            if self._stopped:
+                self._cancel.cancel()
             task_status.started()
             while True:
                 with trio.move_on_after(self.interval):
@@ -110,7 +120,12 @@ class Invalidator:
                 self._progress = trio.Event()
 
     def stop(self) -> None:
-        self._cancel.cancel()
+        self._stopped = True
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def statistics(self) -> InvalidatorStatistics:
+        return InvalidatorStatistics(seq=self.seq, invalidations=self.ops.invalidations)
 
     async def poke(self) -> None:
         """Return once a full cycle that started after this call has finished."""

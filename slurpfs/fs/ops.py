@@ -1,8 +1,10 @@
 """The `pyfuse3.Operations` subclass: a thin adapter over `Tree` and `Namespace`.
 
-Each handler translates inode numbers to nodes, calls the layer below inside
-`errmap` (domain errors become errno there, nowhere else), and turns `Stat`
-into `EntryAttributes`. Only `FUSEError` leaves a handler; anything else is a bug.
+Each handler translates inode numbers to nodes, calls the layer below, and
+turns `Stat` into `EntryAttributes`. Every handler is decorated with `handler`,
+which runs it inside `errmap` (domain errors become errno there, nowhere else):
+only `FUSEError` leaves a handler, and a bug in one fails that request with
+`EIO`, never the mount.
 
 Kernel caching: entries and attributes are cached for ``mount.entry_timeout`` /
 ``mount.attr_timeout``, except views that change without an event (temporal
@@ -39,6 +41,7 @@ from slurpfs.fs.errmap import (
     errmap,
     fail,
     fuse_error,
+    handler,
 )
 from slurpfs.fs.handles import Content, FileHandle, Gateway, HandleTable
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Kind, Node
@@ -181,8 +184,9 @@ class Operations(pyfuse3.Operations):
 
     # -- lookups and attributes --------------------------------------------------------
 
+    @handler
     async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
             self.view.refresh()
@@ -192,11 +196,15 @@ class Operations(pyfuse3.Operations):
                 return self._entry(node, s)
             return self._entry(self.tree.child(parent, name))
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, n in inode_list:
             self.inodes.forget(ino, n)
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    @handler
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
             self.view.refresh()
             node = self.node(inode)
@@ -204,12 +212,13 @@ class Operations(pyfuse3.Operations):
                 return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
             return self.tree_attrs(node)
 
+    @handler
     async def setattr(
         self,
-        inode: int,
+        inode: pyfuse3.InodeT,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
@@ -278,7 +287,8 @@ class Operations(pyfuse3.Operations):
         if size > limit:
             raise TooLarge(f"{size} bytes is over store.max_context_bytes ({limit})")
 
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    @handler
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.node(inode)
         if self.search.owns(node):
             with errmap(self.inodes.sweep):
@@ -287,6 +297,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EINVAL)
         return node.scratch.target
 
+    @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.config.data_dir)
         out = pyfuse3.StatvfsData()
@@ -301,7 +312,8 @@ class Operations(pyfuse3.Operations):
         out.f_namemax = 255
         return out
 
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    @handler
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         node = self.node(inode)
         caller = self.caller(ctx)
         if node.kind in DIR_KINDS:
@@ -327,8 +339,9 @@ class Operations(pyfuse3.Operations):
 
     # -- namespace -----------------------------------------------------------------------
 
+    @handler
     async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self.busy.hold()
         with errmap(self.inodes.sweep):
@@ -336,21 +349,28 @@ class Operations(pyfuse3.Operations):
             node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
             return self._entry(node)
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    @handler
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         with errmap(self.inodes.sweep):
             self.view.refresh()
             self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
 
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    @handler
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         with errmap(self.inodes.sweep):
             self.view.refresh()
             await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
 
+    @handler
     async def rename(
         self,
-        parent_inode_old: int,
+        parent_inode_old: pyfuse3.InodeT,
         name_old: bytes,
-        parent_inode_new: int,
+        parent_inode_new: pyfuse3.InodeT,
         name_new: bytes,
         flags: int,
         ctx: pyfuse3.RequestContext,
@@ -366,21 +386,33 @@ class Operations(pyfuse3.Operations):
                 self.caller(ctx),
             )
 
+    @handler
     async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
             self.view.refresh()
             node = self.namespace.symlink(self.node(parent_inode), name, target, self.caller(ctx))
             return self._entry(node)
 
+    @handler
     async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise fail(errno.EPERM)
 
+    @handler
     async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         with errmap(self.inodes.sweep):
             self.view.refresh()
@@ -398,8 +430,14 @@ class Operations(pyfuse3.Operations):
                     node.content = None
             return self._entry(node)
 
+    @handler
     async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.busy.hold()
         with errmap(self.inodes.sweep):
@@ -420,7 +458,10 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    @handler
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         # The view is refreshed only where open trusts it (`_kernel_holds_head`);
         # otherwise what open serves comes from the model itself (`get`).
         with errmap(self.inodes.sweep):
@@ -564,7 +605,8 @@ class Operations(pyfuse3.Operations):
             content.set(ctx.data, ctx.info.version_id)
             node.info = ctx.info
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    @handler
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
@@ -596,7 +638,8 @@ class Operations(pyfuse3.Operations):
         except NotFound:
             return False  # deleted meanwhile: this open file keeps what it held
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    @handler
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self.busy.hold()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
@@ -620,7 +663,8 @@ class Operations(pyfuse3.Operations):
             handle.wrote = True
             return len(buf)
 
-    async def flush(self, fh: int) -> None:
+    @handler
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         """``close`` of a descriptor: commit what this handle wrote, as one version.
 
         The kernel flushes at every ``close`` of every duplicate of a descriptor (a
@@ -637,7 +681,8 @@ class Operations(pyfuse3.Operations):
             if handle.wrote:
                 await self._commit_own(handle)
 
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    @handler
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
             await self._commit_own(handle)
@@ -648,7 +693,8 @@ class Operations(pyfuse3.Operations):
             await self.commit(handle.node)
         handle.wrote = handle.emptied = False
 
-    async def release(self, fh: int) -> None:
+    @handler
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.busy.poke()
         handle = self.handles.files.get(fh)
         if handle is None:
@@ -710,14 +756,20 @@ class Operations(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    @handler
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
         with errmap(self.inodes.sweep):
             node = self.node(inode)
             if node.kind not in DIR_KINDS:
                 raise fail(errno.ENOTDIR)
             return self.handles.open_dir(node, self.caller(ctx)).fh
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    @handler
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
         self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.dir(fh)
@@ -745,17 +797,22 @@ class Operations(pyfuse3.Operations):
                     return
                 self.inodes.ref(node)
 
-    async def releasedir(self, fh: int) -> None:
+    @handler
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self.handles.close_dir(fh)
         self.inodes.maybe_purge(handle.node)
 
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    @handler
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         with errmap(self.inodes.sweep):
             await self.gateway.sync()
 
     # -- extended attributes ----------------------------------------------------------
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    @handler
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> bytes:
         if not name.startswith(XATTR_PREFIX):
             # ls -l asks every file for ACLs, the kernel for security.capability on writes.
             raise fail(pyfuse3.ENOATTR)
@@ -765,16 +822,23 @@ class Operations(pyfuse3.Operations):
             raise fail(pyfuse3.ENOATTR)
         return value
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+    @handler
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[bytes]:
         with errmap(self.inodes.sweep):
             return sorted(self.tree.xattrs(self.node(inode), self.root_xattrs))
 
+    @handler
     async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         self._own_xattr(inode, name)
 
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    @handler
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         self._own_xattr(inode, name)
 
     def _own_xattr(self, inode: int, name: bytes) -> None:

@@ -67,7 +67,7 @@ from slurpfs.fs.inodes import InodeTable, Key, Kind, Node
 from slurpfs.fs.tree import Entry, Stat, check_length
 from slurpfs.fs.virtual import flatten
 from slurpfs.health import FAIL, OK, WARN, Check
-from slurpfs.index import Indexer, SearchService, parse_query_name
+from slurpfs.index import parse_query_name
 from slurpfs.index.render import (
     error_text,
     facets_text,
@@ -76,6 +76,7 @@ from slurpfs.index.render import (
     link_width,
     results_text,
 )
+from slurpfs.index.searcher import IndexProgress, Searcher
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -141,7 +142,7 @@ def roles_tag(roles: frozenset[str]) -> str:
 
 
 class SearchTree:
-    """The ``.search/`` part of the tree over a `SearchService` attached once it is open."""
+    """The ``.search/`` part of the tree over a `Searcher` attached once it is open."""
 
     def __init__(
         self,
@@ -160,8 +161,8 @@ class SearchTree:
         self.ready_wait = ready_wait
         self.limiter = trio.CapacityLimiter(QUERY_THREADS)
         self._clock = clock
-        self._service: SearchService | None = None
-        self._indexer: Indexer | None = None
+        self._service: Searcher | None = None
+        self._indexer: IndexProgress | None = None
         self._failure: str | None = None
         self._ready = trio.Event()
         self._cache: dict[tuple[str, frozenset[str]], QueryView] = {}
@@ -170,7 +171,7 @@ class SearchTree:
 
     # -- the service -------------------------------------------------------------
 
-    def attach(self, service: SearchService, indexer: Indexer | None = None) -> None:
+    def attach(self, service: Searcher, indexer: IndexProgress | None = None) -> None:
         """The service is open: queries run from now on (waiting ones too)."""
         self._service = service
         self._indexer = indexer

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -127,6 +128,12 @@ def read_exit_status(sock: socket.socket) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class ControlStatistics:
+    requests: int
+    watchers: int
+
+
 class ControlServer:
     """Serves the control socket inside the daemon's nursery."""
 
@@ -140,6 +147,8 @@ class ControlServer:
         self._on_changed = on_changed
         self._describe = describe
         self.watchers: list[int] = []  # dup'ed fds, written at exit
+        self.requests = 0
+        self._scope: trio.CancelScope | None = None
 
     def claim(self) -> None:
         """Fail if another daemon serves this data directory; clear a stale socket."""
@@ -159,13 +168,23 @@ class ControlServer:
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 nursery.start_soon(trio.serve_listeners, self._serve, [listener])
                 task_status.started()
         finally:
+            self._scope = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(requests=self.requests, watchers=len(self.watchers))
+
     async def _serve(self, stream: trio.SocketStream) -> None:
+        self.requests += 1
         async with stream:
             data = b""
             while not data.endswith(b"\n") and len(data) < _LINE:

@@ -1,28 +1,39 @@
-"""The daemon: one trio nursery holding the FUSE loop and the background tasks.
+"""The daemon: the FUSE loop, and the background tasks under a `Supervisor`.
 
-Tasks (each started in the nursery, ready via ``nursery.start``):
+Background tasks (each a `slurpfs.service.supervisor.Task`, started in this
+order, stopped in the reverse order):
 
-- the FUSE loop (`pyfuse3.main`);
-- `Invalidator`: the store's change feed to kernel cache invalidations;
-- `SearchRunner`: opens the search service in a worker thread (the mount does
-  not wait for it; ``.search/`` queries do, briefly), then starts the `Indexer`;
-- `ControlServer`: the local control socket (change notifications, ``watch``);
-- `Syncer`: the periodic sync to stable storage (``durability.sync_interval``);
-- `TtlCleaner`: expired contexts are purged (once a minute);
-- `BusyPoll`: keeps the loop polling for requests for ``mount.busy_poll`` seconds
-  after each one (a tree walk's requests then find it awake);
-- `HttpServer`: ``/metrics`` and ``/health*`` on ``http.listen`` (unless ``off``);
-  its socket is bound before the mount is made, so a port in use stops the start;
-- signals: SIGTERM/SIGINT commit every dirty buffer and end the FUSE loop.
+- ``invalidator``: `Invalidator`, the store's change feed to kernel cache invalidations;
+- ``control``: `ControlServer`, the local control socket (change notifications, ``watch``);
+- ``http``: `HttpServer`, ``/metrics`` and ``/health*`` on ``http.listen`` (unless
+  ``off``); its socket is bound before the mount is made, so a port in use stops the start;
+- ``search``: `SearchRunner` opens the search service in a worker thread (the mount
+  does not wait for it; ``.search/`` queries do, briefly), then runs the `Indexer`;
+- ``sync``: `Syncer`, the periodic sync to stable storage (``durability.sync_interval``);
+- ``ttl``: `TtlCleaner`, expired contexts are purged (once a minute);
+- ``keys``: `KeyPreparer`, data keys sealed ahead of time in a thread of its own;
+- ``busy_poll``: `BusyPoll` keeps the loop polling for requests for ``mount.busy_poll``
+  seconds after each one (a tree walk's requests then find it awake);
+- ``watchdog``: `Watchdog`, systemd's ``WATCHDOG=1`` when it asks for it.
 
-Shutdown is ordered: commit open buffers, end the FUSE loop, sync, stop the
-indexer (after the batch in progress) or abandon opening the search service, end
-the tasks, unmount, close the search service, close the store, report the exit
-status to ``slurpfs umount``, exit 0.
+What is fatal, decided here and nowhere else: a failure to start (the control
+socket's claim on the data directory, the HTTP socket's bind, mounting) stops
+the start with nothing mounted; once mounted, only the FUSE loop itself
+(`pyfuse3.main` raising) and the signal handler end the daemon. A background
+task that fails is logged, shown in ``.slurp/status`` and the ``tasks`` health
+check, and restarted with backoff; the mount goes on serving files.
+
+SIGTERM/SIGINT end the FUSE loop; so does the kernel (``umount``). Teardown is one
+ordered `contextlib.AsyncExitStack`, the same on every exit path (a loop that
+raised included): commit every open file's unsaved writes, sync, stop the tasks
+(the indexer after the batch in progress; opening the search service is
+abandoned) within `SHUTDOWN_TIMEOUT`, unmount, close the search service, close
+the store; then the exit status goes to ``slurpfs umount``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -53,12 +64,14 @@ from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
+from slurpfs.service.supervisor import Stoppable, Supervisor
 
 log = logging.getLogger("slurpfs.daemon")
 
 __all__ = ["Daemon", "MountError", "MountOptions", "notify_daemon"]
 
 TTL_INTERVAL = 60.0
+SHUTDOWN_TIMEOUT = 30.0  # seconds the background tasks have to stop, in all
 GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default is 0.005)
 
 
@@ -86,23 +99,42 @@ class MountOptions:
         return options
 
 
-class Syncer:
+@dataclass(frozen=True, slots=True)
+class SyncStatistics:
+    passes: int
+
+
+class Syncer(Stoppable):
     """Syncs the store every `interval` seconds when this process wrote to it, and
     anchors the audit log when it has new entries (the window in which entries can
     be cut off the log unnoticed is one interval)."""
 
     def __init__(self, gateway: Gateway, interval: float) -> None:
+        super().__init__()
         self.gateway = gateway
         self.interval = interval
+        self.passes = 0
 
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(self.interval)
-            await self.gateway.sync()  # returns at once if nothing is new
-            await self.gateway.anchor_audit()  # likewise
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.stoppable():
+            task_status.started()
+            while True:
+                await trio.sleep(self.interval)
+                await self.gateway.sync()  # returns at once if nothing is new
+                await self.gateway.anchor_audit()  # likewise
+                self.passes += 1
+
+    def statistics(self) -> SyncStatistics:
+        return SyncStatistics(self.passes)
 
 
-class TtlCleaner:
+@dataclass(frozen=True, slots=True)
+class TtlStatistics:
+    passes: int
+    purged_versions: int
+
+
+class TtlCleaner(Stoppable):
     """Purges contexts whose TTL has passed, and has the kernel forget them."""
 
     def __init__(
@@ -111,20 +143,40 @@ class TtlCleaner:
         on_purge: Callable[[list[tuple[str, str]]], Awaitable[None]],
         interval: float = TTL_INTERVAL,
     ) -> None:
+        super().__init__()
         self.gateway = gateway
         self.on_purge = on_purge
         self.interval = interval
+        self.passes = self.purged = 0
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         model = self.gateway.model
-        while True:
-            purged: list[tuple[str, str]] = []
-            removed = await trio.to_thread.run_sync(functools.partial(model.expire, purged=purged))
-            if removed:
-                self.gateway.expired()
-                await self.on_purge(purged)
-                log.info("TTL cleanup removed %d expired versions", removed)
-            await trio.sleep(self.interval)
+        with self.stoppable():
+            task_status.started()
+            while True:
+                purged: list[tuple[str, str]] = []
+                expire = functools.partial(model.expire, purged=purged)
+                removed = await trio.to_thread.run_sync(expire)
+                self.passes += 1
+                if removed:
+                    self.purged += removed
+                    self.gateway.expired()
+                    await self.on_purge(purged)
+                    log.info("TTL cleanup removed %d expired versions", removed)
+                await trio.sleep(self.interval)
+
+    def statistics(self) -> TtlStatistics:
+        return TtlStatistics(self.passes, self.purged)
+
+
+class KeyThreadEnded(SlurpError):
+    """The key preparer's thread ended without being asked to (its error is the cause)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatistics:
+    roles: int
+    filling: bool
 
 
 class KeyPreparer:
@@ -137,6 +189,8 @@ class KeyPreparer:
     typical save faster and the slowest ones much slower. A commit that finds the
     pool low wakes the thread (`threading.Event`, from whatever thread commits).
     At start it prepares keys for every role, so the first saves find some.
+    `run` ends (and the supervisor restarts it) if the thread dies; meanwhile
+    commits seal inline.
     """
 
     def __init__(self, model: ContextStore, depth: int = DEFAULT_DEPTH) -> None:
@@ -144,20 +198,41 @@ class KeyPreparer:
         self.pool = KeyPool(depth, on_low=self._low)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._stopped = False
         self.filling = False  # set by the thread while it seals (read by the busy poll)
 
     def _low(self) -> None:  # any thread
         self._wake.set()
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for role in self.model.config.role_names:
             self.pool.want(self.model.reader_set(role))
+        self._stop.clear()
+        if self._stopped:
+            self._stop.set()
         self._wake.set()
-        thread = threading.Thread(target=self._fill, name="slurpfs-keys", daemon=True)
+        ended = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        failure: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                self._fill()
+            except BaseException as exc:  # handed to `run`, which raises it
+                failure.append(exc)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(ended.set)
+
+        thread = threading.Thread(target=body, name="slurpfs-keys", daemon=True)
         thread.start()
         self.model.key_pool = self.pool
         try:
-            await trio.sleep_forever()
+            task_status.started()
+            await ended.wait()
+            if not self._stop.is_set():
+                cause = failure[0] if failure else None
+                raise KeyThreadEnded(f"the key thread ended: {cause!r}") from cause
         finally:
             self.model.key_pool = None
             self._stop.set()
@@ -165,6 +240,14 @@ class KeyPreparer:
             with trio.CancelScope(shield=True):  # it finishes the key in hand (< 1 ms)
                 await trio.to_thread.run_sync(thread.join)
             self.pool.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._stop.set()
+        self._wake.set()
+
+    def statistics(self) -> KeyStatistics:
+        return KeyStatistics(len(self.model.config.role_names), self.filling)
 
     def _fill(self) -> None:
         background_priority()
@@ -196,16 +279,23 @@ class OpenAborted(SlurpError):
     """Opening the search service was abandoned: the daemon is shutting down."""
 
 
+@dataclass(frozen=True, slots=True)
+class SearchRunnerStatistics:
+    opened: bool
+    indexer_runs: int
+
+
 class SearchRunner:
     """Opens the search service without holding up the mount, then runs the indexer.
 
     `run` opens the service in a worker thread (a tantivy index is rebuilt in
-    memory, a whoosh one decrypted and caught up), starts the `Indexer` in the
-    nursery it is given, and attaches the service to ``.search/``. A service that
-    cannot be opened leaves the mount up with ``.search/`` answering why in
-    ``.error``. `stop` stops the indexer after its batch in progress, or makes an
-    index build in progress give up; `close` closes the service (after the
-    nursery has ended).
+    memory, a whoosh one decrypted and caught up), attaches it to ``.search/``
+    and runs an `Indexer` until stopped. A service that cannot be opened leaves
+    the mount up with ``.search/`` answering why in ``.error``. After a failure
+    the next `run` keeps the service already open and runs the indexer again.
+    `stop` stops the indexer after its batch in progress, or makes an index
+    build in progress give up; `close` closes the service (after the tasks
+    have ended).
     """
 
     def __init__(
@@ -222,22 +312,34 @@ class SearchRunner:
         self.service: SearchService | None = None
         self.indexer: Indexer | None = None
         self._abort = threading.Event()
+        self._indexers = 0
 
-    async def run(self, nursery: trio.Nursery) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # the mount does not wait for the indexes
+        if self.service is None and not await self._open():
+            return
+        assert self.service is not None
+        if self._abort.is_set():
+            return
+        if self.indexer is None:  # (one indexer, run again after a failure: it subscribed once)
+            self.indexer = Indexer(self.service, activity=self.activity)
+        self._indexers += 1
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.indexer.run)
+            self.tree.attach(self.service, self.indexer)
+            self.indexer.wake()  # commits made while the service was opening (or down)
+
+    async def _open(self) -> bool:
         started = time.monotonic()
         try:
-            self.service = await trio.to_thread.run_sync(self._open)
+            self.service = await trio.to_thread.run_sync(self._open_service)
         except OpenAborted:
             log.info("stopped opening the search indexes: shutting down")
-            return
+            return False
         except SlurpError as exc:
             log.error("search is unavailable on this mount: %s", exc)
             self.tree.unavailable(f"search is unavailable on this mount: {exc}")
-            return
-        self.indexer = Indexer(self.service, activity=self.activity)
-        await nursery.start(self.indexer.run)
-        self.tree.attach(self.service, self.indexer)
-        self.indexer.wake()  # commits made while the service was opening
+            return False
         documents = sum(self.service.statistics().documents.values())
         log.info(
             "search ready: %s engine, %d documents in %d role indexes, opened in %.2f s",
@@ -246,8 +348,9 @@ class SearchRunner:
             len(self.service.roles),
             time.monotonic() - started,
         )
+        return True
 
-    def _open(self) -> SearchService:
+    def _open_service(self) -> SearchService:
         def progress(done: int, total: int) -> None:
             if self._abort.is_set():
                 raise OpenAborted("the daemon is shutting down")
@@ -270,10 +373,39 @@ class SearchRunner:
         if self.indexer is not None:
             self.indexer.stop()
 
+    def statistics(self) -> SearchRunnerStatistics:
+        return SearchRunnerStatistics(self.service is not None, self._indexers)
+
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
             self.service = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogStatistics:
+    interval: float | None
+
+
+class Watchdog(Stoppable):
+    """``WATCHDOG=1`` to systemd every half of ``WATCHDOG_USEC`` (when it asks)."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        super().__init__()
+        self._notify = notify
+        self.interval = watchdog_interval()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self.interval is None:
+            return  # nothing to do: the supervisor does not restart a task that returns
+        with self.stoppable():
+            while True:
+                self._notify("WATCHDOG=1")
+                await trio.sleep(self.interval)
+
+    def statistics(self) -> WatchdogStatistics:
+        return WatchdogStatistics(self.interval)
 
 
 class Daemon:
@@ -313,6 +445,10 @@ class Daemon:
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
         self.keys = KeyPreparer(model)
+        self.watchdog = Watchdog(self._notify)
+        self.supervisor = Supervisor()
+        self.ops.health.extra.append(self.supervisor.check)
+        self.ops.stat_sources.append(self.supervisor.status)
         gateway_threads = self.ops.gateway.limiter
         # The loop stops polling while a thread works for it (see `BusyPoll`).
         self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
@@ -391,35 +527,33 @@ class Daemon:
             trio.run(self._main, ready)
             status = 0
         finally:
-            if self.http is not None:
-                self.http.close()  # (when the loop failed before serving it)
-            self.ops.inodes.forget_all()
-            pyfuse3.close(unmount=True)
-            self.search.close()
-            self.model.close()
             sys.setswitchinterval(switch_interval)
             log.info("unmounted %s; exiting with status %d", self.options.mountpoint, status)
             self.control.report_exit(status)
         return status
 
     async def _main(self, ready: Callable[[], None] | None) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.invalidator.run)
-            await nursery.start(self.control.run)
+        """Serve until the FUSE loop ends; tear down in order however it ends.
+
+        The stack's callbacks run last-registered first: commit open files, sync,
+        stop the tasks, (the tasks' nursery ends), unmount, close the search
+        service, close the store. The FUSE loop is the body: when the stack
+        unwinds it has ended (returned, raised, or been cancelled by a signal
+        handler's failure), so commits can no longer race a handler.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.model.close)
+            stack.callback(self.search.close)
+            stack.callback(self._unmount)
             if self.http is not None:
-                await nursery.start(self.http.run)
-                log.info(
-                    "HTTP endpoints at %s (/metrics, /health, /health/live, /health/ready,"
-                    " /health/checks)",
-                    self.ops.status_info["http"],
-                )
-            nursery.start_soon(self.search.run, nursery)
-            nursery.start_soon(self.syncer.run)
-            nursery.start_soon(self.ttl.run)
-            nursery.start_soon(self.keys.run)
-            nursery.start_soon(self.ops.busy.run)
+                stack.callback(self.http.close)  # (when the loop ended before serving it)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)  # the signal handler (tasks are stopped)
+            stack.push_async_callback(self._shielded, self._stop_tasks)
+            stack.push_async_callback(self._shielded, self.ops.gateway.sync)
+            stack.push_async_callback(self._shielded, self._commit_open_files)
+            await self._start_tasks(nursery)
             nursery.start_soon(self._signals)
-            nursery.start_soon(self._watchdog)
             log.info(
                 "mounted %s at %s (pid %d)",
                 self.config.data_dir,
@@ -429,35 +563,52 @@ class Daemon:
             if ready is not None:
                 ready()
             self._notify("READY=1")
-            try:
-                await pyfuse3.main()
-                # The kernel unmounted us, or a signal ended the loop.
-                self.ops.stopping = True
-                self._notify("STOPPING=1")
-                failed = await self.ops.commit_all()
-                if failed:
-                    log.error("%d open files could not be stored at shutdown", failed)
-                await self.syncer.gateway.sync()
-            finally:
-                # Also when the loop failed: never wait for an index build to finish.
-                self.search.stop()
-            nursery.cancel_scope.cancel()
+            await pyfuse3.main()  # until the kernel unmounts us or a signal ends it
+            self._notify("STOPPING=1")
+
+    async def _start_tasks(self, nursery: trio.Nursery) -> None:
+        start = functools.partial(self.supervisor.start, nursery)
+        await start("invalidator", self.invalidator)
+        await start("control", self.control)
+        if self.http is not None:
+            await start("http", self.http)
+            log.info(
+                "HTTP endpoints at %s (/metrics, /health, /health/live, /health/ready,"
+                " /health/checks)",
+                self.ops.status_info["http"],
+            )
+        await start("search", self.search)
+        await start("sync", self.syncer)
+        await start("ttl", self.ttl)
+        await start("keys", self.keys)
+        await start("busy_poll", self.ops.busy)
+        await start("watchdog", self.watchdog)
+
+    @staticmethod
+    async def _shielded(step: Callable[[], Awaitable[object]]) -> None:
+        """A teardown step runs even when the stack unwinds because of a cancellation."""
+        with trio.CancelScope(shield=True):
+            await step()
+
+    async def _commit_open_files(self) -> None:
+        self.ops.stopping = True
+        failed = await self.ops.commit_all()
+        if failed:
+            log.error("%d open files could not be stored at shutdown", failed)
+
+    async def _stop_tasks(self) -> None:
+        await self.supervisor.stop(SHUTDOWN_TIMEOUT)
+
+    def _unmount(self) -> None:
+        self.ops.inodes.forget_all()
+        pyfuse3.close(unmount=True)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: committing open files and unmounting", signal.Signals(signum).name)
                 self.ops.stopping = True
-                await self.ops.commit_all()
                 pyfuse3.terminate()
-
-    async def _watchdog(self) -> None:
-        interval = watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            self._notify("WATCHDOG=1")
-            await trio.sleep(interval)
 
 
 # -- systemd notification (Type=notify): the protocol is the environment's, not config --

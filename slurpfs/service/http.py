@@ -236,6 +236,7 @@ class HttpServer:
         # On a loopback address only requests for a loopback name are answered.
         self.local_only = address.loopback
         self._sock: socket.socket | None = None
+        self._scope: trio.CancelScope | None = None
         self.bound: ListenAddress | None = None
         self._connections = self._active = self._requests = self._bad = 0
         self._timeouts = self._rejected = self._failures = 0
@@ -270,14 +271,28 @@ class HttpServer:
             self._sock = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled (the listening socket is closed then)."""
+        """Serve until cancelled or `stop` (the listening socket is closed then).
+
+        A run after a failure binds the address the first one was bound to again."""
         if self._sock is None:
-            raise RuntimeError("HttpServer.run before bind")
+            if self.bound is None:
+                raise RuntimeError("HttpServer.run before bind")
+            self.address = ListenAddress(self.address.host, self.bound.port)
+            self.bind()
+        assert self._sock is not None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         self._sock = None  # the listener owns it now
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._connection, [listener])
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(trio.serve_listeners, self._connection, [listener])
+                task_status.started()
+        finally:
+            self._scope = None
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     def statistics(self) -> HttpStatistics:
         return HttpStatistics(
