@@ -188,7 +188,11 @@ class Commands:
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
             names = [r.strip() for r in args.roles.split(",") if r.strip()]
-            cfg = cfg.replace(roles={n: cfg.roles.get(n, config.RoleConfig(n)) for n in names})
+            if dict(cfg.roles) == config.default_roles():  # the file names no roles
+                chosen = config.default_roles(names)  # the default readers among `names`
+            else:
+                chosen = {n: cfg.roles.get(n, config.RoleConfig(n)) for n in names}
+            cfg = cfg.replace(roles=chosen)
             config._check(cfg)
         held = [r.strip() for r in args.hold.split(",")] if args.hold else None
         if args.ask_passphrase and passphrase is None:

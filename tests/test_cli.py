@@ -273,6 +273,48 @@ def test_bad_configuration_exits_7_naming_the_key(data: Path, tmp_path: Path) ->
     fails(run_cli("status", "--data", data, "--config", bad), NOT_INITIALISED, "store.cascade")
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[durability]\nsync_interval = nan\n", "durability.sync_interval"),
+        ("[durability]\nsync_interval = inf\n", "durability.sync_interval"),
+        ("[store]\nmap_size = 99999999999999999999\n", "store.map_size"),
+    ],
+)
+def test_a_number_out_of_bounds_exits_7_naming_the_key(
+    data: Path, tmp_path: Path, text: str, key: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+
+    fails(run_cli("status", "--data", data, "--config", bad), NOT_INITIALISED, f"{key}: ")
+
+
+def test_init_with_a_subset_of_the_default_roles(tmp_path: Path) -> None:
+    info = js(run_cli("init", "--data", tmp_path / "d", "--roles", "developer,guest", "--json"))
+
+    assert info["roles"] == ["developer", "guest"]
+    put(tmp_path / "d", ADDR, "guest", b"hello")
+    assert ok(get(tmp_path / "d", ADDR, "guest")).stdout == b"hello"
+
+
+@pytest.mark.parametrize("emptied", [True, False])
+def test_an_empty_or_missing_config_file_takes_the_roles_of_the_keys(
+    tmp_path: Path, emptied: bool
+) -> None:
+    path = tmp_path / "d"
+    ok(run_cli("init", "--data", path, "--roles", "developer,architect"))
+    if emptied:
+        (path / "config.toml").write_text("")
+    else:
+        (path / "config.toml").unlink()
+
+    put(path, ADDR, DEV, b"still works")
+
+    assert ok(get(path, ADDR, DEV)).stdout == b"still works"
+    assert js(run_cli("status", "--data", path, "--json"))["roles"] == [ARCH, DEV]
+
+
 def test_too_large_exits_8(data: Path) -> None:
     fails(
         run_cli(
