@@ -425,7 +425,7 @@ class Commands:
         with self.model(cfg, passphrase) as model:
             n = demo.load(model)
         _notify(cfg)
-        _emit(args, {"stored": n}, f"stored {n} demo contexts")
+        _emit(args, {"stored": n}, f"stored {n} demo contexts, two versions each")
         return 0
 
     def status(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
