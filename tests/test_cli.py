@@ -244,8 +244,8 @@ def test_rm_deletes_and_keeps_history(data: Path) -> None:
     assert [(r["n"], r["deleted"]) for r in rows] == [(1, False), (None, True)]
     assert rows[1]["version"] == gone["version"]
     text = ok(run_cli("history", "--data", data, ADDR, "--role", DEV)).stdout.decode()
-    assert [line.split()[0] for line in text.splitlines()] == ["1", "-"]
-    assert "deleted" in text.splitlines()[1]
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["1", "-"]  # under the header
+    assert "deleted" in text.splitlines()[2]
     assert ok(get(data, ADDR.replace("/src/", "/*~/src/"), DEV)).stdout == b"doomed"
     # Written again after the deletion: number 2.
     put(data, ADDR, DEV, b"back")
