@@ -11,9 +11,12 @@ Exit codes (also in README.md):
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +38,7 @@ from slurpfs.model import (
     verify_audit,
 )
 from slurpfs.service import mountcmd
-from slurpfs.ucxl import Address, Authority, parse
+from slurpfs.ucxl import Address, Authority, Temporal, parse
 
 EXIT_PARTIAL = 9
 TTL_MAX_SECONDS = 10 * 365 * 24 * 3600
@@ -188,7 +191,11 @@ class Commands:
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
             names = [r.strip() for r in args.roles.split(",") if r.strip()]
-            cfg = cfg.replace(roles={n: cfg.roles.get(n, config.RoleConfig(n)) for n in names})
+            if dict(cfg.roles) == config.default_roles():  # the file names no roles
+                chosen = config.default_roles(names)  # the default readers among `names`
+            else:
+                chosen = {n: cfg.roles.get(n, config.RoleConfig(n)) for n in names}
+            cfg = cfg.replace(roles=chosen)
             config._check(cfg)
         held = [r.strip() for r in args.hold.split(",")] if args.hold else None
         if args.ask_passphrase and passphrase is None:
@@ -233,10 +240,16 @@ class Commands:
         return 0
 
     def get(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
-        with self.model(cfg, passphrase) as model:
-            ctx = model.get(_address(args.address), args.role)
+        """The bytes as they are; with ``--json`` the version's metadata and the content
+        as text (``"encoding": "utf-8"``) or, when it is not UTF-8, as base64."""
+        address = _address(args.address)
+        with self.model(cfg, passphrase) as model, _temporal_hint(address):
+            ctx = model.get(address, args.role)
         if args.output:
             _write_private(Path(args.output), ctx.data)
+            _emit(args, _info_dict(ctx.info) | {"output": args.output}, "")
+        elif args.json:
+            _emit(args, _info_dict(ctx.info) | _content_json(ctx.data), "")
         else:
             sys.stdout.buffer.write(ctx.data)
             sys.stdout.buffer.flush()
@@ -251,9 +264,10 @@ class Commands:
         with self.model(cfg, passphrase) as model:
             versions = model.all_versions(address, args.role)
         if not versions:
-            raise NotFound(f"no versions of {address} for role {args.role}")
+            with _temporal_hint(address):
+                raise NotFound(f"no versions of {address} for role {args.role}")
         rows: list[dict[str, Any]] = []
-        lines: list[str] = []
+        lines = [f"{'n':>4}  {'version':<16}  {'time (UTC)':<20}  {'size':>9}  author"]
         n = 0
         for v in versions:
             if v.deleted:
@@ -411,7 +425,7 @@ class Commands:
         with self.model(cfg, passphrase) as model:
             n = demo.load(model)
         _notify(cfg)
-        _emit(args, {"stored": n}, f"stored {n} demo contexts")
+        _emit(args, {"stored": n}, f"stored {n} demo contexts, two versions each")
         return 0
 
     def status(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -501,6 +515,40 @@ class Commands:
                 ),
             )
         return 0
+
+
+def _content_json(data: bytes) -> dict[str, str]:
+    try:
+        return {"encoding": "utf-8", "content": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"encoding": "base64", "content": base64.b64encode(data).decode("ascii")}
+
+
+_MISPLACED_TEMPORAL = re.compile(r"(.+?)(~~[0-9]+|\^\^[0-9]+|\*\^|\*~)")
+
+
+@contextlib.contextmanager
+def _temporal_hint(address: Address) -> Iterator[None]:
+    """A `NotFound` for an address whose last component ends in a temporal segment
+    (``auth.go~~1``) says where the segment goes."""
+    try:
+        yield
+    except NotFound as exc:
+        match = _MISPLACED_TEMPORAL.fullmatch(address.path[-1]) if address.path else None
+        if match is None or address.temporal is not None:
+            raise
+        try:
+            meant = Address(
+                address.authority,
+                (*address.path[:-1], match[1]),
+                Temporal.parse(match[2]),
+            )
+        except InvalidAddress:
+            raise exc from None
+        raise NotFound(
+            f"{exc}; a temporal segment goes right after the authority, as a path"
+            f" component of its own: {meant}"
+        ) from None
 
 
 def _verified_text(found: audit.Verified) -> str:

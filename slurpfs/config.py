@@ -4,18 +4,27 @@ Precedence: command line > environment > file > default. Unknown keys and bad
 values raise `ConfigError` naming the key. Nothing else in slurpfs reads
 ``os.environ``: callers pass the environment in.
 
+Every number has bounds (`_bounded`): finite, within a range the code is known to
+work in, so ``nan``, ``inf`` or an integer past what LMDB takes stops the command
+at start. A key declared `_pending` is accepted (old files name it) and checked,
+but does nothing yet: a value other than its default logs a warning, and
+`render_toml` leaves it out of new files.
+
 File layout::
 
     [node]        data_dir, name
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
-    [cache]       plaintext_bytes, redis_url
+    [cache]       plaintext_bytes, redis_url (pending)
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll
     [search]      engine
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
-    [replication] write_quorum
+    [replication] write_quorum (pending)
     [roles.NAME]  readers, users, groups
+
+Without a ``[roles]`` table the roles are those the data directory holds keys for
+(``slurpfs init`` made them), or the three defaults in a new one.
 
 Environment keys are ``SLURPFS_<SECTION>_<KEY>`` (``SLURPFS_DURABILITY_SYNC_INTERVAL=0.5``);
 lists are comma separated. ``SLURPFS_CONFIG`` names the file and
@@ -26,17 +35,20 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from slurpfs.errors import ConfigError
 
+log = logging.getLogger("slurpfs.config")
+N = TypeVar("N", int, float)
 MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
@@ -45,6 +57,17 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     "reviewer": ("architect",),
     "architect": (),
 }
+
+
+def _bounded(default: N, low: N, high: N) -> N:
+    """A numeric field that must lie in [low, high] (which also refuses nan and inf)."""
+    return dataclasses.field(default=default, metadata={"bounds": (low, high)})
+
+
+def _pending(default: Any, bounds: tuple[Any, Any] | None = None) -> Any:
+    """A field that is accepted and checked but has no effect yet (see the module doc)."""
+    metadata = {"pending": True} | ({"bounds": bounds} if bounds else {})
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -60,31 +83,31 @@ class NodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DurabilityConfig:
-    sync_interval: float = 1.0
+    sync_interval: float = _bounded(1.0, 0.001, 3600.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
-    map_size: int = 8 << 30
-    max_context_bytes: int = 256 << 20
-    cascade_depth: int = 8
+    map_size: int = _bounded(8 << 30, 1 << 20, 1 << 44)  # LMDB reserves it as address space
+    max_context_bytes: int = _bounded(256 << 20, 1, 1 << 32)
+    cascade_depth: int = _bounded(8, 0, 64)
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    plaintext_bytes: int = 64 << 20
-    redis_url: str = ""
+    plaintext_bytes: int = _bounded(64 << 20, 0, 1 << 40)
+    redis_url: str = _pending("")
 
 
 @dataclasses.dataclass(frozen=True)
 class MountConfig:
-    entry_timeout: float = 60.0
-    attr_timeout: float = 60.0
-    scratch_bytes: int = 256 << 20
+    entry_timeout: float = _bounded(60.0, 0.0, 86400.0)
+    attr_timeout: float = _bounded(60.0, 0.0, 86400.0)
+    scratch_bytes: int = _bounded(256 << 20, 0, 1 << 40)
     allow_other: bool = False
     # Seconds the FUSE loop keeps polling for the next request before it sleeps
     # (`slurpfs.fs.busypoll`); 0 turns it off.
-    busy_poll: float = 0.001
+    busy_poll: float = _bounded(0.001, 0.0, MAX_BUSY_POLL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +127,7 @@ class HttpConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
-    min_free_bytes: int = 1 << 30  # the disk check fails below this much free space
+    min_free_bytes: int = _bounded(1 << 30, 0, 1 << 60)  # the disk check fails below this
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,7 +186,7 @@ def parse_listen(value: str, key: str) -> ListenAddress | None:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
-    write_quorum: int = 1
+    write_quorum: int = _pending(1, (1, 64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +275,10 @@ def _coerce(key: str, value: Any, typ: Any, *, from_env: bool) -> Any:
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer past any float
+                raise ConfigError(f"{key}: {value} is out of range") from None
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
@@ -288,25 +314,19 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
     def bad(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{named.get(key, key)}: {problem}")
 
-    if config.durability.sync_interval <= 0:
-        raise bad("durability.sync_interval", "must be positive")
-    if config.store.map_size < 1 << 20:
-        raise bad("store.map_size", "must be at least 1 MiB")
-    if config.store.max_context_bytes < 1:
-        raise bad("store.max_context_bytes", "must be positive")
-    if not 0 <= config.store.cascade_depth <= 64:
-        raise bad("store.cascade_depth", "must be between 0 and 64")
-    if config.mount.scratch_bytes < 0:
-        raise bad("mount.scratch_bytes", "must not be negative")
-    if not 0 <= config.mount.busy_poll <= MAX_BUSY_POLL:
-        raise bad("mount.busy_poll", f"must be between 0 and {MAX_BUSY_POLL:g} seconds")
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if "bounds" in field.metadata:
+                low, high = field.metadata["bounds"]
+                if not low <= value <= high:  # also true of nan
+                    raise bad(
+                        f"{name}.{field.name}", f"must be from {low} to {high}, not {value!r}"
+                    )
     if config.search.engine not in ("whoosh", "tantivy"):
         raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
-    if config.health.min_free_bytes < 0:
-        raise bad("health.min_free_bytes", "must not be negative")
-    if config.replication.write_quorum < 1:
-        raise bad("replication.write_quorum", "must be at least 1")
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")
     for name, role in config.roles.items():
@@ -315,6 +335,34 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         for reader in role.readers:
             if reader not in config.roles:
                 raise ConfigError(f"roles.{name}.readers: unknown role {reader!r}")
+
+
+def _warn_pending(config: Config, named: Mapping[str, str]) -> None:
+    """A warning for each `_pending` key set to something other than its default."""
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if field.metadata.get("pending") and value != field.default:
+                key = f"{name}.{field.name}"
+                log.warning("%s = %r has no effect yet: it is ignored", named.get(key, key), value)
+
+
+def default_roles(names: Iterable[str] | None = None) -> dict[str, RoleConfig]:
+    """Roles `names` (the default three when None) with the default readers among them."""
+    chosen = sorted(DEFAULT_ROLES if names is None else names)
+    return {
+        n: RoleConfig(n, readers=tuple(r for r in DEFAULT_ROLES.get(n, ()) if r in chosen))
+        for n in chosen
+    }
+
+
+def _roles_of_data_dir(data_dir: Path) -> dict[str, RoleConfig]:
+    """The roles when the file configures none: those the data directory has keys
+    for (it was initialised with them), else the default three."""
+    from slurpfs.crypto.keystore import public_role_names
+
+    return default_roles(public_role_names(data_dir))
 
 
 def load(
@@ -343,7 +391,7 @@ def load(
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path}: does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an integer too long
             raise ConfigError(f"config file {path}: {exc}") from None
 
     unknown = sorted(set(table) - set(_SECTIONS) - {"roles"})
@@ -391,7 +439,7 @@ def load(
     raw_roles = table.get("roles")
     roles: dict[str, RoleConfig] = {}
     if raw_roles is None:
-        roles = {n: RoleConfig(n, readers=r) for n, r in DEFAULT_ROLES.items()}
+        roles = _roles_of_data_dir(Path(sections["node"].data_dir))
     elif not isinstance(raw_roles, dict):
         raise ConfigError("roles: must be a table of [roles.NAME] tables")
     else:
@@ -403,6 +451,7 @@ def load(
         **sections, roles=MappingProxyType(roles), source=str(path) if path else "<defaults>"
     )
     _check(config, named)
+    _warn_pending(config, named)
     return config
 
 
@@ -411,10 +460,11 @@ def render_toml(config: Config) -> str:
     lines: list[str] = []
     for name in _SECTIONS:
         section = getattr(config, name)
-        lines.append(f"[{name}]")
-        for field in dataclasses.fields(section):
-            lines.append(f"{field.name} = {_toml_value(getattr(section, field.name))}")
-        lines.append("")
+        keys = [f for f in dataclasses.fields(section) if not f.metadata.get("pending")]
+        if keys:
+            lines.append(f"[{name}]")
+            lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in keys]
+            lines.append("")
     for role in config.roles.values():
         lines.append(f"[roles.{role.name}]")
         lines.append(f"readers = {_toml_value(role.readers)}")

@@ -1,7 +1,8 @@
 """Demo contexts: a small, realistic team history across two projects and three roles.
 
 Used by `slurpfs demo` (and the README's first command) to give a fresh mount
-something worth browsing and searching.
+something worth browsing and searching. Every context has history: a first draft
+and the current text, so ``.history/<role>/`` and ``~~1`` have something to show.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ class DemoContext:
     influences: tuple[str, ...] = ()
 
     def render(self) -> bytes:
-        lines = ["---", f"summary: {self.summary}", f"tags: [{', '.join(self.tags)}]"]
+        return self._render(self.summary, self.body)
+
+    def draft(self) -> bytes:
+        """The first version: the summary marked as a draft, the body's first sentence."""
+        first = self.body.strip().split(". ", 1)[0].rstrip(".")
+        return self._render(f"{self.summary} (draft)", f"{first}. To be expanded.")
+
+    def _render(self, summary: str, body: str) -> bytes:
+        lines = ["---", f"summary: {summary}", f"tags: [{', '.join(self.tags)}]"]
         lines.append(f"technologies: [{', '.join(self.technologies)}]")
         if self.influences:
             lines.append(f"influences: [{', '.join(self.influences)}]")
-        lines += ["---", self.body.strip(), ""]
+        lines += ["---", body.strip(), ""]
         return "\n".join(lines).encode()
 
 
@@ -202,10 +211,14 @@ def contexts() -> list[DemoContext]:
 
 
 def load(model: ContextStore) -> int:
-    """Store the demo contexts (one batch); returns how many were stored."""
-    items = [BatchItem(parse(c.address), c.role, c.render()) for c in contexts()]
-    report = model.put_many(items)
-    if report.failed:
-        raise RuntimeError(f"demo contexts failed: {report.failed}")
+    """Store the demo contexts, each as a draft and then its current text (one batch
+    per version); returns how many contexts were stored."""
+    committed = 0
+    for version in (DemoContext.draft, DemoContext.render):
+        items = [BatchItem(parse(c.address), c.role, version(c)) for c in contexts()]
+        report = model.put_many(items)
+        if report.failed:
+            raise RuntimeError(f"demo contexts failed: {report.failed}")
+        committed = len(report.committed)
     model.sync()
-    return len(report.committed)
+    return committed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -167,7 +168,47 @@ def test_history_and_temporal_get(data: Path) -> None:
     assert ok(get(data, back_one, DEV)).stdout == b"v2"
     assert ok(get(data, first, DEV)).stdout == b"v1"
     text = ok(run_cli("history", "--data", data, ADDR, "--role", DEV)).stdout.decode()
-    assert [line.split()[1] for line in text.splitlines()] == [v["version"][:16] for v in versions]
+    header, *lines = text.splitlines()
+    assert header.split() == ["n", "version", "time", "(UTC)", "size", "author"]
+    assert [line.split()[1] for line in lines] == [v["version"][:16] for v in versions]
+
+
+def test_get_json_carries_the_metadata_and_the_content_text_or_base64(
+    data: Path, tmp_path: Path
+) -> None:
+    binary = bytes(range(256)) + b"\xff\xfe"
+    text_version = put(data, ADDR, DEV, "grüße\n".encode())
+    binary_version = put(data, ADDR, ARCH, binary)
+
+    as_text = js(run_cli("get", "--data", data, ADDR, "--role", DEV, "--json"))
+    as_base64 = js(run_cli("get", "--data", data, ADDR, "--role", ARCH, "--json"))
+    to_file = js(
+        run_cli("get", "--data", data, ADDR, "--role", ARCH, "--json", "-o", tmp_path / "o")
+    )
+
+    assert (as_text["encoding"], as_text["content"]) == ("utf-8", "grüße\n")
+    assert as_text["version"] == text_version["version"]
+    assert as_text["role"] == DEV
+    assert as_base64["encoding"] == "base64"
+    assert base64.b64decode(as_base64["content"]) == binary
+    assert as_base64["version"] == binary_version["version"]
+    assert "content" not in to_file
+    assert (tmp_path / "o").read_bytes() == binary
+
+
+@pytest.mark.parametrize("suffix", ["~~1", "^^0", "*~"])
+def test_a_temporal_segment_after_the_path_gets_a_hint(data: Path, suffix: str) -> None:
+    put(data, ADDR, DEV, b"v1")
+    put(data, ADDR, DEV, b"v2")
+    meant = ADDR.replace("/src/", f"/{suffix}/src/")
+
+    for command in ("get", "history"):
+        fails(
+            run_cli(command, "--data", data, ADDR + suffix, "--role", DEV),
+            NOT_FOUND,
+            f"a temporal segment goes right after the authority, as a path component of its own: {meant}",
+        )
+    assert ok(get(data, meant, DEV)).stdout == b"v1"
 
 
 def test_ls_lists_authorities_directories_and_roles(data: Path) -> None:
@@ -203,8 +244,8 @@ def test_rm_deletes_and_keeps_history(data: Path) -> None:
     assert [(r["n"], r["deleted"]) for r in rows] == [(1, False), (None, True)]
     assert rows[1]["version"] == gone["version"]
     text = ok(run_cli("history", "--data", data, ADDR, "--role", DEV)).stdout.decode()
-    assert [line.split()[0] for line in text.splitlines()] == ["1", "-"]
-    assert "deleted" in text.splitlines()[1]
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["1", "-"]  # under the header
+    assert "deleted" in text.splitlines()[2]
     assert ok(get(data, ADDR.replace("/src/", "/*~/src/"), DEV)).stdout == b"doomed"
     # Written again after the deletion: number 2.
     put(data, ADDR, DEV, b"back")
@@ -271,6 +312,48 @@ def test_bad_configuration_exits_7_naming_the_key(data: Path, tmp_path: Path) ->
     bad = tmp_path / "bad.toml"
     bad.write_text("[store]\ncascade = 1\n")
     fails(run_cli("status", "--data", data, "--config", bad), NOT_INITIALISED, "store.cascade")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[durability]\nsync_interval = nan\n", "durability.sync_interval"),
+        ("[durability]\nsync_interval = inf\n", "durability.sync_interval"),
+        ("[store]\nmap_size = 99999999999999999999\n", "store.map_size"),
+    ],
+)
+def test_a_number_out_of_bounds_exits_7_naming_the_key(
+    data: Path, tmp_path: Path, text: str, key: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+
+    fails(run_cli("status", "--data", data, "--config", bad), NOT_INITIALISED, f"{key}: ")
+
+
+def test_init_with_a_subset_of_the_default_roles(tmp_path: Path) -> None:
+    info = js(run_cli("init", "--data", tmp_path / "d", "--roles", "developer,guest", "--json"))
+
+    assert info["roles"] == ["developer", "guest"]
+    put(tmp_path / "d", ADDR, "guest", b"hello")
+    assert ok(get(tmp_path / "d", ADDR, "guest")).stdout == b"hello"
+
+
+@pytest.mark.parametrize("emptied", [True, False])
+def test_an_empty_or_missing_config_file_takes_the_roles_of_the_keys(
+    tmp_path: Path, emptied: bool
+) -> None:
+    path = tmp_path / "d"
+    ok(run_cli("init", "--data", path, "--roles", "developer,architect"))
+    if emptied:
+        (path / "config.toml").write_text("")
+    else:
+        (path / "config.toml").unlink()
+
+    put(path, ADDR, DEV, b"still works")
+
+    assert ok(get(path, ADDR, DEV)).stdout == b"still works"
+    assert js(run_cli("status", "--data", path, "--json"))["roles"] == [ARCH, DEV]
 
 
 def test_too_large_exits_8(data: Path) -> None:

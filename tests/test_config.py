@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from slurpfs import config
 from slurpfs.config import Config, RoleConfig
+from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import ConfigError
 
 
@@ -134,7 +136,7 @@ def test_config_toml_in_the_data_dir_is_read(tmp_path: Path) -> None:
         ("SLURPFS_MOUNT_ALLOW_OTHER", " Off ", False),
         ("SLURPFS_STORE_MAP_SIZE", "0x200000", 2 << 20),
         ("SLURPFS_DURABILITY_SYNC_INTERVAL", "0.25", 0.25),
-        ("SLURPFS_CACHE_REDIS_URL", "redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("SLURPFS_NODE_NAME", "alpha", "alpha"),
     ],
 )
 def test_environment_values_are_converted(
@@ -244,9 +246,9 @@ def test_a_bad_value_from_the_environment_names_the_variable_an_override_the_key
 ) -> None:
     env = {"HOME": str(tmp_path), "SLURPFS_DURABILITY_SYNC_INTERVAL": "0"}
 
-    with pytest.raises(ConfigError, match=r"^SLURPFS_DURABILITY_SYNC_INTERVAL: must be positive"):
+    with pytest.raises(ConfigError, match=r"^SLURPFS_DURABILITY_SYNC_INTERVAL: must be from"):
         config.load(None, env)
-    with pytest.raises(ConfigError, match=r"^durability\.sync_interval: must be positive"):
+    with pytest.raises(ConfigError, match=r"^durability\.sync_interval: must be from"):
         config.load(
             None, {**env, "SLURPFS_DURABILITY_SYNC_INTERVAL": "1"}, {"durability.sync_interval": 0}
         )
@@ -386,8 +388,6 @@ def test_render_toml_round_trips(tmp_path: Path) -> None:
         [store]
         map_size = 1099511627776
         cascade_depth = 0
-        [cache]
-        redis_url = "redis://h:1/2"
         [mount]
         allow_other = true
         entry_timeout = 1e-3
@@ -397,8 +397,6 @@ def test_render_toml_round_trips(tmp_path: Path) -> None:
         listen = "[::1]:9464"
         [health]
         min_free_bytes = 0
-        [replication]
-        write_quorum = 3
         [roles.dev]
         readers = ["arch"]
         users = ["alice", "bob"]
@@ -422,3 +420,137 @@ def test_render_toml_round_trips_the_defaults(tmp_path: Path) -> None:
     assert config.load(rendered, {"HOME": "/elsewhere"}) == dataclasses.replace(
         original, source=str(rendered)
     )
+
+
+# -- bounds for every number, pending keys, roles without a [roles] table ----------
+
+
+def numeric_keys() -> list[tuple[str, dataclasses.Field[object], type]]:
+    """Every int and float key of every section, with its field and type."""
+    found = []
+    for section, cls in config._SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if hints[field.name] in (int, float):
+                found.append((f"{section}.{field.name}", field, hints[field.name]))
+    return found
+
+
+def test_every_numeric_key_has_bounds_that_hold_its_default() -> None:
+    keys = numeric_keys()
+
+    assert len(keys) >= 11  # the collection works
+    for key, field, _typ in keys:
+        assert "bounds" in field.metadata, f"{key} has no bounds"
+        low, high = field.metadata["bounds"]
+        assert low <= field.default <= high, key
+
+
+BAD_NUMBERS = ["nan", "inf", "-inf", "99999999999999999999", "-99999999999999999999"]
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS)
+@pytest.mark.parametrize("key", [k for k, _f, _t in numeric_keys()])
+def test_a_number_out_of_bounds_in_the_file_names_the_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    section, _, name = key.partition(".")
+
+    with pytest.raises(ConfigError, match=rf"^{section}[.]{name}: "):
+        load_text(tmp_path, f"[{section}]\n{name} = {value}\n")
+
+
+@pytest.mark.parametrize("value", [*BAD_NUMBERS, "1e999"])
+@pytest.mark.parametrize("key", [k for k, _f, _t in numeric_keys()])
+def test_a_number_out_of_bounds_in_the_environment_names_the_variable(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    variable = "SLURPFS_" + key.replace(".", "_").upper()
+
+    with pytest.raises(ConfigError, match=rf"^{variable}: "):
+        config.load(None, {"HOME": str(tmp_path), variable: value})
+
+
+def test_an_integer_past_any_float_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^durability[.]sync_interval: .* out of range"):
+        load_text(tmp_path, "[durability]\nsync_interval = " + "9" * 400 + "\n")
+
+
+def test_an_integer_literal_too_long_to_read_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config file .*slurpfs[.]toml: "):
+        load_text(tmp_path, "[store]\nmap_size = " + "9" * 5000 + "\n")
+
+
+def test_the_largest_map_size_opens_a_store(tmp_path: Path) -> None:
+    """The upper bound is one LMDB really takes (it reserves the map as address space)."""
+    import lmdb
+
+    (field,) = (f for f in dataclasses.fields(config.StoreConfig) if f.name == "map_size")
+    high = field.metadata["bounds"][1]
+    env = lmdb.open(str(tmp_path / "store"), map_size=high)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"k", b"v")
+    finally:
+        env.close()
+
+
+def test_pending_keys_are_left_out_of_new_files(tmp_path: Path) -> None:
+    rendered = config.render_toml(config.load(None, {"HOME": str(tmp_path)}))
+
+    assert "redis_url" not in rendered
+    assert "write_quorum" not in rendered
+    assert "[replication]" not in rendered  # nothing left in it
+
+
+def test_pending_keys_at_their_defaults_load_quietly(tmp_path: Path) -> None:
+    """What every data directory made before they were left out says."""
+    cfg = load_text(tmp_path, "[cache]\nredis_url = ''\n[replication]\nwrite_quorum = 1\n")
+
+    assert cfg.replication.write_quorum == 1
+
+
+@pytest.mark.expect_warnings
+def test_pending_keys_set_to_something_warn_that_they_do_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_text(tmp_path, "[cache]\nredis_url = 'redis://h:1/2'\n[replication]\nwrite_quorum = 3\n")
+    config.load(None, {"HOME": str(tmp_path), "SLURPFS_REPLICATION_WRITE_QUORUM": "2"})
+
+    warned = [r.getMessage() for r in caplog.records if r.name == "slurpfs.config"]
+    assert warned == [
+        "cache.redis_url = 'redis://h:1/2' has no effect yet: it is ignored",
+        "replication.write_quorum = 3 has no effect yet: it is ignored",
+        "SLURPFS_REPLICATION_WRITE_QUORUM = 2 has no effect yet: it is ignored",
+    ]
+
+
+def test_pending_keys_are_still_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^replication[.]write_quorum: "):
+        load_text(tmp_path, "[replication]\nwrite_quorum = 0\n")
+    with pytest.raises(ConfigError, match=r"^cache[.]redis_url: expected a string"):
+        load_text(tmp_path, "[cache]\nredis_url = 5\n")
+
+
+@pytest.mark.parametrize("text", [None, "", "[node]\nname = 'n'\n"])
+def test_without_roles_the_data_directorys_key_roles_apply(
+    tmp_path: Path, text: str | None
+) -> None:
+    data = tmp_path / "data"
+    Keystore(data, None, KdfParams.weak()).create(["developer", "architect", "ops"])
+    if text is not None:
+        (data / "config.toml").write_text(text, encoding="utf-8")
+
+    cfg = config.load(None, {"HOME": str(tmp_path)}, {"node.data_dir": str(data)})
+
+    assert cfg.role_names == ("architect", "developer", "ops")
+    assert cfg.roles["developer"].readers == ("architect",)  # the default readers among them
+    assert cfg.roles["ops"].readers == ()
+
+
+def test_default_roles_keep_only_readers_among_the_chosen() -> None:
+    assert config.default_roles(["developer", "guest"]) == {
+        "developer": RoleConfig("developer"),
+        "guest": RoleConfig("guest"),
+    }
+    assert config.default_roles()["reviewer"].readers == ("architect",)

@@ -97,6 +97,29 @@ def test_search_as_a_developer_sees_no_architect_context(
         run(cfg, "search", "rotating", "--as", "developer", "--role", "architect")
 
 
+def test_search_says_which_roles_it_searched_including_those_read_through_an_index(
+    cfg: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Holding every role, architect's index alone covers all three (architect reads
+    developer and reviewer): the report names the roles whose contexts were searched."""
+    assert run(cfg, "search", "rotating", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+
+    assert {h["role"] for h in data["hits"]} == {"architect", "developer"}
+    assert set(data["roles_searched"]) >= {h["role"] for h in data["hits"]}
+    assert data["roles_searched"] == ["architect", "developer", "reviewer"]
+    assert data["searched_as"] == {"architect": ["architect", "developer", "reviewer"]}
+    assert run(cfg, "search", "rotating") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "searched: architect, developer, reviewer (through architect's index)" in lines
+    assert run(cfg, "search", "rotating", "--as", "developer", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["roles_searched"], data["searched_as"]) == (
+        ["developer"],
+        {"developer": ["developer"]},
+    )
+
+
 def test_a_bad_query_is_a_usage_error(cfg: Config) -> None:
     with pytest.raises(QueryError, match="never closed") as info:
         run(cfg, "search", '"rotating key')

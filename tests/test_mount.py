@@ -482,6 +482,18 @@ def test_python_open_w(mnt: Mounted, ctxdir: Path) -> None:
     check_one_save(mnt, ctxdir, before, b"from python\n")
 
 
+def test_the_demo_has_history_to_travel_back_in(mnt: Mounted) -> None:
+    """The README's ``cat …/<authority>/~~1/src/auth.go/developer`` works on a fresh demo."""
+    mnt.cli("demo")
+    latest = (mnt.ucxl / AUTH / Path(*SRC) / DEV).read_bytes()
+    one_back = (mnt.ucxl / AUTH / "~~1" / Path(*SRC) / DEV).read_bytes()
+
+    assert b"rotating key set" in latest
+    assert b"(draft)" in one_back
+    assert one_back != latest
+    assert sorted(os.listdir(mnt.ucxl / AUTH / Path(*SRC) / ".history" / DEV)) == ["1", "2"]
+
+
 # -- reading tools agree with an export of the same data --------------------------------
 
 

@@ -392,6 +392,16 @@ class Keystore:
 # --------------------------------------------------------------------- file helpers
 
 
+def public_role_names(data_dir: Path) -> list[str] | None:
+    """The role names in ``<data_dir>/keys/public.json`` (public, no key needed);
+    None when there is no such file or it does not parse (`Keystore.load` says why)."""
+    try:
+        roles = json.loads((Path(data_dir) / "keys" / "public.json").read_bytes())["roles"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return [r for r in roles if isinstance(r, str)] if isinstance(roles, dict) else None
+
+
 def _read_public(path: Path, node: NodeIdentity) -> _State:
     st = os.stat(path)
     if st.st_mode & 0o022:

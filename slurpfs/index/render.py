@@ -84,6 +84,7 @@ def result_json(result: SearchResult) -> dict[str, Any]:
         "query": result.query,
         "total": result.total,
         "roles_searched": list(result.roles_searched),
+        "searched_as": {index: list(roles) for index, roles in result.searched_as.items()},
         "elapsed": round(result.elapsed, 6),
         "hits": [
             {
@@ -114,10 +115,18 @@ def result_lines(result: SearchResult, *, color: bool) -> str:
             out.append(f"     {snippet}")
     shown = f"{len(result.hits)} of {result.total}" if result.hits else "no"
     out.append(f"{shown} matches ({result.elapsed * 1000:.1f} ms)")
+    out.append("searched: " + "; ".join(_searched(i, r) for i, r in result.searched_as.items()))
     for name, values in result.facets.items():
         if values:
             out.append(f"{name}: " + ", ".join(f"{v} ({n})" for v, n in values[:10]))
     return "\n".join(out)
+
+
+def _searched(index: str, roles: tuple[str, ...]) -> str:
+    """``developer`` or ``architect, developer, reviewer (through architect's index)``."""
+    if roles == (index,):
+        return index
+    return f"{', '.join(roles)} (through {index}'s index)"
 
 
 def dumps(data: Any) -> str:

@@ -191,5 +191,8 @@ class SearchResult:
     hits: tuple[SearchHit, ...]
     total: int
     facets: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # The roles whose contexts were searched, and through which role's index each
+    # was (an architect's index holds the roles architect reads).
     roles_searched: tuple[str, ...] = ()
+    searched_as: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     elapsed: float = 0.0

@@ -396,6 +396,13 @@ class SearchService:
             wanted -= assigned
         return plan
 
+    def _file_roles(self, index: str, assigned: frozenset[str] | None) -> tuple[str, ...]:
+        """The file roles a `_plan` entry searches in `index` (None: all it holds)."""
+        config = self.model.config
+        if assigned is None:
+            assigned = frozenset(f for f in config.role_names if index in config.readers_of(f))
+        return tuple(sorted(assigned))
+
     def search(
         self,
         query: str,
@@ -458,6 +465,7 @@ class SearchService:
             )
             if len(hits) == limit:
                 break
+        searched_as = {x: self._file_roles(x, f) for x, f in plan.items()}
         facets: dict[str, tuple[tuple[str, int], ...]] = {}
         for name in FACETS:
             counts: dict[str, int] = {}
@@ -472,7 +480,8 @@ class SearchService:
             hits=tuple(hits),
             total=sum(part.total for _, part in parts),
             facets=facets,
-            roles_searched=tuple(plan),
+            roles_searched=tuple(sorted(r for roles in searched_as.values() for r in roles)),
+            searched_as=searched_as,
             elapsed=time.perf_counter() - started,
         )
 
