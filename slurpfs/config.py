@@ -10,7 +10,8 @@ File layout::
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
     [cache]       plaintext_bytes, redis_url
-    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll
+    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
+                  scratch_names
     [search]      engine
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
@@ -85,6 +86,9 @@ class MountConfig:
     # Seconds the FUSE loop keeps polling for the next request before it sleeps
     # (`slurpfs.fs.busypoll`); 0 turns it off.
     busy_poll: float = 0.001
+    # Glob patterns of more temporary file names, beside the built-in ones
+    # (`slurpfs.fs.scratch`): files so named are kept in memory only.
+    scratch_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +265,8 @@ def _coerce(key: str, value: Any, typ: Any, *, from_env: bool) -> Any:
     if typing.get_origin(typ) is tuple:
         if from_env and isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        # (a tuple: the environment's value, converted before the section is built)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
@@ -300,6 +305,10 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         raise bad("mount.scratch_bytes", "must not be negative")
     if not 0 <= config.mount.busy_poll <= MAX_BUSY_POLL:
         raise bad("mount.busy_poll", f"must be between 0 and {MAX_BUSY_POLL:g} seconds")
+    for pattern in config.mount.scratch_names:
+        problem = _scratch_pattern_problem(pattern)
+        if problem:
+            raise bad("mount.scratch_names", f"pattern {pattern!r} {problem}")
     if config.search.engine not in ("whoosh", "tantivy"):
         raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
@@ -315,6 +324,16 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         for reader in role.readers:
             if reader not in config.roles:
                 raise ConfigError(f"roles.{name}.readers: unknown role {reader!r}")
+
+
+def _scratch_pattern_problem(pattern: str) -> str:
+    """Why a `mount.scratch_names` glob pattern is unusable, or ''."""
+    if not pattern or len(pattern.encode()) > 255 or "/" in pattern or "\0" in pattern:
+        return "must be a file name pattern: 1-255 bytes, without '/' or NUL"
+    if not pattern.strip("*?[]!"):
+        # Such a pattern makes every name a scratch file: unsaved, lost at unmount.
+        return "matches every name; it must name something besides wildcards"
+    return ""
 
 
 def load(
