@@ -229,13 +229,16 @@ class Commands:
             raise ContextTooLarge(f"the input is over store.max_context_bytes ({limit})")
         with self.model(cfg, passphrase) as model:
             model.authorise_change(address.key, args.role, action="write")
-            info = model.put(address, args.role, data, ttl=args.ttl)
+            saved = model.save(address, args.role, data, ttl=args.ttl)
             model.sync()
-        _notify(cfg)
+        info = saved.info
+        if saved.stored:
+            _notify(cfg)
+        same = "" if saved.stored else ", unchanged: the same bytes as the latest version"
         _emit(
             args,
-            _info_dict(info),
-            f"{address} [{args.role}] version {info.short_id} ({info.size} bytes)",
+            {**_info_dict(info), "stored": saved.stored},
+            f"{address} [{args.role}] version {info.short_id} ({info.size} bytes){same}",
         )
         return 0
 
@@ -348,7 +351,7 @@ class Commands:
         for label, reason in skipped:
             print(f"slurpfs: skipped {label}: {reason}", file=sys.stderr)
         failed: list[tuple[str, str]] = []
-        committed = 0
+        committed = unchanged = 0
         with self.model(cfg, passphrase) as model:
             batch: list[BatchItem] = []
             for path in tqdm(files, desc="import", unit="file", disable=None, file=sys.stderr):
@@ -362,14 +365,16 @@ class Commands:
                 if len(batch) >= 500:
                     report = model.put_many(batch)
                     committed += len(report.committed)
+                    unchanged += len(report.unchanged)
                     failed.extend(report.failed)
                     batch = []
             report = model.put_many(batch)
             committed += len(report.committed)
+            unchanged += len(report.unchanged)
             failed.extend(report.failed)
             model.sync()
         _notify(cfg)
-        return self._summary(args, "imported", committed, failed, skipped)
+        return self._summary(args, "imported", committed, failed, skipped, unchanged=unchanged)
 
     def export(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         out = Path(args.dir)
@@ -405,13 +410,21 @@ class Commands:
         ok: int,
         failed: list[tuple[str, str]],
         skipped: list[tuple[str, str]] | None = None,
+        *,
+        unchanged: int | None = None,
     ) -> int:
-        """Report a batch; exit 9 if an item failed (skipped ones are not failures)."""
+        """Report a batch; exit 9 if an item failed (skipped ones are not failures).
+
+        `unchanged` counts items equal to what was stored already (nothing stored)."""
         counts = f"{verb} {ok}, failed {len(failed)}"
         data: dict[str, Any] = {
             verb: ok,
             "failed": [{"item": label, "reason": reason} for label, reason in failed],
         }
+        if unchanged is not None:
+            data["unchanged"] = unchanged
+            if unchanged:
+                counts = f"{verb} {ok}, unchanged {unchanged}, failed {len(failed)}"
         if skipped is not None:
             counts += f", skipped {len(skipped)}"
             data["skipped"] = [{"item": label, "reason": reason} for label, reason in skipped]

@@ -16,7 +16,8 @@ File layout::
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
     [cache]       plaintext_bytes, redis_url (pending)
-    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll
+    [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
+                  scratch_names
     [search]      engine
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
@@ -108,6 +109,9 @@ class MountConfig:
     # Seconds the FUSE loop keeps polling for the next request before it sleeps
     # (`slurpfs.fs.busypoll`); 0 turns it off.
     busy_poll: float = _bounded(0.001, 0.0, MAX_BUSY_POLL)
+    # Glob patterns of more temporary file names, beside the built-in ones
+    # (`slurpfs.fs.scratch`): files so named are kept in memory only.
+    scratch_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +291,8 @@ def _coerce(key: str, value: Any, typ: Any, *, from_env: bool) -> Any:
     if typing.get_origin(typ) is tuple:
         if from_env and isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        # (a tuple: the environment's value, converted before the section is built)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
@@ -324,6 +329,10 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
                     raise bad(
                         f"{name}.{field.name}", f"must be from {low} to {high}, not {value!r}"
                     )
+    for pattern in config.mount.scratch_names:
+        problem = _scratch_pattern_problem(pattern)
+        if problem:
+            raise bad("mount.scratch_names", f"pattern {pattern!r} {problem}")
     if config.search.engine not in ("whoosh", "tantivy"):
         raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
@@ -363,6 +372,16 @@ def _roles_of_data_dir(data_dir: Path) -> dict[str, RoleConfig]:
     from slurpfs.crypto.keystore import public_role_names
 
     return default_roles(public_role_names(data_dir))
+
+
+def _scratch_pattern_problem(pattern: str) -> str:
+    """Why a `mount.scratch_names` glob pattern is unusable, or ''."""
+    if not pattern or len(pattern.encode()) > 255 or "/" in pattern or "\0" in pattern:
+        return "must be a file name pattern: 1-255 bytes, without '/' or NUL"
+    if not pattern.strip("*?[]!"):
+        # Such a pattern makes every name a scratch file: unsaved, lost at unmount.
+        return "matches every name; it must name something besides wildcards"
+    return ""
 
 
 def load(

@@ -12,6 +12,7 @@ Thread-safe: the FUSE daemon calls it from worker threads, the CLI directly.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import random
 import re
@@ -66,6 +67,9 @@ class WriterBusy(Exception):
 # `<role>.conflict-<id>`: a losing leaf of concurrent heads, listed beside the role file.
 CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]{{16}})")
 
+# Later than every TTL: the head "as of then" is None exactly when the context has one.
+_END_OF_TIME_MS = (1 << 64) - 1
+
 # Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
 _RETRY_BACKOFF = 0.0005  # seconds, times the attempt number (capped at 20)
@@ -109,6 +113,16 @@ class BatchItem:
 class BatchReport:
     committed: tuple[VersionInfo, ...]
     failed: tuple[tuple[str, str], ...]  # (label, reason)
+    unchanged: tuple[str, ...] = ()  # labels of items equal to their head: nothing stored
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What a save did: the context's head afterwards, and whether it is a new version
+    (false when the bytes equal the head's: see `ContextStore.save`)."""
+
+    info: VersionInfo
+    stored: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +406,27 @@ class ContextStore:
         ttl: float | None = None,
         wait: bool = True,
     ) -> VersionInfo:
+        """`save`, returning the head afterwards (the new version, or the head it equals)."""
+        return self.save(address, role, data, ttl=ttl, wait=wait).info
+
+    def save(
+        self,
+        address: Address,
+        role: str,
+        data: bytes,
+        *,
+        ttl: float | None = None,
+        wait: bool = True,
+    ) -> Saved:
         """Store `data` as the new latest version of (address, role): one LMDB transaction.
+
+        A save of exactly the bytes of the current head stores nothing (``stored``
+        false; the head keeps its version and time): every writer saving unchanged
+        content (an editor's save without changes, a copy or sync run again) leaves
+        history as it was. It is a new version all the same when the head is a
+        deletion, when concurrent versions are unresolved (a save supersedes them),
+        when `ttl` is given or the context has one (the save changes its lifetime),
+        or when this node holds no key to compare with.
 
         With `wait` false, `WriterBusy` instead of waiting while another writer (a
         thread, or another process such as `slurpfs import`) holds the writer lock.
@@ -404,9 +438,13 @@ class ContextStore:
                 f"{len(data)} bytes is over store.max_context_bytes ({self.config.store.max_context_bytes})"
             )
         expires = None if ttl is None else int((time.time() + ttl) * 1000)
-        info = self._write(address.key, role, data, deleted=False, expires_ms=expires, wait=wait)
-        self._puts += 1
-        return info
+        saved = self._write(
+            address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
+            keep_same=ttl is None,
+        )  # fmt: skip
+        if saved.stored:
+            self._puts += 1
+        return saved
 
     def delete(self, address: Address, role: str, *, wait: bool = True) -> VersionInfo:
         """Store a deletion (tombstone); history stays. NotFound if nothing live is there.
@@ -418,7 +456,7 @@ class ContextStore:
         head = self._store.head(address.key, role)
         if head is None or head.deleted:
             raise NotFound(f"no context at {address} for role {role!r}")
-        return self._write(address.key, role, b"", deleted=True, expires_ms=None, wait=wait)
+        return self._write(address.key, role, b"", deleted=True, expires_ms=None, wait=wait).info
 
     @contextlib.contextmanager
     def _writer(self, *, wait: bool = True) -> Iterator[None]:
@@ -446,8 +484,16 @@ class ContextStore:
         expires_ms: int | None,
         extra_parents: Sequence[bytes] = (),
         wait: bool = True,
-    ) -> VersionInfo:
+        keep_same: bool = False,
+    ) -> Saved:
+        """Seal and commit one version; with `keep_same`, none if `_same_as_head`."""
+        same: list[VersionInfo] = []
+
         def seal() -> list[Commit]:
+            head = self._same_as_head(address, role, data) if keep_same else None
+            if head is not None:
+                same[:] = [head]
+                return []
             parents, expected = self._leaves(address, role)
             return [
                 self._seal(
@@ -457,13 +503,33 @@ class ContextStore:
             ]  # fmt: skip
 
         with self._writer(wait=wait):
-            (commit,) = self._commit_retrying(seal, f"{address} [{role}]")
-        record = commit.record
+            commits = self._commit_retrying(seal, f"{address} [{role}]")
+        if not commits:
+            return Saved(same[0], stored=False)
+        record = commits[0].record
         if not deleted:
             self._cache.put(record.version_id, data)
         for callback in self._subscribers:
             callback(record)
-        return record
+        return Saved(record, stored=True)
+
+    def _same_as_head(self, address: str, role: str, data: bytes) -> VersionInfo | None:
+        """The head, if a save of `data` would change nothing: it is the only leaf,
+        no deletion, without a TTL, and holds exactly `data` (compared in plaintext,
+        with a key this node holds; without one the save is stored)."""
+        leaves = self._store.leaves(address, role)
+        if len(leaves) != 1:
+            return None
+        head = leaves[0]
+        if head.deleted or head.size != len(data):
+            return None
+        if self._store.head(address, role, now_ms=_END_OF_TIME_MS) is None:
+            return None  # the context has a TTL; a save without one makes it permanent
+        try:
+            current = self._decrypt(head, self.held_roles(), keep=False)
+        except (AccessDenied, Corrupt):
+            return None  # no key here, or a damaged head (reported): store the save
+        return head if hmac.compare_digest(current, data) else None
 
     def reader_set(self, role: str) -> tuple[RolePublicKey, ...]:
         """The current public keys a new version of `role` is sealed to."""
@@ -556,14 +622,17 @@ class ContextStore:
         As with `put`, each new version is sealed on the leaves it replaces; when
         another process commits to one of those contexts first (`StaleHead`), the
         batch is sealed again on the new heads, so concurrent writers never fork a
-        context's history.
+        context's history. An item whose bytes equal its context's head stores
+        nothing (see `save`) and is reported as unchanged.
         """
         batch = list(items)
         failed: list[tuple[str, str]] = []
+        unchanged: list[str] = []
 
         def seal() -> list[Commit]:
-            commits, bad = self._seal_batch(batch)
+            commits, bad, same = self._seal_batch(batch)
             failed[:] = bad
+            unchanged[:] = same
             return commits
 
         with self._writer():
@@ -572,12 +641,16 @@ class ContextStore:
             for callback in self._subscribers:
                 callback(commit.record)
         self._puts += len(commits)
-        return BatchReport(tuple(c.record for c in commits), tuple(failed))
+        return BatchReport(tuple(c.record for c in commits), tuple(failed), tuple(unchanged))
 
-    def _seal_batch(self, items: Sequence[BatchItem]) -> tuple[list[Commit], list[tuple[str, str]]]:
+    def _seal_batch(
+        self, items: Sequence[BatchItem]
+    ) -> tuple[list[Commit], list[tuple[str, str]], list[str]]:
         """Seal every good item on its context's current leaves (or on the batch's own
-        previous version of it); the bad ones, labelled, with why."""
+        previous version of it); the bad ones, labelled, with why; the labels of the
+        items equal to their head (nothing to seal)."""
         failed: list[tuple[str, str]] = []
+        unchanged: list[str] = []
         heads: dict[tuple[str, str], bytes] = {}
         commits: list[Commit] = []
         for item in items:
@@ -592,6 +665,9 @@ class ContextStore:
                 expected: tuple[bytes, ...]
                 if ctx in heads:  # written earlier in this batch
                     parents = expected = (heads[ctx],)
+                elif self._same_as_head(*ctx, item.data) is not None:
+                    unchanged.append(label)
+                    continue
                 else:
                     parents, expected = self._leaves(*ctx)
                 commit = self._seal(
@@ -602,7 +678,7 @@ class ContextStore:
                 continue
             heads[ctx] = commit.record.version_id
             commits.append(commit)
-        return commits, failed
+        return commits, failed, unchanged
 
     def resolve_conflict(self, address: Address, role: str, version_id: bytes) -> VersionInfo:
         """Drop a losing leaf: a merge version (content of the head) with both as parents."""
@@ -619,7 +695,7 @@ class ContextStore:
             deleted=head.deleted,
             expires_ms=None,
             extra_parents=(version_id,),
-        )
+        ).info
 
     def mkdir(self, address: Address) -> None:
         self._check_address(address, writing=True)

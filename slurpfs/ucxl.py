@@ -7,14 +7,22 @@ An address names a context::
 Every `Authority`, `Temporal` and `Address` value is valid by construction: the
 constructors check the grammar, so code holding one never re-validates it. Every
 failure is an `InvalidAddress` whose message quotes the input and says which part
-is wrong and why. Parsing and formatting are exact inverses: ``str(parse(s)) == s``
-for every accepted ``s``.
+is wrong and why.
+
+Path components are Unicode NFC: every way of building an address normalises
+them, so a decomposed ``café`` is the same address as the composed one. Parsing
+and formatting are inverses up to that: ``str(parse(s)) == nfc(s)`` for every
+accepted ``s`` (``== s`` when ``s`` is NFC already). Names that would look like
+another name are refused: control and format characters (Unicode category Cf:
+zero-width characters, the BOM, bidirectional controls), no-break and other
+invisible spaces, and leading or trailing whitespace (`validate_name`).
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +49,10 @@ _ISO_PREFIX = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T")
 # C0 and C1 controls, line and paragraph separators, and the bidirectional controls
 # that make a name display as another (U+202E turns "gpj.exe" into "exe.jpg").
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f]")
+# Characters that show as nothing, or as a plain space, besides the format characters
+# (category Cf: zero-width space and joiners, the BOM, soft hyphen, bidi controls):
+# no-break spaces, which `ls` shows as spaces, and the Hangul fillers.
+_INVISIBLE = frozenset("\u00a0\u2007\u202f\u115f\u1160\u3164\uffa0")
 
 
 class _Reason(InvalidAddress):
@@ -220,14 +232,52 @@ def _parse_authority(text: str) -> Authority:
     return Authority(agent, role, project, task)
 
 
+def nfc(name: str) -> str:
+    """`name` in Unicode normalisation form C (the form every address component has)."""
+    return name if unicodedata.is_normalized("NFC", name) else unicodedata.normalize("NFC", name)
+
+
+def _char_name(ch: str) -> str:
+    return f"U+{ord(ch):04X} ({unicodedata.name(ch, 'unnamed')})"
+
+
+def _check_characters(name: str) -> None:
+    """The rules for the characters of any name: nothing invisible or confusable."""
+    control = _CONTROL.search(name)
+    if control is not None:
+        raise _Reason(f"must not contain control character U+{ord(control.group()):04X}")
+    if name != name.strip():
+        end = name[0] if name[0].isspace() else name[-1]
+        raise _Reason(f"must not start or end with whitespace ({_char_name(end)})")
+    if name.isascii():
+        return
+    for ch in name:
+        if ch in _INVISIBLE or unicodedata.category(ch) == "Cf":
+            raise _Reason(f"must not contain the invisible character {_char_name(ch)}")
+
+
+def validate_name(name: str) -> None:
+    """Check the characters of a name made in an address directory (a path component
+    or an editor's scratch file); raise `InvalidAddress` saying why it is bad.
+
+    Refused: control characters, format characters (Unicode category Cf: zero-width
+    space and joiners, the BOM, bidirectional controls), no-break and other
+    invisible spaces, and whitespace at either end. Two names that look the same
+    must be the same name.
+    """
+    try:
+        _check_characters(name)
+    except _Reason as exc:
+        raise InvalidAddress(f"invalid name {_quote(name)}: {exc}") from None
+
+
 def _check_component(name: str) -> None:
+    """Check one component, already in NFC (`nfc`)."""
     if not name:
         raise _Reason("must not be empty (no '//' and no trailing '/')")
     if "/" in name:
         raise _Reason("must not contain '/'")
-    control = _CONTROL.search(name)
-    if control is not None:
-        raise _Reason(f"must not contain control character U+{ord(control.group()):04X}")
+    _check_characters(name)
     if name.startswith("."):
         raise _Reason("must not start with '.'")
     try:
@@ -244,13 +294,14 @@ def _check_component(name: str) -> None:
 def validate_component(name: str) -> None:
     """Check one address path component; raise `InvalidAddress` saying why it is bad.
 
-    A component is non-empty, at most `MAX_NAME_BYTES` in UTF-8, has no ``/`` and no
-    control character (C0, C1, line separators, bidirectional controls), does not
-    start with ``.``, and is not (and does not resemble) a temporal segment, so that
-    a mount path always reads one way.
+    A component (in NFC: `name` is normalised first) is non-empty, at most
+    `MAX_NAME_BYTES` in UTF-8, has no ``/``, passes `validate_name` (no control,
+    format or invisible character, no whitespace at either end), does not start
+    with ``.``, and is not (and does not resemble) a temporal segment, so that a
+    mount path always reads one way.
     """
     try:
-        _check_component(name)
+        _check_component(nfc(name))
     except _Reason as exc:
         raise InvalidAddress(f"invalid path component {_quote(name)}: {exc}") from None
 
@@ -259,8 +310,9 @@ def validate_component(name: str) -> None:
 class Address:
     """A UCXL address: authority, optional temporal segment, path components.
 
-    The constructor validates every component (`validate_component`) and raises
-    `InvalidAddress`. Derived addresses (`parent`, `child`, ...) keep the temporal.
+    The constructor normalises every component to NFC, validates it
+    (`validate_component`) and raises `InvalidAddress`. Derived addresses
+    (`parent`, `child`, ...) keep the temporal.
     """
 
     authority: Authority
@@ -268,9 +320,11 @@ class Address:
     temporal: Temporal | None = None
 
     def __post_init__(self) -> None:
-        for name in self.path:
+        path = tuple(map(nfc, self.path))
+        for name in path:
             validate_component(name)
-        _check_size(self.authority, self.path)
+        _check_size(self.authority, path)
+        object.__setattr__(self, "path", path)
 
     def __str__(self) -> str:
         segments = [_SCHEME + str(self.authority)]
@@ -293,7 +347,8 @@ class Address:
         return _trusted(self.authority, self.path, t)
 
     def child(self, name: str) -> Address:
-        """The address one component deeper; raises `InvalidAddress` for a bad name."""
+        """The address one component deeper (`name` in NFC); `InvalidAddress` for a bad name."""
+        name = nfc(name)
         validate_component(name)
         path = (*self.path, name)
         _check_size(self.authority, path)
@@ -374,9 +429,10 @@ def _from_segments(authority_text: str, rest: Sequence[str], *, allow_temporal: 
         except _Reason as exc:
             raise _Reason(f"temporal segment {_quote(names[0])}: {exc}") from None
         del names[0]
-    for name in names:
+    for i, name in enumerate(names):
+        names[i] = nfc(name)
         try:
-            _check_component(name)
+            _check_component(names[i])
         except _Reason as exc:
             raise _Reason(f"path component {_quote(name)}: {exc}") from None
     _check_size(authority, tuple(names))
@@ -387,7 +443,8 @@ def parse(text: str) -> Address:
     """Parse a full ``ucxl://agent:role@project:task[/temporal]/p1/...`` address.
 
     The scheme is exactly ``ucxl://``; empty components (``//``, a trailing ``/``)
-    are errors. ``str(parse(s)) == s``. Raises `InvalidAddress` naming the bad part.
+    are errors; components are normalised to NFC. ``str(parse(s)) == nfc(s)``.
+    Raises `InvalidAddress` naming the bad part.
     """
     try:
         if not text.startswith(_SCHEME):

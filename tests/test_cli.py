@@ -616,7 +616,8 @@ def test_import_names_what_it_skips_and_follows_no_link(data: Path, tmp_path: Pa
     text = run_cli(
         "import", "--data", data, source, "--authority", "me:dev@proj:task", "--role", DEV
     )
-    assert text.stdout.endswith(b"imported 1, failed 0, skipped 3\n")
+    # The same tree again: nothing new to store.
+    assert text.stdout.endswith(b"imported 0, unchanged 1, failed 0, skipped 3\n")
 
 
 def test_import_of_a_clean_tree_exits_0_and_export_reproduces_it(
@@ -630,7 +631,7 @@ def test_import_of_a_clean_tree_exits_0_and_export_reproduces_it(
             "--json",
         )
     )  # fmt: skip
-    assert imported == {"imported": len(TREE), "failed": [], "skipped": []}
+    assert imported == {"imported": len(TREE), "unchanged": 0, "failed": [], "skipped": []}
     put(data, ADDR, ARCH, b"architect notes")
     out = tmp_path / "export"
 

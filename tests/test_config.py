@@ -554,3 +554,35 @@ def test_default_roles_keep_only_readers_among_the_chosen() -> None:
         "guest": RoleConfig("guest"),
     }
     assert config.default_roles()["reviewer"].readers == ("architect",)
+
+
+def test_scratch_names_add_glob_patterns(tmp_path: Path) -> None:
+    assert config.load(None, {"HOME": str(tmp_path)}).mount.scratch_names == ()
+    cfg = load_text(tmp_path, "[mount]\nscratch_names = ['*.part', 'draft-*']\n")
+    assert cfg.mount.scratch_names == ("*.part", "draft-*")
+    env = {"HOME": str(tmp_path), "SLURPFS_MOUNT_SCRATCH_NAMES": "*.part, draft-*"}
+    assert config.load(None, env).mount.scratch_names == ("*.part", "draft-*")
+    assert "scratch_names = [" in config.render_toml(cfg)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("", "1-255 bytes"),
+        ("a/b", "without '/'"),
+        ("x" * 256, "1-255 bytes"),
+        ("*", "matches every name"),
+        ("?*", "matches every name"),
+        ("[!]*", "matches every name"),
+    ],
+)
+def test_a_bad_scratch_name_pattern_names_the_key(tmp_path: Path, pattern: str, why: str) -> None:
+    """A pattern that matches everything would bring back files that vanish at
+    unmount; it is refused when the configuration loads (exit 7, naming the key)."""
+    with pytest.raises(ConfigError, match=r"^mount\.scratch_names: pattern ") as info:
+        load_text(tmp_path, f"[mount]\nscratch_names = ['ok.*', {pattern!r}]\n")
+    assert why in str(info.value)
+    assert info.value.exit_code == 7
+    env = {"HOME": str(tmp_path), "SLURPFS_MOUNT_SCRATCH_NAMES": "*"}
+    with pytest.raises(ConfigError, match=r"^SLURPFS_MOUNT_SCRATCH_NAMES: pattern '\*'"):
+        config.load(None, env)

@@ -410,21 +410,21 @@ async def test_scratch_memory_is_bounded(model: ContextStore) -> None:
     config = model.config.replace(mount=model.config.mount.__class__(scratch_bytes=bound))
     fs = OpsHarness(make_ops(model, config))
     await fs.makedirs(DIR)
-    await fs.write(f"{DIR}/small", b"0123456789")
+    await fs.write(f"{DIR}/small.tmp", b"0123456789")
     with raises_errno(errno.ENOSPC):
-        await fs.write(f"{DIR}/big", b"01234567890")  # created, but its bytes do not fit
+        await fs.write(f"{DIR}/big.tmp", b"01234567890")  # created, but its bytes do not fit
     with raises_errno(errno.ENOSPC):
-        await fs.write(f"{DIR}/one-too-many", b"")
-    await fs.unlink(f"{DIR}/big")
+        await fs.write(f"{DIR}/one-too-many.tmp", b"")
+    await fs.unlink(f"{DIR}/big.tmp")
     await fs.forget_all()
-    parent, _ = await fs.parent(f"{DIR}/link")
+    parent, _ = await fs.parent(f"{DIR}/link.tmp")
     with raises_errno(errno.ENOSPC):
-        await fs.ops.symlink(parent, b"link", b"t" * (ENTRY_BYTES + 1), fs.ctx)
-    link = await fs.ops.symlink(parent, b"link", b"target", fs.ctx)
+        await fs.ops.symlink(parent, b"link.tmp", b"t" * (ENTRY_BYTES + 1), fs.ctx)
+    link = await fs.ops.symlink(parent, b"link.tmp", b"target", fs.ctx)
     fs.held[link.st_ino] = fs.held.get(link.st_ino, 0) + 1  # the kernel's reference
     assert fs.ops.scratch.used == bound
-    await fs.unlink(f"{DIR}/link")
-    await fs.unlink(f"{DIR}/small")
+    await fs.unlink(f"{DIR}/link.tmp")
+    await fs.unlink(f"{DIR}/small.tmp")
     await fs.forget_all()
     assert fs.ops.scratch.used == 0
 

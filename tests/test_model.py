@@ -418,6 +418,76 @@ def test_put_many_continues_an_existing_history(model: ContextStore) -> None:
     assert model.store.leaves(ADDR.key, DEV) == list(report.committed)
 
 
+# -- identical saves -------------------------------------------------------------------
+
+
+def test_a_save_of_the_head_bytes_stores_no_version(model: ContextStore) -> None:
+    """An editor's save without changes, a copy or sync run again: the rule lives in
+    the model, so it holds for every writer (mount, CLI, import). Expected: nothing
+    stored, the head (and its time) returned; different bytes of the same size are a
+    new version."""
+    first = model.put(ADDR, DEV, b"same bytes")
+    seq = model.store.sequence()
+
+    again = model.save(ADDR, DEV, b"same bytes")
+
+    assert (again.info, again.stored) == (first, False)
+    assert model.put(ADDR, DEV, b"same bytes") == first
+    assert model.history(ADDR, DEV) == (first,)
+    assert model.store.sequence() == seq  # not even an empty change
+    other = model.save(ADDR, DEV, b"same BYTES")
+    assert other.stored
+    assert [v.version_id for v in model.history(ADDR, DEV)] == [
+        first.version_id,
+        other.info.version_id,
+    ]
+
+
+def test_the_same_bytes_after_a_deletion_are_stored(model: ContextStore) -> None:
+    model.put(ADDR, DEV, b"back again")
+    model.delete(ADDR, DEV)
+
+    saved = model.save(ADDR, DEV, b"back again")
+
+    assert saved.stored
+    assert [v.deleted for v in model.all_versions(ADDR, DEV)] == [False, True, False]
+    assert model.get(ADDR, DEV).data == b"back again"
+
+
+def test_a_save_that_changes_the_lifetime_is_stored(model: ContextStore) -> None:
+    """A TTL is part of what a save says: the same bytes with a TTL, or without one
+    on a context that has one, are a new version."""
+    model.put(ADDR, DEV, b"kept")
+    assert model.save(ADDR, DEV, b"kept", ttl=3600).stored
+    assert model.save(ADDR, DEV, b"kept").stored  # permanent again
+    assert not model.save(ADDR, DEV, b"kept").stored
+    assert len(model.history(ADDR, DEV)) == 3
+
+
+def test_a_node_without_the_key_stores_what_it_cannot_compare(nodes: Nodes) -> None:
+    node, model = nodes.new(held=[DEV])
+    model.put(ADDR, ARCH, b"sealed to architects")
+    model = node.reopen(model)  # (the writer's own plaintext cache is gone)
+
+    assert model.save(ADDR, ARCH, b"sealed to architects").stored
+    assert len(model.history(ADDR, ARCH)) == 2
+
+
+def test_put_many_reports_items_equal_to_their_head(model: ContextStore) -> None:
+    other = parse(f"{AUTHORITY}/other")
+    model.put(ADDR, DEV, b"unchanged")
+    model.put(other, DEV, b"old")
+
+    report = model.put_many(
+        [BatchItem(ADDR, DEV, b"unchanged", label="a"), BatchItem(other, DEV, b"new", label="b")]
+    )
+
+    assert report.unchanged == ("a",)
+    assert [v.address for v in report.committed] == [other.key]
+    assert len(model.history(ADDR, DEV)) == 1
+    assert len(model.history(other, DEV)) == 2
+
+
 # -- access ----------------------------------------------------------------------------
 
 SECRET = b"the launch codes are 0000"

@@ -459,11 +459,15 @@ def test_an_open_file_follows_a_put_from_outside(mnt: Mounted, ctxdir: Path) -> 
 def test_copies_that_keep_attributes_succeed(mnt: Mounted, ctxdir: Path) -> None:
     # `rsync -aX` and `cp --preserve=all` copy extended attributes too; from another
     # address of a mount those are `user.slurp.*`. Expected: exit 0 and one version
-    # with the same bytes at the copy; the copy's attributes describe its own version.
+    # with the same bytes at the copy (the same bytes again store none); the copy's
+    # attributes describe its own version.
     copy = ctxdir.parent / "copy"
     subprocess.run(["rsync", "-aX", f"{ctxdir}/", f"{copy}/"], check=True)
     assert (copy / DEV).read_bytes() == (ctxdir / DEV).read_bytes()
     assert versions(copy, DEV) == 1
+    subprocess.run(["cp", "--preserve=all", str(ctxdir / DEV), str(copy / DEV)], check=True)
+    assert versions(copy, DEV) == 1
+    (ctxdir / DEV).write_bytes(b"changed\n")
     subprocess.run(["cp", "--preserve=all", str(ctxdir / DEV), str(copy / DEV)], check=True)
     assert versions(copy, DEV) == 2
     assert os.getxattr(copy / DEV, "user.slurp.address").endswith(b"/copy")
@@ -492,6 +496,100 @@ def test_the_demo_has_history_to_travel_back_in(mnt: Mounted) -> None:
     assert b"(draft)" in one_back
     assert one_back != latest
     assert sorted(os.listdir(mnt.ucxl / AUTH / Path(*SRC) / ".history" / DEV)) == ["1", "2"]
+
+
+def test_perl_in_place(mnt: Mounted, ctxdir: Path) -> None:
+    # perl -pi writes a temporary file named XX + 6 characters and renames it over.
+    before = versions(ctxdir, DEV)
+    subprocess.run(["perl", "-pi", "-e", "s/two/2/", str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before, b"line one\nline 2\n")
+
+
+PY_TEMPFILE = textwrap.dedent(
+    """
+    import os, sys, tempfile
+    target = sys.argv[1]
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as f:
+        f.write(b"from tempfile\\n")
+    os.replace(f.name, target)
+    """
+)
+
+
+def test_python_tempfile_and_os_replace(mnt: Mounted, ctxdir: Path) -> None:
+    before = versions(ctxdir, DEV)
+    subprocess.run([sys.executable, "-c", PY_TEMPFILE, str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before, b"from tempfile\n")
+
+
+def test_rsync_into_an_existing_role_file(mnt: Mounted, ctxdir: Path, tmp_path: Path) -> None:
+    # rsync writes .developer.XXXXXX beside the target and renames it over.
+    before = versions(ctxdir, DEV)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / DEV).write_bytes(b"from rsync\n")
+    subprocess.run(["rsync", "-a", f"{src}/", f"{ctxdir}/"], check=True)
+    check_one_save(mnt, ctxdir, before, b"from rsync\n")
+
+
+def test_mv_onto_a_role_file(mnt: Mounted, ctxdir: Path, tmp_path: Path) -> None:
+    before = versions(ctxdir, DEV)
+    outside = tmp_path / "draft"
+    outside.write_bytes(b"moved in\n")
+    subprocess.run(["mv", str(outside), str(ctxdir / DEV)], check=True)  # across file systems
+    check_one_save(mnt, ctxdir, before, b"moved in\n")
+    subprocess.run(["sh", "-c", f"echo renamed > '{ctxdir / 'notes.tmp'}'"], check=True)
+    subprocess.run(["mv", str(ctxdir / "notes.tmp"), str(ctxdir / DEV)], check=True)
+    check_one_save(mnt, ctxdir, before + 1, b"renamed\n")
+
+
+def test_tar_extract(mnt: Mounted, ctxdir: Path, tmp_path: Path) -> None:
+    # GNU tar removes an existing file, then creates it: a deletion and one version
+    # (history lists versions with content); --overwrite opens it instead.
+    before = versions(ctxdir, DEV)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / DEV).write_bytes(b"from tar\n")
+    archive = subprocess.run(["tar", "cf", "-", "-C", str(src), DEV], check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "xf", "-", "-C", str(ctxdir)], input=archive, check=True)
+    check_one_save(mnt, ctxdir, before, b"from tar\n")
+    (src / DEV).write_bytes(b"from tar --overwrite\n")
+    archive = subprocess.run(["tar", "cf", "-", "-C", str(src), DEV], check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "xf", "-", "--overwrite", "-C", str(ctxdir)], input=archive, check=True)
+    check_one_save(mnt, ctxdir, before + 1, b"from tar --overwrite\n")
+
+
+def test_saves_of_unchanged_bytes_store_no_version(
+    mnt: Mounted, ctxdir: Path, tmp_path: Path
+) -> None:
+    """vim :w without changes, cp -a and tar -x --overwrite again, rsync after a
+    remount: each writes the very bytes of the head. Expected: no new version, and
+    the file keeps the head's mtime."""
+    address = f"ucxl://{AUTH}/{'/'.join(SRC)}"
+    before = versions(ctxdir, DEV)
+    mtime = os.stat(ctxdir / DEV).st_mtime_ns
+    subprocess.run(["vim", "-es", "-N", "-c", "wq", str(ctxdir / DEV)], check=True, timeout=60)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / DEV).write_bytes((ctxdir / DEV).read_bytes())
+    subprocess.run(["cp", "-a", str(src / DEV), str(ctxdir / DEV)], check=True)
+    archive = subprocess.run(["tar", "cf", "-", "-C", str(src), DEV], check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "xf", "-", "--overwrite", "-C", str(ctxdir)], input=archive, check=True)
+    assert versions(ctxdir, DEV) == before
+    assert os.stat(ctxdir / DEV).st_mtime_ns == mtime
+    mnt.remount()
+    subprocess.run(["rsync", "-a", f"{src}/", f"{ctxdir}/"], check=True)
+    assert versions(ctxdir, DEV) == before
+    assert only_role_files(ctxdir) == [DEV]
+    (src / DEV).write_bytes(b"changed\n")
+    subprocess.run(["cp", "-a", str(src / DEV), str(ctxdir / DEV)], check=True)
+    assert versions(ctxdir, DEV) == before + 1
+    put = mnt.cli("put", address, "--role", DEV, src / DEV)
+    assert b"unchanged" in put.stdout
+    assert versions(ctxdir, DEV) == before + 1
 
 
 # -- reading tools agree with an export of the same data --------------------------------
@@ -713,20 +811,21 @@ def test_long_names_binary_content_and_invalid_utf8(mnt: Mounted) -> None:
     blob = bytes(range(256)) * 64 + b"\xff\xfe invalid utf-8 \xc3\x28"
     (d / DEV).write_bytes(blob)
     assert (d / DEV).read_bytes() == blob
-    (d / ("s" * 255)).write_bytes(b"scratch")
-    assert (d / ("s" * 255)).read_bytes() == b"scratch"
+    scratch = "s" * 251 + ".tmp"  # 255 bytes, a temporary file's name
+    (d / scratch).write_bytes(b"scratch")
+    assert (d / scratch).read_bytes() == b"scratch"
     with raises_oserror(errno.ENAMETOOLONG):
-        (d / ("s" * 256)).write_bytes(b"x")
+        (d / ("s" * 252 + ".tmp")).write_bytes(b"x")
     # Every name fits, but the address would not fit the store's keys.
     with raises_oserror(errno.ENAMETOOLONG):
         (d / ("y" * 255)).mkdir()
-    odd = os.fsencode(d) + b"/\xff\xfe-scratch"
+    odd = os.fsencode(d) + b"/\xff\xfe-scratch~"
     with open(odd, "wb") as f:
         f.write(b"scratch with a non-UTF-8 name")
     with raises_oserror(errno.EINVAL):
         os.mkdir(os.fsencode(d) + b"/\xff\xfe-dir")
     os.unlink(odd)
-    os.unlink(d / ("s" * 255))
+    os.unlink(d / scratch)
     mnt.remount()
     assert (d / DEV).read_bytes() == blob
     assert os.listdir(d) == [DEV]
@@ -764,10 +863,10 @@ def test_ten_thousand_entries_in_one_directory(mnt: Mounted, tmp_path: Path) -> 
     # and 10,000 scratch files in one address directory
     d = mnt.ucxl / AUTH / "f00000"
     for i in range(10_000):
-        (d / f"tmp{i}").write_bytes(b"x")
+        (d / f"{i}.tmp").write_bytes(b"x")
     assert len(os.listdir(d)) == 10_001
     for i in range(10_000):
-        os.unlink(d / f"tmp{i}")
+        os.unlink(d / f"{i}.tmp")
     assert os.listdir(d) == [DEV]
 
 
@@ -866,3 +965,143 @@ def test_a_tampered_context_is_eio_and_everything_else_is_served(
     report = slurpfs("fsck", "--data", node.data_dir, check=False)
     assert report.returncode != 0
     assert damaged.short_id in report.stdout.decode()
+
+
+# -- names: nothing that vanishes at unmount, nothing that looks like another name -------
+
+
+def shell(command: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["sh", "-c", command], capture_output=True, check=False)
+
+
+def test_names_that_would_vanish_are_refused_and_explained(
+    nodes: Nodes, test_user: str, reachable_dir: Path
+) -> None:
+    """README.txt, a mistyped role, a tree rsync'ed into an address directory: these
+    used to exit 0, show in `ls -l` and be gone after a remount. Expected: EPERM, the
+    reason and the fix in the caller's own .slurp/refused (another user sees none of
+    it), nothing left after a remount; a pattern of mount.scratch_names still makes
+    a scratch file."""
+    toml = developer_only(test_user) + '[mount]\nscratch_names = ["*.part"]\n'
+    m = mounted_at(nodes, reachable_dir, toml=toml, extra=("--allow-other",))
+    try:
+        d = m.ucxl / AUTH / "src"
+        d.mkdir(parents=True)
+        (d / DEV).write_bytes(b"kept\n")
+        tree = reachable_dir / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "notes.md").write_bytes(b"note\n")
+        (tree / "sub" / "more.md").write_bytes(b"more\n")
+        for command in (f"echo x > '{d}/README.txt'", f"echo x > '{d}/develper'"):
+            result = shell(command)
+            assert result.returncode != 0, command
+            assert b"Operation not permitted" in result.stderr
+        synced = subprocess.run(["rsync", "-a", f"{tree}/", f"{d}/docs/"], capture_output=True)
+        assert synced.returncode == 23, synced.stderr  # "some files were not transferred"
+        assert b"Operation not permitted" in synced.stderr
+        git = subprocess.run(["git", "init", str(d / "repo")], capture_output=True)
+        assert git.returncode != 0
+        assert shell(f"echo x > '{d}/movie.part'").returncode == 0
+        assert (d / "movie.part").read_bytes() == b"x\n"
+        theirs = run_as(test_user, "sh", "-c", f"echo x > '{d}/todo.txt'")
+        assert b"Operation not permitted" in theirs.stderr
+
+        refused = m.mnt / ".slurp" / "refused"
+        mine = refused.read_text()
+        assert os.stat(refused).st_size == len(mine.encode())
+        src = f"ucxl/{AUTH}/src"
+        for line in (
+            f" create {src}/README.txt: EPERM (Operation not permitted)",
+            f" create {src}/develper: EPERM (Operation not permitted)",
+            f" rename {src}/docs/notes.md: EPERM",
+            f" rename {src}/docs/sub/more.md: EPERM",
+            f" mkdir {src}/repo/.git: EINVAL (Invalid argument)",
+            f"  fix: name the file after a role you may write here: {ARCH}, {DEV}, reviewer;",
+            "or store a tree of ordinary files with `slurpfs import",
+        ):
+            assert line in mine, line
+        assert "todo.txt" not in mine
+        their_file = run_as(test_user, "cat", refused).stdout.decode()
+        assert f" create {src}/todo.txt: EPERM" in their_file
+        assert f"  fix: name the file after a role you may write here: {DEV};" in their_file
+        assert "README.txt" not in their_file
+        assert "develper" not in their_file
+        stat_size = run_as(test_user, "stat", "-c", "%s", refused).stdout
+        assert int(stat_size) == len(their_file.encode())
+
+        m.remount()
+        assert sorted(os.listdir(d)) == [DEV, "docs", "repo"]  # (the directories are addresses)
+        assert subprocess.run(["find", str(d), "-type", "f"], capture_output=True,
+                              check=True).stdout.split() == [os.fsencode(d / DEV)]  # fmt: skip
+        assert (d / DEV).read_bytes() == b"kept\n"
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+def test_a_copy_over_the_size_limit_stores_nothing(nodes: Nodes, tmp_path: Path) -> None:
+    """`store.max_context_bytes` = 8 MiB, `cp` of 20 MiB: the write past the limit
+    fails with "File too large". Expected: cp fails, and the 8 MiB that fitted are
+    not stored at close: the file and its history are as before."""
+    m = mounted_at(nodes, tmp_path, toml="[store]\nmax_context_bytes = 8388608\n")
+    try:
+        d = m.ucxl / AUTH / "src"
+        d.mkdir(parents=True)
+        (d / DEV).write_bytes(b"before the copy\n")
+        big = tmp_path / "big"
+        big.write_bytes(os.urandom(20 << 20))
+        copied = subprocess.run(["cp", str(big), str(d / DEV)], capture_output=True)
+        assert copied.returncode != 0
+        assert b"File too large" in copied.stderr
+        assert (d / DEV).read_bytes() == b"before the copy\n"
+        assert versions(d, DEV) == 1
+        m.remount()
+        assert (d / DEV).read_bytes() == b"before the copy\n"
+        assert versions(d, DEV) == 1
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+def test_a_decomposed_name_is_the_same_context(mnt: Mounted) -> None:
+    """`café` typed composed (NFC) or decomposed (NFD): one address, in the mount and
+    in the CLI alike."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    (mnt.ucxl / AUTH / nfd).mkdir(parents=True)
+    assert os.listdir(mnt.ucxl / AUTH) == [nfc]
+    (mnt.ucxl / AUTH / nfd / DEV).write_bytes(b"one context\n")
+    assert (mnt.ucxl / AUTH / nfc / DEV).read_bytes() == b"one context\n"
+    for name in (nfc, nfd):
+        got = mnt.cli("get", f"ucxl://{AUTH}/{name}", "--role", DEV)
+        assert got.stdout == b"one context\n"
+    slurpfs("put", "--data", mnt.data, f"ucxl://{AUTH}/{nfd}", "--role", DEV, input=b"v2\n")
+    assert (mnt.ucxl / AUTH / nfc / DEV).read_bytes() == b"v2\n"
+    assert versions(mnt.ucxl / AUTH / nfc, DEV) == 2
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("a\u200bb", "U+200B (ZERO WIDTH SPACE)"),
+        ("\ufeffnotes", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+        ("a\u00a0b", "U+00A0 (NO-BREAK SPACE)"),
+        ("gpj\u202eexe", "U+202E"),
+        (" lead", "whitespace"),
+        ("trail ", "whitespace"),
+    ],
+)
+def test_invisible_names_are_einval_in_the_mount_and_exit_6_in_the_cli(
+    mnt: Mounted, bad: str, why: str
+) -> None:
+    d = mnt.ucxl / AUTH / "src"
+    d.mkdir(parents=True)
+    with raises_oserror(errno.EINVAL):
+        (d / bad).mkdir()
+    scratch = f".{bad}" if bad.endswith(" ") else f"{bad}~"  # temporary, but not visible
+    with raises_oserror(errno.EINVAL):
+        (d / scratch).write_bytes(b"x")
+    assert os.listdir(d) == []
+    assert why in (mnt.mnt / ".slurp" / "refused").read_text()
+    put = mnt.cli("put", f"ucxl://{AUTH}/src/{bad}", "--role", DEV, "-", check=False)
+    assert put.returncode == 6, put.stderr
+    assert why in put.stderr.decode()

@@ -19,8 +19,10 @@ from slurpfs.ucxl import (
     Authority,
     Temporal,
     TemporalKind,
+    nfc,
     parse,
     validate_component,
+    validate_name,
 )
 
 BASE = "ucxl://a:r@p:t"
@@ -58,7 +60,7 @@ def outcome(fn: Callable[[T], Address], arg: T) -> Address | InvalidAddress:
         f"{BASE}/0001-01-01T00:00:00Z",
         f"{BASE}/日本語/ファイル",
         f"{BASE}/{AT_LIMIT}",
-        f"{BASE}/a b/*/~/^/~x/x~~/*^x/any/-/\xa0\u00e9\u200b",
+        f"{BASE}/a b/*/~/^/~x/x~~/*^x/any/-/\u00e9",
         f"{BASE}/2026-11-26t10:00:00z",  # lowercase: not temporal-shaped, a plain name
         "ucxl://" + ":".join(["x" * 63] * 2) + "@" + ":".join(["y" * 63] * 2),
     ],
@@ -184,6 +186,72 @@ def test_validate_component_rejects(name: str, why: str) -> None:
 @pytest.mark.parametrize("name", ["x", "x" * MAX_NAME_BYTES, AT_LIMIT, "a b", "~", "*", "~^"])
 def test_validate_component_accepts(name: str) -> None:
     validate_component(name)
+
+
+# --- names that look like other names ----------------------------------------------
+
+COMPOSED = "caf\u00e9"
+DECOMPOSED = "cafe\u0301"
+
+
+def test_a_decomposed_name_is_the_same_address_as_the_composed_one() -> None:
+    """Components are NFC whichever way the address is built, so ``café`` typed
+    on a keyboard that composes and one that does not name one context."""
+    one = parse(f"{BASE}/{COMPOSED}/x")
+    assert parse(f"{BASE}/{DECOMPOSED}/x") == one
+    assert str(parse(f"{BASE}/{DECOMPOSED}/x")) == f"{BASE}/{COMPOSED}/x"
+    assert Address(AUTH, (DECOMPOSED, "x")) == one
+    assert Address(AUTH).child(DECOMPOSED).child("x") == one
+    assert Address.from_mount_parts(["ucxl", str(AUTH), DECOMPOSED, "x"]) == one
+    assert Address.from_key(f"{AUTH}/{DECOMPOSED}/x") == one
+    assert one.key == f"{AUTH}/{COMPOSED}/x"
+    validate_component(DECOMPOSED)
+
+
+INVISIBLE = [
+    ("a\u200bb", "U+200B (ZERO WIDTH SPACE)"),
+    ("a\u200cb", "U+200C (ZERO WIDTH NON-JOINER)"),
+    ("a\u200db", "U+200D (ZERO WIDTH JOINER)"),
+    ("a\u2060b", "U+2060 (WORD JOINER)"),
+    ("\ufeffnotes", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+    ("a\u00a0b", "U+00A0 (NO-BREAK SPACE)"),
+    ("a\u202fb", "U+202F (NARROW NO-BREAK SPACE)"),
+    ("a\u2007b", "U+2007 (FIGURE SPACE)"),
+    ("soft\u00adhyphen", "U+00AD (SOFT HYPHEN)"),
+    ("a\u3164b", "U+3164 (HANGUL FILLER)"),
+    ("gpj\u202eexe", "U+202E"),  # bidi override: shows as "exe.jpg"-like
+    ("a\u2067b", "U+2067"),
+    ("a\u200fb", "U+200F"),
+    (" lead", "whitespace (U+0020 (SPACE))"),
+    ("trail ", "whitespace (U+0020 (SPACE))"),
+    ("trail\u3000", "whitespace (U+3000 (IDEOGRAPHIC SPACE))"),
+    ("\u2003lead", "whitespace"),
+]
+
+
+@pytest.mark.parametrize(("name", "why"), INVISIBLE)
+def test_invisible_characters_and_spaces_at_either_end_are_refused(name: str, why: str) -> None:
+    """Two names that look the same must be the same name: every way in refuses
+    these, saying which character (the CLI exits 6 with this message)."""
+    with pytest.raises(InvalidAddress, match="^invalid path component") as info:
+        validate_component(name)
+    assert why in str(info.value)
+    with pytest.raises(InvalidAddress, match="^invalid name") as named:
+        validate_name(name)
+    assert why in str(named.value)
+    with pytest.raises(InvalidAddress, match="^invalid UCXL address"):
+        parse(f"{BASE}/src/{name}")
+    with pytest.raises(InvalidAddress):
+        Address(AUTH).child(name)
+    with pytest.raises(InvalidAddress):
+        Address.from_mount_parts(["ucxl", str(AUTH), name])
+
+
+@pytest.mark.parametrize("name", ["a b", "notes 2", "日本語", "e\u0301", "x\u00b7y", "ﬁle"])
+def test_visible_names_with_inner_spaces_and_marks_are_accepted(name: str) -> None:
+    validate_name(name)
+    validate_component(name)
+    assert Address(AUTH, (name,)).path == (nfc(name),)
 
 
 # --- Temporal ------------------------------------------------------------------
@@ -410,7 +478,7 @@ def test_parse_raises_only_invalid_address(text: str) -> None:
     if isinstance(result, InvalidAddress):
         assert str(result).startswith("invalid UCXL address")
     else:
-        assert str(result) == text
+        assert str(result) == nfc(text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -426,7 +494,7 @@ def test_from_mount_parts_raises_only_invalid_address(parts: list[str]) -> None:
     if isinstance(result, InvalidAddress):
         assert str(result).startswith("invalid mount path")
     else:
-        assert list(result.to_mount_parts()) == parts
+        assert list(result.to_mount_parts()) == [nfc(part) for part in parts]
 
 
 @settings(max_examples=300, deadline=None)
@@ -436,7 +504,7 @@ def test_from_key_raises_only_invalid_address(key: str) -> None:
     if isinstance(result, InvalidAddress):
         assert str(result).startswith("invalid address key")
     else:
-        assert result.key == key
+        assert result.key == nfc(key)
 
 
 def _long_path(size: int) -> tuple[str, ...]:

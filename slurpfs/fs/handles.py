@@ -33,10 +33,11 @@ from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
 from slurpfs.fs.tree import Entry
 from slurpfs.fs.view import StoreView
-from slurpfs.model import Context, ContextStore, VersionInfo, WriterBusy
+from slurpfs.model import Context, ContextStore, Saved, VersionInfo, WriterBusy
 from slurpfs.ucxl import Address
 
 T = TypeVar("T")
+W = TypeVar("W", VersionInfo, Saved)
 INLINE_BYTES = 256 << 10
 OWN_LIMIT = 1 << 16
 
@@ -95,6 +96,13 @@ class Content:
             self.buffer.extend(bytes(size - len(self.buffer)))
         self._changed()
 
+    def discard(self) -> None:
+        """Drop unsaved changes: the next read or write loads the stored version."""
+        self.buffer = None
+        self.base = None
+        self.dirty = False
+        self.seq += 1
+
 
 class Held:
     """Holds a `trio.Lock` for an ``async with`` block; a free lock is taken at once.
@@ -136,6 +144,9 @@ class FileHandle:
     # ftruncate), and the emptying at open (O_TRUNC, or a new file). See `Operations.flush`.
     wrote: bool = False
     emptied: bool = False
+    # The errno of a write or truncate that failed: this handle stores nothing, and
+    # its later writes and its close fail with it (`Operations._write_failed`).
+    failed: int = 0
 
     @property
     def owes_commit(self) -> bool:
@@ -241,7 +252,7 @@ class Gateway:
             return fn()
         return await trio.to_thread.run_sync(fn, limiter=self.limiter)
 
-    async def _write(self, big: bool, write: Callable[..., VersionInfo]) -> VersionInfo:
+    async def _write(self, big: bool, write: Callable[..., W]) -> W:
         """Run `write(wait=...)`: small ones inline unless another writer (another
         process's `slurpfs import`, say) holds the store's writer lock; waiting for it
         is done in a worker thread, never on the FUSE loop."""
@@ -254,20 +265,22 @@ class Gateway:
             functools.partial(write, wait=True), limiter=self.limiter
         )
 
-    async def put(self, address: Address, role: str, data: bytes) -> VersionInfo:
+    async def put(self, address: Address, role: str, data: bytes) -> Saved:
+        """`ContextStore.save`: bytes equal to the head's store nothing (``stored`` false)."""
         try:
-            info = await self._write(
+            saved = await self._write(
                 len(data) > self.inline_bytes,
-                functools.partial(self.model.put, address, role, data),
+                functools.partial(self.model.save, address, role, data),
             )
         except BaseException:
             self.commit_failures += 1
             raise
         finally:
             self._changed()
-        self.commits += 1
-        self._own(info)
-        return info
+        if saved.stored:
+            self.commits += 1
+            self._own(saved.info)
+        return saved
 
     async def delete(self, address: Address, role: str) -> VersionInfo:
         try:

@@ -13,13 +13,20 @@ The editor rules of DESIGN.md section 1 live here:
   and a deletion.
 - ``unlink(<role>)`` stores a deletion; ``unlink(<role>.conflict-<id>)`` resolves
   the conflict.
+- A new file name that is neither a role's nor a temporary file's
+  (`slurpfs.fs.scratch.ScratchNames`) is refused with ``EPERM`` at create,
+  mknod, symlink and as a rename target: such a file would live in memory only
+  and vanish at unmount, after every write to it had succeeded.
 
 Every check happens before the first change, so a refused request changes
-nothing ("never a half-created entry").
+nothing ("never a half-created entry"). Refusals that a bare errno explains
+badly are recorded for the caller's ``.slurp/refused`` (`slurpfs.fs.refused`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import stat as st
 from collections.abc import Awaitable, Callable
 
@@ -37,10 +44,11 @@ from slurpfs.fs.errmap import (
 )
 from slurpfs.fs.handles import Content, Gateway
 from slurpfs.fs.inodes import DIR_KINDS, Key, Kind, Node
-from slurpfs.fs.scratch import ScratchFile
+from slurpfs.fs.refused import IMPORT_FIX, NameRefused, Refusals
+from slurpfs.fs.scratch import ScratchFile, ScratchNames
 from slurpfs.fs.tree import HISTORY, Tree, check_length, decode, dir_key
 from slurpfs.model import CONFLICT_NAME, VersionInfo
-from slurpfs.ucxl import Address, Authority, Temporal
+from slurpfs.ucxl import Address, Authority, Temporal, validate_name
 
 Committer = Callable[[Node], Awaitable[None]]
 
@@ -48,13 +56,40 @@ Committer = Callable[[Node], Awaitable[None]]
 class Namespace:
     """Namespace changes over a `Tree`; `commit` flushes an open role file's buffer."""
 
-    def __init__(self, tree: Tree, gateway: Gateway, commit: Committer) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        gateway: Gateway,
+        commit: Committer,
+        *,
+        refusals: Refusals,
+        scratch_names: ScratchNames,
+    ) -> None:
         self.tree = tree
         self.model = tree.model
         self.inodes = tree.inodes
         self.scratch = tree.scratch
         self.gateway = gateway
         self._commit = commit
+        self.refusals = refusals
+        self.scratch_names = scratch_names
+
+    # -- refusals ----------------------------------------------------------------
+
+    def path(self, parent: Node, name: bytes | None = None) -> str:
+        """The path of `parent` (and `name` in it) under the mount, for `.slurp/refused`."""
+        parts = [] if name is None else [os.fsdecode(name)]
+        node: Node | None = parent
+        while node is not None and node.ino != pyfuse3.ROOT_INODE and len(parts) < 256:
+            parts.append(os.fsdecode(node.name))
+            node = self.inodes.get(node.parent)
+        return "/".join(reversed(parts))
+
+    def watch(
+        self, caller: Caller, op: str, parent: Node, name: bytes
+    ) -> contextlib.AbstractContextManager[None]:
+        """Record what the block refuses for the caller's ``.slurp/refused``."""
+        return self.refusals.watch(caller.uid, op, lambda: self.path(parent, name))
 
     # -- checks ------------------------------------------------------------------
 
@@ -113,9 +148,32 @@ class Namespace:
         if self.model.is_dir(child):
             raise AlreadyExists(f"{child} is a directory")
 
+    def check_new_file(
+        self, address: Address, name: bytes, text: str | None, caller: Caller
+    ) -> None:
+        """InvalidAddress/AlreadyExists/NameRefused unless a new scratch file may be
+        named `name` here: a name of visible characters that looks temporary."""
+        if text is not None:
+            validate_name(text)
+        self.check_scratch_name(address, name, text)
+        if self.scratch_names.match(name):
+            return
+        roles = sorted(self.model.readable_roles(caller.roles))
+        named = ", ".join(roles) if roles else "(you hold no role that writes here)"
+        raise NameRefused(
+            f"{os.fsdecode(name)!r} is neither a role name nor a temporary file's name:"
+            " an address directory stores role files only, and a file so named would"
+            " be lost at unmount",
+            f"name the file after a role you may write here: {named}; or {IMPORT_FIX}",
+        )
+
     # -- directories ---------------------------------------------------------------
 
     def mkdir(self, parent: Node, name: bytes, caller: Caller) -> Node:
+        with self.watch(caller, "mkdir", parent, name):
+            return self._mkdir(parent, name, caller)
+
+    def _mkdir(self, parent: Node, name: bytes, caller: Caller) -> Node:
         check_length(name)
         self.require_some_role(caller)
         text = decode(name)
@@ -137,6 +195,10 @@ class Namespace:
         )
 
     def rmdir(self, parent: Node, name: bytes, caller: Caller) -> None:
+        with self.watch(caller, "rmdir", parent, name):
+            self._rmdir(parent, name, caller)
+
+    def _rmdir(self, parent: Node, name: bytes, caller: Caller) -> None:
         self.require_some_role(caller)
         if parent.kind is not Kind.UCXL:
             self.writable_dir(parent)
@@ -159,6 +221,12 @@ class Namespace:
         self, parent: Node, name: bytes, mode: int, caller: Caller, *, exclusive: bool
     ) -> Node:
         """A new empty file: a role file (committed at close) or a scratch file."""
+        with self.watch(caller, "create", parent, name):
+            return self._create(parent, name, mode, caller, exclusive=exclusive)
+
+    def _create(
+        self, parent: Node, name: bytes, mode: int, caller: Caller, *, exclusive: bool
+    ) -> Node:
         check_length(name)
         address = self.writable_dir(parent)
         where = dir_key(address)
@@ -174,7 +242,7 @@ class Namespace:
             node.content.start_empty()
             return node
         self.require_some_role(caller)
-        self.check_scratch_name(address, name, text)
+        self.check_new_file(address, name, text, caller)
         old = self.scratch.get(where, name)
         if old is not None:
             if exclusive:
@@ -192,13 +260,17 @@ class Namespace:
         return True
 
     def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        with self.watch(caller, "symlink", parent, name):
+            return self._symlink(parent, name, target, caller)
+
+    def _symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
         check_length(name)
         address = self.writable_dir(parent)
         text = decode(name)
         if text in self.tree.roles:
             raise InvalidAddress(f"{text!r} is a role name; role files are regular files")
         self.require_some_role(caller)
-        self.check_scratch_name(address, name, text)
+        self.check_new_file(address, name, text, caller)
         where = dir_key(address)
         if self.scratch.get(where, name) is not None:
             raise AlreadyExists(f"{name!r} exists")
@@ -207,6 +279,10 @@ class Namespace:
         return self.tree.scratch_node(parent, name, sf)
 
     async def unlink(self, parent: Node, name: bytes, caller: Caller) -> None:
+        with self.watch(caller, "unlink", parent, name):
+            await self._unlink(parent, name, caller)
+
+    async def _unlink(self, parent: Node, name: bytes, caller: Caller) -> None:
         address = self.writable_dir(parent)
         node = self.tree.child(parent, name)
         if node.kind is Kind.SCRATCH:
@@ -255,6 +331,18 @@ class Namespace:
         flags: int,
         caller: Caller,
     ) -> None:
+        with self.watch(caller, "rename", new_parent, new_name):
+            await self._rename(old_parent, old_name, new_parent, new_name, flags, caller)
+
+    async def _rename(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        new_parent: Node,
+        new_name: bytes,
+        flags: int,
+        caller: Caller,
+    ) -> None:
         check_length(new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise Unsupported("RENAME_EXCHANGE is not supported")
@@ -290,6 +378,7 @@ class Namespace:
                     src, src.scratch, src_dir, old_name, new_parent, dst_dir, dst_text, caller
                 )
             else:
+                self.check_new_file(dst_dir, new_name, dst_text, caller)
                 self._scratch_to_scratch(src, src_dir, old_name, new_parent, dst_dir, new_name, dst)
         elif src.kind is Kind.ROLE:
             assert src.key is not None
@@ -324,8 +413,12 @@ class Namespace:
             and sf.origin == (role, head.version_id)
             and dir_key(src_dir) == dir_key(dst_dir)
         )
-        info = head if unchanged else await self.gateway.put(dst_dir, role, bytes(sf.data))
-        assert info is not None
+        if unchanged:
+            assert head is not None
+            info, stored = head, False
+        else:
+            saved = await self.gateway.put(dst_dir, role, bytes(sf.data))
+            info, stored = saved.info, saved.stored
         where = dir_key(dst_dir)
         self.scratch.unhide(where, role)
         self.scratch.unlink(dir_key(src_dir), old_name)
@@ -333,10 +426,14 @@ class Namespace:
         sf.referenced = False
         self.scratch.maybe_release(sf)
         key = Key(Kind.ROLE, dst_dir.to_mount_parts(), role)
+        displaced = self.inodes.find(key)
+        kept = displaced.written if displaced is not None else None
         self.inodes.rekey(src, key, new_parent.ino, role.encode(), dst_dir)
         src.info = info
-        if not unchanged:
+        if stored:
             src.written = (info.version_id, sf.mtime_ns)
+        elif kept is not None and kept[0] == info.version_id:
+            src.written = kept  # an identical save keeps the head's time, as shown before
         src.cached_version = None
 
     def _scratch_to_scratch(
@@ -349,7 +446,6 @@ class Namespace:
         new_name: bytes,
         dst: Node | None,
     ) -> None:
-        self.check_scratch_name(dst_dir, new_name, decode(new_name))
         sf = self.scratch.unlink(dir_key(src_dir), old_name)
         assert sf is not None
         if dst is not None:
@@ -369,7 +465,7 @@ class Namespace:
         caller: Caller,
     ) -> None:
         self.require_role(caller, role, src_dir, "rename")
-        self.check_scratch_name(dst_dir, new_name, decode(new_name))
+        self.check_new_file(dst_dir, new_name, decode(new_name), caller)
         content = src.content
         if content is not None and content.dirty:
             await self._commit(src)

@@ -46,7 +46,8 @@ from slurpfs.fs.errmap import (
 from slurpfs.fs.handles import Content, FileHandle, Gateway, HandleTable
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Kind, Node
 from slurpfs.fs.namespace import Namespace
-from slurpfs.fs.scratch import ScratchStore
+from slurpfs.fs.refused import Refusals
+from slurpfs.fs.scratch import ScratchNames, ScratchStore
 from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
 from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
@@ -90,7 +91,14 @@ class Operations(pyfuse3.Operations):
         self.search = SearchTree(self.inodes, owner_uid=owner_uid, owner_gid=owner_gid)
         self.view = self.tree.view
         self.gateway = Gateway(model, self.view)
-        self.namespace = Namespace(self.tree, self.gateway, self.commit)
+        self.refusals = Refusals()
+        self.namespace = Namespace(
+            self.tree,
+            self.gateway,
+            self.commit,
+            refusals=self.refusals,
+            scratch_names=ScratchNames(config.mount.scratch_names),
+        )
         self.handles = HandleTable()
         self.roles = RoleMap(config.roles, model.held_roles(), owner_uid)
         self.owner_uid = owner_uid
@@ -151,12 +159,15 @@ class Operations(pyfuse3.Operations):
         a.st_ctime_ns = s.ctime_ns
         return a
 
-    def tree_attrs(self, node: Node, known: VersionInfo | None = None) -> pyfuse3.EntryAttributes:
+    def tree_attrs(
+        self, node: Node, known: VersionInfo | None = None, *, uid: int = 0
+    ) -> pyfuse3.EntryAttributes:
         """`attrs` of a directory or role file, kept on the node while the view stands.
 
         A walk asks for the same attributes over and over (readdirplus, getattr).
         They change only with the store (the view's epoch moves) or while the
-        file is open (its buffer is then what counts).
+        file is open (its buffer is then what counts). `uid` is the caller's (a
+        per-user status file is sized for them).
         """
         epoch = self.view.epoch
         content = node.content
@@ -166,16 +177,16 @@ class Operations(pyfuse3.Operations):
         kept = node.attrs
         if kept is not None and kept[0] == epoch and stored:
             return kept[1]
-        s = self.tree.stat(node, known)
+        s = self.tree.stat(node, known, uid=uid)
         attrs = self.attrs(node, s)
         if s.cacheable and node.kind in _KEPT_KINDS and stored and node.key is not None:
             node.attrs = (epoch, attrs)
         return attrs
 
-    def _entry(self, node: Node, s: Stat | None = None) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, s: Stat | None = None, *, uid: int = 0) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands `node` to the kernel; counts the lookup."""
         try:
-            attrs = self.attrs(node, s) if s is not None else self.tree_attrs(node)
+            attrs = self.attrs(node, s) if s is not None else self.tree_attrs(node, uid=uid)
         except BaseException:
             self.inodes.maybe_purge(node)
             raise
@@ -194,7 +205,7 @@ class Operations(pyfuse3.Operations):
             if self.search.resolves(parent, name):
                 node, s = await self.search.child(parent, name, self.caller(ctx))
                 return self._entry(node, s)
-            return self._entry(self.tree.child(parent, name))
+            return self._entry(self.tree.child(parent, name), uid=ctx.uid)
 
     @handler
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -210,7 +221,7 @@ class Operations(pyfuse3.Operations):
             node = self.node(inode)
             if self.search.owns(node):
                 return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
-            return self.tree_attrs(node)
+            return self.tree_attrs(node, uid=ctx.uid)
 
     @handler
     async def setattr(
@@ -244,7 +255,7 @@ class Operations(pyfuse3.Operations):
                 if fields.update_mtime:
                     sf.mtime_ns = attr.st_mtime_ns
             # Mode, owner and times of stored entries come from the store: accepted, not kept.
-            return self.attrs(node, self.tree.stat(node))
+            return self.attrs(node, self.tree.stat(node, uid=ctx.uid))
 
     async def _truncate(self, node: Node, size: int, fh: int | None, caller: Caller) -> None:
         if node.kind in DIR_KINDS:
@@ -255,10 +266,24 @@ class Operations(pyfuse3.Operations):
             return
         if node.kind is not Kind.ROLE or node.readonly:
             raise ReadOnly(f"{node.name!r} is read-only")
+        handle = self.handles.files.get(fh) if fh is not None else None
+        if handle is None:
+            await self._truncate_role(node, size, None, caller)
+            return
+        if handle.failed:
+            raise fail(handle.failed)
+        try:
+            await self._truncate_role(node, size, handle, caller)
+        except (SlurpError, OSError) as exc:
+            self._write_failed(handle, exc)
+            raise
+
+    async def _truncate_role(
+        self, node: Node, size: int, handle: FileHandle | None, caller: Caller
+    ) -> None:
         self._check_size(size)
         assert node.key is not None
         assert node.address is not None
-        handle = self.handles.files.get(fh) if fh is not None else None
         content = handle.content if handle is not None else node.content
         if content is None:
             # truncate(1) by path with nobody holding the file open: commit now.
@@ -267,8 +292,10 @@ class Operations(pyfuse3.Operations):
             if size:
                 ctx = await self.gateway.get(node.address, node.key.role, caller)
                 data = ctx.data[:size].ljust(size, b"\0")
-            node.info = await self.gateway.put(node.address, node.key.role, data)
-            node.written = (node.info.version_id, time.time_ns())
+            saved = await self.gateway.put(node.address, node.key.role, data)
+            node.info = saved.info
+            if saved.stored:  # an identical save keeps the head's time
+                node.written = (saved.info.version_id, time.time_ns())
             node.cached_version = None
             self.scratch.unhide(dir_key(node.address), node.key.role)
             return
@@ -403,7 +430,13 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        raise fail(errno.EPERM)
+        with errmap(self.inodes.sweep):
+            parent = self.node(new_parent_inode)
+            with self.namespace.watch(self.caller(ctx), "link", parent, new_name):
+                raise NotPermitted(
+                    "hard links are not supported: each name in an address directory is"
+                    " a role file or an editor's temporary file; copy the file instead"
+                )
 
     @handler
     async def mknod(
@@ -477,7 +510,8 @@ class Operations(pyfuse3.Operations):
             handle = self.handles.open_file(node, caller, readable=readable, writable=writable)
             handle.append = writable and bool(flags & os.O_APPEND)
             try:
-                return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
+                with self.refusals.watch(caller.uid, "open", lambda: self.namespace.path(node)):
+                    return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
             except BaseException:
                 self._close(handle)
                 raise
@@ -491,7 +525,7 @@ class Operations(pyfuse3.Operations):
             if not self._may_read_status(node, caller):
                 raise AccessDenied(f"only the mount's owner reads .slurp/{node.key.extra}")
             # The rendering getattr just sized (if recent), so size and bytes agree.
-            handle.snapshot = self.virtual.render(node.key.extra)
+            handle.snapshot = self.virtual.render(node.key.extra, uid=caller.uid)
             fi.direct_io = True
             return fi
         if self.search.owns(node):
@@ -647,21 +681,45 @@ class Operations(pyfuse3.Operations):
                 raise fail(errno.EBADF)
             if handle.scratch is not None:
                 return self.scratch.write(handle.scratch, off, buf)
-            content = handle.content
-            assert content is not None
-            if content.buffer is None:
-                await self._load(handle.node, content, handle.caller)
-            elif self._behind(handle.node, content):
-                await self._load(handle.node, content, handle.caller, force=True)
-            assert content.buffer is not None
-            if handle.append:
-                # Without the writeback cache the kernel sends an O_APPEND write at the
-                # size it last saw; the end is here (another process may have committed).
-                off = len(content.buffer)
-            self._check_size(off + len(buf))
-            content.write(off, buf)
-            handle.wrote = True
-            return len(buf)
+            if handle.failed:
+                raise fail(handle.failed)
+            try:
+                return await self._write_content(handle, off, buf)
+            except (SlurpError, OSError) as exc:
+                self._write_failed(handle, exc)
+                raise
+
+    async def _write_content(self, handle: FileHandle, off: int, buf: bytes) -> int:
+        content = handle.content
+        assert content is not None
+        if content.buffer is None:
+            await self._load(handle.node, content, handle.caller)
+        elif self._behind(handle.node, content):
+            await self._load(handle.node, content, handle.caller, force=True)
+        assert content.buffer is not None
+        if handle.append:
+            # Without the writeback cache the kernel sends an O_APPEND write at the
+            # size it last saw; the end is here (another process may have committed).
+            off = len(content.buffer)
+        self._check_size(off + len(buf))
+        content.write(off, buf)
+        handle.wrote = True
+        return len(buf)
+
+    def _write_failed(self, handle: FileHandle, exc: SlurpError | OSError) -> None:
+        """A write (or truncate) through `handle` failed: it stores nothing from now on.
+
+        Its later writes and its ``close`` fail with the same errno (a save that
+        did not go through is never stored in part: a 20 MiB copy against an 8 MiB
+        limit leaves the file as it was). The file's unsaved changes are dropped,
+        unless another descriptor also changed the file: its close stores them.
+        """
+        handle.failed = exc.errno or errno.EIO
+        handle.wrote = handle.emptied = False
+        content = handle.content
+        others = (h for h in self.handles.files.values() if h.node is handle.node)
+        if content is not None and not any(h.owes_commit for h in others):
+            content.discard()
 
     @handler
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
@@ -678,6 +736,8 @@ class Operations(pyfuse3.Operations):
         self.busy.poke()
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
+            if handle.failed:
+                raise fail(handle.failed)  # its save did not go through: say so again
             if handle.wrote:
                 await self._commit_own(handle)
 
@@ -685,6 +745,8 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         with errmap(self.inodes.sweep):
             handle = self.handles.file(fh)
+            if handle.failed:
+                raise fail(handle.failed)
             await self._commit_own(handle)
             await self.gateway.sync()
 
@@ -734,12 +796,14 @@ class Operations(pyfuse3.Operations):
             assert address is not None
             assert content.buffer is not None
             seq = content.seq
-            info = await self.gateway.put(address, node.key.role, bytes(content.buffer))
+            saved = await self.gateway.put(address, node.key.role, bytes(content.buffer))
+            info = saved.info
             if content.seq == seq:
                 content.dirty = False
             content.base = info.version_id
             node.info = info
-            node.written = (info.version_id, content.mtime_ns)
+            if saved.stored:  # an identical save keeps the head's time
+                node.written = (info.version_id, content.mtime_ns)
             node.cached_version = None
             self.scratch.unhide(dir_key(address), node.key.role)
 
@@ -788,7 +852,7 @@ class Operations(pyfuse3.Operations):
                     if entry.stat is not None:
                         attrs = self.attrs(node, entry.stat)
                     else:
-                        attrs = self.tree_attrs(node, entry.info)
+                        attrs = self.tree_attrs(node, entry.info, uid=handle.caller.uid)
                 except NotFound:
                     self.inodes.maybe_purge(node)
                     continue
@@ -879,6 +943,7 @@ class Operations(pyfuse3.Operations):
             checks=self.health.checks,
             extra_stats=self._extra_stats,
         )
+        self.virtual.register_per_user("refused", self.refusals.render)
 
     def _extra_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -1,9 +1,12 @@
 """Scratch files: what editors and tools create beside the files they save.
 
-Any regular file (or symlink) in an address directory whose name is not a role
-name is a scratch file. It lives only in this process's memory: never written
-to disk, never replicated, gone at unmount. Its bytes count against one bound
-(``mount.scratch_bytes``); going past it is `StoreFull` (``ENOSPC``).
+A regular file (or symlink) in an address directory whose name is not a role
+name and looks temporary (`ScratchNames`) is a scratch file. It lives only in
+this process's memory: never written to disk, never replicated, gone at
+unmount. Its bytes count against one bound (``mount.scratch_bytes``); going
+past it is `StoreFull` (``ENOSPC``). Any other new name is refused (see
+`slurpfs.fs.namespace`): a file that would silently vanish at unmount is never
+created.
 
 The same module keeps the other half of the editor overlay: role names hidden
 by a backup-by-rename (``rename(developer, developer~)``) until the next
@@ -16,15 +19,51 @@ is released once it is unlinked and no inode or open handle refers to it
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
+import os
+import re
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from slurpfs.errors import StoreFull
 
 DirKey = tuple[str, ...]
 """An address directory, as its mount parts without a temporal segment."""
+
+
+# Names editors and tools give their temporary files: vim's `.developer.swp` and
+# `4913`, backups `developer~`, emacs' `#developer#`, sed's `sedAbC123`, perl's
+# `XXab12cd`, Python's `tmpk8tfrqk9` (its names may hold `_`), rsync's
+# `.developer.Ab12Cd`, JetBrains' `___jb_tmp___`, GLib's `.goutputstream-XXXXXX`.
+_TEMPORARY = re.compile(
+    r"""
+    \..*                                       # hidden: swap files, rsync, many more
+    | .*(~|\.tmp|\.swp|\.swx|\.swo|\.bak|\.orig|\.rej|\.new|\.old|\.kate-swp)
+    | \#.*\#
+    | [0-9]+
+    | (sed|XX|tmp)[A-Za-z0-9_]{6,8}
+    | .*(\.tmp\.|___jb_tmp___|___jb_old___|\.goutputstream-).*
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+class ScratchNames:
+    """Which names look temporary: the built-in patterns and ``mount.scratch_names``."""
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        self.extra = tuple(extra)
+        self._extra = [re.compile(fnmatch.translate(p)) for p in self.extra]
+
+    def match(self, name: bytes) -> bool:
+        # fsdecode: a name that is not UTF-8 can still end in `~` or start with `.`.
+        text = os.fsdecode(name)
+        if _TEMPORARY.fullmatch(text):
+            return True
+        return any(p.match(text) for p in self._extra)
 
 
 @dataclass(eq=False)

@@ -366,17 +366,18 @@ class Tree:
 
     # -- attributes --------------------------------------------------------------
 
-    def stat(self, node: Node, known: VersionInfo | None = None) -> Stat:
+    def stat(self, node: Node, known: VersionInfo | None = None, *, uid: int = 0) -> Stat:
         """Attributes of `node` now (NotFound if what it names is gone).
 
-        `known` is the version a listing just read, saving a second store lookup.
+        `known` is the version a listing just read, saving a second store lookup;
+        `uid` is the caller's (a per-user status file has its size for them).
         """
         kind = node.kind
         if kind in DIR_KINDS:
             return self._dir_stat(node)
         if kind is Kind.VIRTUAL:
             name = node.key.extra if node.key is not None else ""
-            size = len(self.virtual.render(name)) if name in self.virtual else 0
+            size = len(self.virtual.render(name, uid=uid)) if name in self.virtual else 0
             now = time.time_ns()
             perm = 0o400 if name in PRIVATE_STATUS else 0o444
             return self._file(perm, size, now, cacheable=False)
@@ -400,7 +401,9 @@ class Tree:
             # Unlinked (or renamed over) while open: fstat still works and says so.
             return replace(self._file(0o644, len(buffer), content.mtime_ns), nlink=0)
         if content is not None and buffer is not None and content.dirty:
-            return self._file(0o644, len(buffer), content.mtime_ns)
+            # Not cached by the kernel: a save of the head's very bytes stores nothing
+            # and the file keeps the head's time, which the next getattr must see.
+            return self._file(0o644, len(buffer), content.mtime_ns, cacheable=False)
         address = node.address
         if known is not None and node.key is not None and content is None:
             node.info = info = known

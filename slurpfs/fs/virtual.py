@@ -1,9 +1,11 @@
-"""Read-only status files under ``.slurp/``: status, health, metrics, peers, audit.
+"""Read-only status files under ``.slurp/``: status, health, metrics, peers, audit, refused.
 
 Each file is rendered from live state. A rendering is kept for a moment so
 that the ``getattr`` before an ``open`` and the ``open`` itself agree: the size a
 file reports is the size ``cat`` reads. Handles on these files use direct I/O,
 so a newer rendering at the next ``open`` is never cut to an older size.
+A per-user file (``refused``) is rendered for the calling uid each time (it is
+small), so the size each user is told is that of their own file.
 Nothing here contains context plaintext.
 """
 
@@ -22,6 +24,7 @@ from slurpfs import __version__, audit, health
 from slurpfs.model import ContextStore
 
 Provider = Callable[[], str]
+PerUser = Callable[[int], str]  # renders the file for one uid
 # Status files only the mount's owner (and root) may read: the audit trail names
 # every user, role and address accessed.
 PRIVATE_STATUS = frozenset({"audit"})
@@ -52,6 +55,7 @@ class VirtualFiles:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._providers: dict[str, Provider] = {}
+        self._per_user: dict[str, PerUser] = {}
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._clock = clock
 
@@ -59,18 +63,25 @@ class VirtualFiles:
         self._providers[name] = provider
         self._cache.pop(name, None)
 
+    def register_per_user(self, name: str, provider: PerUser) -> None:
+        """A file whose content depends on who reads it (`render` passes the uid)."""
+        self._per_user[name] = provider
+
     def names(self) -> list[str]:
-        return sorted(self._providers)
+        return sorted([*self._providers, *self._per_user])
 
     def __contains__(self, name: str) -> bool:
-        return name in self._providers
+        return name in self._providers or name in self._per_user
 
     def produce(self, name: str) -> bytes:
         """A new rendering that leaves the one kept for the mount alone (the HTTP endpoints)."""
         return self._providers[name]().encode("utf-8")
 
-    def render(self, name: str, *, fresh: bool = False) -> bytes:
-        """The file's bytes; `fresh` forces a new rendering (used at open)."""
+    def render(self, name: str, *, fresh: bool = False, uid: int = 0) -> bytes:
+        """The file's bytes (for `uid`); `fresh` forces a new rendering."""
+        per_user = self._per_user.get(name)
+        if per_user is not None:
+            return per_user(uid).encode("utf-8")
         now = self._clock()
         cached = self._cache.get(name)
         if cached is not None and not fresh and now - cached[0] < _FRESH_SECONDS:
