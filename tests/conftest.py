@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +59,19 @@ _SCRUBBED_PREFIXES = ("SLURPFS_", "XDG_")
 # long as the process: nothing for a CLI process, a thread left behind by each
 # in-process command here. It only corrects the refresh rate of a bar on a terminal.
 tqdm.tqdm.monitor_interval = 0
+
+
+FAILED = pytest.StashKey[bool]()  # in a test item's stash once a phase of it failed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -420,6 +433,7 @@ class ProcessState:
 
     fds: dict[int, str]
     threads: dict[int, str]  # native id -> name (idle trio workers left out)
+    python_threads: frozenset[int]  # the native ids of those Python started
 
     @classmethod
     def now(cls) -> ProcessState:
@@ -433,14 +447,16 @@ class ProcessState:
             found = names.get(tid) or _comm(tid)
             if found is not None and not found.startswith(_IDLE_TRIO_WORKER):
                 threads[tid] = found
-        return cls(fds, threads)
+        return cls(fds, threads, frozenset(t for t in names if t is not None))
 
-    def gained_since(self, before: ProcessState) -> list[str]:
-        """What this state holds that `before` did not, in words."""
+    def gained_since(self, before: ProcessState, *, native: bool = True) -> list[str]:
+        """What this state holds that `before` did not, in words; threads that
+        Python did not start (a library's own) only if `native`."""
         fds = [f"descriptor {fd} -> {target}" for fd, target in self.fds.items()
                if before.fds.get(fd) != target]  # fmt: skip
         threads = [f"thread {name!r} ({tid})" for tid, name in self.threads.items()
-                   if tid not in before.threads]  # fmt: skip
+                   if tid not in before.threads
+                   and (native or tid in self.python_threads)]  # fmt: skip
         return fds + threads
 
 

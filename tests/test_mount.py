@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Nodes, raw_store
+from conftest import Nodes, ProcessState, raw_store
 from fsutil import (
     AUTH,
     BACKUP_EVERYWHERE,
     Mounted,
+    check_ended,
     developer_only,
     fill,
     is_mounted,
@@ -113,7 +114,7 @@ def test_umount_of_a_daemon_that_does_not_answer(mnt: Mounted) -> None:
     assert b"is unmounted, but its daemon did not answer" in result.stderr
     assert b"Traceback" not in result.stderr
     wait_for(lambda: not running(pid), what="the daemon to exit")
-    mnt.check_log()  # "exiting with status 0", no warnings
+    mnt.check_ended()  # "exiting with status 0", no warnings, nothing left
     mnt.mount()  # (the fixture unmounts at the end)
 
 
@@ -143,7 +144,7 @@ def test_umount_of_a_daemon_slow_to_exit(
     assert f"is unmounted, but its daemon (pid {pid}) has not finished exiting" in err
     assert "timed out" not in err
     wait_for(lambda: not running(pid), what="the daemon to exit")
-    mnt.check_log()  # "exiting with status 0", no warnings
+    mnt.check_ended()  # "exiting with status 0", no warnings, nothing left
     mnt.mount()  # (the fixture unmounts at the end)
 
 
@@ -222,7 +223,9 @@ def test_foreground_mount_exits_0_on_sigterm_and_stores_open_buffers(
         stderr=subprocess.PIPE,
         env={**os.environ, "SLURPFS_TEST_WEAK_KDF": "1"},
         text=True,
+        start_new_session=True,  # (what it starts stays in its session: check_ended)
     )
+    before = ProcessState.now()  # (its stderr pipe included)
     try:
         wait_for(lambda: (mnt / ".slurp").exists(), what="the foreground mount")
         d = mnt / "ucxl" / AUTH
@@ -233,6 +236,7 @@ def test_foreground_mount_exits_0_on_sigterm_and_stores_open_buffers(
         assert daemon.wait(timeout=60) == 0
         with raises_oserror(errno.ENOTCONN):  # the daemon is gone; its data is stored
             os.close(fd)
+        check_ended(daemon.pid, mnt, before)
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -683,6 +687,7 @@ def test_sigkill_during_writes_then_recovery(mnt: Mounted, ctxdir: Path) -> None
     done += [int(x) for x in rest.split()]
     with raises_oserror(errno.ENOTCONN):
         os.stat(mnt.mnt)
+    mnt.check_killed()
     # mount on the stale mountpoint recovers it
     mnt.mount()
     assert (ctxdir / DEV).read_bytes() in {str(done[-1]).encode(), str(done[-1] + 1).encode()}
