@@ -13,8 +13,9 @@
 * `assert_no_canary` searches files for a secret in every encoding the store could use.
 * `test_user` is an unprivileged system user (created once); `reachable_dir` a
   temporary directory it can reach, for mounts shared with it (``--allow-other``).
-* A WARNING (or worse) logged by slurpfs fails the test unless it is marked
-  ``@pytest.mark.expect_warnings``.
+* A WARNING (or worse) logged by slurpfs fails the test unless the test expects
+  it: ``@pytest.mark.expect_warnings("regex", ...)`` names the messages (each one
+  matched whole by a pattern, each pattern matching one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -76,7 +78,9 @@ def pytest_runtest_makereport(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "expect_warnings: the test expects slurpfs to log warnings or errors"
+        "markers",
+        "expect_warnings(*patterns): the warnings or errors slurpfs logs in this test,"
+        " each matched whole by one of the regular expressions (and each matching)",
     )
 
 
@@ -99,15 +103,30 @@ def _fail_on_warnings(
     request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
     caplog.set_level(logging.DEBUG, logger="slurpfs")
+    marker = request.node.get_closest_marker("expect_warnings")
+    expected = () if marker is None else marker.args
+    assert marker is None or expected, "expect_warnings names the messages it expects"
     yield
-    if request.node.get_closest_marker("expect_warnings") is not None:
-        return
     loud = [
-        r
-        for r in caplog.get_records("call") + caplog.get_records("setup")
+        r.getMessage()
+        for r in caplog.get_records("setup") + caplog.get_records("call")
         if r.levelno >= logging.WARNING and r.name.startswith("slurpfs")
     ]
-    assert not loud, "unexpected warnings: " + "; ".join(r.getMessage() for r in loud)
+    check_warnings(loud, expected, "slurpfs logged")
+
+
+def check_warnings(
+    messages: Sequence[str], expected: Sequence[str], what: str, *, each_seen: bool = True
+) -> None:
+    """Each message is matched whole (`re.fullmatch`) by one of the `expected`
+    patterns, and (if `each_seen`) each pattern matches a message: the warnings a
+    test expects, and those only."""
+    unexpected = [m for m in messages if not any(re.fullmatch(p, m) for p in expected)]
+    assert not unexpected, f"{what} unexpected warnings: " + "; ".join(unexpected)
+    if not each_seen:
+        return
+    missing = [p for p in expected if not any(re.fullmatch(p, m) for m in messages)]
+    assert not missing, f"{what} no warning matching: " + "; ".join(missing)
 
 
 def make_config(
@@ -257,6 +276,15 @@ class MemoryAnchors:
             return False
         self.value = new
         return True
+
+
+def audit_chain_broken(reason: str) -> str:
+    """The error a process logs when the audit log does not continue its anchored
+    chain, as an `expect_warnings` pattern; `reason` is a regular expression."""
+    return (
+        rf"audit log \S+/audit\.log does not continue its anchored chain: {reason};"
+        r" the anchor is kept as evidence \(see `slurpfs audit verify`\)"
+    )
 
 
 def audit_keys() -> audit.AuditKeys:

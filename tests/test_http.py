@@ -355,7 +355,7 @@ def test_only_a_loopback_address_restricts_the_host() -> None:
     assert not HttpServer(ListenAddress("0.0.0.0", 0), {}).local_only
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings("http: GET /broken failed")
 async def test_an_endpoint_that_raises_is_a_500_and_the_server_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
