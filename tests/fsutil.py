@@ -32,7 +32,7 @@ from typing import cast
 
 import pyfuse3
 import pytest
-from conftest import CLI_TIMEOUT, Nodes, ProcessState, check_warnings, cli_env
+from conftest import CLI_TIMEOUT, Nodes, ProcessState, check_warnings, cli_env, run_cli
 
 from slurpfs.config import Config
 from slurpfs.fs.ops import Operations
@@ -395,7 +395,7 @@ class Mounted:
         self.pid = int(os.getxattr(self.mnt, "user.slurp.pid"))
 
     def unmount(self) -> None:
-        result = slurpfs("umount", self.mnt, env=self.env, check=False)
+        result = run_cli("umount", self.mnt, env=self.env)  # (in this process: it forks nothing)
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert not is_mounted(self.mnt)
         self.check_ended()
