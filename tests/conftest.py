@@ -6,36 +6,46 @@
   opened and runs `slurpfs.fsck.check` on each data directory with a fresh model:
   the consistency check that ends every store and model test. A test that damages
   a store on purpose says so with `Node.expect_damage()` and checks fsck itself.
-* `run_cli` runs the real ``slurpfs`` command in a subprocess.
+* `run_cli` runs the ``slurpfs`` command in this process (`slurpfs.cli.main`, as a
+  subprocess would run it, checked to leave no descriptor or thread behind);
+  `run_cli_process` runs it as a real subprocess.
+* `ProcessState` is what a process holds (descriptors, threads): the leak checks.
 * `assert_no_canary` searches files for a secret in every encoding the store could use.
 * `test_user` is an unprivileged system user (created once); `reachable_dir` a
   temporary directory it can reach, for mounts shared with it (``--allow-other``).
-* A WARNING (or worse) logged by slurpfs fails the test unless it is marked
-  ``@pytest.mark.expect_warnings``.
+* A WARNING (or worse) logged by slurpfs fails the test unless the test expects
+  it: ``@pytest.mark.expect_warnings("regex", ...)`` names the messages (each one
+  matched whole by a pattern, each pattern matching one).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import os
 import pwd
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import threading
+import traceback
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import pytest
+import tqdm
 import zstandard
 
-from slurpfs import audit, config, fsck
+from slurpfs import audit, cli, config, fsck
 from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.crypto.keystore import KdfParams
 from slurpfs.model import ContextStore, verify_audit
@@ -47,11 +57,30 @@ TEST_USER = "slurpfs-test"
 pytest_plugins = ["ops_fixtures"]  # `ops` and `fs`: Operations without a kernel
 CLI_TIMEOUT = 120.0
 _SCRUBBED_PREFIXES = ("SLURPFS_", "XDG_")
+# tqdm starts a monitor thread with its first bar, even a disabled one, that lives as
+# long as the process: nothing for a CLI process, a thread left behind by each
+# in-process command here. It only corrects the refresh rate of a bar on a terminal.
+tqdm.tqdm.monitor_interval = 0
+
+
+FAILED = pytest.StashKey[bool]()  # in a test item's stash once a phase of it failed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "expect_warnings: the test expects slurpfs to log warnings or errors"
+        "markers",
+        "expect_warnings(*patterns): the warnings or errors slurpfs logs in this test,"
+        " each matched whole by one of the regular expressions (and each matching)",
     )
 
 
@@ -74,15 +103,30 @@ def _fail_on_warnings(
     request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
     caplog.set_level(logging.DEBUG, logger="slurpfs")
+    marker = request.node.get_closest_marker("expect_warnings")
+    expected = () if marker is None else marker.args
+    assert marker is None or expected, "expect_warnings names the messages it expects"
     yield
-    if request.node.get_closest_marker("expect_warnings") is not None:
-        return
     loud = [
-        r
-        for r in caplog.get_records("call") + caplog.get_records("setup")
+        r.getMessage()
+        for r in caplog.get_records("setup") + caplog.get_records("call")
         if r.levelno >= logging.WARNING and r.name.startswith("slurpfs")
     ]
-    assert not loud, "unexpected warnings: " + "; ".join(r.getMessage() for r in loud)
+    check_warnings(loud, expected, "slurpfs logged")
+
+
+def check_warnings(
+    messages: Sequence[str], expected: Sequence[str], what: str, *, each_seen: bool = True
+) -> None:
+    """Each message is matched whole (`re.fullmatch`) by one of the `expected`
+    patterns, and (if `each_seen`) each pattern matches a message: the warnings a
+    test expects, and those only."""
+    unexpected = [m for m in messages if not any(re.fullmatch(p, m) for p in expected)]
+    assert not unexpected, f"{what} unexpected warnings: " + "; ".join(unexpected)
+    if not each_seen:
+        return
+    missing = [p for p in expected if not any(re.fullmatch(p, m) for m in messages)]
+    assert not missing, f"{what} no warning matching: " + "; ".join(missing)
 
 
 def make_config(
@@ -234,6 +278,15 @@ class MemoryAnchors:
         return True
 
 
+def audit_chain_broken(reason: str) -> str:
+    """The error a process logs when the audit log does not continue its anchored
+    chain, as an `expect_warnings` pattern; `reason` is a regular expression."""
+    return (
+        rf"audit log \S+/audit\.log does not continue its anchored chain: {reason};"
+        r" the anchor is kept as evidence \(see `slurpfs audit verify`\)"
+    )
+
+
 def audit_keys() -> audit.AuditKeys:
     """Audit keys of a fresh random node."""
     return audit.AuditKeys.for_node(NodeIdentity.generate())
@@ -264,7 +317,7 @@ def reachable_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-# -- the CLI as a subprocess -----------------------------------------------------
+# -- the CLI ---------------------------------------------------------------------
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -280,7 +333,7 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(
+def run_cli_process(
     *args: str | Path,
     input: bytes | None = None,
     env: Mapping[str, str] | None = None,
@@ -296,6 +349,155 @@ def run_cli(
         timeout=CLI_TIMEOUT,
         check=False,
     )
+
+
+def run_cli(
+    *args: str | Path,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """``slurpfs ARGS`` in this process, as `run_cli_process` would run it.
+
+    `slurpfs.cli.main` runs with the subprocess's environment (``os.environ`` too),
+    standard input, output and error in memory, warnings logged to that standard
+    error as an unconfigured process prints them, a traceback and exit code 1 for
+    an exception, and `cwd`. It must leave this process as it found it: no
+    descriptor or thread more. ``mount`` forks a daemon: use `run_cli_process`.
+    """
+    argv = [str(a) for a in args]
+    assert "mount" not in argv, "`slurpfs mount` forks a daemon: use run_cli_process"
+    environ = cli_env(env)
+    _refuse_open_store(argv, environ)
+    before, settings = ProcessState.now(), _interpreter_settings()
+    stdin = io.BytesIO(input or b"")
+    stdout, stderr = io.BytesIO(), io.BytesIO()
+    with _process_as_cli(environ, cwd, stdin, stdout, stderr):
+        code = _main_exit_code(argv)
+    leaks = ProcessState.now().gained_since(before)
+    assert not leaks, f"slurpfs {' '.join(argv)} left behind: " + "; ".join(leaks)
+    assert _interpreter_settings() == settings, f"slurpfs {' '.join(argv)} changed them"
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def _main_exit_code(argv: list[str]) -> int:
+    """`main`'s exit code as the interpreter would make it (SystemExit, a traceback)."""
+    try:
+        return cli.main(argv, dict(os.environ))
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+@contextmanager
+def _process_as_cli(
+    env: Mapping[str, str], cwd: Path | None, stdin: io.BytesIO, out: io.BytesIO, err: io.BytesIO
+) -> Iterator[None]:
+    """This process's environment, directory and standard streams as a CLI's, for a while."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin = io.TextIOWrapper(stdin, encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stderr = io.TextIOWrapper(
+        err, encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    # An unconfigured process prints warnings to stderr (logging's last resort).
+    printer = logging.StreamHandler(sys.stderr)
+    printer.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(printer)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        logging.getLogger().removeHandler(printer)
+        for stream in (sys.stdin, sys.stdout, sys.stderr):
+            stream.flush()
+            stream.detach()  # (the BytesIO stays open for getvalue)
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+
+
+def _interpreter_settings() -> dict[str, object]:
+    """What a command could change for the rest of the process, and must not."""
+    root = logging.getLogger()
+    return {
+        "signal handlers": {s: signal.getsignal(s) for s in signal.valid_signals()},
+        "root log handlers": list(root.handlers),
+        "log levels": (root.level, logging.getLogger("slurpfs").level),
+        "switch interval": sys.getswitchinterval(),
+    }
+
+
+def _refuse_open_store(argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    """LMDB must not be opened twice by one process: fail if this process already has
+    the store of the data directory the command names (or the default) open."""
+    data = next(
+        (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--data"),
+        os.path.join(environ["HOME"], ".local/share/slurpfs"),
+    )
+    store = os.path.realpath(os.path.join(data, "store", "data.mdb"))
+    held = ProcessState.now().fds.values()
+    assert store not in held, (
+        f"a model of {data} is open in this process: close it before running the CLI in-process"
+    )
+
+
+# -- what a process holds --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """The open descriptors (with their targets) and the threads of this process."""
+
+    fds: dict[int, str]
+    threads: dict[int, str]  # native id -> name (idle trio workers left out)
+    python_threads: frozenset[int]  # the native ids of those Python started
+
+    @classmethod
+    def now(cls) -> ProcessState:
+        fds: dict[int, str] = {}
+        for name in os.listdir("/proc/self/fd"):
+            with suppress(FileNotFoundError):  # (the descriptor of the listing itself)
+                fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        threads: dict[int, str] = {}
+        for tid in map(int, os.listdir("/proc/self/task")):
+            found = names.get(tid) or _comm(tid)
+            if found is not None and not found.startswith(_IDLE_TRIO_WORKER):
+                threads[tid] = found
+        return cls(fds, threads, frozenset(t for t in names if t is not None))
+
+    def gained_since(self, before: ProcessState, *, native: bool = True) -> list[str]:
+        """What this state holds that `before` did not, in words; threads that
+        Python did not start (a library's own) only if `native`."""
+        fds = [f"descriptor {fd} -> {target}" for fd, target in self.fds.items()
+               if before.fds.get(fd) != target]  # fmt: skip
+        threads = [f"thread {name!r} ({tid})" for tid, name in self.threads.items()
+                   if tid not in before.threads
+                   and (native or tid in self.python_threads)]  # fmt: skip
+        return fds + threads
+
+
+# trio keeps a worker thread for 10 s after its job, under this name, for the next one.
+_IDLE_TRIO_WORKER = "Trio thread "
+
+
+def _comm(tid: int) -> str | None:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None  # it ended meanwhile
 
 
 # -- canaries --------------------------------------------------------------------

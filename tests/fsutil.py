@@ -6,8 +6,12 @@ as the kernel would, and every entry handed out is counted so tests can check
 lookup counts. `FakeKernel` records invalidations.
 
 `Mounted` runs the real ``slurpfs`` CLI: mount in the background or foreground,
-unmount, and checks that the daemon exited 0 and logged no warning; `mounted_at`
-mounts a fresh data directory. `run_as` runs a command as another user and
+unmount, and checks that the daemon exited 0 and logged no warning, and that it
+left nothing behind (`check_ended`: nothing mounted, no process of its session,
+no descriptor or thread more in the test process). A test that mounts must be
+marked ``mount``, and every daemon it started must have had its end checked
+(`Running`, enforced by an autouse fixture). `mounted_at` mounts a fresh data
+directory. `run_as` runs a command as another user and
 `developer_only` is a role mapping that gives one user just ``developer``.
 """
 
@@ -28,7 +32,7 @@ from typing import cast
 
 import pyfuse3
 import pytest
-from conftest import CLI_TIMEOUT, Nodes, cli_env
+from conftest import CLI_TIMEOUT, Nodes, ProcessState, check_warnings, cli_env, run_cli
 
 from slurpfs.config import Config
 from slurpfs.fs.ops import Operations
@@ -79,10 +83,15 @@ def make_ops(model: ContextStore, config: Config | None = None) -> Operations:
 
 @contextlib.contextmanager
 def checked_ops(model: ContextStore) -> Iterator[Operations]:
-    """`make_ops`, and at the end: no file left open."""
+    """`make_ops`, and at the end: no file left open, no descriptor or Python thread
+    more (a worker still running, a thread of the handlers' own; a search engine's
+    threads are its service's)."""
+    before = ProcessState.now()
     ops = make_ops(model)
     yield ops
     assert not ops.handles.files, "a test left files open"
+    leaks = ProcessState.now().gained_since(before, native=False)
+    assert not leaks, "the handlers left: " + "; ".join(leaks)
 
 
 @contextlib.asynccontextmanager
@@ -265,6 +274,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
         time.sleep(0.01)
 
 
+class Running:
+    """The test being run and the daemons it started whose end is not checked yet
+    (kept by the autouse fixture `mounts_checked`)."""
+
+    test: pytest.Item | None = None
+    unchecked: list[Mounted] = []  # (one list for the whole run)
+
+    @classmethod
+    def require_mount_marker(cls, what: str) -> None:
+        test = cls.test
+        assert test is None or test.get_closest_marker("mount") is not None, (
+            f"{test.nodeid if test else 'this test'} {what}: mark it @pytest.mark.mount"
+        )
+
+
 def slurpfs(
     *args: str | Path,
     env: Mapping[str, str] | None = None,
@@ -272,6 +296,8 @@ def slurpfs(
     input: bytes | None = None,
     timeout: float = CLI_TIMEOUT,
 ) -> subprocess.CompletedProcess[bytes]:
+    if "mount" in map(str, args):
+        Running.require_mount_marker("runs `slurpfs mount`")
     result = subprocess.run(
         [sys.executable, "-m", "slurpfs.cli", *map(str, args)],
         input=input if input is not None else b"",
@@ -294,6 +320,42 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
+def session_members(sid: int) -> list[str]:
+    """The running processes of session `sid` ("pid (name)"): a background daemon
+    calls setsid, so what it starts stays in its session even once orphaned."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                name, _, rest = f.read().partition(b" (")[2].rpartition(b")")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+        state, _ppid, _pgrp, session = rest.split()[:4]
+        if int(session) == sid and state != b"Z":
+            found.append(f"{entry} ({name.decode(errors='replace')})")
+    return found
+
+
+def check_ended(pid: int, mountpoint: Path, before: ProcessState, *, killed: bool = False) -> None:
+    """After the daemon `pid` was unmounted or stopped: it and every process of its
+    session are gone, nothing is mounted at `mountpoint` (a `killed` daemon leaves a
+    stale mount), and the test process holds no descriptor or thread it did not hold
+    at `before` (when it mounted)."""
+    with contextlib.suppress(AssertionError):  # (a hang guard: reported below)
+        wait_for(lambda: not session_members(pid), what=f"the daemon {pid} to end")
+    problems = [f"process {p} of its session still runs" for p in session_members(pid)]
+    if not killed and is_mounted(mountpoint):
+        problems.append(f"{mountpoint} is still mounted")
+    problems += [f"the test process gained {g}" for g in ProcessState.now().gained_since(before)]
+    assert not problems, f"the daemon {pid} of {mountpoint} left: " + "; ".join(problems)
+
+
+# A daemon.log line (``<date> <time> LEVEL logger: message``) of a warning or worse.
+_LOUD_LINE = r"^\S+ \S+ (?:WARNING|ERROR|CRITICAL) \S+: (.*)$"
+
+
 @dataclass
 class Mounted:
     """A data directory mounted through the CLI. `unmount` checks a clean exit."""
@@ -302,7 +364,12 @@ class Mounted:
     mnt: Path
     env: dict[str, str] = field(default_factory=dict)
     extra: tuple[str, ...] = ()
-    expect_warnings: bool = False
+    # The messages of the WARNING/ERROR lines the daemon may log (regular expressions
+    # matched whole); any other fails `check_log`. A daemon's timing is not the test's,
+    # so a pattern need not match: the test asserts the lines it must find.
+    expect_warnings: tuple[str, ...] = ()
+    pid: int = 0  # the daemon's, once mounted
+    _before: ProcessState | None = None
 
     @property
     def log(self) -> Path:
@@ -316,26 +383,41 @@ class Mounted:
         return slurpfs(*args, "--data", self.data, env=self.env, check=check)
 
     def mount(self) -> None:
+        Running.require_mount_marker("mounts")
         with contextlib.suppress(FileExistsError):  # (a stale mount cannot even be stat'ed)
             self.mnt.mkdir(parents=True)
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        assert self not in Running.unchecked, "the end of the last daemon was not checked"
+        self._before = ProcessState.now()
+        Running.unchecked.append(self)
         self.cli("mount", *self.extra, self.mnt)
         assert is_mounted(self.mnt)
+        self.pid = int(os.getxattr(self.mnt, "user.slurp.pid"))
 
     def unmount(self) -> None:
-        result = slurpfs("umount", self.mnt, env=self.env, check=False)
+        result = run_cli("umount", self.mnt, env=self.env)  # (in this process: it forks nothing)
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert not is_mounted(self.mnt)
+        self.check_ended()
+
+    def check_ended(self) -> None:
+        """The daemon exited 0 without a warning and left nothing behind (`check_ended`)."""
+        assert self._before is not None, "never mounted"
+        check_ended(self.pid, self.mnt, self._before)
         self.check_log()
+        Running.unchecked.remove(self)
+
+    def check_killed(self) -> None:
+        """The daemon was killed: it left nothing behind but its stale mount."""
+        assert self._before is not None, "never mounted"
+        check_ended(self.pid, self.mnt, self._before, killed=True)
+        Running.unchecked.remove(self)
 
     def check_log(self) -> None:
         text = self.log.read_bytes()[self._log_start :].decode(errors="replace")
         assert "exiting with status 0" in text, text
-        if not self.expect_warnings:
-            loud = [
-                line for line in text.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", line)
-            ]
-            assert not loud, "the daemon logged: " + "\n".join(loud)
+        loud = [m.group(1) for m in re.finditer(_LOUD_LINE, text, re.MULTILINE)]
+        check_warnings(loud, self.expect_warnings, "the daemon logged", each_seen=False)
 
     def remount(self) -> None:
         self.unmount()

@@ -1,4 +1,8 @@
-"""The `slurpfs` command, run as a real subprocess: output, --json and exit codes."""
+"""The `slurpfs` command: output, --json and exit codes.
+
+Most tests run it in this process (`run_cli`); a few run the real program
+(`run_cli_process`): the console script, usage errors and a failure with their
+exit codes and streams, and passphrase files."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 import lmdb
 import pytest
-from conftest import WEAK_KDF, find_canary, make_config, run_cli
+from conftest import WEAK_KDF, find_canary, make_config, run_cli, run_cli_process
 
 from slurpfs import audit
 from slurpfs.model import ContextStore
@@ -83,8 +87,8 @@ def test_the_console_script_runs_and_documents_exit_codes() -> None:
 
 
 def test_usage_errors_exit_2() -> None:
-    fails(run_cli("bogus"), USAGE, "invalid choice")
-    fails(run_cli("get", ADDR), USAGE, "--role")
+    fails(run_cli_process("bogus"), USAGE, "invalid choice")
+    fails(run_cli_process("get", ADDR), USAGE, "--role")
 
 
 # -- init ----------------------------------------------------------------------------------
@@ -525,14 +529,16 @@ def test_passphrase_protected_keys(tmp_path: Path) -> None:
     phrase.write_bytes(b"correct horse\n")
     phrase.chmod(0o644)
     fails(
-        run_cli("get", "--data", data, ADDR, "--role", DEV, "--passphrase-file", phrase),
+        run_cli_process("get", "--data", data, ADDR, "--role", DEV, "--passphrase-file", phrase),
         FAILURE,
         "chmod 600",
     )
     phrase.chmod(0o600)
-    by_file = run_cli("get", "--data", data, ADDR, "--role", DEV, "--passphrase-file", phrase)
+    by_file = run_cli_process(
+        "get", "--data", data, ADDR, "--role", DEV, "--passphrase-file", phrase
+    )
     assert ok(by_file).stdout == b"x"
-    by_env = run_cli(
+    by_env = run_cli_process(
         "get", "--data", data, ADDR, "--role", DEV, env={"SLURPFS_PASSPHRASE_FILE": str(phrase)}
     )
     assert ok(by_env).stdout == b"x"
@@ -745,11 +751,11 @@ def test_plaintext_written_on_request_is_for_the_user_alone(data: Path, tmp_path
 def test_json_failures_are_json_too(data: Path) -> None:
     """A script reading `--json` output reads failures too. Expected: the reason on
     stderr, and on stdout one JSON object with the message and the exit code."""
-    missing = run_cli("get", "--data", data, ADDR, "--role", DEV, "--json")
+    missing = run_cli_process("get", "--data", data, ADDR, "--role", DEV, "--json")
     fails(missing, NOT_FOUND, "no context")
     assert json.loads(missing.stdout) == {
         "error": f"no context at {ADDR} for role {DEV!r}",
         "exit_code": NOT_FOUND,
     }
-    bad = run_cli("put", "--data", data, "ucxl://nope", "--role", DEV, "--json", input=b"x")
+    bad = run_cli_process("put", "--data", data, "ucxl://nope", "--role", DEV, "--json", input=b"x")
     assert json.loads(fails(bad, BAD_ADDRESS).stdout)["exit_code"] == BAD_ADDRESS

@@ -201,7 +201,7 @@ async def test_a_save_waits_for_another_writer_off_the_fuse_loop(
     assert model.get(ADDR, DEV).data == b"two\n"
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings("internal error; the request fails with EIO")
 async def test_a_bug_in_a_handler_fails_that_request_not_the_mount(
     fs: OpsHarness,
     ops: Operations,

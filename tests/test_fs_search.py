@@ -429,7 +429,9 @@ async def test_stopping_abandons_an_index_build(model: ContextStore) -> None:
     assert ops.search.statistics().ready == 0
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(
+    "search is unavailable on this mount: unknown search engine 'no-such-engine'"
+)
 async def test_a_service_that_cannot_open_leaves_the_mount_up(
     model: ContextStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import trio
-from conftest import Node, Nodes, run_cli
+from conftest import Node, Nodes, run_cli_process
 from test_index_support import ENGINES, address, document
 
 from slurpfs.index import Indexer, SearchService
@@ -95,7 +95,7 @@ async def test_commits_from_the_trio_thread_and_bursts(setup: tuple[Node, Contex
 async def put_elsewhere(node: Node, path: str, text: str) -> None:
     """`slurpfs put` in a subprocess: a commit this process is not told about."""
     done = await trio.to_thread.run_sync(
-        lambda: run_cli(
+        lambda: run_cli_process(
             "--data",
             node.data_dir,
             "put",

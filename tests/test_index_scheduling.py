@@ -1,16 +1,22 @@
 """The indexer yields to the mount: it waits for a pause, applies a backlog in steps.
 
 Activity is a counter the test moves by hand (the daemon passes the count of
-requests the mount served); commits come from the model as usual.
+requests the mount served); commits come from the model as usual. The indexer
+keeps time with trio's clock, which the tests of its timing run as an
+autojumping `MockClock` (`autojump_clock`): a wait passes at once when every
+task waits, and the clock stands still while the indexer's worker thread works
+(`clock_stops_while`), so a step takes no time on it, however loaded the machine.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 from conftest import Node, Nodes
 from test_index_support import ENGINES, address, document
 
@@ -35,6 +41,23 @@ def setup(request: pytest.FixtureRequest, nodes: Nodes) -> tuple[Node, ContextSt
     return nodes.new(held=["developer"], overrides={"search.engine": request.param})
 
 
+async def clock_stops_while(limiter: trio.CapacityLimiter) -> None:
+    """Keep the mock clock still while a worker thread holds `limiter`.
+
+    The autojumping clock moves whenever every task waits, and a task waiting for
+    a thread waits: the clock would run through any wait of the test while the
+    indexer's thread works. This task stays runnable while the thread works
+    (sleeping for real between checks, so the thread runs), which stops the clock;
+    otherwise it checks every millisecond of the clock.
+    """
+    while True:
+        if limiter.statistics().borrowed_tokens:
+            time.sleep(0.0005)  # noqa: ASYNC251 - holds the loop, and so the clock
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.sleep(0.001)
+
+
 async def busy(activity: list[int], every: float) -> None:
     """The mount serving requests: the counter moves every `every` seconds."""
     while True:
@@ -42,14 +65,23 @@ async def busy(activity: list[int], every: float) -> None:
         await trio.sleep(every)
 
 
-async def test_indexing_waits_while_the_mount_is_busy(setup: tuple[Node, ContextStore]) -> None:
+async def test_indexing_waits_while_the_mount_is_busy(
+    setup: tuple[Node, ContextStore], autojump_clock: trio.testing.MockClock
+) -> None:
     _node, model = setup
     search = SearchService.open(model)
     activity = [0]
+    worker = trio.CapacityLimiter(1)
     indexer = Indexer(
-        search, poll_interval=60.0, quiet=1.0, max_delay=60.0, activity=lambda: activity[0]
+        search,
+        poll_interval=60.0,
+        quiet=1.0,
+        max_delay=60.0,
+        activity=lambda: activity[0],
+        limiter=worker,
     )
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock_stops_while, worker)
         await nursery.start(indexer.run)
         model.put(address("src/busy.go"), "developer", document("deferredword"))
         with trio.move_on_after(1.5):  # requests for longer than `quiet`, never a pause
@@ -59,19 +91,27 @@ async def test_indexing_waits_while_the_mount_is_busy(setup: tuple[Node, Context
         # Requests stop: indexed after the quiet period.
         await eventually(lambda: hits(search, "deferredword") == 1, deadline=5.0)
         indexer.stop()
+        nursery.cancel_scope.cancel()
     search.close()
 
 
 async def test_a_busy_mount_still_gets_indexed_after_the_longest_delay(
-    setup: tuple[Node, ContextStore],
+    setup: tuple[Node, ContextStore], autojump_clock: trio.testing.MockClock
 ) -> None:
     _node, model = setup
     search = SearchService.open(model)
     activity = [0]
+    worker = trio.CapacityLimiter(1)
     indexer = Indexer(
-        search, poll_interval=60.0, quiet=0.5, max_delay=0.3, activity=lambda: activity[0]
+        search,
+        poll_interval=60.0,
+        quiet=0.5,
+        max_delay=0.3,
+        activity=lambda: activity[0],
+        limiter=worker,
     )
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock_stops_while, worker)
         await nursery.start(indexer.run)
         nursery.start_soon(busy, activity, 0.02)
         model.put(address("src/forced.go"), "developer", document("forcedword"))
@@ -81,11 +121,17 @@ async def test_a_busy_mount_still_gets_indexed_after_the_longest_delay(
     search.close()
 
 
-async def test_a_backlog_is_applied_in_growing_steps(setup: tuple[Node, ContextStore]) -> None:
+async def test_a_backlog_is_applied_in_growing_steps(
+    setup: tuple[Node, ContextStore], autojump_clock: trio.testing.MockClock
+) -> None:
     _node, model = setup
     search = SearchService.open(model)
-    indexer = Indexer(search, poll_interval=60.0, quiet=0.05, min_step=4, max_step=16)
+    worker = trio.CapacityLimiter(1)
+    indexer = Indexer(
+        search, poll_interval=60.0, quiet=0.05, min_step=4, max_step=16, limiter=worker
+    )
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock_stops_while, worker)
         await nursery.start(indexer.run)
         burst = [
             BatchItem(address(f"burst/b{i}"), "developer", document(f"stepword {i}"))
@@ -99,6 +145,7 @@ async def test_a_backlog_is_applied_in_growing_steps(setup: tuple[Node, ContextS
         assert 4 <= stats.batches < 10  # 4 + 8 + 16 + 12, not ten steps of 4
         assert stats.seq == model.store.sequence()
         indexer.stop()
+        nursery.cancel_scope.cancel()
     search.close()
 
 
@@ -149,10 +196,13 @@ def test_commits_without_merge_keep_their_segments_until_tidy(nodes: Nodes) -> N
         assert search.statistics().rebuilt == ()
 
 
-async def test_a_busy_mount_gets_its_segments_merged_once_idle(nodes: Nodes) -> None:
+async def test_a_busy_mount_gets_its_segments_merged_once_idle(
+    nodes: Nodes, autojump_clock: trio.testing.MockClock
+) -> None:
     _node, model = nodes.new(held=["developer"], overrides={"search.engine": "whoosh"})
     search = SearchService.open(model)
     activity = [0]
+    worker = trio.CapacityLimiter(1)
     indexer = Indexer(
         search,
         poll_interval=0.2,
@@ -161,8 +211,10 @@ async def test_a_busy_mount_gets_its_segments_merged_once_idle(nodes: Nodes) -> 
         min_step=1,
         max_step=1,
         activity=lambda: activity[0],
+        limiter=worker,
     )
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(clock_stops_while, worker)
         await nursery.start(indexer.run)
         async with trio.open_nursery() as requests:
             requests.start_soon(busy, activity, 0.01)
@@ -177,6 +229,7 @@ async def test_a_busy_mount_gets_its_segments_merged_once_idle(nodes: Nodes) -> 
         assert segments(search) < 8
         assert hits(search, "busyword") == 8
         indexer.stop()
+        nursery.cancel_scope.cancel()
     search.close()
 
 

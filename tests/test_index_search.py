@@ -298,7 +298,11 @@ readers = ["q", "s"]
         assert sorted(h.role for h in only_q.hits) == ["p", "q", "t"]
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(
+    r"search index of role developer refused, rebuilding it: index file '\S+' of role"
+    r" 'developer' is not the one its manifest \(generation 2\) names: refusing an older"
+    " or altered index"
+)
 def test_a_rolled_back_index_is_refused_and_rebuilt(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -369,7 +373,10 @@ def test_a_ttl_purge_told_to_the_service_leaves_the_index(nodes: Nodes) -> None:
         assert check_index(model) == []
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(
+    r"not indexing claude:architect@bzzz:auth/bad \[developer\]: version [0-9a-f]{16}:"
+    " envelope does not hash to its id"
+)
 def test_corrupt_versions_are_not_indexed(nodes: Nodes, caplog: pytest.LogCaptureFixture) -> None:
     node, model = nodes.new(held=["developer"], overrides={"search.engine": "tantivy"})
     node.expect_damage()

@@ -164,6 +164,8 @@ def mnt(nodes: Nodes, tmp_path: Path) -> Iterator[Mounted]:
         m.sweep()
 
 
+@pytest.mark.mount
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 def test_a_mount_prepares_keys_and_its_saves_use_them(mnt: Mounted) -> None:
     wait_for(lambda: _stat(mnt, "prepared_keys_ready") > 0, what="prepared keys")
     # The key thread seals only when a CPU would otherwise idle; nothing else does.

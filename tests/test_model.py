@@ -15,7 +15,15 @@ from typing import Any
 
 import lmdb
 import pytest
-from conftest import MemoryAnchors, Node, Nodes, audit_keys, cli_env, raw_store
+from conftest import (
+    MemoryAnchors,
+    Node,
+    Nodes,
+    audit_chain_broken,
+    audit_keys,
+    cli_env,
+    raw_store,
+)
 from fsutil import fill
 from nacl.public import PublicKey, SealedBox
 
@@ -662,7 +670,10 @@ def test_an_unkeyed_log_in_place_of_a_keyed_one_fails(node: Node, model: Context
     node.expect_damage()
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(
+    audit_chain_broken(r"it is \d+ bytes shorter than this process left it"),
+    audit_chain_broken("it ends before entry 3, which the anchor names"),
+)
 def test_a_process_that_finds_the_log_cut_under_it_anchors_its_own_last_entry(
     node: Node, model: ContextStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -700,12 +711,26 @@ def _anchor_table(node: Node) -> Any:
     return lmdb.open(str(node.data_dir / "store"), max_dbs=64)
 
 
-@pytest.mark.expect_warnings
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("removed", "keyed entries but the store holds no anchor"),
-        ("altered", "does not authenticate"),
+        pytest.param(
+            "removed",
+            "keyed entries but the store holds no anchor",
+            marks=pytest.mark.expect_warnings(
+                audit_chain_broken("it holds keyed entries but the store has no anchor for it")
+            ),
+        ),
+        pytest.param(
+            "altered",
+            "does not authenticate",
+            marks=pytest.mark.expect_warnings(
+                audit_chain_broken(
+                    "the audit log's anchor in the store does not authenticate"
+                    r" \(altered, or not made with this node's key\)"
+                )
+            ),
+        ),
     ],
 )
 def test_a_removed_or_altered_anchor_fails_verify_and_stays_failing(
