@@ -510,7 +510,7 @@ def test_pending_keys_at_their_defaults_load_quietly(tmp_path: Path) -> None:
     assert cfg.replication.write_quorum == 1
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(r"\S+ = \S+ has no effect yet: it is ignored")
 def test_pending_keys_set_to_something_warn_that_they_do_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

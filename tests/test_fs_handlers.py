@@ -32,7 +32,7 @@ def test_every_handler_is_wrapped() -> None:
     assert not bare, f"handlers without @handler: {bare}"
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings("internal error; the request fails with EIO")
 async def test_a_bug_in_releasedir_fails_the_request_not_the_mount(
     ops: Operations, fs: OpsHarness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -46,7 +46,7 @@ async def test_a_bug_in_releasedir_fails_the_request_not_the_mount(
     assert sorted(await fs.listdir("")) == [".search", ".slurp", "ucxl"]  # still serving
 
 
-@pytest.mark.expect_warnings
+@pytest.mark.expect_warnings(r"request failed: \[Errno 2\] No such file or directory: '\S+/gone'")
 async def test_statfs_of_a_vanished_data_directory_is_its_errno(
     model: ContextStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
