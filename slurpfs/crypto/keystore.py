@@ -208,10 +208,11 @@ class Keystore:
             state = self._load_state()
             if role not in state.publics:
                 raise NotFound(f"no keys for role {role!r}")
+            for generation in sorted(state.publics[role]):
+                self._mark_dropped(role, generation)
             for path in sorted(self._roles_dir.iterdir()):
                 m = _ROLE_FILE_RE.fullmatch(path.name)
                 if m is not None and m["role"] == role:
-                    self._mark_dropped(m["role"], int(m["gen"]))
                     _destroy(path)
             state.pairs = {k: v for k, v in state.pairs.items() if k[0] != role}
             return state.keyring()

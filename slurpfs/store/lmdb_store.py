@@ -41,6 +41,10 @@ _DAMAGE = (
     lmdb.InvalidError,
     lmdb.VersionMismatchError,
     lmdb.BadTxnError,  # a transaction that met a damaged page cannot go on
+    lmdb.BadDbiError,  # a sub-database's record in the main database changed
+    lmdb.IncompatibleError,  # ... or its flags
+    lmdb.CursorFullError,  # a tree deeper than LMDB allows: a page points back up
+    lmdb.PageFullError,
     lmdb.PanicError,
     UnicodeDecodeError,
     struct.error,
