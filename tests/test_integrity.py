@@ -385,8 +385,8 @@ def test_put_on_a_full_disk_exits_8_and_loses_nothing(ext4_disk: Path, tmp_path:
 def test_a_mount_on_a_full_ext4_disk_is_enospc_and_loses_nothing(
     ext4_disk: Path, nodes: Nodes, tmp_path: Path
 ) -> None:
-    # ext4 (unlike tmpfs) lets a write run out of room halfway, which LMDB reports as
-    # EIO. Expected: fsync and close of a save that no longer fits fail with ENOSPC,
+    # ext4 lets a write run out of room halfway (here: 128 KiB left for a 512 KiB
+    # save), which LMDB reports as EIO. Expected: fsync and close of a save that no longer fits fail with ENOSPC,
     # what was stored before reads back, and the store is fsck-clean (at teardown).
     node, _ = nodes.new(str(ext4_disk.relative_to(tmp_path) / "data"))
     node.close_all()
@@ -397,7 +397,9 @@ def test_a_mount_on_a_full_ext4_disk_is_enospc_and_loses_nothing(
         d.mkdir(parents=True)
         (d / DEV).write_bytes(b"stored before the disk filled\n")
         fd = os.open(d / DEV, os.O_WRONLY | os.O_TRUNC)
-        fill(ext4_disk / "filler")
+        filler = ext4_disk / "filler"
+        fill(filler)
+        os.truncate(filler, filler.stat().st_size - (128 << 10))  # room for part of it
         new = os.urandom(512 << 10)
         try:
             os.write(fd, new)
