@@ -203,23 +203,48 @@ def _check_seal(store: Store, sealed: seal.StoreSeal, audit_path: Path, *, accep
     its seal; seal a store that has no seal yet (made before stores were sealed).
 
     With `accept` (`slurpfs fsck --accept-rollback`), seal the store as it is now.
+    Sealing holds the store's writer lock, so two processes opening an unsealed
+    store at once agree on one epoch.
     """
     state = sealed.read()
+    if state is not None and not accept:
+        _compare(store, sealed, state)
+        return
+    store.writer.acquire()
+    try:
+        state = sealed.read()  # another process may have sealed it meanwhile
+        if state is not None and not accept:
+            _compare(store, sealed, state)
+        else:
+            _seal_anew(store, sealed, state, audit_path, accept=accept)
+    finally:
+        store.writer.release()
+
+
+def _compare(store: Store, sealed: seal.StoreSeal, state: seal.SealState) -> None:
+    epoch, sequence = store.epoch(), store.sequence()
+    if epoch is None and state.counter == 1 and sequence >= state.sequence:
+        store.set_epoch(state.epoch)  # the first sealing was cut short: finish it
+        return
+    seal.check(state, epoch, sequence, store.path / "data.mdb")
+
+
+def _seal_anew(
+    store: Store,
+    sealed: seal.StoreSeal,
+    state: seal.SealState | None,
+    audit_path: Path,
+    *,
+    accept: bool,
+) -> None:
     epoch, sequence = store.epoch(), store.sequence()
     file = store.path / "data.mdb"
-    if state is not None and not accept:
-        if epoch is None and state.counter == 1 and sequence >= state.sequence:
-            store.set_epoch(state.epoch)  # the first sealing was cut short: finish it
-            return
-        seal.check(state, epoch, sequence, file)
-        return
-    if state is None and epoch is not None and not accept:
+    if not accept and epoch is not None:
         raise Corrupt(f"{file} was sealed, but its seal {sealed.path} is missing; {seal.FIX_HINT}")
     if (
-        state is None
+        not accept
         and has_keyed_entries(audit_path)
         and store.aux_get(ANCHOR_TABLE, ANCHOR_KEY) is None
-        and not accept
     ):
         raise Corrupt(
             f"{file} holds no audit anchor although the audit log has keyed entries:"
@@ -231,7 +256,7 @@ def _check_seal(store: Store, sealed: seal.StoreSeal, audit_path: Path, *, accep
         store.set_epoch(epoch)
     else:
         sealed.replace(seal.SealState(epoch, sequence, 0))
-    if accept and state is not None:
+    if state is not None:
         log.warning(
             "accepted %s as it is now: %d commits (its seal named %d); sealed again",
             file,

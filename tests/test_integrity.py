@@ -375,7 +375,7 @@ def test_put_on_a_full_disk_exits_8_and_loses_nothing(ext4_disk: Path, tmp_path:
             break
     else:
         raise AssertionError("8 MiB took 40 puts of 600 KiB")
-    refused(proc, FULL, "no space left")
+    refused(proc, FULL, "No space left on device")
     assert succeeds(cli(data, "get", ADDR, "--role", DEV)).stdout == b"stored before\n"
     for m in range(n):
         assert succeeds(cli(data, "get", f"ucxl://{AUTH}/big{m}", "--role", DEV)).stdout == big

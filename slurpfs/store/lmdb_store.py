@@ -259,7 +259,7 @@ class Store:
             # `ucxl` keeps addresses short enough; this is the store's own guard.
             return AddressTooLong("an address is too long for the store's keys")
         if self._out_of_space(exc):
-            return StoreFull(f"{doing}: no space left on the device holding {self._file}")
+            return StoreFull(f"{doing} failed: No space left on device (the store {self._file})")
         return SlurpError(f"{doing} failed: {exc}")
 
     def _out_of_space(self, exc: lmdb.Error | OSError) -> bool:
