@@ -481,6 +481,17 @@ class AuditLog:
                 return True
         return False  # others kept moving it: they anchored entries at least as new
 
+    def stored_anchor(self) -> int | None:
+        """The seq the store's anchor names now; None if it has none or it does not
+        authenticate (the store's seal records it: `slurpfs.seal`)."""
+        raw = self._anchors.load()
+        if raw is None:
+            return None
+        try:
+            return self._keys.open_anchor(raw).seq
+        except Corrupt:
+            return None
+
     def verify(self) -> Verified:
         """`verify` of this log, with this process's keys and anchor."""
         return verify(self._path, self._keys, self._anchors)
@@ -588,6 +599,16 @@ def _lines(path: Path) -> Iterator[bytes]:
             if pos > size:  # appended since
                 return
             yield raw
+
+
+def has_keyed_entries(path: Path) -> bool:
+    """True if the log's last line is a keyed (format 2) entry: a keyed slurpfs has
+    written it, so the store must hold an anchor for it."""
+    try:
+        lines = _tail_lines(path, 1)
+    except FileNotFoundError:
+        return False
+    return bool(lines) and b'"mac":' in lines[-1]
 
 
 def _tail_lines(path: Path, limit: int) -> list[bytes]:

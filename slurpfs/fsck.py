@@ -4,18 +4,25 @@ Verifies that every head resolves, that leaves are ordered as the head rule
 says, that every version's envelope authenticates (signature, ciphertext hash,
 metadata agreeing with the signed header, content address) and - with `deep`
 and where this node holds a key - decrypts to the recorded size, and that
-history, leaves and the address tree agree. Reports problems; repairs nothing.
+history, leaves and the address tree agree. Across the whole store: that it is
+the store this node sealed and not behind its seal or its audit anchor
+(`slurpfs.seal`), and that every role key the node sealed versions with is still
+here. Damage the store cannot even be read past is reported, never raised.
+Reports problems; repairs nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from slurpfs import audit, seal
 from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
+from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import Corrupt
-from slurpfs.model import ContextStore
-from slurpfs.store import StoredVersion, schema
+from slurpfs.model import ContextStore, data_paths
+from slurpfs.store import StoredVersion, VersionRecord, schema
 
 
 @dataclass
@@ -33,19 +40,43 @@ class FsckReport:
 
 
 def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
-    store = model.store
     report = FsckReport()
-    records = {r.version_id: r for r in store.iter_records()}
+    try:
+        records = {r.version_id: r for r in model.store.iter_records()}
+    except Corrupt as exc:
+        report.problems.append(str(exc))
+        return report  # nothing below can be told without the versions
     report.versions = len(records)
+    phases: list[Callable[[], None]] = [
+        lambda: _check_versions(report, model, records, deep),
+        lambda: _check_history(report, model, records),
+        lambda: _check_contexts(report, model, records),
+        lambda: _check_sealed(report, model),
+    ]
+    for phase in phases:
+        try:
+            phase()
+        except Corrupt as exc:
+            report.problems.append(str(exc))
+    return report
+
+
+def _check_versions(
+    report: FsckReport, model: ContextStore, records: dict[bytes, VersionRecord], deep: bool
+) -> None:
+    store = model.store
     held = model.held_roles()
     locals_ = local.LocalSlots()
-
+    sealed_with: dict[tuple[str, int], int] = {}  # this node's local slots, per role key
     for vid, rec in records.items():
         where = f"version {rec.short_id} ({rec.address} [{rec.role}])"
         stored = store.read_version(vid)
         if stored is None:
             report.problems.append(f"{where}: envelope missing")
             continue
+        for slot in stored.local_slots:
+            key = (slot.role, slot.generation)
+            sealed_with[key] = sealed_with.get(key, 0) + 1
         raw, slots = stored.envelope, stored.slots
         try:
             envelope = env.Envelope.decode(raw)
@@ -65,9 +96,32 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
         for parent_id in rec.parents:
             if parent_id not in records:
                 report.problems.append(f"{where}: parent {parent_id.hex()[:16]} missing")
+    _check_keys(report, model, sealed_with)
 
+
+def _check_keys(
+    report: FsckReport, model: ContextStore, sealed_with: dict[tuple[str, int], int]
+) -> None:
+    """A role key this node sealed versions with (it wrote local key slots for it)
+    must still be here, unless `slurpfs keys drop` destroyed it on purpose."""
+    keystore = Keystore(model.config.data_dir, None)
+    for (role, generation), count in sorted(sealed_with.items()):
+        if model.keyring.private(role, generation) is None and not keystore.was_dropped(
+            role, generation
+        ):
+            report.problems.append(
+                f"role {role} generation {generation}: this node held its private key (it"
+                f" wrote {count} versions with it), but the key file"
+                f" keys/roles/{role}.{generation}.key is missing: those versions cannot be"
+                " read here (restore the key file from a backup)"
+            )
+
+
+def _check_history(
+    report: FsckReport, model: ContextStore, records: dict[bytes, VersionRecord]
+) -> None:
     history_ids: set[bytes] = set()
-    for key in store.iter_history_keys():
+    for key in model.store.iter_history_keys():
         vid = key[-schema.VERSION_ID_LEN :]
         history_ids.add(vid)
         entry = records.get(vid)
@@ -80,6 +134,11 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
     for vid in records.keys() - history_ids:
         report.problems.append(f"version {vid.hex()[:16]}: not in the history index")
 
+
+def _check_contexts(
+    report: FsckReport, model: ContextStore, records: dict[bytes, VersionRecord]
+) -> None:
+    store = model.store
     dirs = {(parent, child) for parent, child in store.iter_tree()}
     report.directories = len(dirs)
     for parent, _child in dirs:
@@ -111,7 +170,33 @@ def check(model: ContextStore, *, deep: bool = True) -> FsckReport:
         for leaf in known:
             if leaf.version_id in has_children:
                 report.problems.append(f"{where}: leaf {leaf.short_id} has a child version")
-    return report
+
+
+def _check_sealed(report: FsckReport, model: ContextStore) -> None:
+    """The store against its seal (opening checked epoch and sequence) and the audit
+    anchor it holds against the one the seal names: an anchor behind the seal means
+    the store was put back to an older copy, even one with no fewer commits."""
+    node = model.keyring.node
+    state = seal.StoreSeal(
+        data_paths(model.config.data_dir)["seal"], seal.SealKey.for_node(node)
+    ).read()
+    if state is None:
+        report.problems.append("the store has no seal (opening it should have made one)")
+        return
+    raw = model.store.aux_get(audit.ANCHOR_TABLE, audit.ANCHOR_KEY)
+    if raw is None:
+        if state.anchored:
+            report.problems.append(
+                f"the store holds no audit anchor, but its seal names entry {state.anchored}:"
+                " the anchor was removed or the store put back to an older copy"
+            )
+        return
+    anchored = audit.AuditKeys.for_node(node).open_anchor(raw).seq
+    if anchored < state.anchored:
+        report.problems.append(
+            f"the store's audit anchor names entry {anchored}, but its seal names entry"
+            f" {state.anchored}: the store was put back to an older copy"
+        )
 
 
 def _check_slots(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import random
 import re
 import threading
@@ -23,8 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slurpfs import frontmatter, hlc
-from slurpfs.audit import AuditKeys, AuditLog, StoreAnchorSlot, Verified, verify
+from slurpfs import frontmatter, hlc, seal
+from slurpfs.audit import (
+    ANCHOR_KEY,
+    ANCHOR_TABLE,
+    AuditKeys,
+    AuditLog,
+    StoreAnchorSlot,
+    Verified,
+    has_keyed_entries,
+    verify,
+)
 from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
@@ -163,6 +173,7 @@ def data_paths(data_dir: Path) -> dict[str, Path]:
     return {
         "config": data_dir / "config.toml",
         "store": data_dir / "store",
+        "seal": data_dir / "store.seal",
         "audit": data_dir / "audit.log",
         "keys": data_dir / "keys",
     }
@@ -201,17 +212,91 @@ def verify_audit(
         store.close()
 
 
+def _check_seal(store: Store, sealed: seal.StoreSeal, audit_path: Path, *, accept: bool) -> None:
+    """Refuse (`Corrupt`) a store that is not the one this node sealed, or is behind
+    its seal; seal a store that has no seal yet (made before stores were sealed).
+
+    With `accept` (`slurpfs fsck --accept-rollback`), seal the store as it is now.
+    Sealing holds the store's writer lock, so two processes opening an unsealed
+    store at once agree on one epoch.
+    """
+    state = sealed.read()
+    if state is not None and not accept:
+        _compare(store, sealed, state)
+        return
+    store.writer.acquire()
+    try:
+        state = sealed.read()  # another process may have sealed it meanwhile
+        if state is not None and not accept:
+            _compare(store, sealed, state)
+        else:
+            _seal_anew(store, sealed, state, audit_path, accept=accept)
+    finally:
+        store.writer.release()
+
+
+def _compare(store: Store, sealed: seal.StoreSeal, state: seal.SealState) -> None:
+    epoch, sequence = store.epoch(), store.sequence()
+    if epoch is None and state.counter == 1 and sequence >= state.sequence:
+        store.set_epoch(state.epoch)  # the first sealing was cut short: finish it
+        return
+    seal.check(state, epoch, sequence, store.path / "data.mdb")
+
+
+def _seal_anew(
+    store: Store,
+    sealed: seal.StoreSeal,
+    state: seal.SealState | None,
+    audit_path: Path,
+    *,
+    accept: bool,
+) -> None:
+    epoch, sequence = store.epoch(), store.sequence()
+    file = store.path / "data.mdb"
+    if not accept and epoch is not None:
+        raise Corrupt(f"{file} was sealed, but its seal {sealed.path} is missing; {seal.FIX_HINT}")
+    if (
+        not accept
+        and has_keyed_entries(audit_path)
+        and store.aux_get(ANCHOR_TABLE, ANCHOR_KEY) is None
+    ):
+        raise Corrupt(
+            f"{file} holds no audit anchor although the audit log has keyed entries:"
+            f" the store was replaced or emptied; {seal.FIX_HINT}"
+        )
+    if epoch is None:
+        epoch = os.urandom(seal.EPOCH_BYTES)
+        sealed.create(seal.SealState(epoch, sequence, 0))
+        store.set_epoch(epoch)
+    else:
+        sealed.replace(seal.SealState(epoch, sequence, 0))
+    if state is not None:
+        log.warning(
+            "accepted %s as it is now: %d commits (its seal named %d); sealed again",
+            file,
+            sequence,
+            state.sequence,
+        )
+
+
 class ContextStore:
     """The encrypted, versioned context store of one node."""
 
     def __init__(
-        self, config: Config, keystore: Keystore, keyring: Keyring, store: Store, audit: AuditLog
+        self,
+        config: Config,
+        keystore: Keystore,
+        keyring: Keyring,
+        store: Store,
+        audit: AuditLog,
+        sealed: seal.StoreSeal | None = None,
     ) -> None:
         self.config = config
         self._keystore = keystore
         self.keyring = keyring
         self._store = store
         self._audit = audit
+        self._store_seal = sealed
         self._clock = hlc.HybridClock()
         self._cache = PlaintextCache(config.cache.plaintext_bytes)
         self._local = local.LocalSlots()
@@ -248,9 +333,18 @@ class ContextStore:
 
     @classmethod
     def open(
-        cls, config: Config, passphrase: bytes | None = None, *, kdf: KdfParams | None = None
+        cls,
+        config: Config,
+        passphrase: bytes | None = None,
+        *,
+        kdf: KdfParams | None = None,
+        accept_rollback: bool = False,
     ) -> ContextStore:
-        """Open an initialised data directory (NotInitialised, WrongPassphrase, ConfigError)."""
+        """Open an initialised data directory (NotInitialised, WrongPassphrase, ConfigError).
+
+        Corrupt if the store is damaged, or is not the one this node sealed or is
+        behind its seal (`slurpfs.seal`); `accept_rollback` seals it as it is instead.
+        """
         paths = data_paths(config.data_dir)
         keystore = Keystore(config.data_dir, passphrase, kdf or KdfParams.default())
         keyring = keystore.load()
@@ -261,22 +355,39 @@ class ContextStore:
             )
         store = _open_store(config)
         try:
+            sealed = seal.StoreSeal(paths["seal"], seal.SealKey.for_node(keyring.node))
+            _check_seal(store, sealed, paths["audit"], accept=accept_rollback)
             audit = AuditLog(
                 paths["audit"], AuditKeys.for_node(keyring.node), StoreAnchorSlot(store)
             )
         except BaseException:
             store.close()
             raise
-        return cls(config, keystore, keyring, store, audit)
+        return cls(config, keystore, keyring, store, audit, sealed)
 
     def close(self) -> None:
-        """Anchor the audit log's newest entries, then close the store and the log."""
+        """Anchor the audit log's newest entries and seal the store, then close the
+        store and the log."""
         try:
             self._anchor()
+            self._sync_and_seal()
         finally:
             self._store.close()
             self._audit.close()
             self._cache.clear()
+
+    def _sync_and_seal(self) -> None:
+        """Sync the store, then move its seal up to what was committed before the sync."""
+        sequence, anchored = self._store.sequence(), self._audit.stored_anchor()
+        self._store.sync()
+        if self._store_seal is None:
+            return
+        try:
+            self._store_seal.advance(sequence, anchored)
+        except OSError as exc:
+            # The seal only lags behind (a rollback to before it goes unnoticed);
+            # the next sync tries again.
+            log.warning("the store's seal was not moved forward: %s", exc)
 
     def __enter__(self) -> ContextStore:
         return self
@@ -293,8 +404,8 @@ class ContextStore:
         return self._audit.problem()
 
     def sync(self) -> None:
-        """Make every commit so far survive power loss."""
-        self._store.sync()
+        """Make every commit so far survive power loss (and seal them)."""
+        self._sync_and_seal()
 
     @property
     def audit_unanchored(self) -> bool:
@@ -306,7 +417,7 @@ class ContextStore:
         calls this at every periodic sync). True if the anchor moved."""
         if not self._anchor():
             return False
-        self._store.sync()
+        self._sync_and_seal()
         return True
 
     def verify_audit(self) -> Verified:

@@ -383,7 +383,7 @@ def run_cli(
 def _main_exit_code(argv: list[str]) -> int:
     """`main`'s exit code as the interpreter would make it (SystemExit, a traceback)."""
     try:
-        return cli.main(argv, dict(os.environ))
+        return cli.main(argv, dict(os.environ), guarded=False)  # no fork: output is captured here
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

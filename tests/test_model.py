@@ -757,6 +757,10 @@ def test_a_removed_or_altered_anchor_fails_verify_and_stays_failing(
     node.close(model)  # does not write an anchor over the evidence
     with pytest.raises(Corrupt, match=message):
         node.verify_audit()
+    # The store's seal names the anchored entry: fsck reports the store's side too.
+    problems = node.fsck().problems
+    assert any(("no audit anchor" if damage == "removed" else message) in p for p in problems)
+    node.expect_damage()
 
 
 def test_the_unanchored_tail_of_a_process_that_died_can_be_cut_unnoticed(

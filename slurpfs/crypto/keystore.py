@@ -72,6 +72,7 @@ SECRET_BYTES = 32
 SALT_BYTES = argon2id.SALTBYTES
 _MAX_MEMLIMIT = 4 << 30  # refuse absurd stored parameters rather than exhaust memory
 _KDF_HEADER = struct.Struct(">16sQQ24s")  # salt, opslimit, memlimit, nonce
+DROPPED_DIR = "dropped"  # keys/dropped/<role>.<gen>: destroyed on purpose (`drop_private`)
 _ROLE_FILE_RE = re.compile(r"(?P<role>[A-Za-z0-9_][A-Za-z0-9_-]{0,63})\.(?P<gen>[1-9][0-9]*)\.key")
 
 
@@ -207,6 +208,8 @@ class Keystore:
             state = self._load_state()
             if role not in state.publics:
                 raise NotFound(f"no keys for role {role!r}")
+            for generation in sorted(state.publics[role]):
+                self._mark_dropped(role, generation)
             for path in sorted(self._roles_dir.iterdir()):
                 m = _ROLE_FILE_RE.fullmatch(path.name)
                 if m is not None and m["role"] == role:
@@ -280,6 +283,16 @@ class Keystore:
                 self._write_public(state)
 
     # ------------------------------------------------------------------ internals
+
+    def was_dropped(self, role: str, generation: int) -> bool:
+        """True if `drop_private` destroyed this generation's private key on purpose
+        (what `fsck` tells from a key file lost by accident)."""
+        return (self.keys_dir / DROPPED_DIR / f"{role}.{generation}").exists()
+
+    def _mark_dropped(self, role: str, generation: int) -> None:
+        """Leave an empty ``keys/dropped/<role>.<gen>`` (no key material)."""
+        _make_private_dir(self.keys_dir / DROPPED_DIR)
+        _write_atomic(self.keys_dir / DROPPED_DIR / f"{role}.{generation}", b"")
 
     def _role_path(self, role: str, generation: int) -> Path:
         return self._roles_dir / f"{role}.{generation}.key"

@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from typing import NoReturn
 
 from slurpfs.config import Config
 from slurpfs.crypto.keystore import Keystore
-from slurpfs.errors import NotInitialised, SlurpError, WrongPassphrase, exit_code
+from slurpfs.errors import Corrupt, NotInitialised, SlurpError, WrongPassphrase, exit_code
 from slurpfs.model import ContextStore
 from slurpfs.service import control
 from slurpfs.service.daemon import Daemon, MountError, MountOptions
@@ -213,8 +214,15 @@ def serve(
     *,
     ready: Callable[[], None] | None = None,
 ) -> int:
-    """Open the store and run the daemon in this process until it is unmounted."""
-    model = ContextStore.open(config, passphrase)
+    """Open the store and run the daemon in this process until it is unmounted.
+
+    A damaged store, or one that is not the store this node sealed, cannot be
+    mounted: MountError (exit 10) with the reason.
+    """
+    try:
+        model = ContextStore.open(config, passphrase)
+    except Corrupt as exc:
+        raise MountError(f"cannot mount {config.data_dir}: {exc}") from None
     try:
         daemon = Daemon(config, model, options)
     except BaseException:
@@ -261,6 +269,15 @@ def start_background(
         code, _, message = reply[4:].partition(" ")
         print(f"slurpfs: {message}", file=sys.stderr)
         return int(code)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGBUS, signal.SIGSEGV):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        print(
+            f"slurpfs: cannot mount {config.data_dir}: the store is damaged: reading it"
+            f" crashed the daemon ({name}: a page of store/data.mdb points outside the"
+            " file); restore the store from a backup or a peer",
+            file=sys.stderr,
+        )
+        return 10
     print(
         f"slurpfs: the daemon exited (status {os.waitstatus_to_exitcode(status)}) before"
         f" mounting; see {log_path}",

@@ -10,9 +10,11 @@ commits survive power loss.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,48 @@ from slurpfs.crypto.envelope import KeySlot
 from slurpfs.errors import AddressTooLong, Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
 from slurpfs.store import schema as s
 from slurpfs.store.schema import VersionRecord
+
+DATA_FILE = "data.mdb"
+# A write that fails with EIO while less than this is free counts as a full disk.
+_FULL_BELOW = 1 << 20
+RESTORE_HINT = "restore the store from a backup or a peer"
+
+# What LMDB (and decoding what it returns) raises when the file is damaged: the
+# structure does not parse, a page is missing or of the wrong type, a key or value
+# is not what the schema wrote. The store reports all of them as `Corrupt`.
+_DAMAGE = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.BadTxnError,  # a transaction that met a damaged page cannot go on
+    lmdb.BadDbiError,  # a sub-database's record in the main database changed
+    lmdb.IncompatibleError,  # ... or its flags
+    lmdb.CursorFullError,  # a tree deeper than LMDB allows: a page points back up
+    lmdb.PageFullError,
+    lmdb.PanicError,
+    UnicodeDecodeError,
+    struct.error,
+)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "a key that should be UTF-8 text is not"
+    if isinstance(exc, struct.error):
+        return f"a record has the wrong length ({exc})"
+    return str(exc)
+
+
+def _check_not_emptied(file: Path) -> None:
+    """Corrupt if `file` exists but is empty: LMDB would quietly start a new, empty
+    store in it, and every command would report the loss as a clean, empty node."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return  # a new store
+    if size == 0:
+        raise Corrupt(f"{file} is empty (0 bytes): the store's contents are gone ({RESTORE_HINT})")
 
 
 class StaleHead(SlurpError):
@@ -122,6 +166,9 @@ class Store:
 
     def __init__(self, path: Path, *, map_size: int, readonly: bool = False) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._path = path
+        self._file = path / DATA_FILE
+        _check_not_emptied(self._file)
         try:
             self._env = lmdb.open(
                 str(path),
@@ -134,21 +181,58 @@ class Store:
                 readonly=readonly,
                 mode=0o600,
             )
+        except _DAMAGE as exc:
+            raise Corrupt(f"{self._file} is not a readable LMDB file ({_reason(exc)})") from None
         except lmdb.Error as exc:
             raise SlurpError(f"cannot open store at {path}: {exc}") from exc
-        self._dbs = {name: self._env.open_db(name, create=not readonly) for name in s.ALL_DBS}
-        self._path = path
-        self.writer = WriterLock(path / "writers.lock")
+        try:
+            self._check_length()
+            with self._txn(write=not readonly) as txn:
+                self._dbs = {
+                    name: self._env.open_db(name, txn=txn, create=not readonly)
+                    for name in s.ALL_DBS
+                }
+            self.writer = WriterLock(path / "writers.lock")
+        except BaseException:
+            self._env.close()
+            raise
         self._counters = _Counters()
         self._lock = threading.Lock()
         self._aux: dict[bytes, lmdb._Database] = {}
         if not readonly:
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 stored = txn.get(s.INFO_FORMAT, db=self._dbs[s.DB_INFO])
                 if stored is None:
                     txn.put(s.INFO_FORMAT, s.U32.pack(s.FORMAT_VERSION), db=self._dbs[s.DB_INFO])
                 elif s.U32.unpack(stored)[0] > s.FORMAT_VERSION:
                     raise SlurpError(f"store at {path} has a newer format than this slurpfs")
+
+    def _check_length(self) -> None:
+        """Corrupt if the file ends before the last page its meta page names: LMDB
+        would read the missing pages through its memory map and the process would
+        be killed (SIGBUS) instead of being told."""
+        needed = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        size = self._file.stat().st_size
+        if size < needed:
+            raise Corrupt(
+                f"{self._file} is truncated: {size} bytes, but its pages reach byte {needed}"
+                f" ({RESTORE_HINT})"
+            )
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[lmdb.Transaction]:
+        """A transaction whose damage-caused failures are `Corrupt`, naming the file."""
+        try:
+            with self._env.begin(write=write) as txn:
+                yield txn
+        except _DAMAGE as exc:
+            raise self.damaged(_reason(exc)) from None
+
+    def damaged(self, reason: str) -> Corrupt:
+        """The error for damage found in this store's file."""
+        return Corrupt(
+            f"{self._file} is damaged: {reason} ({RESTORE_HINT}; `slurpfs fsck` lists the damage)"
+        )
 
     @property
     def path(self) -> Path:
@@ -160,15 +244,47 @@ class Store:
         self.writer.close()
 
     def sync(self) -> None:
-        """Flush committed transactions to stable storage."""
-        self._env.sync(True)
+        """Flush committed transactions to stable storage (`StoreFull` on a full disk)."""
+        try:
+            self._env.sync(True)
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "sync") from None
+
+    def _failure(self, exc: lmdb.Error | OSError, doing: str) -> SlurpError:
+        """The error for a failed write or sync: `StoreFull` when the map or the
+        disk is full, `AddressTooLong` for an oversized key, else `SlurpError`."""
+        if isinstance(exc, lmdb.MapFullError):
+            return StoreFull("the store's map is full (raise store.map_size)")
+        if isinstance(exc, lmdb.BadValsizeError):
+            # `ucxl` keeps addresses short enough; this is the store's own guard.
+            return AddressTooLong("an address is too long for the store's keys")
+        if self._out_of_space(exc):
+            return StoreFull(f"{doing} failed: No space left on device (the store {self._file})")
+        return SlurpError(f"{doing} failed: {exc}")
+
+    def _out_of_space(self, exc: lmdb.Error | OSError) -> bool:
+        """True for ENOSPC, and for EIO on a file system with (almost) no room left:
+        LMDB reports a write the full disk cut short as EIO (it cannot tell why)."""
+        if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
+            return True
+        text = str(exc)
+        if "No space left" in text:
+            return True
+        if not (getattr(exc, "errno", None) == errno.EIO or "Input/output error" in text):
+            return False
+        try:
+            fs = os.statvfs(self._path)
+        except OSError:
+            return False
+        free = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        return free * fs.f_frsize < _FULL_BELOW
 
     def problem(self) -> str | None:
         """Why a read transaction fails now; None when the store answers (health check)."""
         try:
-            with self._env.begin() as txn:
+            with self._txn() as txn:
                 txn.stat(self._dbs[s.DB_META])
-        except lmdb.Error as exc:
+        except (lmdb.Error, SlurpError) as exc:
             return str(exc)
         return None
 
@@ -181,32 +297,15 @@ class Store:
         is written then), `StoreFull` when the map or the disk is full.
         """
         try:
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 seq = self._sequence(txn)
                 for c in commits:
                     seq += 1
                     self._commit_one(txn, c, seq)
                 txn.put(s.INFO_SEQUENCE, s.U64.pack(seq), db=self._dbs[s.DB_INFO])
-        except lmdb.MapFullError:
+        except (lmdb.Error, OSError) as exc:
             self._counters.commit_failures += 1
-            raise StoreFull("the store's map is full (raise store.map_size)") from None
-        except lmdb.DiskError as exc:
-            self._counters.commit_failures += 1
-            raise StoreFull(f"disk error while committing: {exc}") from None
-        except lmdb.BadValsizeError:
-            # `ucxl` keeps addresses short enough; this is the store's own guard.
-            self._counters.commit_failures += 1
-            raise AddressTooLong("an address is too long for the store's keys") from None
-        except lmdb.Error as exc:
-            self._counters.commit_failures += 1
-            if exc.args and isinstance(exc.args[0], str) and "No space" in exc.args[0]:
-                raise StoreFull(f"no space left on device: {exc}") from None
-            raise SlurpError(f"commit failed: {exc}") from exc
-        except OSError as exc:
-            self._counters.commit_failures += 1
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left on device") from None
-            raise
+            raise self._failure(exc, "commit") from None
         self._counters.commits += len(commits)
         return seq
 
@@ -285,7 +384,7 @@ class Store:
     def mkdir(self, address: str) -> None:
         """Create an address directory and its ancestors (idempotent)."""
         try:
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 self._ensure_dirs(txn, address)
         except lmdb.BadValsizeError:
             raise AddressTooLong(
@@ -294,7 +393,7 @@ class Store:
 
     def rmdir(self, address: str) -> None:
         """Remove an empty address directory; its stored history stays."""
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             parent, _, name = address.rpartition("/")
             if txn.get(s.tree_key(parent, name), db=self._dbs[s.DB_TREE]) is None:
                 raise NotFound(f"no directory {address}")
@@ -310,7 +409,7 @@ class Store:
         """Remove every version of a context (TTL expiry). Returns versions removed."""
         ctx = s.context_key(address, role)
         removed = 0
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             prefix = s.history_prefix(address, role)
             keys = [k for k, _ in _scan(txn, self._dbs[s.DB_HISTORY], prefix)]
             for key in keys:
@@ -346,7 +445,7 @@ class Store:
 
         Local slots of the removed generations go too; `add_local` replaces them.
         """
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_LOCAL_SLOTS])
             for slot in add_local:
@@ -377,6 +476,8 @@ class Store:
                     db = self._env.open_db(b"aux:" + name, create=create)
                 except lmdb.NotFoundError:
                     return None
+                except _DAMAGE as exc:
+                    raise self.damaged(_reason(exc)) from None
                 self._aux[name] = db
             return db
 
@@ -385,7 +486,7 @@ class Store:
         db = self._aux_db(name, create=False)
         if db is None:
             return None
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             raw = txn.get(key, db=db)
             return None if raw is None else bytes(raw)
 
@@ -394,7 +495,7 @@ class Store:
         db = self._aux_db(name, create=False)
         if db is None:
             return []
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return list(_scan(txn, db, prefix))
 
     def aux_write(
@@ -414,7 +515,7 @@ class Store:
         db = self._aux_db(name, create=True)
         assert db is not None
         try:
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 if expect is not None:
                     current = txn.get(expect[0], db=db)
                     if (None if current is None else bytes(current)) != expect[1]:
@@ -423,18 +524,8 @@ class Store:
                     txn.delete(key, db=db)
                 for key, value in puts.items():
                     txn.put(key, value, db=db)
-        except lmdb.MapFullError:
-            raise StoreFull("the store's map is full (raise store.map_size)") from None
-        except lmdb.DiskError as exc:
-            raise StoreFull(f"disk error while writing: {exc}") from None
-        except lmdb.Error as exc:
-            if exc.args and isinstance(exc.args[0], str) and "No space" in exc.args[0]:
-                raise StoreFull(f"no space left on device: {exc}") from None
-            raise SlurpError(f"write failed: {exc}") from exc
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreFull("no space left on device") from None
-            raise
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
 
     # -- reading ---------------------------------------------------------
 
@@ -470,35 +561,35 @@ class Store:
 
     def leaves(self, address: str, role: str) -> list[VersionRecord]:
         """The context's leaves, head first; empty if it was never written."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return [self._record(txn, v) for v in self._leaf_ids(txn, s.context_key(address, role))]
 
     def head(self, address: str, role: str, *, now_ms: int | None = None) -> VersionRecord | None:
         """The context's head; with `now_ms`, None once its TTL has passed (whether or
         not a cleanup pass purged it yet)."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             ctx = s.context_key(address, role)
             if now_ms is not None and self._expired(txn, ctx, now_ms):
                 return None
             ids = self._leaf_ids(txn, ctx)
-            return self._record(txn, ids[0]) if ids else None
+            return self._head(txn, ctx, ids) if ids else None
 
     def _expired(self, txn: lmdb.Transaction, ctx: bytes, now_ms: int) -> bool:
         expiry = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
         return expiry is not None and s.U64.unpack(expiry)[0] <= now_ms
 
     def record(self, version_id: bytes) -> VersionRecord | None:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             raw = txn.get(version_id, db=self._dbs[s.DB_META])
-            return None if raw is None else VersionRecord.unpack(version_id, raw)
+            return None if raw is None else VersionRecord.unpack(version_id, bytes(raw))
 
     def envelope(self, version_id: bytes) -> bytes | None:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
             return None if raw is None else bytes(raw)
 
     def slots(self, version_id: bytes) -> list[KeySlot]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return self._slots(txn, version_id)
 
     def _slots(self, txn: lmdb.Transaction, version_id: bytes) -> list[KeySlot]:
@@ -510,7 +601,7 @@ class Store:
 
     def read_version(self, version_id: bytes) -> StoredVersion | None:
         """Envelope, key slots and local fast paths of a version, in one read transaction."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return self._stored(txn, version_id)
 
     def read_head(
@@ -527,17 +618,48 @@ class Store:
         declines (the caller has the plaintext cached). With `now_ms`, None once the
         context's TTL has passed.
         """
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             ctx = s.context_key(address, role)
             if now_ms is not None and self._expired(txn, ctx, now_ms):
                 return None
             ids = self._leaf_ids(txn, ctx)
             if not ids:
                 return None
-            record = self._record(txn, ids[0])
+            record = self._head(txn, ctx, ids)
             if record.deleted or not load(record):
                 return record, None
             return record, self._stored(txn, ids[0])
+
+    def _head(self, txn: lmdb.Transaction, ctx: bytes, leaf_ids: list[bytes]) -> VersionRecord:
+        """The head's record (the first leaf), checked to be the context's newest version.
+
+        A version's children always order after it (greater HLC), so the newest
+        entry in the history index is a leaf, and the head. A head that is not
+        means the leaves record was altered (a head moved back to an older version,
+        say): Corrupt, rather than serving old content as current. (A head filed under
+        another context, or whose metadata was relabelled, is the model's to refuse:
+        it audits that.)
+        """
+        record = self._record(txn, leaf_ids[0])
+        own = s.history_key(
+            record.address, record.role, record.hlc, record.author, record.version_id
+        )
+        if (
+            s.context_key(record.address, record.role) != ctx
+            or txn.get(own, db=self._dbs[s.DB_HISTORY]) is None
+        ):
+            return record  # misfiled or relabelled: the model's checks refuse it
+        prefix = ctx + b"\0"
+        cur = txn.cursor(db=self._dbs[s.DB_HISTORY])
+        found = cur.prev() if cur.set_range(ctx + b"\1") else cur.last()
+        newest = bytes(cur.key()) if found else b""
+        if newest.startswith(prefix) and newest[-s.VERSION_ID_LEN :] != leaf_ids[0]:
+            address, role = s.split_context(ctx)
+            raise self.damaged(
+                f"the head of {address} [{role}] is {leaf_ids[0].hex()[:16]}, not its newest"
+                f" version {newest[-s.VERSION_ID_LEN :].hex()[:16]} (its leaves record was altered)"
+            )
+        return record
 
     def _stored(self, txn: lmdb.Transaction, version_id: bytes) -> StoredVersion | None:
         raw = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
@@ -555,7 +677,7 @@ class Store:
     def versions_sealed_to(self, role: str, generation: int) -> list[bytes]:
         """Ids of versions with a key slot for this role generation (key rotation)."""
         suffix = role.encode() + b"\0" + s.U32.pack(generation)
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             keys = txn.cursor(db=self._dbs[s.DB_SLOTS]).iternext(values=False)
             return [
                 bytes(k[: s.VERSION_ID_LEN]) for k in keys if bytes(k[s.VERSION_ID_LEN :]) == suffix
@@ -564,7 +686,7 @@ class Store:
     def history(self, address: str, role: str) -> list[VersionRecord]:
         """Every version of a context (tombstones included), oldest first."""
         prefix = s.history_prefix(address, role)
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return [
                 self._record(txn, key[-s.VERSION_ID_LEN :])
                 for key, _ in _scan(txn, self._dbs[s.DB_HISTORY], prefix)
@@ -573,22 +695,22 @@ class Store:
     def children(self, address: str) -> list[str]:
         """Subdirectory names of an address directory ("" is the root of authorities)."""
         prefix = s.tree_prefix(address)
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return [k[len(prefix) :].decode() for k, _ in _scan(txn, self._dbs[s.DB_TREE], prefix)]
 
     def roles_at(self, address: str) -> list[str]:
         """Roles that have ever had a version at this address."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return self._roles_at(txn, address)
 
     def is_dir(self, address: str) -> bool:
         parent, _, name = address.rpartition("/")
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return txn.get(s.tree_key(parent, name), db=self._dbs[s.DB_TREE]) is not None
 
     def expired(self, now_ms: int) -> list[tuple[str, str]]:
         """Contexts whose TTL has passed."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             cur = txn.cursor(db=self._dbs[s.DB_TTL])
             out = []
             for key in cur.iternext(values=False):
@@ -598,13 +720,28 @@ class Store:
             return out
 
     def sequence(self) -> int:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return self._sequence(txn)
+
+    def epoch(self) -> bytes | None:
+        """The store's epoch (`slurpfs.seal`); None if it has none yet."""
+        with self._txn() as txn:
+            raw = txn.get(s.INFO_EPOCH, db=self._dbs[s.DB_INFO])
+            return None if raw is None else bytes(raw)
+
+    def set_epoch(self, epoch: bytes) -> None:
+        """Give the store its epoch, durably (`StoreFull` if there is no room)."""
+        try:
+            with self._txn(write=True) as txn:
+                txn.put(s.INFO_EPOCH, epoch, db=self._dbs[s.DB_INFO])
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+        self.sync()
 
     def changes_since(self, seq: int, limit: int = 10_000) -> tuple[int, list[VersionRecord]]:
         """Versions committed after sequence number `seq` (by any process)."""
         out: list[VersionRecord] = []
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             last = seq
             cur = txn.cursor(db=self._dbs[s.DB_CHANGES])
             if cur.set_range(s.U64.pack(seq + 1)):
@@ -612,43 +749,49 @@ class Store:
                     last = s.U64.unpack(key)[0]
                     raw = txn.get(bytes(value), db=self._dbs[s.DB_META])
                     if raw is not None:  # purged since
-                        out.append(VersionRecord.unpack(bytes(value), raw))
+                        out.append(VersionRecord.unpack(bytes(value), bytes(raw)))
                     if len(out) >= limit:
                         break
             return last, out
 
     def iter_contexts(self) -> Iterator[tuple[str, str, list[bytes]]]:
         """(address, role, leaf ids) for every context; a snapshot."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             cur = txn.cursor(db=self._dbs[s.DB_LEAVES])
             n = s.VERSION_ID_LEN
             items = [(bytes(k), bytes(v)) for k, v in cur]
         for key, raw in items:
-            address, role = s.split_context(key)
+            try:
+                address, role = s.split_context(key)
+            except UnicodeDecodeError:
+                raise self.damaged(f"context key {key.hex()} is not UTF-8 text") from None
             yield address, role, [raw[i : i + n] for i in range(0, len(raw), n)]
 
     def iter_records(self) -> Iterator[VersionRecord]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             cur = txn.cursor(db=self._dbs[s.DB_META])
             items = [(bytes(k), bytes(v)) for k, v in cur]
         for key, raw in items:
             yield VersionRecord.unpack(key, raw)
 
     def iter_history_keys(self) -> Iterator[bytes]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             keys = [bytes(k) for k in txn.cursor(db=self._dbs[s.DB_HISTORY]).iternext(values=False)]
         yield from keys
 
     def iter_tree(self) -> Iterator[tuple[str, str]]:
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             keys = [bytes(k) for k in txn.cursor(db=self._dbs[s.DB_TREE]).iternext(values=False)]
         for key in keys:
             parent, _, child = key.partition(b"\0")
-            yield parent.decode(), child.decode()
+            try:
+                yield parent.decode(), child.decode()
+            except UnicodeDecodeError:
+                raise self.damaged(f"directory key {key.hex()} is not UTF-8 text") from None
 
     def statistics(self) -> StoreStatistics:
         """Counts and sizes; cheap (LMDB entry counts and running totals, no scan)."""
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             dbs = self._dbs
             info = self._env.info()
             stat = self._env.stat()

@@ -48,6 +48,7 @@ ALL_DBS = (
 INFO_FORMAT = b"format"
 INFO_SEQUENCE = b"sequence"
 INFO_NODE_ID = b"node_id"
+INFO_EPOCH = b"epoch"  # 16 random bytes, also named by the node's seal (slurpfs.seal)
 INFO_ENVELOPE_BYTES = b"envelope_bytes"  # u64 running totals, kept by every commit and purge
 INFO_PLAINTEXT_BYTES = b"plaintext_bytes"
 
