@@ -420,7 +420,8 @@ def test_a_mount_on_a_full_ext4_disk_is_enospc_and_loses_nothing(
         history = m.cli("history", f"ucxl://{AUTH}/src", "--role", DEV, "--json").stdout
         assert len(json.loads(history)) == (1 if stored != new else 2)
         m.expect_warnings = (  # (whichever of these the daemon met: timing decides)
-            r"could not store 'developer' at (?:release|flush): .*No space left on device.*",
+            r"could not store 'developer' at release: commit failed: No space left on device"
+            r" \(the store \S+/data\.mdb\)",
             r"audit log \S+/audit\.log: only \d+ of \d+ bytes of an entry could be written"
             r" \(disk full\?\); access refused until it can be recorded",
             r"indexing failed, retrying in \S+ s: .*",

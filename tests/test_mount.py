@@ -921,8 +921,8 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(
         assert (d / DEV).read_bytes() == new
         assert versions(d, DEV) == 2
         m.expect_warnings = (
-            "could not store 'developer' at release: disk error while committing:"
-            " mdb_txn_commit: No space left on device",
+            r"could not store 'developer' at release: commit failed: No space left on device"
+            r" \(the store \S+/data\.mdb\)",
             r"audit log \S+/audit\.log: only \d+ of \d+ bytes of an entry could be written"
             r" \(disk full\?\); access refused until it can be recorded",
             # (if the indexer met the full disk too)

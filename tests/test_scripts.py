@@ -29,6 +29,7 @@ def daemon_gone(m: Mounted) -> bool:
     return control.request(m.data, "ping", timeout=1.0) is None
 
 
+@pytest.mark.mount
 def test_the_sweep_unmounts_only_what_is_under_its_root(nodes: Nodes, tmp_path: Path) -> None:
     """scripts/test ends with this sweep of its own temporary root: a mount beside
     that root (even one whose path starts with the same characters) stays."""
@@ -47,6 +48,7 @@ def test_the_sweep_unmounts_only_what_is_under_its_root(nodes: Nodes, tmp_path: 
         assert not is_mounted(ours.mnt)
         assert is_mounted(other.mnt)
         wait_for(lambda: daemon_gone(ours), what="the swept mount's daemon to exit")
+        ours.check_ended()  # the sweep's unmount ended the daemon cleanly
         other.unmount()
     finally:
         ours.sweep()

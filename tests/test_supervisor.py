@@ -21,7 +21,9 @@ from slurpfs.service.supervisor import (
     backoff,
 )
 
-pytestmark = pytest.mark.expect_warnings  # failures are logged as errors
+# Failures and stubborn stops are logged as errors: each test names those it causes.
+FAILED = r"task \S+ failed \(\d+ in a row\); restarting in \d+ s; the mount goes on serving"
+CANCELLED = r"task \S+ did not stop within \d+ s: cancelled"
 
 
 class Flaky(Stoppable):
@@ -78,6 +80,7 @@ async def test_backoff_doubles_up_to_the_cap() -> None:
     assert backoff(0) == 0
 
 
+@pytest.mark.expect_warnings(FAILED)
 async def test_a_failed_task_restarts_with_backoff_and_is_reported(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -114,6 +117,7 @@ async def test_a_failed_task_restarts_with_backoff_and_is_reported(
     assert [s.state for s in supervisor.states()] == ["stopped", "stopped"]
 
 
+@pytest.mark.expect_warnings(FAILED)
 async def test_a_task_that_keeps_failing_is_retried_at_the_cap_and_fails_health(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -134,6 +138,7 @@ async def test_a_task_that_keeps_failing_is_retried_at_the_cap_and_fails_health(
     assert supervisor.states()[0].state == "stopped"
 
 
+@pytest.mark.expect_warnings(FAILED)
 async def test_a_run_that_lasted_long_enough_starts_the_count_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -149,6 +154,7 @@ async def test_a_run_that_lasted_long_enough_starts_the_count_again(
         await supervisor.stop(5)
 
 
+@pytest.mark.expect_warnings(CANCELLED)
 async def test_stop_ends_tasks_in_reverse_order_and_cancels_the_stubborn(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -189,6 +195,7 @@ async def test_a_task_that_returns_is_not_restarted(
         await supervisor.stop(5)
 
 
+@pytest.mark.expect_warnings(FAILED, CANCELLED)
 async def test_a_task_failing_before_it_is_ready_does_not_hold_up_the_start(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
