@@ -22,14 +22,13 @@ import errno
 import logging
 import os
 import stat as st
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyfuse3
 
 from slurpfs.config import Config
-from slurpfs.errors import AccessDenied, NotFound, SlurpError
+from slurpfs.errors import AccessDenied, NotFound
 from slurpfs.fs import virtual
 from slurpfs.fs.access import Caller, RoleMap
 from slurpfs.fs.busypoll import BusyPoll
@@ -37,19 +36,17 @@ from slurpfs.fs.errmap import (
     IsADirectory,
     NotPermitted,
     ReadOnly,
-    TooLarge,
-    errmap,
     fail,
-    fuse_error,
     handler,
 )
-from slurpfs.fs.handles import Content, FileHandle, Gateway, HandleTable
+from slurpfs.fs.files import OpenFiles
+from slurpfs.fs.handles import FileHandle, Gateway, HandleTable
 from slurpfs.fs.inodes import DIR_KINDS, InodeTable, Kind, Node
 from slurpfs.fs.namespace import Namespace
 from slurpfs.fs.refused import Refusals
 from slurpfs.fs.scratch import ScratchNames, ScratchStore
 from slurpfs.fs.search import SearchTree
-from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree, dir_key
+from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree
 from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
 from slurpfs.health import Health
 from slurpfs.model import ContextStore, VersionInfo, data_paths
@@ -95,7 +92,7 @@ class Operations(pyfuse3.Operations):
         self.namespace = Namespace(
             self.tree,
             self.gateway,
-            self.commit,
+            lambda node: self.files.commit(node),
             refusals=self.refusals,
             scratch_names=ScratchNames(config.mount.scratch_names),
         )
@@ -109,6 +106,16 @@ class Operations(pyfuse3.Operations):
         self.activity = 0
         # Keeps the loop polling between the requests of a burst (the daemon runs it).
         self.busy = BusyPoll(config.mount.busy_poll)
+        self.files = OpenFiles(
+            handles=self.handles,
+            inodes=self.inodes,
+            scratch=self.scratch,
+            gateway=self.gateway,
+            view=self.view,
+            namespace=self.namespace,
+            busy=self.busy,
+            max_bytes=config.store.max_context_bytes,
+        )
         self.stopping = False
         # What .slurp/status says first (pid, mountpoint, the HTTP address): the daemon's.
         self.status_info: dict[str, object] = dict(status_info or {})
@@ -199,13 +206,12 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            parent = self.node(parent_inode)
-            if self.search.resolves(parent, name):
-                node, s = await self.search.child(parent, name, self.caller(ctx))
-                return self._entry(node, s)
-            return self._entry(self.tree.child(parent, name), uid=ctx.uid)
+        self.view.refresh()
+        parent = self.node(parent_inode)
+        if self.search.resolves(parent, name):
+            node, s = await self.search.child(parent, name, self.caller(ctx))
+            return self._entry(node, s)
+        return self._entry(self.tree.child(parent, name), uid=ctx.uid)
 
     @handler
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -216,12 +222,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            node = self.node(inode)
-            if self.search.owns(node):
-                return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
-            return self.tree_attrs(node, uid=ctx.uid)
+        self.view.refresh()
+        node = self.node(inode)
+        if self.search.owns(node):
+            return self.attrs(node, await self.search.stat(node, self.caller(ctx)))
+        return self.tree_attrs(node, uid=ctx.uid)
 
     @handler
     async def setattr(
@@ -232,94 +237,35 @@ class Operations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            node = self.node(inode)
-            caller = self.caller(ctx)
-            if self.search.owns(node):
-                raise ReadOnly("search results are read-only")
-            sf = node.scratch
-            if sf is not None:
-                self.namespace.require_scratch_owner(caller, sf, "change")
-                if fields.update_uid and attr.st_uid != sf.uid and caller.uid != 0:
-                    raise NotPermitted("only root gives a scratch file away")
-            if fields.update_size:
-                await self._truncate(node, attr.st_size, fh, caller)
-            if sf is not None:
-                if fields.update_mode:
-                    sf.mode = st.S_IFMT(sf.mode) | (attr.st_mode & 0o7777)
-                if fields.update_uid:
-                    sf.uid = attr.st_uid
-                if fields.update_gid:
-                    sf.gid = attr.st_gid
-                if fields.update_mtime:
-                    sf.mtime_ns = attr.st_mtime_ns
-            # Mode, owner and times of stored entries come from the store: accepted, not kept.
-            return self.attrs(node, self.tree.stat(node, uid=ctx.uid))
-
-    async def _truncate(self, node: Node, size: int, fh: int | None, caller: Caller) -> None:
-        if node.kind in DIR_KINDS:
-            raise IsADirectory("cannot truncate a directory")
-        if node.kind is Kind.SCRATCH:
-            assert node.scratch is not None
-            self.scratch.truncate(node.scratch, size)
-            return
-        if node.kind is not Kind.ROLE or node.readonly:
-            raise ReadOnly(f"{node.name!r} is read-only")
-        handle = self.handles.files.get(fh) if fh is not None else None
-        if handle is None:
-            await self._truncate_role(node, size, None, caller)
-            return
-        if handle.failed:
-            raise fail(handle.failed)
-        try:
-            await self._truncate_role(node, size, handle, caller)
-        except (SlurpError, OSError) as exc:
-            self._write_failed(handle, exc)
-            raise
-
-    async def _truncate_role(
-        self, node: Node, size: int, handle: FileHandle | None, caller: Caller
-    ) -> None:
-        self._check_size(size)
-        assert node.key is not None
-        assert node.address is not None
-        content = handle.content if handle is not None else node.content
-        if content is None:
-            # truncate(1) by path with nobody holding the file open: commit now.
-            self.namespace.require_role(caller, node.key.role, node.address, "write")
-            data = b""
-            if size:
-                ctx = await self.gateway.get(node.address, node.key.role, caller)
-                data = ctx.data[:size].ljust(size, b"\0")
-            saved = await self.gateway.put(node.address, node.key.role, data)
-            node.info = saved.info
-            if saved.stored:  # an identical save keeps the head's time
-                node.written = (saved.info.version_id, time.time_ns())
-            node.cached_version = None
-            self.scratch.unhide(dir_key(node.address), node.key.role)
-            return
-        if size == 0:
-            content.start_empty()
-        else:
-            await self._load(node, content, handle.caller if handle else caller)
-            content.truncate(size)
-        if handle is None:
-            await self.commit(node)
-        else:
-            handle.wrote = True
-
-    def _check_size(self, size: int) -> None:
-        limit = self.config.store.max_context_bytes
-        if size > limit:
-            raise TooLarge(f"{size} bytes is over store.max_context_bytes ({limit})")
+        self.view.refresh()
+        node = self.node(inode)
+        caller = self.caller(ctx)
+        if self.search.owns(node):
+            raise ReadOnly("search results are read-only")
+        sf = node.scratch
+        if sf is not None:
+            self.namespace.require_scratch_owner(caller, sf, "change")
+            if fields.update_uid and attr.st_uid != sf.uid and caller.uid != 0:
+                raise NotPermitted("only root gives a scratch file away")
+        if fields.update_size:
+            await self.files.truncate(node, attr.st_size, fh, caller)
+        if sf is not None:
+            if fields.update_mode:
+                sf.mode = st.S_IFMT(sf.mode) | (attr.st_mode & 0o7777)
+            if fields.update_uid:
+                sf.uid = attr.st_uid
+            if fields.update_gid:
+                sf.gid = attr.st_gid
+            if fields.update_mtime:
+                sf.mtime_ns = attr.st_mtime_ns
+        # Mode, owner and times of stored entries come from the store: accepted, not kept.
+        return self.attrs(node, self.tree.stat(node, uid=ctx.uid))
 
     @handler
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.node(inode)
         if self.search.owns(node):
-            with errmap(self.inodes.sweep):
-                return await self.search.readlink(node, self.caller(ctx))
+            return await self.search.readlink(node, self.caller(ctx))
         if node.scratch is None or node.scratch.target is None:
             raise fail(errno.EINVAL)
         return node.scratch.target
@@ -371,26 +317,23 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self.busy.hold()
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
-            return self._entry(node)
+        self.view.refresh()
+        node = self.namespace.mkdir(self.node(parent_inode), name, self.caller(ctx))
+        return self._entry(node)
 
     @handler
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
+        self.view.refresh()
+        self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
 
     @handler
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
+        self.view.refresh()
+        await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
 
     @handler
     async def rename(
@@ -402,25 +345,23 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            await self.namespace.rename(
-                self.node(parent_inode_old),
-                name_old,
-                self.node(parent_inode_new),
-                name_new,
-                flags,
-                self.caller(ctx),
-            )
+        self.view.refresh()
+        await self.namespace.rename(
+            self.node(parent_inode_old),
+            name_old,
+            self.node(parent_inode_new),
+            name_new,
+            flags,
+            self.caller(ctx),
+        )
 
     @handler
     async def symlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            node = self.namespace.symlink(self.node(parent_inode), name, target, self.caller(ctx))
-            return self._entry(node)
+        self.view.refresh()
+        node = self.namespace.symlink(self.node(parent_inode), name, target, self.caller(ctx))
+        return self._entry(node)
 
     @handler
     async def link(
@@ -430,13 +371,12 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            parent = self.node(new_parent_inode)
-            with self.namespace.watch(self.caller(ctx), "link", parent, new_name):
-                raise NotPermitted(
-                    "hard links are not supported: each name in an address directory is"
-                    " a role file or an editor's temporary file; copy the file instead"
-                )
+        parent = self.node(new_parent_inode)
+        with self.namespace.watch(self.caller(ctx), "link", parent, new_name):
+            raise NotPermitted(
+                "hard links are not supported: each name in an address directory is"
+                " a role file or an editor's temporary file; copy the file instead"
+            )
 
     @handler
     async def mknod(
@@ -447,21 +387,20 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            if not st.S_ISREG(mode):
-                raise NotPermitted("only regular files can be created here")
-            node = self.namespace.create(
-                self.node(parent_inode), name, mode, self.caller(ctx), exclusive=True
-            )
-            if node.content is not None:  # a role file: nothing will close it, commit now
-                node.opens += 1
-                try:
-                    await self.commit(node)
-                finally:
-                    node.opens -= 1
-                    node.content = None
-            return self._entry(node)
+        self.view.refresh()
+        if not st.S_ISREG(mode):
+            raise NotPermitted("only regular files can be created here")
+        node = self.namespace.create(
+            self.node(parent_inode), name, mode, self.caller(ctx), exclusive=True
+        )
+        if node.content is not None:  # a role file: nothing will close it, commit now
+            node.opens += 1
+            try:
+                await self.files.commit(node)
+            finally:
+                node.opens -= 1
+                node.content = None
+        return self._entry(node)
 
     @handler
     async def create(
@@ -473,21 +412,15 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.busy.hold()
-        with errmap(self.inodes.sweep):
-            self.view.refresh()
-            caller = self.caller(ctx)
-            node = self.namespace.create(
-                self.node(parent_inode), name, mode, caller, exclusive=bool(flags & os.O_EXCL)
-            )
-            handle = self.handles.open_file(node, caller, readable=True, writable=True)
-            handle.append = bool(flags & os.O_APPEND)
-            if node.scratch is not None:
-                handle.scratch = node.scratch
-                node.scratch.opens += 1
-            else:
-                handle.content = node.content
-                handle.emptied = True
-            return pyfuse3.FileInfo(fh=handle.fh), self._entry(node)
+        self.view.refresh()
+        caller = self.caller(ctx)
+        node = self.namespace.create(
+            self.node(parent_inode), name, mode, caller, exclusive=bool(flags & os.O_EXCL)
+        )
+        handle = self.handles.open_file(node, caller, readable=True, writable=True)
+        handle.append = bool(flags & os.O_APPEND)
+        self.files.created(node, handle)
+        return pyfuse3.FileInfo(fh=handle.fh), self._entry(node)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -495,26 +428,25 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        # The view is refreshed only where open trusts it (`_kernel_holds_head`);
+        # The view is refreshed only where open trusts it (`OpenFiles._kernel_holds_head`);
         # otherwise what open serves comes from the model itself (`get`).
-        with errmap(self.inodes.sweep):
-            node = self.node(inode)
-            caller = self.caller(ctx)
-            mode = flags & os.O_ACCMODE
-            readable = mode in (os.O_RDONLY, os.O_RDWR)
-            writable = mode in (os.O_WRONLY, os.O_RDWR)
-            if node.kind in DIR_KINDS:
-                raise IsADirectory(f"{node.name!r} is a directory")
-            if writable and node.readonly:
-                raise ReadOnly(f"{node.name!r} is read-only")
-            handle = self.handles.open_file(node, caller, readable=readable, writable=writable)
-            handle.append = writable and bool(flags & os.O_APPEND)
-            try:
-                with self.refusals.watch(caller.uid, "open", lambda: self.namespace.path(node)):
-                    return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
-            except BaseException:
-                self._close(handle)
-                raise
+        node = self.node(inode)
+        caller = self.caller(ctx)
+        mode = flags & os.O_ACCMODE
+        readable = mode in (os.O_RDONLY, os.O_RDWR)
+        writable = mode in (os.O_WRONLY, os.O_RDWR)
+        if node.kind in DIR_KINDS:
+            raise IsADirectory(f"{node.name!r} is a directory")
+        if writable and node.readonly:
+            raise ReadOnly(f"{node.name!r} is read-only")
+        handle = self.handles.open_file(node, caller, readable=readable, writable=writable)
+        handle.append = writable and bool(flags & os.O_APPEND)
+        try:
+            with self.refusals.watch(caller.uid, "open", lambda: self.namespace.path(node)):
+                return await self._open(node, handle, caller, truncate=bool(flags & os.O_TRUNC))
+        except BaseException:
+            self.files.close(handle)
+            raise
 
     async def _open(
         self, node: Node, handle: FileHandle, caller: Caller, *, truncate: bool
@@ -533,290 +465,39 @@ class Operations(pyfuse3.Operations):
             handle.snapshot = await self.search.read(node, caller)
             fi.direct_io = True
             return fi
-        if node.kind is Kind.SCRATCH:
-            assert node.scratch is not None
-            if not self.namespace.owns_scratch(caller, node.scratch):
-                raise AccessDenied(
-                    f"uid {caller.uid} may not open a scratch file of uid {node.scratch.uid}"
-                )
-            handle.scratch = node.scratch
-            node.scratch.opens += 1
-            if truncate and handle.writable:
-                self.scratch.truncate(node.scratch, 0)
-            return fi
-        address = node.address
-        if node.key is None or address is None:
-            raise NotFound(f"{node.name!r} was removed")
-        role = node.key.role
-        if node.kind in (Kind.HISTORY_FILE, Kind.CONFLICT):
-            assert node.info is not None
-            ctx = await self.gateway.get_version(address, role, node.info, caller)
-            handle.snapshot = ctx.data
-            fi.keep_cache = node.cached_version == ctx.info.version_id
-            node.cached_version = ctx.info.version_id
-            return fi
-        if node.readonly:  # a role file under a temporal segment
-            ctx = await self.gateway.get(address, role, caller)
-            handle.snapshot = ctx.data
-            return fi
-        content = node.content
-        if content is None:
-            if handle.readable and not handle.writable and self._kernel_holds_head(node, caller):
-                # The kernel's page cache holds this very version: nothing to decrypt.
-                # A read that misses the cache loads the content then (`read`).
-                handle.content = node.content = Content()
-                fi.keep_cache = True
-                return fi
-            content = node.content = Content()
-        handle.content = content
-        if truncate and handle.writable:
-            # libfuse passes O_TRUNC to open (atomic_o_trunc): no separate truncate
-            # follows, and nothing needs decrypting for a writer that replaces it all.
-            self.namespace.require_role(caller, role, address, "write")
-            content.start_empty()
-            handle.emptied = True
-        elif handle.readable:
-            await self._load(node, content, caller, force=True)
-        else:
-            self.namespace.require_role(caller, role, address, "write")
-        fi.keep_cache = (
-            not content.dirty and content.base is not None and node.cached_version == content.base
-        )
-        node.cached_version = None if content.dirty else content.base
-        return fi
+        return await self.files.open(node, handle, caller, fi, truncate=truncate)
 
     def _may_read_status(self, node: Node, caller: Caller) -> bool:
         """The audit trail names every user's accesses: for the mount's owner (and root)."""
         name = node.key.extra if node.key is not None else ""
         return name not in PRIVATE_STATUS or caller.uid in (0, self.owner_uid)
 
-    def _kernel_holds_head(self, node: Node, caller: Caller) -> bool:
-        """Whether the page cache holds the head version of `node`, and the caller may read it.
-
-        `cached_version` is the version the kernel was last handed (with
-        ``keep_cache``) and is cleared whenever this mount changes the file; the
-        view, refreshed here, says whether another process committed since.
-        Access is decided (and audited) as for any read; a denial raises.
-        """
-        cached = node.cached_version
-        if cached is None or node.key is None or node.address is None:
-            return False
-        self.view.refresh()
-        try:
-            head = self.view.stat(node.address, node.key.role)
-        except NotFound:
-            return False
-        if head.version_id != cached:
-            return False
-        self.gateway.authorise_read(node.address, node.key.role, caller)
-        return True
-
-    async def _load(
-        self, node: Node, content: Content, caller: Caller, *, force: bool = False
-    ) -> None:
-        """Fill `content` from the store (once; `force` re-checks access and freshness)."""
-        async with content.locked():
-            if content.loaded and (content.dirty or not force):
-                if force:  # a new opener: access is still checked (and audited)
-                    assert node.key is not None
-                    assert node.address is not None
-                    await self.gateway.get(node.address, node.key.role, caller)
-                return
-            assert node.key is not None
-            assert node.address is not None
-            try:
-                ctx = await self.gateway.get(node.address, node.key.role, caller)
-            except NotFound:
-                if not content.loaded:
-                    if force:
-                        # An open of a file whose context is gone (purged by its TTL,
-                        # removed elsewhere) while the kernel still held its entry.
-                        raise
-                    content.set(b"", None)
-                return
-            if content.dirty:  # written while we were decrypting: the writes win
-                return
-            content.set(ctx.data, ctx.info.version_id)
-            node.info = ctx.info
-
     @handler
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         self.busy.poke()
-        with errmap(self.inodes.sweep):
-            handle = self.handles.file(fh)
-            if handle.snapshot is not None:
-                return handle.snapshot[off : off + size]
-            if handle.scratch is not None:
-                return bytes(handle.scratch.data[off : off + size])
-            content = handle.content
-            assert content is not None
-            if content.buffer is None:
-                await self._load(handle.node, content, handle.caller)
-            elif self._behind(handle.node, content):
-                await self._load(handle.node, content, handle.caller, force=True)
-            assert content.buffer is not None
-            return bytes(content.buffer[off : off + size])
-
-    def _behind(self, node: Node, content: Content) -> bool:
-        """Whether a clean buffer holds an older version than the head: another process
-        (`slurpfs put`) or a peer stored one while this file stayed open. Reads and
-        writes then start from the new head, or an append would silently build on the
-        old version and a reader would get fewer bytes than the size it was told."""
-        if content.buffer is None or content.dirty or content.base is None:
-            return False
-        if node.key is None or node.address is None:
-            return False  # unlinked or renamed over while open: it keeps what it held
-        self.view.refresh()
-        try:
-            return self.view.stat(node.address, node.key.role).version_id != content.base
-        except NotFound:
-            return False  # deleted meanwhile: this open file keeps what it held
+        return await self.files.read(self.handles.file(fh), off, size)
 
     @handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self.busy.hold()
-        with errmap(self.inodes.sweep):
-            handle = self.handles.file(fh)
-            if not handle.writable:
-                raise fail(errno.EBADF)
-            if handle.scratch is not None:
-                return self.scratch.write(handle.scratch, off, buf)
-            if handle.failed:
-                raise fail(handle.failed)
-            try:
-                return await self._write_content(handle, off, buf)
-            except (SlurpError, OSError) as exc:
-                self._write_failed(handle, exc)
-                raise
-
-    async def _write_content(self, handle: FileHandle, off: int, buf: bytes) -> int:
-        content = handle.content
-        assert content is not None
-        if content.buffer is None:
-            await self._load(handle.node, content, handle.caller)
-        elif self._behind(handle.node, content):
-            await self._load(handle.node, content, handle.caller, force=True)
-        assert content.buffer is not None
-        if handle.append:
-            # Without the writeback cache the kernel sends an O_APPEND write at the
-            # size it last saw; the end is here (another process may have committed).
-            off = len(content.buffer)
-        self._check_size(off + len(buf))
-        content.write(off, buf)
-        handle.wrote = True
-        return len(buf)
-
-    def _write_failed(self, handle: FileHandle, exc: SlurpError | OSError) -> None:
-        """A write (or truncate) through `handle` failed: it stores nothing from now on.
-
-        Its later writes and its ``close`` fail with the same errno (a save that
-        did not go through is never stored in part: a 20 MiB copy against an 8 MiB
-        limit leaves the file as it was). The file's unsaved changes are dropped,
-        unless another descriptor also changed the file: its close stores them.
-        """
-        handle.failed = exc.errno or errno.EIO
-        handle.wrote = handle.emptied = False
-        content = handle.content
-        others = (h for h in self.handles.files.values() if h.node is handle.node)
-        if content is not None and not any(h.owes_commit for h in others):
-            content.discard()
+        return await self.files.write(self.handles.file(fh), off, buf)
 
     @handler
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        """``close`` of a descriptor: commit what this handle wrote, as one version.
-
-        The kernel flushes at every ``close`` of every duplicate of a descriptor (a
-        shell's ``> file`` opens, duplicates and closes before anything is written),
-        and pyfuse3 does not say which process closes. So a flush commits only if
-        this handle wrote: a reader's ``close`` never stores another handle's
-        half-written buffer, and an emptying at open (O_TRUNC, a new file) with
-        nothing written yet waits for the next flush that follows a write, or for
-        `release`.
-        """
+        """``close`` of a descriptor: commit what this handle wrote (`OpenFiles.flush`)."""
         self.busy.poke()
-        with errmap(self.inodes.sweep):
-            handle = self.handles.file(fh)
-            if handle.failed:
-                raise fail(handle.failed)  # its save did not go through: say so again
-            if handle.wrote:
-                await self._commit_own(handle)
+        await self.files.flush(self.handles.file(fh))
 
     @handler
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        with errmap(self.inodes.sweep):
-            handle = self.handles.file(fh)
-            if handle.failed:
-                raise fail(handle.failed)
-            await self._commit_own(handle)
-            await self.gateway.sync()
-
-    async def _commit_own(self, handle: FileHandle) -> None:
-        if handle.owes_commit:
-            await self.commit(handle.node)
-        handle.wrote = handle.emptied = False
+        await self.files.fsync(self.handles.file(fh))
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.busy.poke()
         handle = self.handles.files.get(fh)
-        if handle is None:
-            return
-        try:
-            if handle.owes_commit:
-                await self.commit(handle.node)
-        except (SlurpError, OSError) as exc:
-            log.error("could not store %r at release: %s", os.fsdecode(handle.node.name), exc)
-            raise fuse_error(exc) from None
-        finally:
-            self._close(handle)
-
-    def _close(self, handle: FileHandle) -> None:
-        self.handles.close_file(handle.fh)
-        node = handle.node
-        if handle.scratch is not None:
-            handle.scratch.opens -= 1
-            self.scratch.maybe_release(handle.scratch)
-        if node.opens == 0:
-            node.content = None
-        self.inodes.maybe_purge(node)
-
-    async def commit(self, node: Node) -> None:
-        """Store an open role file's dirty buffer as one new version."""
-        self.busy.hold()
-        content = node.content
-        if content is None:
-            return
-        async with content.locked():
-            if not content.dirty:
-                return
-            if node.kind is not Kind.ROLE or node.key is None or node.readonly:
-                content.dirty = False  # removed or renamed away: writes go nowhere
-                return
-            address = node.address
-            assert address is not None
-            assert content.buffer is not None
-            seq = content.seq
-            saved = await self.gateway.put(address, node.key.role, bytes(content.buffer))
-            info = saved.info
-            if content.seq == seq:
-                content.dirty = False
-            content.base = info.version_id
-            node.info = info
-            if saved.stored:  # an identical save keeps the head's time
-                node.written = (info.version_id, content.mtime_ns)
-            node.cached_version = None
-            self.scratch.unhide(dir_key(address), node.key.role)
-
-    async def commit_all(self) -> int:
-        """Commit every dirty buffer (graceful shutdown). Returns how many failed."""
-        failed = 0
-        for handle in self.handles.dirty():
-            try:
-                await self.commit(handle.node)
-            except (SlurpError, OSError) as exc:
-                failed += 1
-                log.error("could not store %r at shutdown: %s", os.fsdecode(handle.node.name), exc)
-        return failed
+        if handle is not None:
+            await self.files.release(handle)
 
     # -- directories ------------------------------------------------------------------
 
@@ -824,42 +505,40 @@ class Operations(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
-        with errmap(self.inodes.sweep):
-            node = self.node(inode)
-            if node.kind not in DIR_KINDS:
-                raise fail(errno.ENOTDIR)
-            return self.handles.open_dir(node, self.caller(ctx)).fh
+        node = self.node(inode)
+        if node.kind not in DIR_KINDS:
+            raise fail(errno.ENOTDIR)
+        return self.handles.open_dir(node, self.caller(ctx)).fh
 
     @handler
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
         self.busy.poke()
-        with errmap(self.inodes.sweep):
-            handle = self.handles.dir(fh)
-            parent = handle.node
-            if start_id == 0 or handle.entries is None:
-                # Later calls continue the listing (and attributes) this one reads.
-                self.view.refresh()
-                if parent.kind is Kind.QUERY:
-                    handle.entries = await self.search.entries(parent, handle.caller)
+        handle = self.handles.dir(fh)
+        parent = handle.node
+        if start_id == 0 or handle.entries is None:
+            # Later calls continue the listing (and attributes) this one reads.
+            self.view.refresh()
+            if parent.kind is Kind.QUERY:
+                handle.entries = await self.search.entries(parent, handle.caller)
+            else:
+                handle.entries = self.tree.entries(parent)
+        for i in range(start_id, len(handle.entries)):
+            entry = handle.entries[i]
+            node = self.tree.bind_entry(parent, entry)
+            try:
+                if entry.stat is not None:
+                    attrs = self.attrs(node, entry.stat)
                 else:
-                    handle.entries = self.tree.entries(parent)
-            for i in range(start_id, len(handle.entries)):
-                entry = handle.entries[i]
-                node = self.tree.bind_entry(parent, entry)
-                try:
-                    if entry.stat is not None:
-                        attrs = self.attrs(node, entry.stat)
-                    else:
-                        attrs = self.tree_attrs(node, entry.info, uid=handle.caller.uid)
-                except NotFound:
-                    self.inodes.maybe_purge(node)
-                    continue
-                if not self.readdir_reply(token, entry.name, attrs, i + 1):
-                    self.inodes.maybe_purge(node)
-                    return
-                self.inodes.ref(node)
+                    attrs = self.tree_attrs(node, entry.info, uid=handle.caller.uid)
+            except NotFound:
+                self.inodes.maybe_purge(node)
+                continue
+            if not self.readdir_reply(token, entry.name, attrs, i + 1):
+                self.inodes.maybe_purge(node)
+                return
+            self.inodes.ref(node)
 
     @handler
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
@@ -868,8 +547,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        with errmap(self.inodes.sweep):
-            await self.gateway.sync()
+        await self.gateway.sync()
 
     # -- extended attributes ----------------------------------------------------------
 
@@ -880,8 +558,7 @@ class Operations(pyfuse3.Operations):
         if not name.startswith(XATTR_PREFIX):
             # ls -l asks every file for ACLs, the kernel for security.capability on writes.
             raise fail(pyfuse3.ENOATTR)
-        with errmap(self.inodes.sweep):
-            value = self.tree.xattrs(self.node(inode), self.root_xattrs).get(name)
+        value = self.tree.xattrs(self.node(inode), self.root_xattrs).get(name)
         if value is None:
             raise fail(pyfuse3.ENOATTR)
         return value
@@ -890,8 +567,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[bytes]:
-        with errmap(self.inodes.sweep):
-            return sorted(self.tree.xattrs(self.node(inode), self.root_xattrs))
+        return sorted(self.tree.xattrs(self.node(inode), self.root_xattrs))
 
     @handler
     async def setxattr(
@@ -911,8 +587,7 @@ class Operations(pyfuse3.Operations):
         nothing kept, like mode and times. No other attribute can be stored."""
         if not name.startswith(XATTR_PREFIX):
             raise fail(errno.ENOTSUP)
-        with errmap(self.inodes.sweep):
-            self.node(inode)
+        self.node(inode)
 
     # -- state -------------------------------------------------------------------------
 

@@ -592,7 +592,7 @@ class Daemon:
 
     async def _commit_open_files(self) -> None:
         self.ops.stopping = True
-        failed = await self.ops.commit_all()
+        failed = await self.ops.files.commit_all()
         if failed:
             log.error("%d open files could not be stored at shutdown", failed)
 
