@@ -41,7 +41,7 @@ readers = []
 readers = ["architect"]
 """
 
-# Every kind of name DESIGN lists as temporary, as the tools make them.
+# Every kind of name the scratch rule lists as temporary, as the tools make them.
 TEMPORARY = [
     f".{DEV}.swp",  # vim's swap file (any name starting with '.')
     f".{DEV}.Ab12Cd",  # rsync's temporary file

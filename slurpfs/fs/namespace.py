@@ -1,6 +1,6 @@
 """Changes to the tree: mkdir, rmdir, create, unlink, symlink, rename.
 
-The editor rules of DESIGN.md section 1 live here:
+The editor rules (docs/ARCHITECTURE.md, "Path layout") live here:
 
 - ``rename(scratch, <role>)`` stores the scratch file's bytes as one new version
   (or none, if the scratch file is an unmodified copy of the current head being

@@ -1,4 +1,4 @@
-"""``.search/``: every name looked up in it is a query (DESIGN.md section 1).
+"""``.search/``: every name looked up in it is a query (docs/ARCHITECTURE.md, "Path layout").
 
 ::
 

@@ -1,4 +1,4 @@
-"""The path layout (DESIGN.md section 1): names to nodes, listings, attributes.
+"""The path layout (docs/ARCHITECTURE.md, "Path layout"): names to nodes, listings, attributes.
 
 This is the filesystem's view of the context model, without FUSE types::
 

@@ -1,4 +1,4 @@
-"""What the daemon's HTTP endpoints answer (DESIGN.md section 5).
+"""What the daemon's HTTP endpoints answer (docs/ARCHITECTURE.md, "Health and the HTTP endpoints").
 
 =================  =====================================================================
 ``/metrics``       ``.slurp/metrics``, rendered afresh: Prometheus text format 0.0.4

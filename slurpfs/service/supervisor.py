@@ -273,7 +273,7 @@ class Supervisor:
     def check(self) -> Check:
         """The ``tasks`` health check: ``warn`` while a task restarts after a failure,
         ``fail`` once one failed `FAILING` times in a row; the mount serves files in
-        both cases (DESIGN: a background failure never takes the mount down)."""
+        both cases (a background failure never takes the mount down)."""
         states = self.states()
         failing = [s for s in states if s.state == "restarting"]
         if not failing:
