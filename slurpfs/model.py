@@ -569,6 +569,18 @@ class ContextStore:
             raise NotFound(f"no context at {address} for role {role!r}")
         return self._write(address.key, role, b"", deleted=True, expires_ms=None, wait=wait).info
 
+    def writer(self, *, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+        """The locks every commit into this store holds (`_writer`): local saves and
+        `slurpfs.ingest` take turns through them."""
+        return self._writer(wait=wait)
+
+    def committed(self, records: Sequence[VersionInfo]) -> None:
+        """Versions another path of this process stored (`slurpfs.ingest`): the
+        subscribers hear of them as of a local save."""
+        for record in records:
+            for callback in self._subscribers:
+                callback(record)
+
     @contextlib.contextmanager
     def _writer(self, *, wait: bool = True) -> Iterator[None]:
         """Hold this process's write lock and the store's writer lock (`WriterBusy`

@@ -1,0 +1,151 @@
+"""The one way in for versions made elsewhere: peers, restores.
+
+A local save seals its version itself (`ContextStore.put`); a version that
+arrives ready-made (from a peer, from a backup being restored) comes through
+`Ingest.accept` instead, so that `ContextStore` stays the local API and every
+foreign version meets the same checks, in this order:
+
+1. the envelope parses (`MalformedEnvelope`) and hashes to the id it came
+   with (`Corrupt`): versions are content-addressed;
+2. its address is a valid UCXL address and its role one this node knows;
+3. its author is a trusted node (`UntrustedAuthor`), the header signature
+   holds (`BadSignature`) and the ciphertext matches the signed hash
+   (`CiphertextTampered`);
+4. its key slots are sealed to public keys this node knows, each to a reader
+   of the version's role (a slot for anyone else would be refused on read);
+5. its parents are stored here already, or come earlier in the same batch
+   (`MissingParents`: the sender sends ancestors first, so the leaves of a
+   context are always computed from a complete graph).
+
+A batch is all or nothing: one failed check refuses the whole batch with
+nothing stored. Versions already stored are skipped (content addressing makes
+a repeat harmless). Accepted versions commit in one store transaction, under
+the same writer locks as local saves, with this node's *verified* tag (the
+signature need not be checked again on each read). Their HLCs reach the local
+clock through the leaves the next local save reads, so a save made after an
+ingest orders after what it saw. The model's subscribers (the indexer, the
+kernel cache invalidator in a mount) hear of each stored version, as of a
+local save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from slurpfs import ucxl
+from slurpfs.crypto import envelope as env
+from slurpfs.crypto import local
+from slurpfs.errors import Corrupt, InvalidAddress, SlurpError
+from slurpfs.model import ContextStore
+from slurpfs.store import Commit, VersionRecord
+
+__all__ = ["Incoming", "Ingest", "IngestReport", "MissingParents"]
+
+
+class MissingParents(SlurpError):
+    """A version names parents this node does not hold (send the ancestors first)."""
+
+    def __init__(self, message: str, missing: tuple[bytes, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One version as it travels: its id, envelope and key slots."""
+
+    version_id: bytes
+    envelope: bytes
+    slots: Sequence[env.KeySlot]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestReport:
+    stored: tuple[VersionRecord, ...]  # new here, in the order given
+    known: int  # already stored: skipped
+    sequence: int  # the store's change sequence after the commit
+
+
+class Ingest:
+    """Checks and commits foreign versions into one node's store (module docstring)."""
+
+    def __init__(self, model: ContextStore) -> None:
+        self.model = model
+
+    def accept(self, items: Sequence[Incoming]) -> IngestReport:
+        """Check every version of `items`, then commit the new ones in one transaction.
+
+        Raises (nothing stored): `Corrupt` and its subclasses for a version that
+        fails a check, `MissingParents`, `StoreFull`.
+        """
+        store = self.model.store
+        verify_key = local.verify_key(self.model.keyring.node)
+        with self.model.writer():
+            fresh = [item for item in items if store.record(item.version_id) is None]
+            batch: dict[bytes, VersionRecord] = {}
+            commits: list[Commit] = []
+            for item in fresh:
+                if item.version_id in batch:
+                    continue
+                record = self._check(item, batch)
+                batch[record.version_id] = record
+                commits.append(
+                    Commit(
+                        record,
+                        item.envelope,
+                        tuple(item.slots),
+                        verified=local.verified_tag(verify_key, record.version_id),
+                    )
+                )
+            sequence = store.commit(commits) if commits else store.sequence()
+        stored = tuple(c.record for c in commits)
+        self.model.committed(stored)
+        return IngestReport(stored, len(items) - len(fresh), sequence)
+
+    def _check(self, item: Incoming, batch: dict[bytes, VersionRecord]) -> VersionRecord:
+        envelope = env.Envelope.decode(item.envelope)
+        short = item.version_id.hex()[:16]
+        if envelope.version_id != item.version_id:
+            raise Corrupt(f"version {short}: the envelope does not hash to its id")
+        h = envelope.header
+        try:
+            ucxl.parse("ucxl://" + h.address)
+        except InvalidAddress as exc:
+            raise Corrupt(f"version {short}: its address is not valid: {exc}") from None
+        keyring = self.model.keyring
+        if h.role not in keyring.roles():
+            raise Corrupt(f"version {short}: role {h.role!r} is not known on this node")
+        env.verify(envelope, address=h.address, role=h.role, keyring=keyring)
+        self._check_slots(item, h.role, short)
+        missing = tuple(
+            p for p in h.parents if p not in batch and self.model.store.record(p) is None
+        )
+        if missing:
+            raise MissingParents(
+                f"version {short} of {h.address} [{h.role}] has {len(missing)} parents"
+                " this node does not hold",
+                missing,
+            )
+        return VersionRecord(
+            version_id=item.version_id,
+            address=h.address,
+            role=h.role,
+            parents=h.parents,
+            hlc=h.hlc,
+            author=h.author,
+            size=h.size,
+            deleted=h.deleted,
+        )
+
+    def _check_slots(self, item: Incoming, role: str, short: str) -> None:
+        keyring = self.model.keyring
+        readers = {role, *self.model.config.readers_of(role)}
+        for slot in item.slots:
+            if keyring.public(slot.role, slot.generation) is None:
+                raise Corrupt(
+                    f"version {short}: a key slot for {slot.role!r} generation"
+                    f" {slot.generation}, a key this node does not know"
+                )
+            if slot.role not in readers:
+                raise Corrupt(f"version {short}: a key slot for {slot.role!r}, not a reader")
