@@ -216,7 +216,7 @@ def serve(
     """Open the store and run the daemon in this process until it is unmounted."""
     model = ContextStore.open(config, passphrase)
     try:
-        daemon = Daemon(config, model, options)
+        daemon = Daemon(config, model, options, passphrase=passphrase)
     except BaseException:
         model.close()
         raise
