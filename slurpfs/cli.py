@@ -39,7 +39,7 @@ from slurpfs.model import (
     data_paths,
     verify_audit,
 )
-from slurpfs.service import mountcmd
+from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
 
 EXIT_PARTIAL = 9
@@ -464,6 +464,9 @@ class Commands:
                 "stored_bytes": st.envelope_bytes,
                 "plaintext_bytes": st.plaintext_bytes,
             }
+        search = control.request(cfg.data_dir, "search", timeout=2.0)  # (a mount's worker)
+        if search is not None and search.startswith("search "):
+            data["search"] = search.removeprefix("search ")
         _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
         return 0
 

@@ -388,23 +388,26 @@ def load(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    table: Mapping[str, Any] | None = None,
 ) -> Config:
     """Load the configuration.
 
     `path` (or ``SLURPFS_CONFIG``) names a TOML file; without one, the file
     ``config.toml`` in the data directory is read when it exists. `overrides`
     are command-line values as ``{"node.data_dir": "/x"}``: they beat everything.
+    `table` is an already parsed file (see `loads`), read instead of any file.
     """
     env = dict(os.environ if environ is None else environ)
     overrides = dict(overrides or {})
     if path is None and env.get("SLURPFS_CONFIG"):
         path = Path(env["SLURPFS_CONFIG"])
-    if path is None:
+    if path is None and not table:
         data_dir = overrides.get("node.data_dir") or env.get("SLURPFS_NODE_DATA_DIR")
         candidate = Path(data_dir or default_data_dir(env)) / "config.toml"
         if candidate.is_file():
             path = candidate
-    table: dict[str, Any] = {}
+    table = dict(table or {})
     if path is not None:
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -472,6 +475,16 @@ def load(
     _check(config, named)
     _warn_pending(config, named)
     return config
+
+
+def loads(text: str) -> Config:
+    """The configuration `text` (TOML, as `render_toml` writes it) describes, with no
+    environment and no file: how a worker process receives its mount's configuration."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration text: {exc}") from None
+    return load(environ={}, table=table)
 
 
 def render_toml(config: Config) -> str:

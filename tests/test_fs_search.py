@@ -26,7 +26,6 @@ from slurpfs.fs.ops import Operations
 from slurpfs.fs.search import ERROR, FACETS, RESULTS, SearchTree
 from slurpfs.index import SearchResult, SearchService
 from slurpfs.model import ContextStore
-from slurpfs.service.daemon import SearchRunner
 
 DEV_UID = 54321  # a user mapped to `developer` only
 SECRETS = ("xylophonesecret", "secrettag", "secrettech", "vault", "hsm", "ceremony")
@@ -395,52 +394,3 @@ async def test_status_and_metrics_report_search(fs: OpsHarness) -> None:
     metrics = (await fs.read(".slurp/metrics")).decode()
     assert "slurpfs_search_queries 1" in metrics
     assert "slurpfs_index_documents_architect 4" in metrics
-
-
-# -- the daemon's search task ------------------------------------------------------------
-
-
-async def test_the_daemon_opens_search_in_the_background_and_indexes(
-    model: ContextStore,
-) -> None:
-    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-    fs = OpsHarness(ops)
-    runner = SearchRunner(model, model.config.search.engine, ops.search)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.run)
-        assert len(await fs.listdir(".search/key")) == 5  # waits until the service is open
-        assert runner.indexer is not None
-        model.put(address("src/late.go"), "developer", document("a lateword arrives"))
-        with trio.fail_after(5):
-            while len(await fs.listdir(".search/lateword")) != 3:  # noqa: ASYNC110 - polled under a deadline
-                await trio.sleep(0.01)
-        runner.stop()
-    runner.close()
-    assert runner.service is None
-    await fs.forget_all()
-
-
-async def test_stopping_abandons_an_index_build(model: ContextStore) -> None:
-    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-    runner = SearchRunner(model, model.config.search.engine, ops.search)
-    runner.stop()  # before the first context of the build
-    await runner.run()
-    assert runner.service is None  # both engines build here: the build gave up
-    assert ops.search.statistics().ready == 0
-
-
-@pytest.mark.expect_warnings(
-    "search is unavailable on this mount: unknown search engine 'no-such-engine'"
-)
-async def test_a_service_that_cannot_open_leaves_the_mount_up(
-    model: ContextStore, caplog: pytest.LogCaptureFixture
-) -> None:
-    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
-    fs = OpsHarness(ops)
-    runner = SearchRunner(model, "no-such-engine", ops.search)
-    await runner.run()
-    assert await fs.listdir(".search/key") == [ERROR]
-    assert b"search is unavailable on this mount" in await fs.read(f".search/key/{ERROR}")
-    assert any(r.levelno == logging.ERROR for r in caplog.records)
-    assert "search_unavailable" in (await fs.read(".slurp/status")).decode()
-    await fs.forget_all()

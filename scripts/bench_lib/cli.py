@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search")
+SECTIONS = ("model", "mount", "search", "worker")
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -27,6 +27,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import mount
 
         return mount.run
+    if name == "worker":
+        from bench_lib import worker
+
+        return worker.run
     from bench_lib import search
 
     return search.run

@@ -76,7 +76,7 @@ from slurpfs.index.render import (
     link_width,
     results_text,
 )
-from slurpfs.index.searcher import IndexProgress, Searcher
+from slurpfs.index.searcher import IndexProgress, Searcher, SearchUnavailable
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -387,6 +387,9 @@ class SearchTree:
             result = await trio.to_thread.run_sync(run, limiter=self.limiter)
         except (QueryError, AccessDenied) as exc:
             return self._refused(query, exc, caller)
+        except SearchUnavailable as exc:  # (building, restarting): asking again may succeed
+            self._not_ready += 1
+            return self._error(query, exc, keep=False)
         self._queries += 1
         width = link_width(spec.limit)
         return QueryView(
@@ -422,13 +425,18 @@ class SearchTree:
 
     def statistics(self) -> QueryStatistics:
         return QueryStatistics(
-            ready=int(self._service is not None),
+            ready=int(self._service is not None and self._answers()),
             queries=self._queries,
             cached=self._cached,
             invalid=self._invalid,
             not_ready=self._not_ready,
             cache_entries=len(self._cache),
         )
+
+    def _answers(self) -> bool:
+        """Whether the attached searcher answers queries now (not building, restarting)."""
+        indexer = self._indexer
+        return indexer is None or indexer.progress().state in ("ready", "catching up")
 
     def check(self) -> Check:
         """The ``search`` health check: the indexes are open and the indexer keeps up.
@@ -447,6 +455,10 @@ class SearchTree:
         )
         if self._indexer is None:
             return Check("search", OK, detail)
+        progress = self._indexer.progress()
+        if progress.state != "ready":
+            status = FAIL if progress.state == "unavailable" else WARN
+            return Check("search", status, progress.describe())
         ix = self._indexer.statistics()
         detail += f"; indexer lag {ix.lag:.1f} s, {ix.queue_depth} changes waiting"
         return Check("search", WARN if ix.lag > LAG_WARN else OK, detail)
@@ -459,5 +471,6 @@ class SearchTree:
         if self._service is not None:
             out.update(flatten(self._service.statistics(), "index_"))
         if self._indexer is not None:
+            out["search_progress"] = self._indexer.progress().describe()
             out.update(flatten(self._indexer.statistics(), "indexer_"))
         return out

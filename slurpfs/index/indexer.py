@@ -132,12 +132,13 @@ class Indexer:
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._enqueue, info.hlc)
 
-    def wake(self) -> None:
-        """Index now: another process committed (e.g. a `slurpfs put` notified us)."""
+    def wake(self, hlc: int | None = None) -> None:
+        """Index now: another process committed (e.g. a `slurpfs put` notified us, or
+        the daemon passed on a commit with its `hlc`, which measures the lag)."""
         token = self._token
         if token is not None:
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._enqueue, None)
+                token.run_sync_soon(self._enqueue, hlc)
 
     # -- trio thread ------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ One request line, one reply line:
              `notify_daemon` after ``put``/``rm``/``import`` so that, once it
              returns, no reader of the mount sees the old version.
 ``ping``     reply ``pong <pid> <mountpoint>``.
+``search``   reply ``search <progress>``: where the search worker stands (``ready``,
+             ``building the search indexes: indexed N of M contexts (R/s, ETA T s)``...);
+             ``slurpfs status`` shows it.
 ``watch``    reply ``watching``, keep the connection, and write ``exit <status>``
              just before the daemon exits (how ``slurpfs umount`` learns the
              daemon's exit status without being its parent).
@@ -142,10 +145,12 @@ class ControlServer:
         data_dir: Path,
         on_changed: Callable[[], Awaitable[None]],
         describe: Callable[[], str],
+        search: Callable[[], str] | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
         self._on_changed = on_changed
         self._describe = describe
+        self._search = search
         self.watchers: list[int] = []  # dup'ed fds, written at exit
         self.requests = 0
         self._scope: trio.CancelScope | None = None
@@ -198,6 +203,8 @@ class ControlServer:
                 await stream.send_all(b"ok\n")
             elif command == "ping":
                 await stream.send_all(f"pong {self._describe()}\n".encode())
+            elif command == "search" and self._search is not None:
+                await stream.send_all(f"search {self._search()}\n".encode())
             elif command == "watch":
                 self.watchers.append(os.dup(stream.socket.fileno()))
                 await stream.send_all(b"watching\n")

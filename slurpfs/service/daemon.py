@@ -7,8 +7,9 @@ order, stopped in the reverse order):
 - ``control``: `ControlServer`, the local control socket (change notifications, ``watch``);
 - ``http``: `HttpServer`, ``/metrics`` and ``/health*`` on ``http.listen`` (unless
   ``off``); its socket is bound before the mount is made, so a port in use stops the start;
-- ``search``: `SearchRunner` opens the search service in a worker thread (the mount
-  does not wait for it; ``.search/`` queries do, briefly), then runs the `Indexer`;
+- ``search``: a `WorkerProcess` running the search worker (the search engine and
+  the `Indexer`, in a process of their own: `slurpfs.service.search_worker`); the mount
+  does not wait for it, ``.search/`` asks it over its socket (`SearchClient`);
 - ``sync``: `Syncer`, the periodic sync to stable storage (``durability.sync_interval``);
 - ``ttl``: `TtlCleaner`, expired contexts are purged (once a minute);
 - ``keys``: `KeyPreparer`, data keys sealed ahead of time in a thread of its own;
@@ -26,9 +27,10 @@ check, and restarted with backoff; the mount goes on serving files.
 SIGTERM/SIGINT end the FUSE loop; so does the kernel (``umount``). Teardown is one
 ordered `contextlib.AsyncExitStack`, the same on every exit path (a loop that
 raised included): commit every open file's unsaved writes, sync, stop the tasks
-(the indexer after the batch in progress; opening the search service is
-abandoned) within `SHUTDOWN_TIMEOUT`, unmount, close the search service, close
-the store; then the exit status goes to ``slurpfs umount``.
+(the search worker after the batch in progress, or abandoning an index build;
+a worker still running when the time is over is killed) within
+`SHUTDOWN_TIMEOUT`, unmount, close the store; then the exit status goes to
+``slurpfs umount``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +57,15 @@ from slurpfs.errors import SlurpError
 from slurpfs.fs.handles import Gateway
 from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
-from slurpfs.fs.search import SearchTree
 from slurpfs.fs.virtual import flatten
-from slurpfs.index import Indexer, SearchService
 from slurpfs.index.sealed import open_table
 from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
+from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
+from slurpfs.service.workers import WorkerProcess, background_priority
 
 log = logging.getLogger("slurpfs.daemon")
 
@@ -263,125 +264,6 @@ class KeyPreparer:
                 self.filling = False
 
 
-def background_priority() -> None:
-    """Let the calling thread run only when a CPU would otherwise be idle."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except OSError as exc:  # a kernel without SCHED_IDLE: the lowest nice value instead
-        log.debug("SCHED_IDLE refused (%s); nice 19 instead", exc)
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 19)  # per thread on Linux
-        except OSError as again:
-            log.debug("nice 19 refused too (%s): the key thread runs at normal priority", again)
-
-
-class OpenAborted(SlurpError):
-    """Opening the search service was abandoned: the daemon is shutting down."""
-
-
-@dataclass(frozen=True, slots=True)
-class SearchRunnerStatistics:
-    opened: bool
-    indexer_runs: int
-
-
-class SearchRunner:
-    """Opens the search service without holding up the mount, then runs the indexer.
-
-    `run` opens the service in a worker thread (a tantivy index is rebuilt in
-    memory, a whoosh one decrypted and caught up), attaches it to ``.search/``
-    and runs an `Indexer` until stopped. A service that cannot be opened leaves
-    the mount up with ``.search/`` answering why in ``.error``. After a failure
-    the next `run` keeps the service already open and runs the indexer again.
-    `stop` stops the indexer after its batch in progress, or makes an index
-    build in progress give up; `close` closes the service (after the tasks
-    have ended).
-    """
-
-    def __init__(
-        self,
-        model: ContextStore,
-        engine: str,
-        tree: SearchTree,
-        activity: Callable[[], int] | None = None,
-    ) -> None:
-        self.model = model
-        self.engine = engine
-        self.tree = tree
-        self.activity = activity
-        self.service: SearchService | None = None
-        self.indexer: Indexer | None = None
-        self._abort = threading.Event()
-        self._indexers = 0
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()  # the mount does not wait for the indexes
-        if self.service is None and not await self._open():
-            return
-        assert self.service is not None
-        if self._abort.is_set():
-            return
-        if self.indexer is None:  # (one indexer, run again after a failure: it subscribed once)
-            self.indexer = Indexer(self.service, activity=self.activity)
-        self._indexers += 1
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.indexer.run)
-            self.tree.attach(self.service, self.indexer)
-            self.indexer.wake()  # commits made while the service was opening (or down)
-
-    async def _open(self) -> bool:
-        started = time.monotonic()
-        try:
-            self.service = await trio.to_thread.run_sync(self._open_service)
-        except OpenAborted:
-            log.info("stopped opening the search indexes: shutting down")
-            return False
-        except SlurpError as exc:
-            log.error("search is unavailable on this mount: %s", exc)
-            self.tree.unavailable(f"search is unavailable on this mount: {exc}")
-            return False
-        documents = sum(self.service.statistics().documents.values())
-        log.info(
-            "search ready: %s engine, %d documents in %d role indexes, opened in %.2f s",
-            self.engine,
-            documents,
-            len(self.service.roles),
-            time.monotonic() - started,
-        )
-        return True
-
-    def _open_service(self) -> SearchService:
-        def progress(done: int, total: int) -> None:
-            if self._abort.is_set():
-                raise OpenAborted("the daemon is shutting down")
-
-        return SearchService.open(self.model, engine=self.engine, progress=progress)
-
-    def wake(self) -> None:
-        """Another process committed: index now rather than at the next poll."""
-        if self.indexer is not None:
-            self.indexer.wake()
-
-    def forget(self, contexts: list[tuple[str, str]]) -> None:
-        """Contexts purged without a change record: out of the indexes, soon."""
-        if self.service is not None:
-            self.service.forget(contexts)
-            self.wake()
-
-    def stop(self) -> None:
-        self._abort.set()
-        if self.indexer is not None:
-            self.indexer.stop()
-
-    def statistics(self) -> SearchRunnerStatistics:
-        return SearchRunnerStatistics(self.service is not None, self._indexers)
-
-    def close(self) -> None:
-        if self.service is not None:
-            self.service.close()
-            self.service = None
-
-
 @dataclass(frozen=True, slots=True)
 class WatchdogStatistics:
     interval: float | None
@@ -419,6 +301,7 @@ class Daemon:
         *,
         kernel: Kernel | None = None,
         notify: Callable[[str], None] | None = None,
+        passphrase: bytes | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -438,10 +321,17 @@ class Daemon:
             status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
-        self.search = SearchRunner(
-            model, config.search.engine, self.ops.search, activity=lambda: self.ops.activity
+        self.search_client = SearchClient(config, passphrase)
+        self.search = WorkerProcess("search", SEARCH_WORKER, self.search_client)
+        self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
+        model.subscribe(self.search_client.committed)
+        self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
+        self.control = ControlServer(
+            config.data_dir,
+            self._changed,
+            self._describe,
+            search=lambda: self.search_client.progress.describe(),
         )
-        self.control = ControlServer(config.data_dir, self._changed, self._describe)
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
         self.keys = KeyPreparer(model)
@@ -493,12 +383,12 @@ class Daemon:
         """Contexts the TTL task purged. A purge leaves no change record, so the kernel
         (which would show them for up to mount.entry_timeout) and the search indexes
         are told here."""
-        self.search.forget(contexts)
+        self.search_client.forget(contexts)
         await self.invalidator.forget(contexts)
 
     async def _changed(self) -> None:
         """A writer outside the daemon committed (control socket ``changed``)."""
-        self.search.wake()
+        self.search_client.wake()
         await self.invalidator.poke()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -536,14 +426,13 @@ class Daemon:
         """Serve until the FUSE loop ends; tear down in order however it ends.
 
         The stack's callbacks run last-registered first: commit open files, sync,
-        stop the tasks, (the tasks' nursery ends), unmount, close the search
-        service, close the store. The FUSE loop is the body: when the stack
+        stop the tasks and worker processes, (the tasks' nursery ends), unmount,
+        close the store. The FUSE loop is the body: when the stack
         unwinds it has ended (returned, raised, or been cancelled by a signal
         handler's failure), so commits can no longer race a handler.
         """
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.model.close)
-            stack.callback(self.search.close)
             stack.callback(self._unmount)
             if self.http is not None:
                 stack.callback(self.http.close)  # (when the loop ended before serving it)

@@ -224,7 +224,7 @@ def serve(
     except Corrupt as exc:
         raise MountError(f"cannot mount {config.data_dir}: {exc}") from None
     try:
-        daemon = Daemon(config, model, options)
+        daemon = Daemon(config, model, options, passphrase=passphrase)
     except BaseException:
         model.close()
         raise

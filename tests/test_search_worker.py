@@ -1,0 +1,174 @@
+"""The search worker process and its client, without FUSE: a real worker over a real store.
+
+`WorkerProcess` starts ``python -m slurpfs.service.search_worker``; `SearchClient`
+talks to it over the socket pair. Queries go through `RemoteSearcher` from a
+worker thread, as ``.search/`` sends them, and through the ``.search/`` tree of
+an `Operations` without a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Callable
+
+import pytest
+import trio
+from conftest import Nodes
+from fsutil import OpsHarness, running
+from test_index_support import ENGINES, address, document, seed
+
+from slurpfs.errors import AccessDenied, QueryError
+from slurpfs.fs.ops import Operations
+from slurpfs.fs.search import ERROR
+from slurpfs.index import SearchResult, SearchService
+from slurpfs.index.searcher import SearchUnavailable
+from slurpfs.model import ContextStore
+from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
+from slurpfs.service.supervisor import Supervisor
+from slurpfs.service.workers import WorkerProcess
+
+ARCH = frozenset({"architect"})
+
+
+@pytest.fixture(params=ENGINES)
+def model(request: pytest.FixtureRequest, nodes: Nodes) -> ContextStore:
+    _node, model = nodes.new(overrides={"search.engine": request.param})
+    seed(model)
+    return model
+
+
+async def until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+    """Poll `condition` (state another process changes) under a hang guard."""
+    with trio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - polled under a deadline
+            await trio.sleep(0.02)
+
+
+def ready(client: SearchClient) -> Callable[[], bool]:
+    return lambda: client.progress.state == "ready"
+
+
+def same(remote: SearchResult, local: SearchResult) -> None:
+    """The result that crossed the wire is the one the service made (but its time)."""
+    assert remote.hits == local.hits
+    assert remote.total == local.total
+    assert dict(remote.facets) == dict(local.facets)
+    assert remote.roles_searched == local.roles_searched
+
+
+async def search(
+    client: SearchClient, query: str, roles: frozenset[str], **kw: object
+) -> SearchResult:
+    searcher = client.searcher
+    return await trio.to_thread.run_sync(lambda: searcher.search(query, roles, **kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.expect_warnings(  # the supervisor's line for the killed worker
+    r"task search failed \(1 in a row\); restarting in \d+ s; the mount goes on serving"
+)
+async def test_remote_searcher_answers_as_the_service_does_and_survives_a_kill(
+    model: ContextStore,
+) -> None:
+    # A real worker: its answers equal an in-process service's, hit for hit
+    # (version ids, snippets and their highlights, facets); errors come back as
+    # the same classes; a commit notice makes a new context searchable; after
+    # SIGKILL a query fails at once with EAGAIN-style SearchUnavailable (never
+    # a hang), the supervisor starts a new worker, and search works again.
+    client = SearchClient(model.config, None)
+    worker = WorkerProcess("search", SEARCH_WORKER, client)
+    supervisor = Supervisor(initial=2.0)
+    model.subscribe(client.committed)
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, "search", worker)
+        await until(ready(client), "the worker to open its indexes")
+        with SearchService.open(model) as local:
+            for query, kw in [
+                ("key", {}),
+                ("rotating OR leak", {"limit": 2}),
+                ("key", {"role": "developer"}),
+            ]:
+                same(await search(client, query, ARCH, **kw), local.search(query, ARCH, **kw))  # type: ignore[arg-type]
+            no_snippets = await search(client, "key", ARCH, snippets=False)
+            same(no_snippets, local.search("key", ARCH, snippets=False))
+        with pytest.raises(QueryError):
+            await search(client, "key AND (", ARCH)
+        with pytest.raises(AccessDenied):
+            await search(client, "key", frozenset({"developer"}), role="architect")
+
+        model.put(address("src/late.go"), "developer", document("a lateword arrives"))
+        await until(lambda: client.seq == model.store.sequence(), "the commit to be indexed", 10)
+        assert len((await search(client, "lateword", ARCH)).hits) == 1
+
+        first = worker.pid
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: client.progress.state == "restarting", "the death to be noticed")
+        with pytest.raises(SearchUnavailable, match="killed by SIGKILL.*restarted") as raised:
+            await search(client, "key", ARCH)
+        assert raised.value.errno == 11  # EAGAIN
+        await until(ready(client), "a new worker")
+        assert worker.pid not in (0, first)
+        assert not running(first)
+        assert len((await search(client, "lateword", ARCH)).hits) == 1
+        [state] = supervisor.states()
+        assert state.restarts == 1
+        last = worker.pid
+        await supervisor.stop(30)
+    assert not running(last)
+    assert worker.statistics().last_exit == "exited with status 0"
+
+
+async def test_the_tree_queries_through_the_worker_and_shows_progress(model: ContextStore) -> None:
+    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
+    fs = OpsHarness(ops)
+    client = SearchClient(model.config, None)
+    ops.search.attach(client.searcher, client.progress_view)
+    worker = WorkerProcess("search", SEARCH_WORKER, client)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        assert len(await fs.listdir(".search/key")) == 5  # (waits while the worker starts)
+        status = (await fs.read(".slurp/status")).decode()
+        assert "search_progress: ready" in status
+        assert "search: ok" in (await fs.read(".slurp/health")).decode()
+        worker.stop()
+    assert worker.statistics().last_exit == "exited with status 0"
+    await fs.forget_all()
+
+
+async def test_stopping_a_starting_worker_ends_it_cleanly(model: ContextStore) -> None:
+    client = SearchClient(model.config, None)
+    worker = WorkerProcess("search", SEARCH_WORKER, client)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        pid = worker.pid
+        worker.stop()  # before (or while) it opens the store and the indexes
+    assert not running(pid)
+    assert worker.statistics().last_exit == "exited with status 0"
+    assert worker.statistics().unexpected_exits == 0
+
+
+async def test_a_service_that_cannot_open_leaves_the_mount_up(model: ContextStore) -> None:
+    # The worker cannot open search (an engine it does not know): it stays up and
+    # says why; .search/ shows it in .error, the health check fails, and the
+    # worker stops cleanly. (The worker's ERROR line goes to the daemon's log.)
+    broken = dataclasses.replace(
+        model.config, search=dataclasses.replace(model.config.search, engine="no-such-engine")
+    )
+    ops = Operations(model, model.config, owner_uid=os.getuid(), owner_gid=os.getgid())
+    fs = OpsHarness(ops)
+    client = SearchClient(broken, None)
+    ops.search.attach(client.searcher, client.progress_view)
+    worker = WorkerProcess("search", SEARCH_WORKER, client)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        await until(lambda: client.progress.state == "unavailable", "the worker to give up")
+        assert await fs.listdir(".search/key") == [ERROR]
+        assert b"search is unavailable on this mount" in await fs.read(f".search/key/{ERROR}")
+        assert (
+            "search: FAILING - unavailable: search is unavailable"
+            in (await fs.read(".slurp/health")).decode()
+        )
+        worker.stop()
+    assert worker.statistics().last_exit == "exited with status 0"
+    await fs.forget_all()
