@@ -11,7 +11,7 @@ File layout::
     [store]       map_size, max_context_bytes, cascade_depth
     [cache]       plaintext_bytes, redis_url
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll
-    [search]      engine
+    [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
     [replication] write_quorum
@@ -38,6 +38,8 @@ from typing import Any
 from slurpfs.errors import ConfigError
 
 MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
+SEARCH_ENGINES = ("sqlite", "whoosh", "tantivy")
+MIN_SEARCH_CACHE, MAX_SEARCH_CACHE = 1 << 20, 1 << 40
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     # role -> roles that may also read its contexts
@@ -89,7 +91,10 @@ class MountConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    engine: str = "whoosh"
+    engine: str = "sqlite"  # or "whoosh", "tantivy"
+    # Memory the search indexes may keep as cache, shared by the role indexes
+    # (the sqlite engine's page caches); the index itself is read on demand.
+    cache_bytes: int = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +305,13 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         raise bad("mount.scratch_bytes", "must not be negative")
     if not 0 <= config.mount.busy_poll <= MAX_BUSY_POLL:
         raise bad("mount.busy_poll", f"must be between 0 and {MAX_BUSY_POLL:g} seconds")
-    if config.search.engine not in ("whoosh", "tantivy"):
-        raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
+    if config.search.engine not in SEARCH_ENGINES:
+        raise bad(
+            "search.engine",
+            f"must be one of {', '.join(SEARCH_ENGINES)}, not {config.search.engine!r}",
+        )
+    if not MIN_SEARCH_CACHE <= config.search.cache_bytes <= MAX_SEARCH_CACHE:
+        raise bad("search.cache_bytes", "must be between 1 MiB and 1 TiB")
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
     if config.health.min_free_bytes < 0:
         raise bad("health.min_free_bytes", "must not be negative")
