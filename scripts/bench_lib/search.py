@@ -1167,34 +1167,39 @@ def _entropy_docs(count: int, seed: int = 1) -> Iterator[corpus.Doc]:
 
 
 def _footprint_queries(docs: Sequence[corpus.Doc], n: int, seed: int = 7) -> dict[str, list[str]]:
-    """Queries made of words of sampled documents: each matches at least that document."""
+    """Queries made of words of sampled documents, each word in 0.2-3% of the documents
+    (`BANDS`, as the search section picks them): realistic shares, on either corpus."""
     rng = random.Random(seed)
+    sample = rng.sample(list(docs), min(len(docs), 4000))
+    parsed: list[tuple[list[str], list[str], list[str]]] = []
+    df: Counter[str] = Counter()
+    for doc in sample:
+        head, _, body = doc.data.decode().rpartition("---\n")
+        words = [w.lower() for w in _TOKEN.findall(body) if w.lower() not in _STOP]
+        lists = dict(_LIST.findall(head))
+        tags = [t.strip() for t in lists.get("tags", "").split(",") if t.strip()]
+        tech = [t.strip() for t in lists.get("technologies", "").split(",") if t.strip()]
+        parsed.append((words, [t for t in tags if " " not in t], [t for t in tech if " " not in t]))
+        df.update(set(words))
+    lo, hi = BANDS["term"]
+    band = {w for w, c in df.items() if lo * len(sample) <= c <= hi * len(sample) and len(w) > 2}
     out: dict[str, list[str]] = {k: [] for k in FOOTPRINT_KINDS}
     while min(len(v) for v in out.values()) < n:
-        text = rng.choice(docs).data.decode()
-        head, _, body = text.rpartition("---\n")
-        words = [w.lower() for w in _TOKEN.findall(body) if w.lower() not in _STOP and len(w) > 2]
-        lists = dict(_LIST.findall(head))
-        if len(words) < 10 or "tags" not in lists:
+        words, tags, tech = rng.choice(parsed)
+        mine = [w for w in words if w in band]
+        if len(mine) < 2 or not tags or not tech:
             continue
-        tags = [t.strip() for t in lists["tags"].split(",") if t.strip()]
-        tech = [t.strip() for t in lists.get("technologies", "").split(",") if t.strip()]
-        at = rng.randrange(len(words) - 1)
-        a, b = rng.sample(words, 2)
+        a, b = rng.sample(mine, 2)
+        at = rng.choice([i for i, w in enumerate(words[:-1]) if w in band])
         for kind, q in (
             ("term", a),
             ("and", f"{a} AND {b}"),
             ("phrase", f'"{words[at]} {words[at + 1]}"'),
-            ("tag", f"tags:{tags[0].replace(' ', '')} {a}" if " " not in tags[0] else ""),
-            (
-                "facets",
-                f"tags:{tags[0]} technologies:{tech[0]}"
-                if tech and " " not in tags[0] + tech[0]
-                else "",
-            ),
+            ("tag", f"tags:{tags[0]} {a}"),
+            ("facets", f"tags:{tags[0]} technologies:{tech[0]}"),
             ("highlights", b),
         ):
-            if q and len(out[kind]) < n:
+            if len(out[kind]) < n:
                 out[kind].append(q)
     return out
 

@@ -16,7 +16,8 @@ What is kept (layout in docs/FORMAT.md, "Search index at rest"):
   full positions): postings of the text fields and of keyword and address
   values (`slurpfs.index.sqlite_query`), never the text itself;
 * ``docs``: the stored fields of a hit (address, file role, version, HLC,
-  summary, authority parts); ``keywords``: tags and technologies for facets;
+  summary, authority parts); ``keywords``: tags, technologies and the project,
+  for facet counts;
 * ``meta``: schema version, role, the file's random token, the save counter
   and the change sequence the index reflects.
 
@@ -81,6 +82,7 @@ CIPHER = "chacha20"  # SQLite3 Multiple Ciphers' ChaCha20-Poly1305 (sqleet) page
 BUSY_TIMEOUT_MS = 30_000  # waiting for another process's write transaction
 MIN_CACHE_KIB = 256  # page cache floor per connection
 EXPAND_LIMIT = 4096  # vocabulary terms a wildcard's prefix may cover
+WAL_LIMIT_BYTES = 4 << 20
 _NAME = re.compile(r"(?P<role>[a-z][a-z0-9_-]{0,31})\.(?P<token>[0-9a-f]{32})\.db")
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 
@@ -148,9 +150,17 @@ def _connect(path: Path, key: bytes, cache_bytes: int) -> apsw.Connection:
         conn.pragma("cache_size", -max(MIN_CACHE_KIB, cache_bytes // 1024))
         conn.pragma("journal_mode", "wal")  # the first read: a wrong key fails here
         conn.pragma("synchronous", "normal")
+        conn.pragma("journal_size_limit", WAL_LIMIT_BYTES)  # the log shrinks back after a build
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def _reader(path: Path, key: bytes, cache_bytes: int) -> apsw.Connection:
+    """A connection for searches, with its table of matches (memory, this connection only)."""
+    conn = _connect(path, key, cache_bytes)
+    conn.execute("CREATE TEMP TABLE matches(id INTEGER PRIMARY KEY, score REAL NOT NULL)")
     return conn
 
 
@@ -213,7 +223,7 @@ class SqliteIndex:
         self._read_lock = threading.Lock()
         self._writer = _connect(path, key, setup.cache_bytes // 2)
         try:
-            self._reader = _connect(path, key, setup.cache_bytes // 2)
+            self._reader = _reader(path, key, setup.cache_bytes // 2)
         except BaseException:
             self._writer.close()
             raise
@@ -328,6 +338,7 @@ class SqliteIndex:
         with self._write_lock:
             self._rekey_if_rotated()
             conn = self._writer
+            finishing = commit and self._fresh  # the last write of a build
             with _errors(self.role, "indexing"):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -342,6 +353,10 @@ class SqliteIndex:
                     )
                     for doc in upserts:
                         self._insert(conn, doc)
+                    if finishing:
+                        # The end of a build: one segment per column set, the smallest
+                        # and fastest form of the index (a merge in C, seconds at 100,000).
+                        conn.execute("INSERT INTO fts(fts) VALUES ('optimize')")
                     if commit:
                         counter = max(counter + 1, self._setup.sealed.next_generation)
                         conn.executemany(
@@ -359,6 +374,9 @@ class SqliteIndex:
                 self.seq = seq
                 if save:
                     self._save()
+                if finishing:
+                    with _errors(self.role, "indexing"):
+                        conn.pragma("wal_checkpoint", "truncate")
 
     def _remove(self, conn: apsw.Connection, key: str) -> bool:
         row = conn.execute("SELECT id FROM docs WHERE key = ?", (key,)).fetchone()
@@ -377,9 +395,11 @@ class SqliteIndex:
         )  # fmt: skip
         doc_id = conn.last_insert_rowid()
         conn.execute(_INSERT_FTS, _fts_row(doc_id, doc))
+        values = [(doc_id, facet, v) for facet in KEYWORD_COLUMNS for v in getattr(doc, facet)]
+        if doc.project:
+            values.append((doc_id, "project", doc.project))
         conn.executemany(
-            "INSERT OR IGNORE INTO keywords(doc, facet, value) VALUES (?, ?, ?)",
-            [(doc_id, facet, v) for facet in KEYWORD_COLUMNS for v in getattr(doc, facet)],
+            "INSERT OR IGNORE INTO keywords(doc, facet, value) VALUES (?, ?, ?)", values
         )
 
     def _rekey_if_rotated(self) -> None:
@@ -395,7 +415,7 @@ class SqliteIndex:
         with self._read_lock, _errors(self.role, "re-keying it"):
             self._reader.close()
             self._writer.pragma("rekey", "raw:" + key.hex())
-            self._reader = _connect(self._path, key, self._setup.cache_bytes // 2)
+            self._reader = _reader(self._path, key, self._setup.cache_bytes // 2)
         log.info("search index of role %s re-keyed to key generation %d", self.role, current)
         self._key_generation = current
 
@@ -487,36 +507,41 @@ class SqliteIndex:
         limit: int,
         facets: dict[str, dict[str, int]],
     ) -> tuple[list[tuple[Any, ...]], int]:
-        """The top rows, and the total and facet counts (into `facets`) of all matches."""
+        """The top rows, and the total and facet counts (into `facets`) of all matches.
+
+        The match is evaluated once, into a temporary table in memory (ids and
+        scores); the top rows, the total and the facet counts are read from it.
+        """
         conn = self._reader
-        where, params = "fts MATCH ?", [match]
-        if file_roles is not None:
+        score = f"SELECT fts.rowid, {_BM25} FROM fts"
+        if file_roles is None:
+            fill, params = f"{score} WHERE fts MATCH ?", [match]
+        else:
             roles = sorted(file_roles)
-            where += f" AND d.file_role IN ({', '.join('?' * len(roles))})"
-            params += roles
-        rows = conn.execute(
-            "SELECT d.address, d.file_role, d.version, d.hlc, d.summary, "
-            f"{_BM25} AS score FROM fts JOIN docs d ON d.id = fts.rowid "
-            f"WHERE {where} ORDER BY score, d.id LIMIT ?",
-            (*params, limit),
-        ).fetchall()
-        total = 0
-        for project, n in conn.execute(
-            "SELECT d.project, count(*) FROM fts JOIN docs d ON d.id = fts.rowid "
-            f"WHERE {where} GROUP BY d.project",
-            params,
-        ):
-            total += n
-            if project:
-                facets["project"][project] = n
-        if total:
-            join = "" if file_roles is None else "JOIN docs d ON d.id = fts.rowid "
-            for facet, value, n in conn.execute(
-                "SELECT k.facet, k.value, count(*) FROM fts JOIN keywords k ON k.doc = fts.rowid "
-                f"{join}WHERE {where} GROUP BY k.facet, k.value",
-                params,
-            ):
-                facets[facet][value] = n
+            fill = (
+                f"{score} JOIN docs d ON d.id = fts.rowid WHERE fts MATCH ? "
+                f"AND d.file_role IN ({', '.join('?' * len(roles))})"
+            )
+            params = [match, *roles]
+        conn.execute("BEGIN")  # one snapshot for every read below
+        try:
+            conn.execute("DELETE FROM temp.matches")
+            conn.execute(f"INSERT INTO temp.matches(id, score) {fill}", params)
+            rows = conn.execute(
+                "SELECT d.address, d.file_role, d.version, d.hlc, d.summary, m.score "
+                "FROM temp.matches m JOIN docs d ON d.id = m.id ORDER BY m.score, m.id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            total = int(conn.execute("SELECT count(*) FROM temp.matches").get or 0)
+            if total:
+                for facet, value, n in conn.execute(
+                    "SELECT k.facet, k.value, count(*) FROM temp.matches m "
+                    "JOIN keywords k ON k.doc = m.id GROUP BY k.facet, k.value"
+                ):
+                    facets[facet][value] = n
+            conn.execute("DELETE FROM temp.matches")
+        finally:
+            conn.execute("COMMIT")
         return rows, total
 
     def _snippet(
