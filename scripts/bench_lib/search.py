@@ -35,6 +35,7 @@ import contextlib
 import gc
 import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -1306,7 +1307,12 @@ def run_footprint(opts: Options, runs: Sequence[tuple[str, int, str]] | None = N
                 ),
             )
             child.start()
-            figures = out.get()
+            while True:  # a child that dies without an answer must not hang the run
+                with contextlib.suppress(queue.Empty):
+                    figures = out.get(timeout=5)
+                    break
+                if not child.is_alive():
+                    raise RuntimeError(f"footprint: the {engine} child exited {child.exitcode}")
             child.join()
             figures.update(
                 corpus=corpus_name, engine=engine, plaintext_bytes=plain,
