@@ -147,6 +147,9 @@ def _connect(path: Path, key: bytes, cache_bytes: int) -> apsw.Connection:
         conn.set_busy_timeout(BUSY_TIMEOUT_MS)
         conn.pragma("temp_store", 2)  # temporary tables and sorts: memory only
         conn.pragma("mmap_size", 0)
+        # Pages freed (segments merged away) can be given back to the file system:
+        # after a build's optimize, a third of the file. Takes effect in a new file only.
+        conn.pragma("auto_vacuum", "incremental")
         conn.pragma("cache_size", -max(MIN_CACHE_KIB, cache_bytes // 1024))
         conn.pragma("journal_mode", "wal")  # the first read: a wrong key fails here
         conn.pragma("synchronous", "normal")
@@ -376,6 +379,7 @@ class SqliteIndex:
                     self._save()
                 if finishing:
                     with _errors(self.role, "indexing"):
+                        conn.execute("PRAGMA incremental_vacuum").fetchall()
                         conn.pragma("wal_checkpoint", "truncate")
 
     def _remove(self, conn: apsw.Connection, key: str) -> bool:
