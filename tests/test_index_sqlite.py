@@ -16,6 +16,7 @@ import pytest
 from conftest import Nodes, assert_no_canary, find_canary, run_cli
 from test_index_support import address, document, new_model, put_many, seed
 
+from slurpfs.errors import QueryError
 from slurpfs.index import SearchService, check_index
 from slurpfs.index.engine import INDEX_DIR
 from slurpfs.model import ContextStore
@@ -280,3 +281,36 @@ def test_the_snippet_comes_from_the_plaintext_and_marks_the_words(model: Context
         (hit,) = search.search("leak", ["developer"]).hits
         assert "keys [leak]" in hit.snippet.marked()
         assert find_canary(hit.snippet.text.encode(), b"leak") is not None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "rot?ting", "ro*ing", "rot*", "tags:sec*", "tags:back?nd", "technologies:jw*",
+        "agent:ali*", "NOT key", "*", '"key set"~3', "project:bzzz OR banners",
+        "key ANDNOT tags:security",
+    ],
+)  # fmt: skip
+def test_wildcards_and_lone_exclusions_find_what_whoosh_finds(nodes: Nodes, query: str) -> None:
+    found: dict[str, set[str]] = {}
+    for engine in ("sqlite", "whoosh"):
+        model = new_model(nodes, engine, name=engine)
+        seed(model)
+        with SearchService.open(model) as search:
+            found[engine] = hits(search, query)
+    assert found["sqlite"] == found["whoosh"], query
+
+
+def test_what_fts5_cannot_express_is_a_query_error(model: ContextStore) -> None:
+    seed(model)
+    words = [(address(f"w/{i}"), "developer", document(f"r{i:04d}x")) for i in range(300)]
+    put_many(model, words)
+    with SearchService.open(model) as search:
+        for query, says in [
+            ("key OR NOT rotating", "needs a word"),
+            ("path:[a TO c]", "TermRange queries are not supported"),
+            ("r?*x", "more than 256 words"),  # a wildcard expands to 256 words at most
+        ]:
+            with pytest.raises(QueryError, match=says):
+                search.search(query, ["developer"])
+        assert search.search("r00?1x", ["developer"]).total == 10

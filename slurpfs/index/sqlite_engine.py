@@ -70,6 +70,7 @@ from slurpfs.index.sqlite_query import (
     KEYWORD_COLUMNS,
     TEXT_COLUMNS,
     WEIGHTS,
+    Translated,
     Translator,
     keyword_token,
 )
@@ -465,11 +466,19 @@ class SqliteIndex:
         with self._read_lock, _errors(self.role, "listing it"):
             return dict(self._reader.execute("SELECT key, version FROM docs"))
 
-    def _expand(self, prefix: str) -> list[str]:
-        """Vocabulary terms starting with `prefix` (a wildcard's candidates)."""
+    def _expand(self, field: str, prefix: str) -> list[str]:
+        """Values of `field` starting with `prefix` (a wildcard's candidates): words of
+        the vocabulary for a text field, whole values for a keyword or address field."""
+        if field in KEYWORD_COLUMNS:
+            sql = "SELECT DISTINCT value FROM keywords WHERE facet = ? AND value >= ? AND value < ?"
+            params: tuple[Any, ...] = (field,)
+        elif field in EXACT_COLUMNS:
+            sql = f"SELECT DISTINCT {field} FROM docs WHERE {field} >= ? AND {field} < ?"
+            params = ()
+        else:
+            sql, params = "SELECT term FROM vocab WHERE term >= ? AND term < ?", ()
         rows = self._reader.execute(
-            "SELECT term FROM vocab WHERE term >= ? AND term < ? LIMIT ?",
-            (prefix.lower(), prefix.lower() + "\U0010ffff", EXPAND_LIMIT + 1),
+            f"{sql} LIMIT ?", (*params, prefix, prefix + "\U0010ffff", EXPAND_LIMIT + 1)
         ).fetchall()
         if len(rows) > EXPAND_LIMIT:
             raise QueryError(f"too many words start with {prefix!r}: make the wildcard longer")
@@ -481,11 +490,11 @@ class SqliteIndex:
         facets: dict[str, dict[str, int]] = {name: {} for name in FACETS}
         with self._read_lock:
             translated = self._translator.translate(text, self._expand)
-            if translated.match is None:
+            if translated.match is None and not translated.everything:
                 return EngineResult([], 0, facets)
             with _errors(self.role, "searching it"):
                 try:
-                    rows, total = self._run(translated.match, file_roles, limit, facets)
+                    rows, total = self._run(translated, file_roles, limit, facets)
                 except apsw.SQLError as exc:  # FTS5 refused the expression
                     raise QueryError(f"the query {text!r} cannot be run: {exc}") from None
         hits = [
@@ -506,7 +515,7 @@ class SqliteIndex:
 
     def _run(
         self,
-        match: str,
+        translated: Translated,
         file_roles: frozenset[str] | None,
         limit: int,
         facets: dict[str, dict[str, int]],
@@ -517,16 +526,20 @@ class SqliteIndex:
         scores); the top rows, the total and the facet counts are read from it.
         """
         conn = self._reader
-        score = f"SELECT fts.rowid, {_BM25} FROM fts"
-        if file_roles is None:
-            fill, params = f"{score} WHERE fts MATCH ?", [match]
+        params: list[Any] = []
+        if translated.everything:  # every document (but the matches): all score 0
+            fill = "SELECT d.id, 0.0 FROM docs d WHERE 1"
+            if translated.match is not None:
+                fill += " AND d.id NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)"
+                params.append(translated.match)
         else:
+            fill = f"SELECT fts.rowid, {_BM25} FROM fts JOIN docs d ON d.id = fts.rowid"
+            fill += " WHERE fts MATCH ?"
+            params.append(translated.match)
+        if file_roles is not None:
             roles = sorted(file_roles)
-            fill = (
-                f"{score} JOIN docs d ON d.id = fts.rowid WHERE fts MATCH ? "
-                f"AND d.file_role IN ({', '.join('?' * len(roles))})"
-            )
-            params = [match, *roles]
+            fill += f" AND d.file_role IN ({', '.join('?' * len(roles))})"
+            params += roles
         conn.execute("BEGIN")  # one snapshot for every read below
         try:
             conn.execute("DELETE FROM temp.matches")

@@ -15,8 +15,10 @@ and the tree is then written out as one FTS5 expression:
   and a prefix of a value is a prefix of its token;
 * ``AND``/``OR``/``NOT``/``ANDNOT``/``-word``, phrases (``"a b"``, with ``~N`` as
   ``NEAR``) and prefixes (``word*``) map to their FTS5 forms; other wildcards
-  (``te?t``) are expanded through the index's vocabulary;
-* what FTS5 cannot express (a query that is only exclusions, ``*`` alone,
+  (``te?t``) are expanded through the index's vocabulary (or, for keyword and
+  address fields, the values indexed);
+* ``*`` alone and ``NOT x`` alone match every document (but x), by SQL;
+* what FTS5 cannot express (an exclusion inside an ``OR``,
   ranges, fuzzy terms) is a `QueryError` saying so.
 """
 
@@ -44,8 +46,9 @@ MAX_EXPANSION = 256  # terms a wildcard may expand to
 _CATCH_ALL_FILTER = "{" + " ".join(CATCH_ALL_PARTS) + "}"
 _WILD = re.compile(r"[*?]")
 
-Expander = Callable[[str], list[str]]
-"""Index terms that start with a prefix (the vocabulary, for wildcards)."""
+Expander = Callable[[str, str], list[str]]
+"""(field, prefix) -> the values of that field in the index that start with the prefix
+(words of a text field, whole values of a keyword or address field): for wildcards."""
 
 
 def keyword_token(value: str) -> str:
@@ -59,10 +62,15 @@ def _quoted(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Translated:
-    """A query as FTS5 sees it, and the words a snippet marks."""
+    """A query as FTS5 sees it, and the words a snippet marks.
 
-    match: str | None  # None: the query can match nothing
+    `match` None matches nothing, unless `everything`: then the query matches every
+    document (``*``), or every document `match` does not match (``NOT x`` alone).
+    """
+
+    match: str | None
     words: frozenset[str]
+    everything: bool = False
 
 
 class Translator:
@@ -86,8 +94,20 @@ class Translator:
                 f"the query {text!r} cannot be parsed: try simpler groups and operators"
             ) from None
         words: set[str] = set()
-        match = _Writer(text, expand, words).write(parsed)
-        return Translated(match, frozenset(words))
+        writer = _Writer(text, expand, words)
+        if _is_everything(parsed):
+            return Translated(None, frozenset(), everything=True)
+        if isinstance(parsed, query.Not):  # every document but these
+            return Translated(writer.write(parsed.query), frozenset(), everything=True)
+        return Translated(writer.write(parsed), frozenset(words))
+
+
+def _is_everything(q: query.Query) -> bool:
+    if isinstance(q, query.Every):
+        return True
+    return isinstance(q, (query.Or, query.DisjunctionMax)) and all(
+        _is_everything(s) for s in q.subqueries
+    )
 
 
 class _Writer:
@@ -170,13 +190,14 @@ class _Writer:
         return f"{self._column(field)} : {_quoted(text)}*"
 
     def _wildcard(self, field: str, pattern: str) -> str | None:
-        if field in KEYWORD_COLUMNS or field in EXACT_COLUMNS:
-            raise self._refuse(f"{field}: only a trailing '*' is supported for this field")
+        if field not in EXACT_COLUMNS:
+            pattern = pattern.lower()  # text and keyword fields are lower-cased
         start = _WILD.search(pattern)
         prefix = pattern if start is None else pattern[: start.start()]
         if not prefix:
             raise self._refuse(f"the wildcard {pattern!r} must start with a letter or digit")
-        terms = [t for t in self._expand(prefix) if fnmatch.fnmatchcase(t, pattern)]
+        values = self._expand(_CATCH_ALL_FILTER if field == CATCH_ALL else field, prefix)
+        terms = [t for t in values if fnmatch.fnmatchcase(t, pattern)]
         if len(terms) > MAX_EXPANSION:
             raise self._refuse(
                 f"the wildcard {pattern!r} matches more than {MAX_EXPANSION} words: "
