@@ -546,14 +546,17 @@ class SqliteIndex:
             conn.execute(f"INSERT INTO temp.matches(id, score) {fill}", params)
             rows = conn.execute(
                 "SELECT d.address, d.file_role, d.version, d.hlc, d.summary, m.score "
-                "FROM temp.matches m JOIN docs d ON d.id = m.id ORDER BY m.score, m.id LIMIT ?",
+                "FROM temp.matches m CROSS JOIN docs d ON d.id = m.id "
+                "ORDER BY m.score, m.id LIMIT ?",
                 (limit,),
             ).fetchall()
             total = int(conn.execute("SELECT count(*) FROM temp.matches").get or 0)
             if total:
                 for facet, value, n in conn.execute(
+                    # CROSS JOIN: the matches drive (the planner has no statistics
+                    # of the temporary table and would scan every keyword row).
                     "SELECT k.facet, k.value, count(*) FROM temp.matches m "
-                    "JOIN keywords k ON k.doc = m.id GROUP BY k.facet, k.value"
+                    "CROSS JOIN keywords k ON k.doc = m.id GROUP BY k.facet, k.value"
                 ):
                     facets[facet][value] = n
             conn.execute("DELETE FROM temp.matches")
