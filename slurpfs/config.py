@@ -18,7 +18,7 @@ File layout::
     [cache]       plaintext_bytes, redis_url (pending)
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
                   scratch_names
-    [search]      engine
+    [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
     [replication] write_quorum (pending)
@@ -51,6 +51,8 @@ from slurpfs.errors import ConfigError
 log = logging.getLogger("slurpfs.config")
 N = TypeVar("N", int, float)
 MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
+SEARCH_ENGINES = ("sqlite", "whoosh", "tantivy")
+MIN_SEARCH_CACHE, MAX_SEARCH_CACHE = 1 << 20, 1 << 40
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     # role -> roles that may also read its contexts
@@ -116,7 +118,10 @@ class MountConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    engine: str = "whoosh"
+    engine: str = "sqlite"  # or "whoosh", "tantivy"
+    # Memory the search indexes may keep as cache, shared by the role indexes
+    # (the sqlite engine's page caches); the index itself is read on demand.
+    cache_bytes: int = _bounded(64 << 20, MIN_SEARCH_CACHE, MAX_SEARCH_CACHE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +338,11 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         problem = _scratch_pattern_problem(pattern)
         if problem:
             raise bad("mount.scratch_names", f"pattern {pattern!r} {problem}")
-    if config.search.engine not in ("whoosh", "tantivy"):
-        raise bad("search.engine", f"must be 'whoosh' or 'tantivy', not {config.search.engine!r}")
+    if config.search.engine not in SEARCH_ENGINES:
+        raise bad(
+            "search.engine",
+            f"must be one of {', '.join(SEARCH_ENGINES)}, not {config.search.engine!r}",
+        )
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")

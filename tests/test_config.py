@@ -32,7 +32,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.durability.sync_interval == 1.0
     assert cfg.store.map_size == 8 << 30
     assert cfg.store.cascade_depth == 8
-    assert cfg.search.engine == "whoosh"
+    assert cfg.search.engine == "sqlite"
+    assert cfg.search.cache_bytes == 64 << 20
     assert cfg.http.listen == "127.0.0.1:0"
     assert cfg.http.address == config.ListenAddress("127.0.0.1", 0)
     assert cfg.health.min_free_bytes == 1 << 30

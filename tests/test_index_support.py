@@ -9,7 +9,7 @@ from conftest import Nodes
 from slurpfs.model import BatchItem, ContextStore
 from slurpfs.ucxl import Address, parse
 
-ENGINES = ("whoosh", "tantivy")
+ENGINES = ("sqlite", "whoosh", "tantivy")
 
 
 def new_model(

@@ -70,9 +70,10 @@ def _words(i: int) -> str:
     )
 
 
-def imported(nodes: Nodes, root: Path, count: int) -> Mounted:
+def imported(nodes: Nodes, root: Path, count: int, *, engine: str = "sqlite") -> Mounted:
     """A data directory holding `count` contexts (imported before the first mount)."""
-    node, model = nodes.new()
+    node, model = nodes.new(toml=f'[search]\nengine = "{engine}"\n')
+    assert f'engine = "{engine}"' in (node.data_dir / "config.toml").read_text()
     items = [BatchItem(address(f"bulk/d{i:05d}"), DEV, document(_words(i))) for i in range(count)]
     for start in range(0, count, 500):
         assert not model.put_many(items[start : start + 500]).failed
@@ -128,7 +129,8 @@ def test_sigterm_during_a_first_index_build(nodes: Nodes, tmp_path: Path) -> Non
     # indexes and its progress shows in .slurp/status, .slurp/health and
     # `slurpfs status`. SIGTERM meanwhile: the daemon stops the worker (the build
     # gives up), exits 0, and leaves no process behind.
-    m = imported(nodes, tmp_path, BUILD_CONTEXTS)
+    # (whoosh: a build long enough to watch and interrupt; sqlite builds these in seconds)
+    m = imported(nodes, tmp_path, BUILD_CONTEXTS, engine="whoosh")
     m.mount()
     try:
         wait_for(

@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search", "worker")
+SECTIONS = ("model", "mount", "search", "worker", "footprint")
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -33,7 +33,7 @@ def _section(name: str) -> Callable[[Options], Section]:
         return worker.run
     from bench_lib import search
 
-    return search.run
+    return search.run_footprint if name == "footprint" else search.run
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
@@ -47,7 +47,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         action="store_true",
         help="1,000 documents instead of 10,000 (search: 10,000 instead of 100,000)",
     )
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument(
+        "--only",
+        default="model,mount,search,worker",
+        help=f"comma-separated sections of {', '.join(SECTIONS)} (footprint runs only when named)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     parser.add_argument(
         "--runs", type=int, help="model: independent runs, medians reported (default 3, quick 1)"

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -1101,3 +1103,238 @@ def _markdown(data: Json) -> list[str]:
         )  # fmt: skip
     lines += ["", *(f"- {n}" for n in notes)]
     return lines
+
+
+# -- footprint: build rate, size at rest, memory and latency per engine and corpus --------
+#
+# The `footprint` section runs each engine in a child process of its own (so that its
+# resident memory is the engine's, not the generator's), on a one-role store of 4 KB
+# contexts from one of two corpora:
+#
+# * `realistic`: `corpus.generate` with jargon (English-like text, a small vocabulary);
+# * `entropy`: words drawn uniformly from a 20,000-word vocabulary of random letters,
+#   the corpus the size issue was reported with (every word rare, postings large).
+#
+# Reported per run: build rate (contexts/s through `SearchService.open` on a store
+# without an index), bytes at rest (the sqlite files; whoosh's sealed records) against
+# the plaintext bytes indexed, resident memory after the build and after the queries
+# and its peak, and p50/p95 of term, AND, phrase, tag and facet queries (no snippets,
+# as a listing asks) and of top-10 queries with highlights.
+
+FOOTPRINT_BYTES = 4096
+ENTROPY_VOCABULARY = 20_000
+FOOTPRINT_TAGS = tuple(f"tag{i:03d}" for i in range(200))
+FOOTPRINT_TECH = tuple(f"tech{i:02d}" for i in range(50))
+FOOTPRINT_FULL: tuple[tuple[str, int, str], ...] = (
+    ("realistic", 10_000, "sqlite"),
+    ("realistic", 10_000, "whoosh"),
+    ("entropy", 10_000, "sqlite"),
+    ("entropy", 10_000, "whoosh"),
+    ("entropy", 100_000, "sqlite"),
+)
+FOOTPRINT_QUICK: tuple[tuple[str, int, str], ...] = (
+    ("realistic", 2_000, "sqlite"),
+    ("realistic", 2_000, "whoosh"),
+    ("entropy", 2_000, "sqlite"),
+    ("entropy", 2_000, "whoosh"),
+)
+FOOTPRINT_KINDS = ("term", "and", "phrase", "tag", "facets", "highlights")
+
+
+def _entropy_docs(count: int, seed: int = 1) -> Iterator[corpus.Doc]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [
+        "".join(rng.choice(letters) for _ in range(rng.randint(3, 10)))
+        for _ in range(ENTROPY_VOCABULARY)
+    ]
+    for i in range(count):
+        words: list[str] = []
+        n = 0
+        while n < FOOTPRINT_BYTES - 200:
+            word = rng.choice(vocab)
+            words.append(word)
+            n += len(word) + 1
+        head = [
+            "---",
+            f"summary: {' '.join(rng.choice(vocab) for _ in range(6))}",
+            f"tags: [{', '.join(rng.sample(FOOTPRINT_TAGS, 2))}]",
+            f"technologies: [{rng.choice(FOOTPRINT_TECH)}]",
+            "---",
+        ]
+        parts = (f"bench:developer@entropy:t{i // 5000}", f"d{i // 100:04d}", f"c{i:06d}")
+        body = "\n".join(head) + "\n" + " ".join(words) + "\n"
+        yield corpus.Doc("ucxl://" + "/".join(parts), parts, body.encode())
+
+
+def _footprint_queries(docs: Sequence[corpus.Doc], n: int, seed: int = 7) -> dict[str, list[str]]:
+    """Queries made of words of sampled documents, each word in 0.2-3% of the documents
+    (`BANDS`, as the search section picks them): realistic shares, on either corpus."""
+    rng = random.Random(seed)
+    sample = rng.sample(list(docs), min(len(docs), 4000))
+    parsed: list[tuple[list[str], list[str], list[str]]] = []
+    df: Counter[str] = Counter()
+    for doc in sample:
+        head, _, body = doc.data.decode().rpartition("---\n")
+        words = [w.lower() for w in _TOKEN.findall(body) if w.lower() not in _STOP]
+        lists = dict(_LIST.findall(head))
+        tags = [t.strip() for t in lists.get("tags", "").split(",") if t.strip()]
+        tech = [t.strip() for t in lists.get("technologies", "").split(",") if t.strip()]
+        parsed.append((words, [t for t in tags if " " not in t], [t for t in tech if " " not in t]))
+        df.update(set(words))
+    lo, hi = BANDS["term"]
+    band = {w for w, c in df.items() if lo * len(sample) <= c <= hi * len(sample) and len(w) > 2}
+    out: dict[str, list[str]] = {k: [] for k in FOOTPRINT_KINDS}
+    while min(len(v) for v in out.values()) < n:
+        words, tags, tech = rng.choice(parsed)
+        mine = [w for w in words if w in band]
+        if len(mine) < 2 or not tags or not tech:
+            continue
+        a, b = rng.sample(mine, 2)
+        at = rng.choice([i for i, w in enumerate(words[:-1]) if w in band])
+        for kind, q in (
+            ("term", a),
+            ("and", f"{a} AND {b}"),
+            ("phrase", f'"{words[at]} {words[at + 1]}"'),
+            ("tag", f"tags:{tags[0]} {a}"),
+            ("facets", f"tags:{tags[0]} technologies:{tech[0]}"),
+            ("highlights", b),
+        ):
+            if len(out[kind]) < n:
+                out[kind].append(q)
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _footprint_child(
+    cfg_path: str, data_dir: str, engine: str, queries: dict[str, list[str]], out: Any
+) -> None:
+    """One engine on one store, in a fresh process; puts its figures on `out`."""
+    cfg = config.load(
+        Path(cfg_path), environ={"HOME": data_dir}, overrides={"node.data_dir": data_dir}
+    )
+    with ContextStore.open(cfg, None, kdf=KdfParams.weak()) as model:
+        contexts = sum(1 for _ in model.store.iter_contexts())
+        rss_open = _rss_bytes()
+        t0 = time.perf_counter()
+        service = SearchService.open(model, engine=engine)
+        build_s = time.perf_counter() - t0
+        rss_built = _rss_bytes()
+        if engine == "sqlite":
+            at_rest = _dir_bytes(Path(data_dir) / "index")
+        else:
+            at_rest = _index_table_bytes(model, [ONE_ROLE])[0]
+        latencies: Json = {}
+        clock = time.perf_counter_ns
+        for kind, texts in queries.items():
+            samples: list[int] = []
+            totals: list[int] = []
+            for text in texts:
+                snippets = kind == "highlights"
+                t1 = clock()
+                result = service.search(
+                    text, [ONE_ROLE], limit=10 if snippets else DEFAULT_LIMIT, snippets=snippets
+                )
+                samples.append(clock() - t1)
+                totals.append(result.total)
+            latencies[kind] = {**_summary(samples), "hits_median": statistics.median(totals)}
+        service.close()
+        out.put(
+            {
+                "contexts": contexts,
+                "build_s": round(build_s, 1),
+                "build_per_s": round(contexts / build_s),
+                "at_rest_bytes": at_rest,
+                "rss_open_mb": round(rss_open / 2**20),
+                "rss_built_mb": round(rss_built / 2**20),
+                "rss_after_queries_mb": round(_rss_bytes() / 2**20),
+                "rss_peak_mb": round(_peak_rss_bytes() / 2**20),
+                "queries": latencies,
+            }
+        )
+
+
+def run_footprint(opts: Options, runs: Sequence[tuple[str, int, str]] | None = None) -> Section:
+    """The `footprint` section (see above); `runs` are (corpus, contexts, engine)."""
+    import multiprocessing
+
+    runs = runs or (FOOTPRINT_QUICK if opts.quick else FOOTPRINT_FULL)
+    base = opts.workdir / f"bench-footprint-{os.getpid()}"
+    base.mkdir(parents=True)
+    results: list[Json] = []
+    stores: dict[tuple[str, int], tuple[Layout, int, dict[str, list[str]]]] = {}
+    spawn = multiprocessing.get_context("spawn")
+    try:
+        for corpus_name, count, engine in runs:
+            if (corpus_name, count) not in stores:
+                for layout, _, _ in stores.values():
+                    shutil.rmtree(layout.data_dir.parent, ignore_errors=True)
+                stores.clear()
+                gen = (
+                    _entropy_docs(count)
+                    if corpus_name == "entropy"
+                    else corpus.generate(count, size=FOOTPRINT_BYTES, jargon=True)
+                )
+                docs = list(gen)
+                plain = sum(len(d.data) for d in docs)
+                queries = _footprint_queries(docs, 50 if opts.quick else 200)
+                layout = _layout(base, f"{corpus_name}-{count}", (ONE_ROLE,), docs, {})
+                del docs
+                stores[(corpus_name, count)] = (layout, plain, queries)
+            layout, plain, queries = stores[(corpus_name, count)]
+            shutil.rmtree(layout.data_dir / "index", ignore_errors=True)
+            load = os.getloadavg()[0]
+            print(f"footprint: {corpus_name} {count:,} {engine}", file=sys.stderr)
+            out = spawn.Queue()
+            child = spawn.Process(
+                target=_footprint_child,
+                args=(
+                    str(layout.data_dir.parent / "roles.toml"),
+                    str(layout.data_dir),
+                    engine,
+                    queries,
+                    out,
+                ),
+            )
+            child.start()
+            while True:  # a child that dies without an answer must not hang the run
+                with contextlib.suppress(queue.Empty):
+                    figures = out.get(timeout=5)
+                    break
+                if not child.is_alive():
+                    raise RuntimeError(f"footprint: the {engine} child exited {child.exitcode}")
+            child.join()
+            figures.update(
+                corpus=corpus_name, engine=engine, plaintext_bytes=plain,
+                at_rest_ratio=round(figures["at_rest_bytes"] / plain, 2),
+                load_1min=[round(load, 2), round(os.getloadavg()[0], 2)],
+            )  # fmt: skip
+            results.append(figures)
+            print(json.dumps(figures), file=sys.stderr)
+    finally:
+        daemons.remove(base, label="footprint")
+    return Section({"runs": results}, _footprint_markdown(results))
+
+
+def _footprint_markdown(results: Sequence[Json]) -> list[str]:
+    head = ["corpus", "contexts", "engine", "build/s", "at rest / text", "RSS built / peak MB"]
+    head += [f"{k} p50/p95 ms" for k in FOOTPRINT_KINDS]
+    rows = []
+    for r in results:
+        q = r["queries"]
+        rows.append(
+            [r["corpus"], f"{r['contexts']:,}", r["engine"], str(r["build_per_s"]),
+             f"{r['at_rest_ratio']:.2f}", f"{r['rss_built_mb']} / {r['rss_peak_mb']}"]
+            + [f"{q[k]['p50_ms']} / {q[k]['p95_ms']}" for k in FOOTPRINT_KINDS]
+        )  # fmt: skip
+    return ["## search footprint", "", *table(head, rows), ""]

@@ -1,14 +1,14 @@
 """fsck of the search index: does the index at rest agree with the store?
 
-Only an engine that keeps its index at rest (whoosh) has anything to check; a
-tantivy index is rebuilt from the store whenever it is opened.
+Only an engine that keeps its index at rest (sqlite, whoosh) has anything to
+check; a tantivy index is rebuilt from the store whenever it is opened.
 """
 
 from __future__ import annotations
 
 from slurpfs.errors import KeyMissing
 from slurpfs.index.document import doc_key
-from slurpfs.index.engine import ENGINES
+from slurpfs.index.engine import ENGINES, engine_setup
 from slurpfs.index.sealed import IndexCorrupt, IndexOutdated, SealedIndexStore
 from slurpfs.model import ContextStore
 
@@ -30,10 +30,11 @@ def check_index(model: ContextStore) -> list[str]:
         return []
     store = model.store
     problems: list[str] = []
-    for role in sorted(model.held_roles()):
+    roles = sorted(model.held_roles())
+    for role in roles:
         sealed = SealedIndexStore(store, lambda: model.keyring, role)
         try:
-            index = engine.load(role, sealed)
+            index = engine.load(role, engine_setup(model, sealed, roles=len(roles)))
         except (IndexCorrupt, KeyMissing) as exc:
             problems.append(f"search index of role {role}: {exc}")
             continue

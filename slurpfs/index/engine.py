@@ -1,8 +1,9 @@
 """The seam between the search service and its engines, and where documents come from.
 
 An engine provides one `RoleIndex` per reader role (``search.engine`` picks
-which: ``whoosh`` or ``tantivy``). The service never touches engine objects
-other than through this protocol, and engines never touch the model.
+which: ``sqlite``, ``whoosh`` or ``tantivy``). The service never touches engine
+objects other than through this protocol, and engines never touch the model:
+what they need of the node comes in an `EngineSetup` (see `engine_setup`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Protocol
 from slurpfs.index.document import IndexDoc
 from slurpfs.index.results import EngineResult
 from slurpfs.index.sealed import SealedIndexStore
+from slurpfs.index.setup import EngineSetup, TextLoader, no_text
+from slurpfs.index.sqlite_engine import SqliteIndex
 from slurpfs.index.tantivy_engine import TantivyIndex
 from slurpfs.index.whoosh_engine import WhooshIndex
 from slurpfs.model import ContextStore, VersionInfo
@@ -70,12 +73,32 @@ class EngineType(Protocol):
     engine: str
     persistent: bool
 
-    def create(self, role: str, sealed: SealedIndexStore) -> RoleIndex: ...
+    def create(self, role: str, setup: EngineSetup) -> RoleIndex: ...
 
-    def load(self, role: str, sealed: SealedIndexStore) -> RoleIndex | None: ...
+    def load(self, role: str, setup: EngineSetup) -> RoleIndex | None: ...
 
 
-ENGINES: dict[str, EngineType] = {"whoosh": WhooshIndex, "tantivy": TantivyIndex}
+ENGINES: dict[str, EngineType] = {
+    "sqlite": SqliteIndex,
+    "whoosh": WhooshIndex,
+    "tantivy": TantivyIndex,
+}
+
+INDEX_DIR = "index"
+"""The data directory's folder for engines' own (encrypted) files."""
+
+
+def engine_setup(
+    model: ContextStore, sealed: SealedIndexStore, *, roles: int, text: TextLoader = no_text
+) -> EngineSetup:
+    """The setup of one role's index among `roles` indexes: ``search.cache_bytes``
+    is shared equally between them."""
+    return EngineSetup(
+        sealed=sealed,
+        directory=model.config.data_dir / INDEX_DIR,
+        cache_bytes=model.config.search.cache_bytes // max(1, roles),
+        text=text,
+    )
 
 
 def read_version(model: ContextStore, info: VersionInfo) -> bytes:

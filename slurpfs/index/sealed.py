@@ -20,6 +20,7 @@ last saw (`IndexConflict` otherwise: another process saved meanwhile).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import struct
@@ -118,6 +119,8 @@ class IndexMeta:
     docs: int
     key_generation: int
     files: Mapping[str, tuple[int, str]]  # name -> (sealed length, BLAKE2b-256 hex of sealed bytes)
+    extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Engine-specific values the manifest vouches for (the sqlite engine: its database file)."""
 
 
 def _meta_key(role: str) -> bytes:
@@ -151,6 +154,15 @@ class SealedIndexStore:
     def meta(self) -> IndexMeta | None:
         return self._meta
 
+    @property
+    def next_generation(self) -> int:
+        """The index generation the next `save` writes unless told another."""
+        return self._generation + 1
+
+    def key(self, key_generation: int) -> bytes:
+        """The role's index key at a key generation (`KeyMissing` if not held)."""
+        return index_key(self._keyring(), self.role, key_generation)
+
     def current_generation(self) -> int:
         gens = self._keyring().generations(self.role)
         if not gens:
@@ -172,7 +184,8 @@ class SealedIndexStore:
             return None
         meta = self._open_meta(raw)
         if meta.engine != engine:
-            raise IndexCorrupt(f"the saved index of role {self.role!r} is a {meta.engine} index")
+            # Intact, but another engine's (search.engine changed): rebuilt, not an attack.
+            raise IndexOutdated(f"the saved index of role {self.role!r} is a {meta.engine} index")
         key = index_key(self._keyring(), self.role, meta.key_generation)
         pieces: dict[str, list[bytes]] = {}
         prefix = _file_prefix(self.role)
@@ -206,10 +219,14 @@ class SealedIndexStore:
         *,
         seq: int,
         docs: int,
+        generation: int | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> IndexMeta:
         """Seal the files named in `changed` (and any not saved before), drop the
         ones no longer present, and write the new manifest: one transaction.
 
+        The manifest's generation is `generation` if given (at least
+        `next_generation`), else `next_generation`; `extra` is stored as given.
         `IndexConflict` if another process saved since our last load or save.
         """
         key_generation = self.current_generation()
@@ -243,11 +260,12 @@ class SealedIndexStore:
             del chunks[name]
         meta = IndexMeta(
             engine=engine,
-            generation=self._generation + 1,
+            generation=max(self.next_generation, generation or 0),
             seq=seq,
             docs=docs,
             key_generation=key_generation,
             files=manifest,
+            extra=dict(extra or {}),
         )
         raw = self._seal_meta(meta, key)
         puts[_meta_key(self.role)] = raw
@@ -292,14 +310,17 @@ class SealedIndexStore:
     # -- the manifest record ----------------------------------------------------
 
     def _seal_meta(self, meta: IndexMeta, key: bytes) -> bytes:
+        body: dict[str, object] = {
+            "engine": meta.engine,
+            "generation": meta.generation,
+            "seq": meta.seq,
+            "docs": meta.docs,
+            "files": {name: list(entry) for name, entry in meta.files.items()},
+        }
+        if meta.extra:
+            body["extra"] = dict(meta.extra)
         payload = json.dumps(
-            {
-                "engine": meta.engine,
-                "generation": meta.generation,
-                "seq": meta.seq,
-                "docs": meta.docs,
-                "files": {name: list(entry) for name, entry in meta.files.items()},
-            },
+            body,
             sort_keys=True,
             separators=(",", ":"),
         ).encode()
@@ -336,6 +357,7 @@ class SealedIndexStore:
                     str(name): (int(length), str(digest))
                     for name, (length, digest) in body["files"].items()
                 },
+                extra={str(k): str(v) for k, v in body.get("extra", {}).items()},
             )
         except CryptoError:
             raise IndexCorrupt(f"{where} fails authentication") from None

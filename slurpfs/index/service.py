@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from slurpfs import frontmatter
 from slurpfs.errors import AccessDenied, Corrupt, KeyMissing, QueryError
-from slurpfs.index.document import FACETS, IndexDoc, doc_key, extract
-from slurpfs.index.engine import ENGINES, RoleIndex, read_version
+from slurpfs.index.document import FACETS, MAX_INDEXED_CHARS, IndexDoc, doc_key, extract
+from slurpfs.index.engine import ENGINES, RoleIndex, engine_setup, read_version
 from slurpfs.index.query import MAX_LIMIT, check_syntax
-from slurpfs.index.results import SearchHit, SearchResult
+from slurpfs.index.results import EngineResult, SearchHit, SearchResult
 from slurpfs.index.sealed import IndexConflict, IndexCorrupt, IndexOutdated, SealedIndexStore
+from slurpfs.index.setup import EngineSetup
 from slurpfs.model import ContextStore
 
 log = logging.getLogger("slurpfs.index")
@@ -85,7 +87,7 @@ class SearchService:
         self.engine = engine
         self._type = ENGINES[engine]
         self._indexes: dict[str, RoleIndex] = {}
-        self._sealed: dict[str, SealedIndexStore] = {}
+        self._setups: dict[str, EngineSetup] = {}
         self._apply_lock = threading.RLock()
         self._stale: set[tuple[str, str]] = set()
         self._rebuilt: list[str] = []
@@ -113,12 +115,14 @@ class SearchService:
         """
         service = cls(model, engine or model.config.search.engine)
         missing: list[str] = []
-        for role in sorted(model.held_roles()):
+        roles = sorted(model.held_roles())
+        for role in roles:
             sealed = SealedIndexStore(model.store, lambda: model.keyring, role)
-            service._sealed[role] = sealed
-            index = service._load(role, sealed)
+            setup = engine_setup(model, sealed, roles=len(roles), text=service._body)
+            service._setups[role] = setup
+            index = service._load(role, setup)
             if index is None:
-                index = service._type.create(role, sealed)
+                index = service._type.create(role, setup)
                 missing.append(role)
             service._indexes[role] = index
         if missing:
@@ -127,17 +131,28 @@ class SearchService:
             service.catch_up()
         return service
 
-    def _load(self, role: str, sealed: SealedIndexStore) -> RoleIndex | None:
+    def _load(self, role: str, setup: EngineSetup) -> RoleIndex | None:
         try:
-            return self._type.load(role, sealed)
+            return self._type.load(role, setup)
         except IndexCorrupt as exc:
             log.error("search index of role %s refused, rebuilding it: %s", role, exc)
         except IndexOutdated as exc:
             log.info("search index of role %s is out of date, rebuilding it: %s", role, exc)
         except KeyMissing as exc:
             log.warning("search index of role %s cannot be opened, rebuilding it: %s", role, exc)
-        sealed.purge()
+        setup.sealed.purge()
         return None
+
+    def _body(self, address: str, role: str, version: str) -> str | None:
+        """The body text a version was indexed from (engines cut snippets from it)."""
+        record = self.model.store.record(bytes.fromhex(version))
+        if record is None or (record.address, record.role) != (address, role):
+            return None
+        try:
+            data = read_version(self.model, record)
+        except (Corrupt, KeyMissing):
+            return None
+        return frontmatter.parse(data).body[:MAX_INDEXED_CHARS]
 
     def close(self) -> None:
         with self._apply_lock:
@@ -233,19 +248,27 @@ class SearchService:
         # (garbage collection frees it); the dict is replaced, never mutated.
         try:
             index.write(docs, keys, seq=seq, merge=merge)
-        except (IndexConflict, KeyMissing) as exc:
+        except (IndexConflict, IndexCorrupt, KeyMissing) as exc:
             self._replace(role, exc)
 
-    def _replace(self, role: str, exc: IndexConflict | KeyMissing) -> None:
-        """After a write or save of `role`'s index failed with `exc`."""
-        if isinstance(exc, IndexConflict):
+    def _replace(self, role: str, exc: IndexConflict | IndexCorrupt | KeyMissing) -> None:
+        """After a write, save or search of `role`'s index failed with `exc`."""
+        if isinstance(exc, IndexCorrupt):
+            # Damage found in use (an engine that reads its index on demand): never
+            # served again; built afresh from the store, which is the truth.
+            log.error("search index of role %s refused, rebuilding it: %s", role, exc)
+            self._setups[role].sealed.purge()
+            with self._apply_lock:
+                fresh = {role: self._type.create(role, self._setups[role])}
+                self._build(fresh, None)
+                self._indexes = {**self._indexes, **fresh}
+        elif isinstance(exc, IndexConflict):
             # Another process saved this index: take its version; the next
             # catch-up (from its sequence) re-applies whatever it lacks.
             log.info("search index of role %s was saved elsewhere; reloading it", role)
-            fresh = self._load(role, self._sealed[role]) or self._type.create(
-                role, self._sealed[role]
-            )
-            self._indexes = {**self._indexes, role: fresh}
+            setup = self._setups[role]
+            fresh_index = self._load(role, setup) or self._type.create(role, setup)
+            self._indexes = {**self._indexes, role: fresh_index}
         else:
             # The role's key was dropped from this node meanwhile: it no longer
             # reads the role, so it keeps no index of it either.
@@ -297,7 +320,7 @@ class SearchService:
             for role, index in self._indexes.items():  # replaced, never mutated
                 try:
                     tidied = index.tidy() or tidied
-                except (IndexConflict, KeyMissing) as exc:
+                except (IndexConflict, IndexCorrupt, KeyMissing) as exc:
                     self._replace(role, exc)
         return tidied
 
@@ -336,7 +359,7 @@ class SearchService:
                 except IndexConflict:
                     # Another process saved this index while we built it: ours is
                     # complete up to `seq`, so it replaces theirs.
-                    self._sealed[role].take_over()
+                    self._setups[role].sealed.take_over()
                     index.write([], (), seq=seq)
                 self._rebuilt.append(role)
             self._totals = self._totals + report
@@ -356,7 +379,7 @@ class SearchService:
             if role not in self._indexes:
                 raise KeyMissing(f"this node keeps no search index for role {role!r}")
         with self._apply_lock:
-            fresh = {r: self._type.create(r, self._sealed[r]) for r in chosen}
+            fresh = {r: self._type.create(r, self._setups[r]) for r in chosen}
             report = self._build(fresh, progress)
             self._indexes = {**self._indexes, **fresh}  # the old ones: see _write
         self.catch_up()
@@ -429,7 +452,7 @@ class SearchService:
             indexes = self._indexes
             plan = self._plan(caller_roles, role)
             parts = [
-                (x, indexes[x].search(query, file_roles=f, limit=limit, snippets=snippets))
+                (x, self._search_role(indexes[x], query, f, limit, snippets))
                 for x, f in plan.items()
             ]
         except QueryError:
@@ -484,6 +507,24 @@ class SearchService:
             searched_as=searched_as,
             elapsed=time.perf_counter() - started,
         )
+
+    def _search_role(
+        self,
+        index: RoleIndex,
+        query: str,
+        file_roles: frozenset[str] | None,
+        limit: int,
+        snippets: bool,
+    ) -> EngineResult:
+        """One role index's part of a search; a damaged index is rebuilt, then asked again."""
+        try:
+            return index.search(query, file_roles=file_roles, limit=limit, snippets=snippets)
+        except IndexCorrupt as exc:
+            with self._apply_lock:
+                if self._indexes.get(index.role) is index:  # not replaced meanwhile
+                    self._replace(index.role, exc)
+                fresh = self._indexes[index.role]
+            return fresh.search(query, file_roles=file_roles, limit=limit, snippets=snippets)
 
     def statistics(self) -> SearchStatistics:
         totals = self._totals

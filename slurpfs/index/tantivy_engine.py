@@ -27,7 +27,7 @@ from slurpfs.index.results import (
     plain_snippet,
     snippet_from_marked,
 )
-from slurpfs.index.sealed import SealedIndexStore
+from slurpfs.index.setup import EngineSetup
 
 ENGINE = "tantivy"
 WRITER_HEAP = 64 << 20
@@ -110,11 +110,11 @@ class TantivyIndex:
         self._searcher = self._index.searcher()
 
     @classmethod
-    def create(cls, role: str, sealed: SealedIndexStore) -> TantivyIndex:
+    def create(cls, role: str, setup: EngineSetup) -> TantivyIndex:
         return cls(role)
 
     @classmethod
-    def load(cls, role: str, sealed: SealedIndexStore) -> TantivyIndex | None:
+    def load(cls, role: str, setup: EngineSetup) -> TantivyIndex | None:
         """Nothing is kept at rest: the service rebuilds a tantivy index at open."""
         return None
 

@@ -63,6 +63,7 @@ from slurpfs.index.results import (
     plain_snippet,
 )
 from slurpfs.index.sealed import IndexOutdated, SealedIndexStore
+from slurpfs.index.setup import EngineSetup
 from slurpfs.index.whoosh_query import CATCH_ALL, PAIRS, AndNot, FastIndex, prepare
 
 ENGINE = "whoosh"
@@ -506,17 +507,17 @@ class WhooshIndex:
         self._facet_cache: dict[str, dict[str, list[list[str]]]] = {}
 
     @classmethod
-    def create(cls, role: str, sealed: SealedIndexStore) -> WhooshIndex:
+    def create(cls, role: str, setup: EngineSetup) -> WhooshIndex:
         """A new, empty index (not saved until the first write)."""
         storage = MemoryStorage()
         storage.create_index(schema())
-        return cls(role, sealed, storage, 0)
+        return cls(role, setup.sealed, storage, 0)
 
     @classmethod
-    def load(cls, role: str, sealed: SealedIndexStore) -> WhooshIndex | None:
+    def load(cls, role: str, setup: EngineSetup) -> WhooshIndex | None:
         """The saved index, or None. IndexRollback/IndexCorrupt/KeyMissing as `sealed.load`;
         `IndexOutdated` if it was saved with another schema than `schema()`."""
-        loaded = sealed.load(ENGINE)
+        loaded = setup.sealed.load(ENGINE)
         if loaded is None:
             return None
         meta, files = loaded
@@ -538,7 +539,7 @@ class WhooshIndex:
                 f"the saved whoosh index of role {role!r} has an older schema "
                 f"(fields: {', '.join(sorted(saved.names()))})"
             )
-        return cls(role, sealed, storage, meta.seq)
+        return cls(role, setup.sealed, storage, meta.seq)
 
     @property
     def runs_spilled(self) -> int:
