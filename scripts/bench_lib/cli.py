@@ -52,6 +52,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         default="model,mount,search,worker",
         help=f"comma-separated sections of {', '.join(SECTIONS)} (footprint runs only when named)",
     )
+    parser.add_argument(
+        "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     parser.add_argument(
         "--runs", type=int, help="model: independent runs, medians reported (default 3, quick 1)"
@@ -68,6 +71,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     if unknown:
         parser.error(f"unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     args.only = only
+    if args.docs is not None and args.docs < 1:
+        parser.error("--docs must be at least 1")
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
     quick = bool(args.quick)
@@ -75,7 +80,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         quick=quick,
         profile=bool(args.profile),
         workdir=args.workdir.resolve(),
-        docs=1000 if quick else 10_000,
+        docs=args.docs or (1000 if quick else 10_000),
         creates=200 if quick else 2000,
         saves=50 if quick else 200,
         repeat=1 if quick else 3,

@@ -31,6 +31,10 @@ TOOLS: dict[str, tuple[list[str], tuple[int, ...]]] = {
 }
 GOAL = 1.3  # during the build, within this factor of idle
 SEARCHABLE_LIMIT_S = 1800.0
+FRESH_AUTHORITY = "bench:developer@fresh:index"
+FRESH_SAVES = 60  # one a second
+FRESH_VOCABULARY = 30_000  # distinct words of the one large context stored first
+FRESH_LIMIT_S = 30.0
 
 
 def run(opts: Options) -> Section:
@@ -52,7 +56,9 @@ def _import(base: Path, docs: list[corpus.Doc]) -> Path:
     t0 = time.perf_counter()
     with ContextStore.init(cfg, None) as store:
         for i in range(0, len(docs), 500):
-            batch = [BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data) for d in docs[i : i + 500]]
+            batch = [
+                BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data) for d in docs[i : i + 500]
+            ]
             report = store.put_many(batch)
             if report.failed:
                 raise RuntimeError(f"import failed: {report.failed[:3]}")
@@ -95,11 +101,52 @@ def _rounds(mnt: Path, tools: dict[str, tuple[list[str], tuple[int, ...]]], repe
     return out
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes of `pid` now (or its peak, with ``VmHWM``)."""
+    if not pid:
+        return 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _freshness(mnt: Path) -> Json:
+    """Save-to-searchable through the mount: one context of `FRESH_VOCABULARY` distinct
+    words first (the case where merges held new documents up), then one new context a
+    second for `FRESH_SAVES` seconds, each with a word of its own; the time from its
+    ``close`` until ``.search/<word>`` lists it."""
+    root = mnt / "ucxl" / FRESH_AUTHORITY
+    (root / "big").mkdir(parents=True)
+    words = " ".join(f"v{i:05d}x" for i in range(FRESH_VOCABULARY))
+    (root / "big" / corpus.ROLE).write_text(f"a large vocabulary: {words}\n")
+    latencies: list[float] = []
+    missed = 0
+    tick = time.monotonic()
+    for i in range(FRESH_SAVES):
+        word = f"fresh{os.getpid()}n{i}"
+        (root / f"n{i}").mkdir()
+        (root / f"n{i}" / corpus.ROLE).write_text(f"saved with {word} in it\n")
+        saved = time.monotonic()
+        while not [n for n in os.listdir(mnt / ".search" / word) if not n.startswith(".")]:
+            if time.monotonic() - saved > FRESH_LIMIT_S:
+                missed += 1
+                break
+            time.sleep(0.005)
+        else:
+            latencies.append(time.monotonic() - saved)
+        tick += 1.0
+        time.sleep(max(0.0, tick - time.monotonic()))
+    ordered = sorted(latencies)
+    return {
+        "saves": FRESH_SAVES,
+        "missed": missed,
+        "p50_ms": round(statistics.median(ordered) * 1000, 1) if ordered else None,
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 1)
+        if ordered
+        else None,
+        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+    }
 
 
 def _measure(base: Path, opts: Options) -> Json:
@@ -131,6 +178,8 @@ def _measure(base: Path, opts: Options) -> Json:
         daemons.settle(pid, limit_s=120, window_s=2.0)
         out["idle"] = _rounds(mnt, tools, opts.repeat, watch=False)
         out["rss_idle"] = {"daemon": _rss(pid), "worker": _rss(worker) if worker else 0}
+        out["freshness"] = _freshness(mnt)
+        out["rss_peak"] = {"daemon": _rss(pid, "VmHWM"), "worker": _rss(worker, "VmHWM")}
         out["load_1min"].append(os.getloadavg()[0])
     out["ratio"] = {
         name: round(out["during_build"][name]["wall"] / out["idle"][name]["wall"], 2)
@@ -162,8 +211,10 @@ def _markdown(data: Json) -> list[str]:
     return [
         f"### Worker: the first index build of {data['documents']} imported contexts",
         "",
-        *table(["tool (warm, median)", "during the build, ms", "idle, ms", "ratio",
-                f"within {GOAL}x"], rows),  # fmt: skip
+        *table(
+            ["tool (warm, median)", "during the build, ms", "idle, ms", "ratio", f"within {GOAL}x"],
+            rows,
+        ),  # fmt: skip
         "",
         f"- fully searchable {data['searchable_s']} s after the mount command",
         f"- search progress when the tools began: {data['progress_at_start']}; when they"
@@ -172,5 +223,12 @@ def _markdown(data: Json) -> list[str]:
         f" worker {data['rss_after_build']['worker'] / mib:.0f} MiB;"
         f" idle: daemon {data['rss_idle']['daemon'] / mib:.0f} MiB,"
         f" worker {data['rss_idle']['worker'] / mib:.0f} MiB",
+        f"- peak RSS (VmHWM): daemon {data['rss_peak']['daemon'] / mib:.0f} MiB,"
+        f" worker {data['rss_peak']['worker'] / mib:.0f} MiB",
+        f"- save to searchable through the mount ({data['freshness']['saves']} saves, one a"
+        f" second, after a context of {FRESH_VOCABULARY} distinct words): p50"
+        f" {data['freshness']['p50_ms']} ms, p99 {data['freshness']['p99_ms']} ms, max"
+        f" {data['freshness']['max_ms']} ms, {data['freshness']['missed']} not found"
+        f" within {FRESH_LIMIT_S:.0f} s",
         f"- 1-minute load average at start, after the build, at the end: {data['load_1min']}",
     ]
