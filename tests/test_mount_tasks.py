@@ -177,20 +177,35 @@ def test_sigterm_stores_an_open_file_while_a_task_is_failing(nodes: Nodes, tmp_p
         m.sweep()
 
 
-def fusectl() -> Path | None:
-    """The FUSE control file system (mounted if we may), or None."""
+@pytest.fixture
+def fusectl() -> Iterator[Path | None]:
+    """The FUSE control file system, or None; mounted for the test if it was not
+    (and unmounted after it). It lists a directory per live FUSE connection."""
     root = Path("/sys/fs/fuse/connections")
-    if not root.is_dir():
-        return None
-    if not any(root.iterdir()) and os.geteuid() == 0:
+
+    def mounted() -> bool:
+        lines = Path("/proc/mounts").read_text().splitlines()
+        return any(line.split()[1:3] == [str(root), "fusectl"] for line in lines)
+
+    ours = False
+    if root.is_dir() and not mounted() and os.geteuid() == 0:
         subprocess.run(["mount", "-t", "fusectl", "fusectl", root], check=False)
-    return root if any(root.iterdir()) else None
+        ours = mounted()
+    try:
+        yield root if mounted() else None
+    finally:
+        if ours:
+            subprocess.run(["umount", root], check=False)
 
 
-def test_a_connection_ended_by_the_kernel_stores_open_files(nodes: Nodes, tmp_path: Path) -> None:
+def test_a_connection_ended_by_the_kernel_stores_open_files(
+    nodes: Nodes, tmp_path: Path, fusectl: Path | None
+) -> None:
     # The kernel ends the FUSE connection (an abort through fusectl, as after a
     # forced unmount) while a file holds unsaved writes and is never closed. The
     # FUSE loop then ends without any release: the teardown stores the buffer.
+    if fusectl is None:
+        pytest.skip("no FUSE control file system (/sys/fs/fuse/connections) here")
     node, _ = nodes.new()
     node.close_all()
     mnt = tmp_path / "mnt"
@@ -204,14 +219,11 @@ def test_a_connection_ended_by_the_kernel_stores_open_files(nodes: Nodes, tmp_pa
     )
     try:
         wait_for(lambda: (mnt / ".slurp").exists(), what="the foreground mount")
-        control = fusectl()
-        if control is None:
-            pytest.skip("no FUSE control file system (/sys/fs/fuse/connections) here")
         d = mnt / "ucxl" / AUTH
         d.mkdir()
         fd = os.open(d / DEV, os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, b"written, then the connection was aborted")
-        (control / str(os.stat(mnt).st_dev) / "abort").write_text("1")
+        (fusectl / str(os.stat(mnt).st_dev) / "abort").write_text("1")
         assert daemon.wait(timeout=60) == 0
         with raises_oserror(errno.ENOTCONN):
             os.close(fd)

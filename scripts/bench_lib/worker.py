@@ -180,6 +180,9 @@ def _measure(base: Path, opts: Options) -> Json:
         out["rss_idle"] = {"daemon": _rss(pid), "worker": _rss(worker) if worker else 0}
         out["freshness"] = _freshness(mnt)
         out["rss_peak"] = {"daemon": _rss(pid, "VmHWM"), "worker": _rss(worker, "VmHWM")}
+        # RSS counts the store's memory map pages each process touched (the same page
+        # cache, shared and reclaimable); the anonymous part is what each one holds.
+        out["rss_anon"] = {"daemon": _rss(pid, "RssAnon"), "worker": _rss(worker, "RssAnon")}
         out["load_1min"].append(os.getloadavg()[0])
     out["ratio"] = {
         name: round(out["during_build"][name]["wall"] / out["idle"][name]["wall"], 2)
@@ -224,7 +227,9 @@ def _markdown(data: Json) -> list[str]:
         f" idle: daemon {data['rss_idle']['daemon'] / mib:.0f} MiB,"
         f" worker {data['rss_idle']['worker'] / mib:.0f} MiB",
         f"- peak RSS (VmHWM): daemon {data['rss_peak']['daemon'] / mib:.0f} MiB,"
-        f" worker {data['rss_peak']['worker'] / mib:.0f} MiB",
+        f" worker {data['rss_peak']['worker'] / mib:.0f} MiB; anonymous at the end: daemon"
+        f" {data['rss_anon']['daemon'] / mib:.0f} MiB, worker"
+        f" {data['rss_anon']['worker'] / mib:.0f} MiB (the rest is the store's shared map)",
         f"- save to searchable through the mount ({data['freshness']['saves']} saves, one a"
         f" second, after a context of {FRESH_VOCABULARY} distinct words): p50"
         f" {data['freshness']['p50_ms']} ms, p99 {data['freshness']['p99_ms']} ms, max"
