@@ -269,3 +269,18 @@ def test_killed_peer_goes_down_and_is_redialled_when_back(cluster: Cluster) -> N
     assert bytes.fromhex(answer) == b"echo:back"
     node_a.stop()
     node_b.stop()
+
+
+@pytest.mark.slow
+def test_frozen_peer_is_down_by_missed_pings_and_back_after(cluster: Cluster) -> None:
+    a, b, node_a, node_b = pair(cluster)
+    os.kill(node_b.proc.pid, signal.SIGSTOP)  # TCP stays up: only the pings can tell
+    try:
+        wait_until("a sees frozen b down", lambda: not node_a.peer(b)["up"])
+    finally:
+        os.kill(node_b.proc.pid, signal.SIGCONT)
+    wait_until("a sees b up again", lambda: node_a.peer(b)["up"], guard=30.0)
+    answer = node_a.call("request", peer=b.node_id, purpose="bodies", frame=b"thawed".hex())
+    assert bytes.fromhex(answer) == b"echo:thawed"
+    node_a.stop()
+    node_b.stop()
