@@ -150,6 +150,12 @@ class OpenFiles:
             return handle.snapshot[off : off + size]
         if handle.scratch is not None:
             return bytes(handle.scratch.data[off : off + size])
+        buffer = await self._current(handle)
+        return bytes(buffer[off : off + size])
+
+    async def _current(self, handle: FileHandle) -> bytearray:
+        """The buffer of a role file's handle: loaded if it was not, reloaded if a
+        newer version was stored meanwhile and this one holds no changes (`behind`)."""
         content = handle.content
         assert content is not None
         if content.buffer is None:
@@ -157,7 +163,7 @@ class OpenFiles:
         elif self.behind(handle.node, content):
             await self.load(handle.node, content, handle.caller, force=True)
         assert content.buffer is not None
-        return bytes(content.buffer[off : off + size])
+        return content.buffer
 
     async def write(self, handle: FileHandle, off: int, buf: bytes) -> int:
         if not handle.writable:
@@ -331,17 +337,13 @@ class OpenFiles:
             return False  # deleted meanwhile: this open file keeps what it held
 
     async def _write_content(self, handle: FileHandle, off: int, buf: bytes) -> int:
+        buffer = await self._current(handle)
         content = handle.content
         assert content is not None
-        if content.buffer is None:
-            await self.load(handle.node, content, handle.caller)
-        elif self.behind(handle.node, content):
-            await self.load(handle.node, content, handle.caller, force=True)
-        assert content.buffer is not None
         if handle.append:
             # Without the writeback cache the kernel sends an O_APPEND write at the
             # size it last saw; the end is here (another process may have committed).
-            off = len(content.buffer)
+            off = len(buffer)
         self.check_size(off + len(buf))
         content.write(off, buf)
         handle.wrote = True
