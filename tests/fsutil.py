@@ -487,3 +487,16 @@ def fill(path: Path) -> None:
             os.write(fd, b"\0")
     finally:
         os.close(fd)
+
+
+@dataclass
+class Fields:
+    """Stands in for `pyfuse3.SetattrFields` (whose flags cannot be set from Python)."""
+
+    update_size: bool = False
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False

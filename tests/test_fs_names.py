@@ -13,13 +13,12 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from typing import cast
 
 import pyfuse3
 import pytest
 from conftest import Nodes
-from fsutil import AUTH, OpsHarness, make_ops, raises_errno
+from fsutil import AUTH, Fields, OpsHarness, make_ops, raises_errno
 
 from slurpfs.errors import NotFound
 from slurpfs.fs.refused import PER_UID, UIDS, NameRefused, Refusals
@@ -69,19 +68,6 @@ TEMPORARY = [
     f"x.goutputstream-{DEV}",
 ]
 NOT_TEMPORARY = ["README.txt", "develper", "Developer", "notes.md", "tmp1", "sed12345678901"]
-
-
-@dataclass
-class Fields:
-    """Stands in for `pyfuse3.SetattrFields` (whose flags cannot be set from Python)."""
-
-    update_size: bool = False
-    update_mode: bool = False
-    update_uid: bool = False
-    update_gid: bool = False
-    update_atime: bool = False
-    update_mtime: bool = False
-    update_ctime: bool = False
 
 
 async def truncate(fs: OpsHarness, ino: int, size: int, fh: int | None) -> None:

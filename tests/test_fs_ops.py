@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -22,6 +21,7 @@ from conftest import Nodes
 from fsutil import (
     AUTH,
     FakeKernel,
+    Fields,
     OpsHarness,
     ctx,
     make_ops,
@@ -225,19 +225,6 @@ async def test_a_bug_in_a_handler_fails_that_request_not_the_mount(
     monkeypatch.undo()
     assert await fs.listdir(DIR) == [DEV]
     assert await fs.read(f"{DIR}/{DEV}") == b"kept\n"
-
-
-@dataclass
-class Fields:
-    """Stands in for `pyfuse3.SetattrFields` (whose flags cannot be set from Python)."""
-
-    update_size: bool = False
-    update_mode: bool = False
-    update_uid: bool = False
-    update_gid: bool = False
-    update_atime: bool = False
-    update_mtime: bool = False
-    update_ctime: bool = False
 
 
 async def setattr_size(fs: OpsHarness, path: str, size: int) -> pyfuse3.EntryAttributes:
