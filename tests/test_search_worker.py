@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 from conftest import Nodes
 from fsutil import OpsHarness, running
 from test_index_support import ENGINES, address, document, seed
@@ -23,10 +25,13 @@ from slurpfs.errors import AccessDenied, QueryError
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.search import ERROR
 from slurpfs.index import SearchResult, SearchService
-from slurpfs.index.searcher import SearchUnavailable
+from slurpfs.index.searcher import SearchProgress, SearchUnavailable
 from slurpfs.model import ContextStore
 from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
+from slurpfs.service.search_protocol import progress_to_wire
+from slurpfs.service.search_worker import SearchWorker
 from slurpfs.service.supervisor import Supervisor
+from slurpfs.service.wire import PROTOCOL, Message, Peer, encode
 from slurpfs.service.workers import WorkerProcess
 
 ARCH = frozenset({"architect"})
@@ -172,3 +177,51 @@ async def test_a_service_that_cannot_open_leaves_the_mount_up(model: ContextStor
         worker.stop()
     assert worker.statistics().last_exit == "exited with status 0"
     await fs.forget_all()
+
+
+async def test_the_client_keeps_the_workers_last_status_when_reports_arrive_together(
+    nodes: Nodes,
+) -> None:
+    # A daemon busy serving the mount reads the worker's socket late, so the last
+    # "building" status and the "ready" after it arrive in one read. The client
+    # must end at "ready": the worker sends only what changed, so a "building"
+    # applied last would stay (it did, for 15 minutes, in a benchmark).
+    _node, model = nodes.new()
+    client = SearchClient(model.config, None)
+    a, b = socket.socketpair()
+    worker_end = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    daemon_end = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    peer = Peer(daemon_end, client.handle, name="the search worker")
+    async with worker_end, daemon_end, trio.open_nursery() as nursery:
+        await worker_end.send_all(encode(Message("hello", {"protocol": PROTOCOL})))
+        await peer.hello()
+        client.connected(peer)
+        nursery.start_soon(peer.serve)
+        for burst in range(32):
+            building = SearchProgress("building", 100, 100, 1000.0 + burst)
+            reports = [
+                Message("status", {"progress": progress_to_wire(building), "seq": burst}),
+                Message("status", {"progress": progress_to_wire(SearchProgress("ready"))}),
+            ]
+            await worker_end.send_all(b"".join(encode(m) for m in reports))
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.progress.state == "ready"
+            assert client.seq == burst
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.expect_warnings(
+    r"search is unavailable on this mount: configuration text: .*",
+)
+async def test_a_worker_whose_reports_cannot_reach_the_daemon_stops() -> None:
+    # The status reports are the daemon's only view of the worker: when they
+    # cannot be sent, the worker stops (here one that waits, search being
+    # unavailable, until told to stop: nothing else would end it).
+    worker = SearchWorker()
+    ours, theirs = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    worker.peer = Peer(stream, worker.handle, name="the daemon")
+    theirs.close()  # the daemon's end is gone
+    async with stream:
+        with trio.fail_after(60):  # hang guard: before, the worker waited forever
+            await worker.run(Message("hello", {"config": "not = [toml"}))

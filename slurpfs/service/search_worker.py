@@ -190,7 +190,25 @@ class SearchWorker:
 
     async def _report(self) -> None:
         """Tell the daemon what changed: progress and sequence at once, statistics now
-        and then."""
+        and then.
+
+        Each notice carries only the fields that changed (the wire keeps notices
+        in order). This task never ends on its own while the worker runs: with the
+        daemon gone it stops the worker, and an error stops it too (abandoning a
+        build) and ends the process, so the daemon restarts it rather than showing
+        stale progress. Either way the log says so.
+        """
+        try:
+            await self._send_status()
+        except PeerGone as exc:
+            log.info("cannot report to the daemon (%s): stopping", exc)
+            self.stop()
+        except Exception as exc:
+            log.error("the status reports failed (%s): the search worker ends", exc)
+            self.stop()
+            raise
+
+    async def _send_status(self) -> None:
         last: dict[str, Any] = {}
         counted = 0.0
         while True:
@@ -200,10 +218,7 @@ class SearchWorker:
                 counted = now
             news = {k: v for k, v in status.items() if last.get(k) != v}
             if news and self.peer is not None:
-                try:
-                    await self.peer.notify("status", **news)
-                except PeerGone:
-                    return
+                await self.peer.notify("status", **news)
                 last.update(news)
             await trio.sleep(STATUS_INTERVAL)
 

@@ -9,7 +9,11 @@ The supervisor and each worker process talk over one end each of a
 A request carries an ``id``; its answer carries the same ``id`` and the kind
 ``ok`` (with the fields of the answer) or ``error`` (``kind``: the error class
 the other side raised, ``message``). Messages without an ``id`` are notices
-(``changed``, ``progress``, ``stop``): nobody waits for an answer. The first
+(``changed``, ``status``, ``stop``): nobody waits for an answer. Notices are
+handled one at a time, in the order they were sent: a notice may say what
+changed since the one before it (a worker's ``status`` carries only the fields
+that changed), so a later one must never be applied before an earlier one,
+even when both arrive in one read. The first
 message each way is ``hello`` with the protocol version; a peer speaking
 another version is refused (`WireError`).
 
@@ -123,7 +127,10 @@ class FrameReader:
 
 
 Handler = Callable[[Message], Awaitable[Mapping[str, Any] | None]]
-"""Answers a request (the fields of ``ok``) or handles a notice (returns None)."""
+"""Answers a request (the fields of ``ok``) or handles a notice (returns None).
+
+A notice is handled in the reading task, before the next message is read: its
+handler must be quick and must not wait for the other side (no request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +144,10 @@ class Peer:
     """One end of a worker connection: send notices, make requests, serve them.
 
     `serve` reads until the other side closes; it runs each incoming request's
-    handler in its own task, so a slow request does not hold up the others.
-    Requests still waiting when the connection ends fail with `PeerGone`.
+    handler in its own task, so a slow request does not hold up the others, and
+    handles notices itself, in the order they were sent (never in tasks: trio
+    runs tasks started together in either order). Requests still waiting when
+    the connection ends fail with `PeerGone`.
     """
 
     def __init__(self, stream: trio.abc.Stream, handler: Handler, *, name: str) -> None:
@@ -196,10 +205,10 @@ class Peer:
         async with trio.open_nursery() as nursery:
             try:
                 for frame in self._early:
-                    self._dispatch(decode(frame), nursery)
+                    await self._dispatch(decode(frame), nursery)
                 while True:
                     for frame in self._reader.feed(await self._receive_some()):
-                        self._dispatch(decode(frame), nursery)
+                        await self._dispatch(decode(frame), nursery)
             except PeerGone as exc:
                 self._end(exc)
             except BaseException:
@@ -214,7 +223,7 @@ class Peer:
     def statistics(self) -> PeerStatistics:
         return PeerStatistics(self.sent, self.received, len(self._waiting))
 
-    def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
+    async def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
         self.received += 1
         if message.kind in ("ok", "error"):
             call = self._waiting.get(message.id) if message.id is not None else None
@@ -226,22 +235,22 @@ class Peer:
                 kind = str(message.fields.get("kind", "SlurpError"))
                 call.fail(RemoteError(kind, str(message.fields.get("message", ""))))
             return
-        nursery.start_soon(self._handle, message)
+        if message.id is None:
+            await self.handler(message)  # a notice: here, in order (its error ends serve)
+            return
+        nursery.start_soon(self._answer, message, message.id)
 
-    async def _handle(self, message: Message) -> None:
+    async def _answer(self, message: Message, ident: int) -> None:
         try:
             answer = await self.handler(message)
         except SlurpError as exc:
-            if message.id is None:
-                raise
             with contextlib.suppress(PeerGone):
                 await self._send(
-                    Message("error", {"kind": type(exc).__name__, "message": str(exc)}, message.id)
+                    Message("error", {"kind": type(exc).__name__, "message": str(exc)}, ident)
                 )
             return
-        if message.id is not None:
-            with contextlib.suppress(PeerGone):  # asked, then gone: nobody to answer
-                await self._send(Message("ok", dict(answer or {}), message.id))
+        with contextlib.suppress(PeerGone):  # asked, then gone: nobody to answer
+            await self._send(Message("ok", dict(answer or {}), ident))
 
     async def _send(self, message: Message) -> None:
         frame = encode(message)
