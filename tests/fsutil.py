@@ -500,3 +500,15 @@ class Fields:
     update_atime: bool = False
     update_mtime: bool = False
     update_ctime: bool = False
+
+
+# uid 4242 holds only `developer`; `architect` reads every role.
+UID_4242_DEVELOPER = """
+[roles.developer]
+readers = ["architect"]
+users = ["4242"]
+[roles.architect]
+readers = []
+[roles.reviewer]
+readers = ["architect"]
+"""

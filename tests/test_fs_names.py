@@ -18,7 +18,7 @@ from typing import cast
 import pyfuse3
 import pytest
 from conftest import Nodes
-from fsutil import AUTH, Fields, OpsHarness, make_ops, raises_errno
+from fsutil import AUTH, UID_4242_DEVELOPER, Fields, OpsHarness, make_ops, raises_errno
 
 from slurpfs.errors import NotFound
 from slurpfs.fs.refused import PER_UID, UIDS, NameRefused, Refusals
@@ -29,16 +29,6 @@ DIR = f"ucxl/{AUTH}/src/auth.go"
 ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
 DEV = "developer"
 ALL_ROLES = "architect, developer, reviewer"
-
-UID_4242_DEVELOPER = """
-[roles.developer]
-readers = ["architect"]
-users = ["4242"]
-[roles.architect]
-readers = []
-[roles.reviewer]
-readers = ["architect"]
-"""
 
 # Every kind of name the scratch rule lists as temporary, as the tools make them.
 TEMPORARY = [

@@ -20,6 +20,7 @@ import trio.testing
 from conftest import Nodes
 from fsutil import (
     AUTH,
+    UID_4242_DEVELOPER,
     FakeKernel,
     Fields,
     OpsHarness,
@@ -458,18 +459,6 @@ async def test_inode_numbers_are_stable_and_forget_purges(fs: OpsHarness) -> Non
     listed = await fs.list_attrs(DIR)
     node = fs.ops.inodes[listed[0][1].st_ino]
     assert node.lookups == fs.held[node.ino]
-
-
-# uid 4242 holds only `developer`; `architect` reads every role.
-UID_4242_DEVELOPER = """
-[roles.developer]
-readers = ["architect"]
-users = ["4242"]
-[roles.architect]
-readers = []
-[roles.reviewer]
-readers = ["architect"]
-"""
 
 
 async def test_callers_get_their_roles_only(nodes: Nodes) -> None:
