@@ -574,12 +574,6 @@ class Store:
             ids = self._leaf_ids(txn, ctx)
             return self._head(txn, ctx, ids) if ids else None
 
-    def expiry(self, address: str, role: str) -> int | None:
-        """When the context's TTL ends (epoch milliseconds), or None: it has none."""
-        with self._txn() as txn:
-            raw = txn.get(s.context_key(address, role), db=self._dbs[s.DB_TTL_BY_CONTEXT])
-            return None if raw is None else int(s.U64.unpack(raw)[0])
-
     def _expired(self, txn: lmdb.Transaction, ctx: bytes, now_ms: int) -> bool:
         expiry = txn.get(ctx, db=self._dbs[s.DB_TTL_BY_CONTEXT])
         return expiry is not None and s.U64.unpack(expiry)[0] <= now_ms
@@ -724,6 +718,12 @@ class Store:
                     break
                 out.append(s.split_context(bytes(key[8:])))
             return out
+
+    def expiry(self, address: str, role: str) -> int | None:
+        """When the context's TTL ends (ms since the epoch), or None if it has none."""
+        with self._txn() as txn:
+            raw = txn.get(s.context_key(address, role), db=self._dbs[s.DB_TTL_BY_CONTEXT])
+            return None if raw is None else int(s.U64.unpack(raw)[0])
 
     def sequence(self) -> int:
         with self._txn() as txn:
