@@ -103,6 +103,8 @@ def merge_context(
         if store.head(address_key, role, now_ms=int(time.time() * 1000)) is None:
             return MergeOutcome(None, ())  # nothing there, or its TTL has passed
         leaves = store.leaves(address_key, role)
+        if len(leaves) < 2:
+            return MergeOutcome(None, ())  # (the common case: nothing to read)
         fold = _fold(model, _Graph(store, leaves), leaves, three_way=three_way)
         outcome = MergeOutcome(None, tuple(fold.unmerged))
         if len(fold.parents) < 2:
