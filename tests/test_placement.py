@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -22,6 +26,7 @@ from slurpfs.net.placement import (
 )
 from slurpfs.ucxl import parse
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PARTITIONS = 64  # small tables keep the properties fast; the code does not care
 
 node_ids = st.binary(min_size=32, max_size=32)
@@ -292,3 +297,48 @@ def test_a_clusters_signed_settings_and_digest_make_its_placement() -> None:
     assert placement.version == cluster.digest()
     assert placement.partitions == 128
     assert placement == Placement.compute(cluster.ids, 2, 128)
+
+
+# ---- the simulation script ------------------------------------------------------------------
+
+
+def test_the_simulation_reports_balance_and_movement(tmp_path: Path) -> None:
+    """scripts/placement-sim runs without a network and its figures add up."""
+    out = tmp_path / "sim.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            SCRIPTS / "placement-sim",
+            "--nodes",
+            "20,40",
+            "--factors",
+            "2",
+            "--addresses",
+            "2000",
+            "--trials",
+            "3",
+            "--compare",
+            "64,256",
+            "--json",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    results = json.loads(out.read_text())
+
+    assert "| N | R | partitions/node" in run.stdout
+    assert "#### Partition count at N = 40, R = 2" in run.stdout
+    assert [(s["nodes"], s["factor"]) for s in results["scenarios"]] == [(20, 2), (40, 2)]
+    for s in results["scenarios"]:
+        assert s["partitions_per_node"]["mean"] == 4096 * 2 / s["nodes"]
+        uniform, skewed = s["workloads"]
+        assert uniform["bodies"] == 2000
+        assert skewed["bodies"] > 2000
+        assert uniform["bodies_max_over_mean"] >= uniform["bodies_p99_over_mean"] >= 1
+        # a join moves about R/(N+1) of the bodies, a leave R/N (well within 2x here)
+        assert 0.5 < uniform["join_moved"] / uniform["join_ideal"] < 2
+        assert 0.5 < uniform["leave_moved"] / uniform["leave_ideal"] < 2
+    assert [c["partitions"] for c in results["partition_counts"]] == [64, 256]

@@ -202,27 +202,35 @@ def _fmix64_array(k: U64) -> U64:
 def _table(ids: Sequence[bytes], partitions: int, width: int) -> Index:
     """Member indices (into `ids`, ascending node ids), `width` per partition, best first."""
     seeds = np.fromiter((_seed(node) for node in ids), dtype=np.uint64, count=len(ids))
-    tied = len(np.unique(seeds)) < len(ids)
     keys = _keys(partitions)
     table = np.empty((partitions, width), dtype=np.int32)
     step = max(1, _CHUNK_WEIGHTS // len(ids))
     for start in range(0, partitions, step):
-        # ~weight ascending is weight descending; ties (equal seeds) keep the
-        # smaller node id first through the stable sort.
         inverted = ~_fmix64_array(keys[start : start + step, None] ^ seeds[None, :])
-        table[start : start + step] = _best(inverted, width, tied)
+        table[start : start + step] = _best(inverted, width)
     table.setflags(write=False)
     return table
 
 
-def _best(inverted: U64, width: int, tied: bool) -> Index:
-    count = inverted.shape[1]
-    if tied or width * 4 >= count:
-        order = np.argsort(inverted, axis=1, kind="stable")[:, :width]
-        return order.astype(np.int32)
-    chosen = np.argpartition(inverted, width - 1, axis=1)[:, :width]
-    ranks = np.argsort(np.take_along_axis(inverted, chosen, axis=1), axis=1)
-    return np.take_along_axis(chosen, ranks, axis=1).astype(np.int32)
+def _best(inverted: U64, width: int) -> Index:
+    """The `width` smallest of each row of ``~weight`` (the heaviest members), in
+    order; overwrites `inverted`.
+
+    Ties (equal seeds) go to the smaller index, the smaller node id, as in
+    `ranking`: `argmin` and the stable sort both take the first of equals.
+    """
+    rows, count = inverted.shape
+    largest = np.uint64(_MASK)
+    # A member of weight exactly 0 would tie with the taken ones below: sort then.
+    if width * 4 >= count or bool((inverted == largest).any()):
+        return np.argsort(inverted, axis=1, kind="stable")[:, :width].astype(np.int32)
+    # A few passes of argmin beat a partial sort of every row by far.
+    best = np.empty((rows, width), dtype=np.int32)
+    every = np.arange(rows)
+    for rank in range(width):
+        best[:, rank] = inverted.argmin(axis=1)
+        inverted[every, best[:, rank]] = largest
+    return best
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,7 +284,7 @@ class Placement:
         """The holders of a partition in preference order (the failover order)."""
         if not 0 <= partition < self.partitions:
             raise ValueError(f"partition {partition} is not in 0..{self.partitions - 1}")
-        return tuple(self.members[i] for i in self.table[partition].tolist())
+        return tuple(map(self.members.__getitem__, self.table[partition].tolist()))
 
     def holders_of_address(self, address_key: str) -> tuple[bytes, ...]:
         return self.holders(self.partition_of(address_key))
@@ -352,16 +360,11 @@ def moves(old: Placement, new: Placement) -> tuple[Move, ...]:
     position = {node: i for i, node in enumerate(union)}
     before = np.sort(_remap(old, position), axis=1)
     after = np.sort(_remap(new, position), axis=1)
-    if before.shape == after.shape:
+    if before.shape == after.shape:  # rows hold distinct members: sorted rows are sets
         changed = np.flatnonzero((before != after).any(axis=1)).tolist()
-    else:
-        changed = list(range(old.partitions))
-    result = []
-    for p in changed:
-        move = Move(p, old.holders(p), new.holders(p))
-        if set(move.old) != set(move.new):
-            result.append(move)
-    return tuple(result)
+        return tuple(Move(p, old.holders(p), new.holders(p)) for p in changed)
+    every = (Move(p, old.holders(p), new.holders(p)) for p in range(old.partitions))
+    return tuple(move for move in every if set(move.old) != set(move.new))
 
 
 def _remap(placement: Placement, position: dict[bytes, int]) -> Index:
