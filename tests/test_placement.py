@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from slurpfs.net.placement import (
     DEFAULT_PARTITIONS,
     Move,
     Placement,
+    _best,
     holders,
     moves,
     partition_of,
@@ -144,6 +146,21 @@ def test_partitions_of_and_load_agree_with_the_holders(
         assert load[member] == len(held)
     assert sum(load.values()) == PARTITIONS * placement.width
     assert placement.partitions_of(b"\xff" * 33) == ()  # not a member: holds nothing
+
+
+def test_equal_weights_go_to_the_smaller_node_id_on_both_paths() -> None:
+    """Equal weights (equal seeds: never met with real hashes) and a weight of 0 (which
+    the argmin passes use as 'taken') rank as the scalar rule does: smaller id first."""
+    largest = (1 << 64) - 1
+    rows = [
+        [5, 3, 3, 9, 3, 7, 8, 6, 4, 2, 2, 10],  # ties at the top and in the middle
+        [largest, 1, 1, largest, 0, 4, 4, 5, 6, 7, 8, 9],  # weight 0 (= ~largest) present
+    ]
+    for row in rows:
+        inverted = np.array([row], dtype=np.uint64)  # the table sorts ~weight ascending
+        expected = sorted(range(len(row)), key=lambda i: (row[i], i))
+        assert _best(inverted.copy(), 2).tolist() == [expected[:2]]  # argmin passes
+        assert _best(inverted.copy(), len(row)).tolist() == [expected]  # a full sort
 
 
 def test_an_address_is_held_by_its_partitions_holders() -> None:

@@ -12,7 +12,7 @@ workload of address keys into them, and reports:
 * movement per join and per leave: the bodies that must be copied to a new
   holder, as a fraction of the distinct bodies stored (ideal R/(N+1) for a
   join, R/N for a leave), averaged over several random joins and leaves;
-* the time to compute the whole placement.
+* the time to compute the whole placement (the best of 3).
 
 A second table answers whether the partition count is enough at the largest N:
 the same figures for several partition counts.
@@ -100,9 +100,12 @@ def scenario(
     """Every figure for one (N, R, partitions)."""
     rnd = random.Random(seed)
     members = _ids(nodes, rnd)
-    t0 = time.perf_counter()
-    placement = Placement.compute(members, factor, partitions)
-    compute_ms = (time.perf_counter() - t0) * 1000
+    timings = []
+    for _ in range(3):  # the best of 3: the machine may be shared
+        t0 = time.perf_counter()
+        placement = Placement.compute(members, factor, partitions)
+        timings.append(time.perf_counter() - t0)
+    compute_ms = min(timings) * 1000
     held = np.array(list(placement.load().values()), dtype=np.float64)
     part_max, part_p99 = _balance(held)
     result: Json = {
@@ -233,7 +236,8 @@ def markdown(results: Json) -> list[str]:
         f"Moved: body copies to make, as a share of the distinct bodies, mean of "
         f"{plan['trials']} random joins or leaves (ideal R/(N+1) and R/N). Skewed bodies: "
         f"versions per address follow Zipf's law (exponent {plan['skew']}, mean "
-        f"{plan['mean_versions']}); the hottest address's R holders carry its share.",
+        f"{plan['mean_versions']}); the hottest address's R holders carry its share. "
+        "Placement ms: the best of 3.",
         "",
     ]
     compare = results["partition_counts"]
