@@ -359,3 +359,26 @@ def test_the_simulation_reports_balance_and_movement(tmp_path: Path) -> None:
         assert 0.5 < uniform["join_moved"] / uniform["join_ideal"] < 2
         assert 0.5 < uniform["leave_moved"] / uniform["leave_ideal"] < 2
     assert [c["partitions"] for c in results["partition_counts"]] == [64, 256]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "numbers of at least 1"),
+        (["--factors", "two"], "not a comma-separated list"),
+        (["--partitions", "2000000"], "partition counts go up to"),
+        (["--nodes", "3", "--trials", "5"], "--trials cannot exceed"),
+    ],
+)
+def test_the_simulation_refuses_bad_options(args: list[str], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, SCRIPTS / "placement-sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert run.stdout == ""

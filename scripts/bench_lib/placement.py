@@ -23,16 +23,19 @@ placement``.
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from bench_lib.common import Json, Options, Section, table
-from slurpfs.net.placement import Placement, moves, partition_of
+from slurpfs.net.placement import MAX_PARTITIONS, Placement, moves, partition_of
 
 Floats = npt.NDArray[np.float64]
 
@@ -278,3 +281,74 @@ def run(opts: Options) -> Section:
     plan = Plan(addresses=10_000, trials=2) if opts.quick else Plan()
     results = simulate(plan)
     return Section(results, markdown(results))
+
+
+# ---- scripts/placement-sim ----------------------------------------------------------
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"numbers of at least 1 expected: {text!r}")
+    return values
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/placement-sim",
+        description="Simulate slurpfs placement over large clusters: balance and movement.",
+    )
+    d = Plan().__dict__
+    parser.add_argument("--nodes", type=_counts, default=d["nodes"], help="cluster sizes")
+    parser.add_argument("--factors", type=_counts, default=d["factors"], help="values of R")
+    parser.add_argument("--partitions", type=int, default=d["partitions"])
+    parser.add_argument(
+        "--compare", type=_counts, default=d["compare"], help="partition counts at the largest N"
+    )
+    parser.add_argument("--addresses", type=int, default=d["addresses"])
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=d["skew"],
+        help="Zipf exponent of versions per address (0: off)",
+    )
+    parser.add_argument("--mean-versions", type=float, default=d["mean_versions"])
+    parser.add_argument("--trials", type=int, default=d["trials"], help="joins and leaves each")
+    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    args = parser.parse_args(argv)
+    if args.addresses < 1 or args.trials < 1 or args.partitions < 1:
+        parser.error("--addresses, --trials and --partitions must be at least 1")
+    if max(args.partitions, *args.compare) > MAX_PARTITIONS:
+        parser.error(f"partition counts go up to {MAX_PARTITIONS:,}")
+    if args.mean_versions < 1 or args.skew < 0:
+        parser.error("--mean-versions must be at least 1 and --skew not negative")
+    if args.trials > min(args.nodes):
+        parser.error("--trials cannot exceed the smallest cluster (each leave removes a member)")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """`scripts/placement-sim`: simulate, print the report, optionally write JSON."""
+    args = _parse(argv)
+    plan = Plan(
+        nodes=args.nodes,
+        factors=args.factors,
+        partitions=args.partitions,
+        compare=args.compare,
+        addresses=args.addresses,
+        skew=args.skew,
+        mean_versions=args.mean_versions,
+        trials=args.trials,
+        seed=args.seed,
+    )
+    results = simulate(plan)
+    print("\n".join(markdown(results)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
