@@ -39,6 +39,7 @@ from slurpfs.model import (
     data_paths,
     verify_audit,
 )
+from slurpfs.net import peerscmd
 from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
 
@@ -196,6 +197,14 @@ class Commands:
 
     def model(self, cfg: config.Config, passphrase: bytes | None) -> ContextStore:
         return open_model(cfg, passphrase, self.environ)
+
+    def keystore(self, cfg: config.Config, passphrase: bytes | None) -> Keystore:
+        return Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
+
+    def has_contexts(self, cfg: config.Config, passphrase: bytes | None) -> bool:
+        """True once any context was stored here (deleted ones count: history stays)."""
+        with self.model(cfg, passphrase) as model:
+            return bool(model.store.children(""))
 
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
@@ -717,6 +726,9 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
+    peerscmd.register(
+        sub, common, peerscmd.PeerCommands(commands.keystore, commands.has_contexts), keys_sub
+    )
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser(
