@@ -522,6 +522,8 @@ class Commands:
             _emit(
                 args, {"dropped": args.role}, f"destroyed this node's private key for {args.role}"
             )
+        if args.keys_cmd in ("add", "rotate"):  # a cluster's members learn the new key
+            peerscmd.publish_role(cfg, keystore, args.role)
         return 0
 
     def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -720,15 +722,15 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
+    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
+    peers_parser = add("peers", peer_commands.list, "the cluster's members")
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])
     for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
-    peerscmd.register(
-        sub, common, peerscmd.PeerCommands(commands.keystore, commands.has_contexts), keys_sub
-    )
+    peerscmd.register(peers_parser, keys_sub, common, peer_commands)
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser(

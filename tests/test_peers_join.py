@@ -286,3 +286,29 @@ def test_a_running_mount_is_told_of_cluster_changes(tmp_path: Path) -> None:
         assert control.request(data, "cluster", timeout=10.0) == "ok"
     finally:
         m.unmount()
+
+
+def test_a_new_role_or_generation_joins_the_member_log(tmp_path: Path) -> None:
+    a, b = init(tmp_path, "a"), init(tmp_path, "b")
+    assert cli("peers", "invite", "--data", a).returncode == 0
+    assert cli("keys", "add", "qa", "--data", a).returncode == 0
+    rotated = cli("keys", "rotate", "developer", "--data", a)
+    assert rotated.returncode == 0, rotated.stderr
+    log = Cluster.load(a, Keystore(a, None, WEAK_KDF))
+    assert log is not None
+    assert set(log.role_keys()["qa"]) == {1}
+    assert set(log.role_keys()["developer"]) == {1, 2}
+    a_keys = json.loads(cli("keys", "list", "--data", a, "--json").stdout)
+    assert {r["role"]: r["generation"] for r in a_keys["roles"]}["developer"] == 2
+    assert Keystore(a, None, WEAK_KDF).load().generations("developer") == (2,)  # 1 destroyed
+    fsck = cli("fsck", "--data", a)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    keys = Keystore(b, None, WEAK_KDF)
+    node = keys.load().node
+    token = log.invite()
+    answer = log.admit(m.join_request(node, token, m.Member(node.node_id, (), "b")))
+    Cluster.adopt(b, keys, token.psk, m.decode_entries(answer))  # what `peers join` stores
+    ring = keys.load()
+    assert ring.current_public("qa").generation == 1
+    assert ring.current_public("developer").generation == 2
+    assert ring.held_roles() == frozenset()

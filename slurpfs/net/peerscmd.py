@@ -131,17 +131,14 @@ class PeerCommands:
 
 
 def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    peers_parser: argparse.ArgumentParser,
+    keys_sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
     commands: PeerCommands,
-    keys_sub: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
-    """Add ``peers`` (``invite``, ``join``, ``remove``) and ``keys grant``."""
-    p = sub.add_parser(
-        "peers", help="the cluster's members", description="the cluster's members", parents=[common]
-    )
-    p.set_defaults(handler=commands.list)
-    peers = p.add_subparsers(dest="peers_cmd", metavar="COMMAND")
+    """Add ``invite``, ``join``, ``remove`` under ``peers`` (the bare command, the
+    list, is the caller's) and ``grant`` under ``keys``."""
+    peers = peers_parser.add_subparsers(dest="peers_cmd", metavar="COMMAND")
     i = peers.add_parser("invite", parents=[common], help="print a single-use token to join")
     i.add_argument("--listen", metavar="MULTIADDR", help="this node's address for the peers")
     i.add_argument("--ttl", type=_ttl, default=600.0, help="seconds the token lives (600)")
@@ -157,6 +154,21 @@ def register(
     g.add_argument("role")
     g.add_argument("--to", required=True, metavar="NODE", help="node id (hex prefix) or name")
     g.set_defaults(handler=commands.grant)
+
+
+def publish_role(cfg: config.Config, keystore: Keystore, role: str) -> None:
+    """After ``keys add`` or ``keys rotate`` on a clustered node: the role's public
+    keys join the member log, so every member seals to them (the private keys
+    reach other members only by ``keys grant``)."""
+    cluster = Cluster.load(cfg.data_dir, keystore)
+    if cluster is None:
+        return
+    ring = keystore.load()
+    for generation in ring.generations(role):
+        public = ring.public(role, generation)
+        assert public is not None  # (a listed generation)
+        cluster.publish_role_key(role, generation, public.public)
+    _tell_daemon(cfg)
 
 
 # ---- addresses -----------------------------------------------------------------
