@@ -43,6 +43,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -551,6 +552,7 @@ class Cluster:
         self._ids: dict[bytes, Entry] = {}
         self._size = self._valid = -1
         self._state: _State | None = None
+        self._mutex = threading.RLock()
 
     # ---- opening ----------------------------------------------------------------
 
@@ -655,20 +657,24 @@ class Cluster:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        """Exclusive use: the thread lock (a worker calls in from several threads),
+        then the file lock (other processes)."""
+        with self._mutex:
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     # ---- reading ------------------------------------------------------------------
 
     def state(self) -> _State:
-        self._reread()
-        if self._state is None:
-            self._state = _evaluate(self._entries)
-        return self._state
+        with self._mutex:
+            self._reread()
+            if self._state is None:
+                self._state = _evaluate(self._entries)
+            return self._state
 
     def me(self) -> Member:
         node_id = self._identity.node_id
