@@ -708,6 +708,18 @@ class Cluster:
         state = self.state()
         return [e.raw for e in _proof_order(state.entries, {e.id: e for e in state.entries})]
 
+    def roles_held_by(self, node_id: bytes) -> frozenset[str]:
+        """The roles a node may hold private keys of, as far as the log tells: those
+        granted to it and those whose keys it published (which needs the key)."""
+        state = self.state()
+        granted = {decode_grant(e.body)[1] for e in state.grants if e.subject == node_id}
+        published = {
+            decode_role_key(e.body)[0]
+            for e in state.entries
+            if e.kind is Kind.ROLE_KEY and e.signer == node_id
+        }
+        return frozenset(granted | published)
+
     def find(self, text: str) -> Member:
         """A member by node id hex prefix or name; `NotFound` / `ConfigError` if none or several."""
         found = [
