@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from slurpfs import audit, config, fsck
+from slurpfs.backup import cli as backup_cli
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
 from slurpfs.index import cli as index_cli
@@ -728,6 +729,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     ap.add_argument("-n", type=int, default=50)
     mountcmd.register(sub, common)
     index_cli.register(sub, common, opener=commands.model)
+    backup_cli.register(sub, common, opener=commands.model, kdf=lambda: _kdf(commands.environ))
     return parser
 
 

@@ -26,6 +26,7 @@ from slurpfs.crypto.envelope import KeySlot
 from slurpfs.errors import AddressTooLong, Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
 from slurpfs.store import schema as s
 from slurpfs.store.schema import VersionRecord
+from slurpfs.store.snapshot import Snapshot
 
 DATA_FILE = "data.mdb"
 # A write that fails with EIO while less than this is free counts as a full disk.
@@ -462,6 +463,23 @@ class Store:
                 )
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
+
+    def set_ttls(self, ttls: Iterable[tuple[bytes, int]]) -> None:
+        """Give contexts their expiry times (ms), in one transaction (a restore)."""
+        try:
+            with self._txn(write=True) as txn:
+                for ctx, expires_ms in ttls:
+                    self._set_ttl(txn, ctx, expires_ms)
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+
+    @contextlib.contextmanager
+    def snapshot(self, aux: Iterable[bytes] = ()) -> Iterator[Snapshot]:
+        """Every table as of one commit, in one read transaction (`Snapshot`);
+        `aux` names the auxiliary tables it may read too."""
+        tables = {name: self._aux_db(name, create=False) for name in aux}
+        with self._txn() as txn:
+            yield Snapshot(txn, self._dbs, {k: v for k, v in tables.items() if v is not None})
 
     # -- auxiliary sub-databases ---------------------------------------------
     # Other components keep their own (already sealed) records here, e.g. the
