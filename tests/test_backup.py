@@ -348,3 +348,47 @@ def test_backup_while_a_writer_runs_through_the_mount_is_a_consistent_point(
         r.unmount()
     slurpfs("fsck", "--data", new)
     slurpfs("audit", "verify", "--data", new)
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse on this machine")
+def test_scheduled_backups_run_in_the_mounts_worker(nodes: Nodes, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    toml = (
+        f'[backup]\ndest = "{dest}"\nschedule = "* * * * * */2"\n'  # every 2 s (croniter: seconds)
+        "keep_daily = 1\nkeep_weekly = 0\nkeep_monthly = 0\n"
+    )
+    node, model = nodes.new(toml=toml)
+    keyfile = tmp_path / "bk"
+    backup_keys.init(node.data_dir, keyfile)
+    model.put(_addr("before"), DEV, b"stored before the mount")
+    node.close_all()
+    m = Mounted(node.data_dir, tmp_path / "mnt")
+    m.mount()
+    status = m.mnt / ".slurp" / "status"
+
+    def field(name: str) -> str:
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return value
+        return ""
+
+    try:
+        wait_for(lambda: field("maintenance_backups_made") not in ("", "0"), 60, "a backup")
+        (m.ucxl / AUTH / "during").mkdir()
+        (m.ucxl / AUTH / "during" / DEV).write_bytes(b"written through the mount")
+        made = int(field("maintenance_backups_made"))
+        wait_for(lambda: int(field("maintenance_backups_made")) >= made + 2, 60, "two more")
+        assert field("task_maintenance").startswith("running")
+        assert field("maintenance_backup_last") in catalog.ids(dest)
+        assert "maintenance_backups_made" in (m.mnt / ".slurp" / "metrics").read_text()
+    finally:
+        m.unmount()
+    kinds = {catalog.load(dest, i).manifest["kind"] for i in catalog.ids(dest)}
+    assert kinds == {"full", "incremental"} or kinds == {"full"}
+    assert slurpfs("backup", "verify", dest).returncode == 0
+    new = tmp_path / "new"
+    slurpfs("backup", "restore", dest, "--key", keyfile, "--data", new)
+    got = slurpfs("get", f"ucxl://{AUTH}/during", "--role", DEV, "--data", new)
+    assert got.stdout == b"written through the mount"

@@ -16,7 +16,7 @@ import base64
 import datetime as dt
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from slurpfs.backup import format as fmt
 from slurpfs.backup import keys as backup_keys
 from slurpfs.errors import Corrupt, SlurpError
 from slurpfs.model import ContextStore, data_paths
+from slurpfs.store.lmdb_store import DROPPED_TABLE
 from slurpfs.store.snapshot import Snapshot
 
 Progress = Callable[[int, int], None]  # (versions written, versions to write)
@@ -114,7 +115,7 @@ def create(
     work.mkdir(mode=0o700)
     try:
         files = _private_files(data_dir)
-        with model.store.snapshot() as snap:
+        with model.store.snapshot(aux=(DROPPED_TABLE,)) as snap:
             epoch = (snap.epoch() or b"").hex()
             parent, why = (
                 (None, "asked for a full backup") if full else _parent(dest, model, epoch, key_hex)
@@ -164,22 +165,14 @@ def _write(
     writer = fmt.FrameWriter(work, backup_id, data_key)
     for name, content in files.items():
         writer.add(fmt.file_record(name, content))
-    live = 0
-    chunk: list[bytes] = []
-    for vid in snap.live_ids():
-        chunk.append(vid)
-        live += 1
-        if len(chunk) == LIVE_CHUNK:
-            writer.add(fmt.record(fmt.R_LIVE, b"".join(chunk)))
-            chunk = []
-    if chunk:
-        writer.add(fmt.record(fmt.R_LIVE, b"".join(chunk)))
+    live = _add_ids(writer, fmt.R_LIVE, snap.live_ids())
     for key in snap.tree():
         writer.add(fmt.record(fmt.R_DIR, key))
     for ctx, expiry in snap.ttls():
         writer.add(fmt.record(fmt.R_TTL, fmt.U64.pack(expiry) + ctx))
     for start in range(0, len(audit), fmt.FRAME_TARGET):
         writer.add(fmt.record(fmt.R_AUDIT, audit[start : start + fmt.FRAME_TARGET]))
+    _add_ids(writer, fmt.R_DROPPED, snap.aux_keys(DROPPED_TABLE))
     total = live if parent is None else sequence - after
     written = stored = 0
     for vid in snap.changed(after):
@@ -221,6 +214,21 @@ def _write(
             for name in names
         ],
     }
+
+
+def _add_ids(writer: fmt.FrameWriter, kind: int, ids: Iterable[bytes]) -> int:
+    """Version ids as records of up to 4096; how many."""
+    n = 0
+    chunk: list[bytes] = []
+    for vid in ids:
+        chunk.append(vid)
+        n += 1
+        if len(chunk) == LIVE_CHUNK:
+            writer.add(fmt.record(kind, b"".join(chunk)))
+            chunk = []
+    if chunk:
+        writer.add(fmt.record(kind, b"".join(chunk)))
+    return n
 
 
 def _finish(

@@ -13,7 +13,7 @@ A backup is a directory ``<DEST>/<id>/`` holding
 
 The record stream (in the frames, in order) is: files of the data directory
 (``F``), the live version ids (``L``), directories (``D``), TTLs (``T``), audit
-log bytes (``A``), then versions (``V``); ``E`` ends it with the record count.
+log bytes (``A``), ids the retention policy dropped (``X``), then versions (``V``); ``E`` ends it with the record count.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 U16 = struct.Struct(">H")
 
-R_FILE, R_LIVE, R_DIR, R_TTL, R_AUDIT, R_VERSION, R_END = b"FLDTAVE"
+R_FILE, R_LIVE, R_DIR, R_TTL, R_AUDIT, R_VERSION, R_END, R_DROPPED = b"FLDTAVEX"
 
 
 def data_name(index: int) -> str:

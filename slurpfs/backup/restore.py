@@ -36,6 +36,7 @@ from slurpfs.ingest import Incoming, Ingest
 from slurpfs.model import ContextStore, data_paths
 from slurpfs.store import Store
 from slurpfs.store import schema as s
+from slurpfs.store.lmdb_store import DROPPED_TABLE
 
 Progress = Callable[[int, int], None]
 BATCH = 512
@@ -57,10 +58,11 @@ class _State:
     dirs: list[bytes]
     ttls: list[tuple[bytes, int]]
     audit: bytearray
+    dropped: set[bytes]
 
 
 def _read_state(chain: list[catalog.Entry], keys: list[bytes]) -> _State:
-    state = _State({}, set(), [], [], bytearray())
+    state = _State({}, set(), [], [], bytearray(), set())
     for i, (entry, key) in enumerate(zip(chain, keys, strict=True)):
         target = i == len(chain) - 1
         if len(state.audit) != int(entry.manifest["audit"]["start"]):
@@ -77,6 +79,8 @@ def _read_state(chain: list[catalog.Entry], keys: list[bytes]) -> _State:
                 state.files[name] = content
             elif kind == fmt.R_LIVE:
                 state.live.update(payload[i : i + 32] for i in range(0, len(payload), 32))
+            elif kind == fmt.R_DROPPED:
+                state.dropped.update(payload[i : i + 32] for i in range(0, len(payload), 32))
             elif kind == fmt.R_DIR:
                 state.dirs.append(payload)
             elif kind == fmt.R_TTL:
@@ -159,6 +163,8 @@ def restore(
     finally:
         store.close()
     with ContextStore.open(cfg, passphrase, kdf=kdf) as model:
+        if state.dropped:  # parents the retention policy removed: not missing
+            model.store.aux_write(DROPPED_TABLE, dict.fromkeys(state.dropped, fmt.U64.pack(0)))
         restored, contexts = _ingest(model, chain, keys, state.live, at_ms, progress)
         if at_ms is None and restored != len(state.live):
             raise Corrupt(

@@ -106,6 +106,11 @@ class Snapshot:
         for key, value in self._txn.cursor(db=self._dbs[s.DB_TTL_BY_CONTEXT]):
             yield bytes(key), int(s.U64.unpack(value)[0])
 
+    def aux_keys(self, name: bytes) -> Iterator[bytes]:
+        db = self._aux.get(name)
+        if db is not None:
+            yield from (bytes(k) for k in self._txn.cursor(db=db).iternext(values=False))
+
     def aux_get(self, name: bytes, key: bytes) -> bytes | None:
         db = self._aux.get(name)
         raw = None if db is None else self._txn.get(key, db=db)
