@@ -358,6 +358,7 @@ class Commands:
             plan = compact.plan_retention(model)
             dropped = 0 if args.dry_run else compact.apply_retention(model, plan)
             room = compact.space(model.store)
+            gains = [compact.dictionary_gain(model, role) for role in sorted(model.held_roles())]
         mib = 1 << 20
         due = room.free_bytes >= cfg.compaction.free_threshold or args.copy
         data: dict[str, Any] = {
@@ -371,12 +372,32 @@ class Commands:
             "file_bytes": room.file_bytes,
             "free_bytes": room.free_bytes,
             "copy": "due" if due else "not needed",
+            "dictionaries": [
+                {
+                    "role": g.role,
+                    "documents": g.documents,
+                    "ratio_before": round(g.ratio_before, 3),
+                    "ratio_after": round(g.ratio_after, 3),
+                    "reason": g.reason,
+                }
+                for g in gains
+            ],
         }
         lines = [
             f"retention: {'would drop' if args.dry_run else 'dropped'} {len(plan.drops)} versions"
             f" of {plan.contexts} contexts ({plan.plaintext_bytes} bytes of plaintext)",
             f"store: {room.file_bytes / mib:.1f} MiB, {room.free_bytes / mib:.1f} MiB free pages"
             f" (threshold {cfg.compaction.free_threshold / mib:.1f} MiB)",
+            *(
+                f"zstd dictionary for {g.role}: "
+                + (
+                    g.reason
+                    if g.reason
+                    else f"{g.documents} small documents, ratio {g.ratio_before:.2f}"
+                    f" -> {g.ratio_after:.2f} (measured, not applied)"
+                )
+                for g in gains
+            ),
         ]
         if due and not args.dry_run and compact.mounted(cfg):
             data.update(copy="waits for an unmount")

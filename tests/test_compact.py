@@ -184,3 +184,22 @@ def test_compaction_under_reads_through_the_mount_loses_nothing(
         r.unmount()
     slurpfs("fsck", "--data", m.data)
     slurpfs("audit", "verify", "--data", m.data)
+
+
+def test_dry_run_reports_the_gain_of_a_zstd_dictionary_per_role(nodes: Nodes) -> None:
+    node, model = nodes.new()
+    for i in range(120):  # small documents that share their structure, as contexts do
+        body = (
+            f"---\nsummary: handler {i} validates tokens\ntags: [security, backend]\n"
+            f"technologies: [go, jwt]\n---\nThe handler {i} checks the rotating key set, "
+            f"then the claims of request {i * 7919 % 1000} before it answers.\n"
+        )
+        model.put(_addr(f"doc{i}"), DEV, body.encode())
+    node.close_all()
+    out = json.loads(slurpfs("compact", "--dry-run", "--data", node.data_dir, "--json").stdout)
+    gains = {g["role"]: g for g in out["dictionaries"]}
+    dev = gains[DEV]
+    assert dev["documents"] == 120
+    assert dev["reason"] == ""
+    assert dev["ratio_after"] > dev["ratio_before"] > 1
+    assert gains["architect"]["reason"] == "fewer than 32 small documents"
