@@ -63,9 +63,16 @@ def _audit_bytes(path: Path, start: int) -> tuple[bytes, int]:
     """The log's whole lines from `start` on, and where they end."""
     try:
         with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size < start:
+                raise Corrupt(
+                    f"{path} is shorter than when the last backup was made (cut or replaced):"
+                    " make a full backup (--full) after checking it (`slurpfs audit verify`)"
+                )
             f.seek(start)
             data = f.read()
     except FileNotFoundError:
+        if start:
+            raise Corrupt(f"{path} is gone since the last backup") from None
         return b"", start
     cut = data.rfind(b"\n") + 1
     return data[:cut], start + cut
@@ -160,8 +167,6 @@ def _write(
         raise Corrupt(f"the store is behind its last backup ({sequence} < {after} commits)")
     audit_start = 0 if parent is None else int(parent.manifest["audit"]["end"])
     audit, audit_end = _audit_bytes(data_paths(model.config.data_dir)["audit"], audit_start)
-    if parent is not None and audit_end < audit_start:
-        raise Corrupt("the audit log is shorter than when the last backup was made")
     writer = fmt.FrameWriter(work, backup_id, data_key)
     for name, content in files.items():
         writer.add(fmt.file_record(name, content))
