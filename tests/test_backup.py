@@ -392,3 +392,23 @@ def test_scheduled_backups_run_in_the_mounts_worker(nodes: Nodes, tmp_path: Path
     slurpfs("backup", "restore", dest, "--key", keyfile, "--data", new)
     got = slurpfs("get", f"ucxl://{AUTH}/during", "--role", DEV, "--data", new)
     assert got.stdout == b"written through the mount"
+
+
+def test_a_failed_restore_leaves_nothing_and_passphrase_keys_restore(tmp_path: Path) -> None:
+    data, dest, new, keyfile = tmp_path / "d", tmp_path / "dest", tmp_path / "new", tmp_path / "k"
+    secret = {"SLURPFS_PASSPHRASE": "correct horse"}
+    slurpfs("init", "--data", data, env=secret)
+    slurpfs("put", f"ucxl://{AUTH}/a", "--role", DEV, "--data", data, input=b"kept", env=secret)
+    slurpfs("backup", "keys", "init", "--private-key", keyfile, "--data", data)
+    slurpfs("backup", "create", dest, "--data", data, env=secret)
+    failed = slurpfs("backup", "restore", dest, "--key", keyfile, "--data", new, check=False)
+    assert failed.returncode == 4, failed.stderr
+    assert b"passphrase" in failed.stderr
+    assert sorted(os.listdir(tmp_path)) == ["d", "dest", "k"]  # nothing half-restored
+    slurpfs("backup", "restore", dest, "--key", keyfile, "--data", new, env=secret)
+    got = slurpfs("get", f"ucxl://{AUTH}/a", "--role", DEV, "--data", new, env=secret)
+    assert got.stdout == b"kept"
+    assert (
+        slurpfs("get", f"ucxl://{AUTH}/a", "--role", DEV, "--data", new, check=False).returncode
+        == 4
+    )

@@ -15,8 +15,11 @@ whole) and the audit log ends at its last entry from then.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +151,32 @@ def restore(
     keys = [data_key(entry, private) for entry in chain]
     if new_dir.exists() and any(new_dir.iterdir()):
         raise SlurpError(f"{new_dir} is not empty: restore into a new data directory")
-    new_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    new_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Built beside the target and renamed into place once whole: a restore that fails
+    # (a wrong passphrase, a damaged frame) leaves nothing that looks like a data directory.
+    work = Path(tempfile.mkdtemp(prefix=f".{new_dir.name}.restoring-", dir=new_dir.parent))
+    try:
+        done = _restore_into(work, chain, keys, passphrase, kdf, at_ms, progress, environ)
+        if new_dir.exists():
+            new_dir.rmdir()  # empty, checked above
+        os.rename(work, new_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return dataclasses.replace(done, data_dir=new_dir)
+
+
+def _restore_into(
+    new_dir: Path,
+    chain: list[catalog.Entry],
+    keys: list[bytes],
+    passphrase: bytes | None,
+    kdf: KdfParams,
+    at_ms: int | None,
+    progress: Progress | None,
+    environ: Mapping[str, str] | None,
+) -> Restored:
+    backup_id = chain[-1].id
     state = _read_state(chain, keys)
     if len(state.audit) != int(chain[-1].manifest["audit"]["end"]):
         raise Corrupt(f"backup {backup_id}: its audit log parts do not add up")
