@@ -412,3 +412,32 @@ def test_a_failed_restore_leaves_nothing_and_passphrase_keys_restore(tmp_path: P
         slurpfs("get", f"ucxl://{AUTH}/a", "--role", DEV, "--data", new, check=False).returncode
         == 4
     )
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse on this machine")
+def test_a_failing_scheduled_backup_shows_in_health_and_the_mount_goes_on(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    dest = tmp_path / "not-a-directory"
+    dest.write_bytes(b"")
+    toml = f'[backup]\ndest = "{dest}"\nschedule = "* * * * * */2"\n'
+    node, _ = nodes.new(toml=toml)
+    backup_keys.init(node.data_dir, tmp_path / "bk")
+    node.close_all()
+    m = Mounted(
+        node.data_dir,
+        tmp_path / "mnt",
+        expect_warnings=("the scheduled backup failed: .*",),
+    )
+    m.mount()
+    health = m.mnt / ".slurp" / "health"
+    try:
+        wait_for(lambda: "the last scheduled backup failed" in health.read_text(), 60, "health")
+        text = health.read_text()
+        assert "not-a-directory" in text
+        (m.ucxl / AUTH / "still").mkdir(parents=True)
+        (m.ucxl / AUTH / "still" / DEV).write_bytes(b"the mount serves files")
+        assert (m.ucxl / AUTH / "still" / DEV).read_bytes() == b"the mount serves files"
+    finally:
+        m.unmount()

@@ -335,6 +335,7 @@ class Daemon:
                 "maintenance", MAINTENANCE_WORKER, self.maintenance_client
             )
             self.ops.stat_sources.append(self.maintenance_client.report)
+            self.ops.health.extra.append(self.maintenance_client.check)
         self.control = ControlServer(
             config.data_dir,
             self._changed,

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from slurpfs.config import Config, render_toml
+from slurpfs.health import OK, WARN, Check
 from slurpfs.service.wire import Message, Peer, WireError
 
 
@@ -45,6 +46,19 @@ class MaintenanceClient:
 
     async def feed(self, peer: Peer) -> None:
         await trio.sleep_forever()  # nothing to pass on: the worker keeps its own time
+
+    def check(self) -> Check:
+        """The ``maintenance`` health check: ``warn`` while the last scheduled run of a
+        job failed (the mount serves files regardless), naming the job and why."""
+        failed = [
+            f"the last scheduled {job} failed: {self.status.get(f'{job}_last_error', '?')}"
+            for job in ("backup", "compaction")
+            if self.status.get(f"{job}_state") == "failed"
+        ]
+        if failed:
+            return Check("maintenance", WARN, "; ".join(failed))
+        made = self.status.get("backup_last")
+        return Check("maintenance", OK, f"last backup {made}" if made else "no backup yet")
 
     def report(self) -> dict[str, Any]:
         """Lines for ``.slurp/status`` (numbers also become metrics)."""
