@@ -471,7 +471,8 @@ class Store:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
 
     def drop_versions(self, version_ids: Sequence[bytes], when_ms: int) -> int:
-        """Remove versions that are no leaf (the retention policy), in one transaction;
+        """Remove versions (the retention policy), in one transaction, skipping any
+        that is a leaf by now;
         each id is kept in `aux:dropped` (`was_dropped`), so a child naming it as a
         parent is not taken for damage. Returns how many were removed."""
         dropped = self._aux_db(DROPPED_TABLE, create=True)
@@ -485,7 +486,7 @@ class Store:
                     rec = VersionRecord.unpack(vid, bytes(raw))
                     ctx = s.context_key(rec.address, rec.role)
                     if vid in self._leaf_ids(txn, ctx):
-                        raise ValueError(f"version {rec.short_id} is a leaf: never dropped")
+                        continue  # a leaf again (a concurrent version on it): never dropped
                     key = s.history_key(rec.address, rec.role, rec.hlc, rec.author, vid)
                     txn.delete(key, db=self._dbs[s.DB_HISTORY])
                     self._remove_body(txn, vid, rec)
