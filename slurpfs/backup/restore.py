@@ -66,8 +66,8 @@ class _State:
 
 def _read_state(chain: list[catalog.Entry], keys: list[bytes]) -> _State:
     state = _State({}, set(), [], [], bytearray(), set())
-    for i, (entry, key) in enumerate(zip(chain, keys, strict=True)):
-        target = i == len(chain) - 1
+    for n, (entry, key) in enumerate(zip(chain, keys, strict=True)):
+        target = n == len(chain) - 1
         if len(state.audit) != int(entry.manifest["audit"]["start"]):
             raise Corrupt(f"backup {entry.id}: its audit log part does not follow its parent's")
         for kind, payload in records(entry, key):

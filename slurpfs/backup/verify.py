@@ -34,8 +34,9 @@ def check_files(entry: catalog.Entry) -> None:
     """Corrupt, naming the file, unless every data file is as the manifest says."""
     listed = {str(f["name"]): f for f in entry.manifest["files"]}
     present = {p.name for p in entry.path.iterdir()} - {fmt.MANIFEST, fmt.SIGNATURE}
-    for name in sorted(present - set(listed)):
-        raise Corrupt(f"{entry.path / name}: not named by the manifest")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise Corrupt(f"{entry.path / extra[0]}: not named by the manifest")
     for index, (name, meta) in enumerate(listed.items()):
         path = entry.path / name
         if name != fmt.data_name(index):
