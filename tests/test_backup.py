@@ -441,3 +441,21 @@ def test_a_failing_scheduled_backup_shows_in_health_and_the_mount_goes_on(
         assert (m.ucxl / AUTH / "still" / DEV).read_bytes() == b"the mount serves files"
     finally:
         m.unmount()
+
+
+def test_a_stray_or_missing_data_file_fails_verify_naming_it(nodes: Nodes, tmp_path: Path) -> None:
+    node, model = nodes.new()
+    _key(tmp_path, node.data_dir)
+    model.put(_addr("a"), DEV, b"one")
+    made = create.create(model, tmp_path / "dest")
+    node.close_all()
+    stray = made.path / "data-00001.slb"
+    stray.write_bytes(b"SLBK")
+    result = slurpfs("backup", "verify", tmp_path / "dest", check=False)
+    assert result.returncode == 5
+    assert f"{stray}: not named by the manifest" in result.stdout.decode()
+    stray.unlink()
+    (made.path / "data-00000.slb").unlink()
+    result = slurpfs("backup", "verify", made.path, check=False)
+    assert result.returncode == 5
+    assert f"{made.path / 'data-00000.slb'}: missing" in result.stdout.decode()
