@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from slurpfs import audit, config, fsck
+from slurpfs import audit, compact, config, fsck
+from slurpfs.backup import cli as backup_cli
 from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
 from slurpfs.index import cli as index_cli
@@ -398,6 +399,68 @@ class Commands:
         )
         return 0 if report.ok else 5
 
+    def compact(
+        self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
+    ) -> int:
+        with self.model(cfg, passphrase) as model:
+            plan = compact.plan_retention(model)
+            dropped = 0 if args.dry_run else compact.apply_retention(model, plan)
+            room = compact.space(model.store)
+            gains = [compact.dictionary_gain(model, role) for role in sorted(model.held_roles())]
+        mib = 1 << 20
+        due = room.free_bytes >= cfg.compaction.free_threshold or args.copy
+        data: dict[str, Any] = {
+            "dry_run": args.dry_run,
+            "retention": {
+                "versions": len(plan.drops),
+                "contexts": plan.contexts,
+                "plaintext_bytes": plan.plaintext_bytes,
+                "dropped": dropped,
+            },
+            "file_bytes": room.file_bytes,
+            "free_bytes": room.free_bytes,
+            "copy": "due" if due else "not needed",
+            "dictionaries": [
+                {
+                    "role": g.role,
+                    "documents": g.documents,
+                    "ratio_before": round(g.ratio_before, 3),
+                    "ratio_after": round(g.ratio_after, 3),
+                    "reason": g.reason,
+                }
+                for g in gains
+            ],
+        }
+        lines = [
+            f"retention: {'would drop' if args.dry_run else 'dropped'} {len(plan.drops)} versions"
+            f" of {plan.contexts} contexts ({plan.plaintext_bytes} bytes of plaintext)",
+            f"store: {room.file_bytes / mib:.1f} MiB, {room.free_bytes / mib:.1f} MiB free pages"
+            f" (threshold {cfg.compaction.free_threshold / mib:.1f} MiB)",
+            *(
+                f"zstd dictionary for {g.role}: "
+                + (
+                    g.reason
+                    if g.reason
+                    else f"{g.documents} small documents, ratio {g.ratio_before:.2f}"
+                    f" -> {g.ratio_after:.2f} (measured, not applied)"
+                )
+                for g in gains
+            ),
+        ]
+        if due and not args.dry_run and compact.mounted(cfg):
+            data.update(copy="waits for an unmount")
+            lines.append("compacting copy: due; waits for an unmount (a mount serves this store)")
+        elif due and not args.dry_run:
+            before, after = compact.compacting_copy(cfg)
+            data.update(copy="done", file_bytes_after=after)
+            lines.append(f"compacting copy: {before / mib:.1f} MiB -> {after / mib:.1f} MiB")
+        else:
+            lines.append(
+                "compacting copy: " + ("would run" if due else "not needed") + " (needs no mount)"
+            )
+        _emit(args, data, "\n".join(lines))
+        return 0
+
     def import_(
         self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
     ) -> int:
@@ -757,6 +820,13 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
         " sealed (after restoring an older copy on purpose), seal it again, then check it",
     )
     p = add(
+        "compact",
+        commands.compact,
+        "apply the version-retention policy and give free pages back (a compacting copy)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    p.add_argument("--copy", action="store_true", help="copy even below compaction.free_threshold")
+    p = add(
         "import", commands.import_, "import a directory tree as contexts of one authority and role"
     )
     p.add_argument("dir")
@@ -786,6 +856,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     ap.add_argument("-n", type=int, default=50)
     mountcmd.register(sub, common)
     index_cli.register(sub, common, opener=commands.model)
+    backup_cli.register(sub, common, opener=commands.model, kdf=lambda: _kdf(commands.environ))
     return parser
 
 

@@ -22,6 +22,9 @@ File layout::
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
     [replication] write_quorum (pending), auto_merge
+    [backup]      dest, schedule (cron), keep_daily, keep_weekly, keep_monthly
+    [retention]   keep_versions, keep_days (per context)
+    [compaction]  free_threshold, schedule (cron)
     [roles.NAME]  readers, users, groups
 
 Without a ``[roles]`` table the roles are those the data directory holds keys for
@@ -45,6 +48,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
+
+from croniter import croniter
 
 from slurpfs.errors import ConfigError
 
@@ -201,6 +206,27 @@ class ReplicationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BackupConfig:
+    dest: str = ""  # where scheduled backups go
+    schedule: str = ""  # a cron expression (croniter), "" = none
+    keep_daily: int = _bounded(7, 0, 100_000)
+    keep_weekly: int = _bounded(4, 0, 100_000)
+    keep_monthly: int = _bounded(6, 0, 100_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    keep_versions: int = _bounded(0, 0, 1 << 31)  # per context; 0 with keep_days 0 = keep all
+    keep_days: float = _bounded(0.0, 0.0, 365_000.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactionConfig:
+    free_threshold: int = _bounded(64 << 20, 0, 1 << 44)  # copy when this much is free
+    schedule: str = ""  # a cron expression for the mount's compaction worker
+
+
+@dataclasses.dataclass(frozen=True)
 class RoleConfig:
     """A role: who else reads its contexts, and which unix users/groups hold it."""
 
@@ -225,6 +251,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "http": HttpConfig,
     "health": HealthConfig,
     "replication": ReplicationConfig,
+    "backup": BackupConfig,
+    "retention": RetentionConfig,
+    "compaction": CompactionConfig,
 }
 
 
@@ -239,6 +268,9 @@ class Config:
     http: HttpConfig
     health: HealthConfig
     replication: ReplicationConfig
+    backup: BackupConfig
+    retention: RetentionConfig
+    compaction: CompactionConfig
     roles: Mapping[str, RoleConfig]
     source: str = "<defaults>"
 
@@ -346,6 +378,14 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
             f"must be one of {', '.join(SEARCH_ENGINES)}, not {config.search.engine!r}",
         )
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
+    for key, expression in (
+        ("backup.schedule", config.backup.schedule),
+        ("compaction.schedule", config.compaction.schedule),
+    ):
+        if expression and not croniter.is_valid(expression):
+            raise bad(key, f'{expression!r} is not a cron expression (e.g. "0 3 * * *")')
+    if config.backup.schedule and not config.backup.dest:
+        raise bad("backup.dest", "a backup schedule needs a destination directory")
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")
     for name, role in config.roles.items():

@@ -94,7 +94,7 @@ def _check_versions(
         if deep:
             _check_slots(report, where, model, envelope, stored, held, locals_)
         for parent_id in rec.parents:
-            if parent_id not in records:
+            if parent_id not in records and not model.store.was_dropped(parent_id):
                 report.problems.append(f"{where}: parent {parent_id.hex()[:16]} missing")
     _check_keys(report, model, sealed_with)
 

@@ -15,9 +15,10 @@ foreign version meets the same checks, in this order:
    cutoff, and a version it stamped later is refused (`RemovedAuthor`);
 4. its key slots are sealed to public keys this node knows, each to a reader
    of the version's role (a slot for anyone else would be refused on read);
-5. its parents are stored here already, or come earlier in the same batch
-   (`MissingParents`: the sender sends ancestors first, so the leaves of a
-   context are always computed from a complete graph).
+5. its parents are stored here already, or come earlier in the same batch, or
+   were dropped here by the retention policy (`MissingParents`: the sender sends
+   ancestors first, so the leaves of a context are always computed from a
+   complete graph).
 
 A batch is all or nothing: one failed check refuses the whole batch with
 nothing stored. Versions already stored are skipped (content addressing makes
@@ -137,7 +138,11 @@ class Ingest:
             )
         self._check_slots(item, h.role, short)
         missing = tuple(
-            p for p in h.parents if p not in batch and self.model.store.record(p) is None
+            p
+            for p in h.parents
+            if p not in batch
+            and self.model.store.record(p) is None
+            and not self.model.store.was_dropped(p)  # by the retention policy: gone on purpose
         )
         if missing:
             raise MissingParents(

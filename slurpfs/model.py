@@ -434,6 +434,17 @@ class ContextStore:
             log.warning("audit log not anchored: %s", exc)
             return False
 
+    def record_maintenance(self, action: str, address: str, role: str, reason: str) -> None:
+        """Audit a change the node made on its own (the retention policy's drops)."""
+        self._audit.record(
+            who="node", action=action, address=address, role=role, allowed=True, reason=reason
+        )
+
+    def forget_cached(self, version_ids: Iterable[bytes]) -> None:
+        """Drop versions from the plaintext cache (they were removed from the store)."""
+        for vid in version_ids:
+            self._cache.discard(vid)
+
     def subscribe(self, callback: Callable[[VersionInfo], None]) -> None:
         """Call `callback(info)` after every local commit (from the committing thread)."""
         self._subscribers.append(callback)

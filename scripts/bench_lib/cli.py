@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search", "worker", "footprint", "placement")
+SECTIONS = ("model", "mount", "search", "worker", "footprint", "placement", "backup")
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -35,6 +35,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import placement
 
         return placement.run
+    if name == "backup":
+        from bench_lib import backup
+
+        return backup.run
     from bench_lib import search
 
     return search.run_footprint if name == "footprint" else search.run
@@ -55,7 +59,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         "--only",
         default="model,mount,search,worker",
         help=f"comma-separated sections of {', '.join(SECTIONS)} "
-        "(footprint and placement run only when named)",
+        "(footprint, placement and backup run only when named)",
     )
     parser.add_argument(
         "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"

@@ -63,6 +63,8 @@ from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
+from slurpfs.service.maintenance_client import MaintenanceClient
+from slurpfs.service.maintenance_worker import MAINTENANCE_WORKER
 from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
 from slurpfs.service.workers import WorkerProcess, background_priority
@@ -326,6 +328,14 @@ class Daemon:
         self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
         model.subscribe(self.search_client.committed)
         self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
+        self.maintenance: WorkerProcess | None = None
+        if config.backup.schedule or config.compaction.schedule:
+            self.maintenance_client = MaintenanceClient(config, passphrase)
+            self.maintenance = WorkerProcess(
+                "maintenance", MAINTENANCE_WORKER, self.maintenance_client
+            )
+            self.ops.stat_sources.append(self.maintenance_client.report)
+            self.ops.health.extra.append(self.maintenance_client.check)
         self.control = ControlServer(
             config.data_dir,
             self._changed,
@@ -467,6 +477,8 @@ class Daemon:
                 self.ops.status_info["http"],
             )
         await start("search", self.search)
+        if self.maintenance is not None:
+            await start("maintenance", self.maintenance)
         await start("sync", self.syncer)
         await start("ttl", self.ttl)
         await start("keys", self.keys)

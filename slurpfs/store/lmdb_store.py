@@ -26,11 +26,16 @@ from slurpfs.crypto.envelope import KeySlot
 from slurpfs.errors import AddressTooLong, Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
 from slurpfs.store import schema as s
 from slurpfs.store.schema import VersionRecord
+from slurpfs.store.snapshot import Snapshot
 
 DATA_FILE = "data.mdb"
 # A write that fails with EIO while less than this is free counts as a full disk.
 _FULL_BELOW = 1 << 20
 RESTORE_HINT = "restore the store from a backup or a peer"
+# A named table's record in LMDB's main table (struct MDB_db, 64-bit): pad, flags,
+# depth, branch pages, leaf pages, overflow pages, entries, root page.
+_MDB_DB = struct.Struct("=IHHQQQQQ")
+DROPPED_TABLE = b"dropped"  # aux: version id -> u64 ms: removed by the retention policy
 
 # What LMDB (and decoding what it returns) raises when the file is damaged: the
 # structure does not parse, a page is missing or of the wrong type, a key or value
@@ -168,6 +173,7 @@ class Store:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._path = path
         self._file = path / DATA_FILE
+        self._readonly = readonly
         _check_not_emptied(self._file)
         try:
             self._env = lmdb.open(
@@ -239,7 +245,8 @@ class Store:
         return self._path
 
     def close(self) -> None:
-        self.sync()
+        if not self._readonly:
+            self.sync()
         self._env.close()
         self.writer.close()
 
@@ -462,6 +469,87 @@ class Store:
                 )
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
+
+    def drop_versions(self, version_ids: Sequence[bytes], when_ms: int) -> int:
+        """Remove versions (the retention policy), in one transaction, skipping any
+        that is a leaf by now;
+        each id is kept in `aux:dropped` (`was_dropped`), so a child naming it as a
+        parent is not taken for damage. Returns how many were removed."""
+        dropped = self._aux_db(DROPPED_TABLE, create=True)
+        removed = 0
+        try:
+            with self._txn(write=True) as txn:
+                for vid in version_ids:
+                    raw = txn.get(vid, db=self._dbs[s.DB_META])
+                    if raw is None:
+                        continue
+                    rec = VersionRecord.unpack(vid, bytes(raw))
+                    ctx = s.context_key(rec.address, rec.role)
+                    if vid in self._leaf_ids(txn, ctx):
+                        continue  # a leaf again (a concurrent version on it): never dropped
+                    key = s.history_key(rec.address, rec.role, rec.hlc, rec.author, vid)
+                    txn.delete(key, db=self._dbs[s.DB_HISTORY])
+                    self._remove_body(txn, vid, rec)
+                    txn.put(vid, s.U64.pack(when_ms), db=dropped)
+                    removed += 1
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+        return removed
+
+    def _remove_body(self, txn: lmdb.Transaction, vid: bytes, rec: VersionRecord) -> None:
+        envelope = txn.get(vid, db=self._dbs[s.DB_ENVELOPES])
+        if envelope is not None:
+            self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, -len(envelope))
+            self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, -rec.size)
+        txn.delete(vid, db=self._dbs[s.DB_ENVELOPES])
+        txn.delete(vid, db=self._dbs[s.DB_META])
+        for slot_key in self._slot_keys(txn, vid):
+            txn.delete(slot_key, db=self._dbs[s.DB_SLOTS])
+        for slot_key, _ in list(_scan(txn, self._dbs[s.DB_LOCAL_SLOTS], vid)):
+            txn.delete(slot_key, db=self._dbs[s.DB_LOCAL_SLOTS])
+        txn.delete(vid, db=self._dbs[s.DB_VERIFIED])
+
+    def was_dropped(self, version_id: bytes) -> bool:
+        """True if the retention policy removed this version (`drop_versions`)."""
+        return self.aux_get(DROPPED_TABLE, version_id) is not None
+
+    def space(self) -> tuple[int, int, int]:
+        """(page size, pages in the file, pages in use by any table): the rest are free
+        pages a compacting copy would give back."""
+        with self._txn() as txn:
+            stat = self._env.stat()
+            used = 2 + stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+            for _, value in txn.cursor():  # the main table: one MDB_db record per table
+                if len(value) == _MDB_DB.size:
+                    _, _, _, branch, leaf, overflow, _, _ = _MDB_DB.unpack(value)
+                    used += branch + leaf + overflow
+            return stat["psize"], self._env.info()["last_pgno"] + 1, used
+
+    def compact_to(self, directory: Path) -> None:
+        """Write a compacting copy of the environment to `directory`/data.mdb (LMDB's
+        own copy: free pages left out, tables rewritten in order)."""
+        directory.mkdir(mode=0o700)
+        try:
+            self._env.copy(str(directory), compact=True)
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "compacting copy") from None
+
+    def set_ttls(self, ttls: Iterable[tuple[bytes, int]]) -> None:
+        """Give contexts their expiry times (ms), in one transaction (a restore)."""
+        try:
+            with self._txn(write=True) as txn:
+                for ctx, expires_ms in ttls:
+                    self._set_ttl(txn, ctx, expires_ms)
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+
+    @contextlib.contextmanager
+    def snapshot(self, aux: Iterable[bytes] = ()) -> Iterator[Snapshot]:
+        """Every table as of one commit, in one read transaction (`Snapshot`);
+        `aux` names the auxiliary tables it may read too."""
+        tables = {name: self._aux_db(name, create=False) for name in aux}
+        with self._txn() as txn:
+            yield Snapshot(txn, self._dbs, {k: v for k, v in tables.items() if v is not None})
 
     # -- auxiliary sub-databases ---------------------------------------------
     # Other components keep their own (already sealed) records here, e.g. the
