@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slurpfs import frontmatter, hlc, seal
 from slurpfs.audit import (
@@ -54,6 +54,7 @@ from slurpfs.errors import (
     SlurpError,
     StoreFull,
 )
+from slurpfs.metrics import NO_LATENCY, Latency
 from slurpfs.store import (
     Commit,
     StaleHead,
@@ -63,6 +64,9 @@ from slurpfs.store import (
     VersionRecord,
 )
 from slurpfs.ucxl import Address, TemporalKind, validate_component
+
+if TYPE_CHECKING:
+    from slurpfs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +311,15 @@ class ContextStore:
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
         self.role_names: tuple[str, ...] = config.role_names
+        # Latency histograms (get, put; seal, open): a daemon sets its registry's.
+        self.latency: Latency = NO_LATENCY
+        self.crypto_latency: Latency = NO_LATENCY
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Observe reads, saves, sealing and opening, and audit entries into `metrics`."""
+        self.latency = metrics.model
+        self.crypto_latency = metrics.crypto
+        self._audit.events = metrics.audit
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -549,10 +562,11 @@ class ContextStore:
                 f"{len(data)} bytes is over store.max_context_bytes ({self.config.store.max_context_bytes})"
             )
         expires = None if ttl is None else int((time.time() + ttl) * 1000)
-        saved = self._write(
-            address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
-            keep_same=ttl is None,
-        )  # fmt: skip
+        with self.latency.time("put"):
+            saved = self._write(
+                address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
+                keep_same=ttl is None,
+            )  # fmt: skip
         if saved.stored:
             self._puts += 1
         return saved
@@ -702,17 +716,18 @@ class ContextStore:
         """Seal one new version on `parents`, to commit if the leaves are still `expected`."""
         readers = self.reader_set(role)
         stamp = self._clock.now()
-        sealed = env.seal(
-            data,
-            address=address,
-            role=role,
-            parents=parents,
-            hlc=stamp,
-            deleted=deleted,
-            readers=readers,
-            node=self.keyring.node,
-            prepared=None if self.key_pool is None else self.key_pool.take(readers),
-        )
+        with self.crypto_latency.time("seal"):
+            sealed = env.seal(
+                data,
+                address=address,
+                role=role,
+                parents=parents,
+                hlc=stamp,
+                deleted=deleted,
+                readers=readers,
+                node=self.keyring.node,
+                prepared=None if self.key_pool is None else self.key_pool.take(readers),
+            )
         local_slots = self._local.wrap(
             self.keyring,
             sealed.data_key,
@@ -951,6 +966,12 @@ class ContextStore:
         who: str = "local",
     ) -> Context:
         """The decrypted version the address selects. AccessDenied/KeyMissing/Corrupt/NotFound."""
+        with self.latency.time("get"):
+            return self._get(address, role, caller_roles, who)
+
+    def _get(
+        self, address: Address, role: str, caller_roles: Collection[str] | None, who: str
+    ) -> Context:
         stored: StoredVersion | None = None
         if address.temporal is None:
             # The hot path: head record and its envelope in one read transaction,
@@ -1064,20 +1085,8 @@ class ContextStore:
             self._corrupt += 1
             raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
         try:
-            envelope = env.Envelope.decode(stored.envelope)
-            self._check_matches(envelope, info)
-            h = envelope.header
-            # A version this node verified when it entered the store carries a tag
-            # only this node can make; the signature check is then already done.
-            if not (
-                local.tag_matches(self._verify_key, info.version_id, stored.verified)
-                and (h.address, h.role) == (info.address, info.role)
-            ):
-                env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
-            data_key = self._local.unwrap(
-                self.keyring, info.version_id, stored.local_slots, usable
-            ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
-            data = env.decrypt(envelope, data_key)
+            with self.crypto_latency.time("open"):
+                data = self._open(info, usable, stored)
         except Corrupt:
             self._corrupt += 1
             self._audit.record(
@@ -1093,6 +1102,23 @@ class ContextStore:
             self._cache.put(info.version_id, data)
             self._gets += 1
         return data
+
+    def _open(self, info: VersionInfo, usable: frozenset[str], stored: StoredVersion) -> bytes:
+        """Check `stored` against `info` and decrypt it with a key of `usable`. Corrupt."""
+        envelope = env.Envelope.decode(stored.envelope)
+        self._check_matches(envelope, info)
+        h = envelope.header
+        # A version this node verified when it entered the store carries a tag
+        # only this node can make; the signature check is then already done.
+        if not (
+            local.tag_matches(self._verify_key, info.version_id, stored.verified)
+            and (h.address, h.role) == (info.address, info.role)
+        ):
+            env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
+        data_key = self._local.unwrap(
+            self.keyring, info.version_id, stored.local_slots, usable
+        ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
+        return env.decrypt(envelope, data_key)
 
     @staticmethod
     def _check_matches(envelope: env.Envelope, info: VersionInfo) -> None:

@@ -59,6 +59,7 @@ from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.virtual import flatten
 from slurpfs.index.sealed import open_table
+from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
@@ -319,6 +320,7 @@ class Daemon:
                 b"user.slurp.data": str(config.data_dir).encode(),
             },
             status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
+            metrics=Metrics(),
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
         self.search_client = SearchClient(config, passphrase)
@@ -339,10 +341,19 @@ class Daemon:
         self.supervisor = Supervisor()
         self.ops.health.extra.append(self.supervisor.check)
         self.ops.stat_sources.append(self.supervisor.status)
+        self.ops.stat_sources.append(self._task_numbers)
         gateway_threads = self.ops.gateway.limiter
         # The loop stops polling while a thread works for it (see `BusyPoll`).
         self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
         self.http = self._http_server()
+
+    def _task_numbers(self) -> dict[str, int]:
+        """Restarts and consecutive failures of each background task (for metrics)."""
+        out: dict[str, int] = {}
+        for s in self.supervisor.states():
+            out[f"task_{s.name}_restarts"] = s.restarts
+            out[f"task_{s.name}_failures"] = s.failures
+        return out
 
     def _http_server(self) -> HttpServer | None:
         address = self.config.http.address
@@ -351,7 +362,7 @@ class Daemon:
             return None
         ops = self.ops
         probe = MountProbe(self.options.mountpoint / ".slurp" / "status", lambda: ops.stopping)
-        endpoints = Endpoints(ops.health, probe, lambda: ops.virtual.produce("metrics"))
+        endpoints = Endpoints(ops.health, probe, ops.metrics.render)
         server = HttpServer(address, endpoints.routes())
         ops.stat_sources.append(lambda: flatten(server.statistics(), "http_"))
         return server
