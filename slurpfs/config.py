@@ -21,6 +21,7 @@ File layout::
     [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
+    [log]         format (text or json)
     [replication] write_quorum (pending)
     [roles.NAME]  readers, users, groups
 
@@ -52,6 +53,7 @@ log = logging.getLogger("slurpfs.config")
 N = TypeVar("N", int, float)
 MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
 SEARCH_ENGINES = ("sqlite", "whoosh", "tantivy")
+LOG_FORMATS = ("text", "json")  # `slurpfs.logs` writes them
 MIN_SEARCH_CACHE, MAX_SEARCH_CACHE = 1 << 20, 1 << 40
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
@@ -194,6 +196,11 @@ def parse_listen(value: str, key: str) -> ListenAddress | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # or "json": one object per line (`slurpfs.logs`)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
     write_quorum: int = _pending(1, (1, 64))
 
@@ -222,6 +229,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "search": SearchConfig,
     "http": HttpConfig,
     "health": HealthConfig,
+    "log": LogConfig,
     "replication": ReplicationConfig,
 }
 
@@ -236,6 +244,7 @@ class Config:
     search: SearchConfig
     http: HttpConfig
     health: HealthConfig
+    log: LogConfig
     replication: ReplicationConfig
     roles: Mapping[str, RoleConfig]
     source: str = "<defaults>"
@@ -344,6 +353,8 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
             f"must be one of {', '.join(SEARCH_ENGINES)}, not {config.search.engine!r}",
         )
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
+    if config.log.format not in LOG_FORMATS:
+        raise bad("log.format", f"must be text or json, not {config.log.format!r}")
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")
     for name, role in config.roles.items():

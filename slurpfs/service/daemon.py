@@ -324,7 +324,9 @@ class Daemon:
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
         self.search_client = SearchClient(config, passphrase)
-        self.search = WorkerProcess("search", SEARCH_WORKER, self.search_client)
+        self.search = WorkerProcess(
+            "search", SEARCH_WORKER, self.search_client, log_format=config.log.format
+        )
         self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
         model.subscribe(self.search_client.committed)
         self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
