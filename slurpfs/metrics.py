@@ -14,9 +14,11 @@ Two kinds of metric live in it:
   its name is in `COUNTERS`, else as a gauge (``slurpfs_<name>``).
 
 Adding metrics (replication, say): observe latencies into ``Metrics.replication``
-(labels ``push``/``fetch``), and register the component's flattened statistics with
-`Metrics.add_statistics`, listing its monotone totals in `COUNTERS` (a pattern per
-name; a peer's name goes into the metric name as the role names do).
+(labels ``push``/``fetch``), failures into ``Metrics.replication_failures``, each
+peer's lag into ``Metrics.replication_lag.labels(peer)`` (the alert rules in
+``monitoring/`` use these names), and register the component's flattened
+statistics with `Metrics.add_statistics`, listing its monotone totals in
+`COUNTERS`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -168,6 +170,14 @@ class Metrics:
         self.search = _histogram(r, "search_query_seconds", "Search queries by kind", "kind")
         self.replication = _histogram(r, "replication_seconds", "Replication push and fetch", "op")
         self.redis = _histogram(r, "redis_seconds", "Calls to the Redis tier", "op")
+        # Replication (set by the daemon from its replication worker's reports):
+        # seconds each peer is behind, and failed pushes and fetches.
+        self.replication_lag = Gauge(
+            PREFIX + "replication_lag_seconds", "Seconds a peer is behind", ["peer"], registry=r
+        )
+        self.replication_failures = Events(
+            Counter(PREFIX + "replication_failures", "Failed replication by op", ["op"], registry=r)
+        )
         self.errors = Events(
             Counter(PREFIX + "errors", "Failed requests by kind", ["kind"], registry=r)
         )

@@ -64,6 +64,8 @@ def test_statistics_are_counters_or_gauges_whatever_the_role_names() -> None:
         "slurpfs_redis_seconds": "histogram",
         "slurpfs_errors": "counter",
         "slurpfs_audit_events": "counter",
+        "slurpfs_replication_lag_seconds": "gauge",
+        "slurpfs_replication_failures": "counter",
     }
 
 

@@ -187,6 +187,9 @@ def register_defaults(
     files.register("status", status)
     files.register("health", lambda: render_health(checks()))
     metrics.add_statistics(stats)
+    data_dir, min_free = model.config.data_dir, model.config.health.min_free_bytes
+    metrics.add_statistics(lambda: health.numbers(checks()))
+    metrics.add_statistics(lambda: health.disk_numbers(data_dir, min_free))
     files.register("metrics", lambda: metrics.render().decode("utf-8"))
     files.register("peers", render_peers)
     files.register("audit", lambda: render_audit(audit_log))
