@@ -15,7 +15,7 @@ File layout::
     [node]        data_dir, name
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
-    [cache]       plaintext_bytes, redis_url (pending)
+    [cache]       plaintext_bytes, redis_url, redis_password_file, redis_ttl, redis_timeout
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
                   scratch_names
     [search]      engine, cache_bytes
@@ -42,6 +42,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -101,7 +102,12 @@ class StoreConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     plaintext_bytes: int = _bounded(64 << 20, 0, 1 << 40)
-    redis_url: str = _pending("")
+    # The Redis tier of envelopes (`slurpfs.cache.redis_tier`): off when empty.
+    # redis://[user@]host:port/db, rediss://... (TLS) or unix:///path; no password here.
+    redis_url: str = ""
+    redis_password_file: str = ""  # the ACL user's password, first line of this file
+    redis_ttl: float = _bounded(86400.0, 1.0, 365 * 86400.0)  # seconds, refreshed on each hit
+    redis_timeout: float = _bounded(0.5, 0.01, 60.0)  # seconds per call before it counts as down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +359,9 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
             f"must be one of {', '.join(SEARCH_ENGINES)}, not {config.search.engine!r}",
         )
     parse_listen(config.http.listen, named.get("http.listen", "http.listen"))
+    wrong = redis_url_problem(config.cache.redis_url)
+    if wrong:
+        raise bad("cache.redis_url", wrong)
     if config.log.format not in LOG_FORMATS:
         raise bad("log.format", f"must be text or json, not {config.log.format!r}")
     if not config.roles:
@@ -363,6 +372,29 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         for reader in role.readers:
             if reader not in config.roles:
                 raise ConfigError(f"roles.{name}.readers: unknown role {reader!r}")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` cannot be ``cache.redis_url`` (None: it can)."""
+    if not url:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        return f"not a Redis URL ({exc})"
+    if parts.scheme not in REDIS_SCHEMES:
+        return f"must start with redis://, rediss:// or unix://, not {url.split(':')[0]!r}"
+    if parts.password is not None:
+        return "holds a password: put it in cache.redis_password_file"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "names no host"
+    if parts.scheme == "unix" and not parts.path:
+        return "names no socket path"
+    return None
 
 
 def _warn_pending(config: Config, named: Mapping[str, str]) -> None:

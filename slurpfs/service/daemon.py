@@ -61,6 +61,7 @@ from slurpfs.fs.virtual import flatten
 from slurpfs.index.sealed import open_table
 from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
+from slurpfs.service.cache_tier import RedisProbe, open_tier
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
@@ -348,6 +349,17 @@ class Daemon:
         # The loop stops polling while a thread works for it (see `BusyPoll`).
         self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
         self.http = self._http_server()
+        self.redis = self._redis_tier()
+
+    def _redis_tier(self) -> RedisProbe | None:
+        """The Redis tier of envelopes (``cache.redis_url``), wired into the model."""
+        tier = open_tier(self.config.cache, self.ops.metrics.redis)
+        if tier is None:
+            return None
+        self.model.envelopes = tier
+        self.ops.health.extra.append(tier.check)
+        self.ops.stat_sources.append(lambda: flatten(tier.statistics(), "redis_"))
+        return RedisProbe(tier)
 
     def _task_numbers(self) -> dict[str, int]:
         """Restarts and consecutive failures of each background task (for metrics)."""
@@ -446,6 +458,8 @@ class Daemon:
         """
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.model.close)
+            if self.redis is not None:
+                stack.callback(self.redis.tier.close)  # after the last save wrote through
             stack.callback(self._unmount)
             if self.http is not None:
                 stack.callback(self.http.close)  # (when the loop ended before serving it)
@@ -485,6 +499,8 @@ class Daemon:
         await start("keys", self.keys)
         await start("busy_poll", self.ops.busy)
         await start("watchdog", self.watchdog)
+        if self.redis is not None:
+            await start("redis", self.redis)
 
     @staticmethod
     async def _shielded(step: Callable[[], Awaitable[object]]) -> None:
