@@ -6,6 +6,7 @@ Exit codes (also in README.md):
   6 invalid address  7 not initialised / bad configuration
   8 store full or context too large      9 partial failure (import/export/fsck)
  10 cannot mount or unmount (mountpoint missing or busy, no /dev/fuse, data in use)
+ 11 not merged (`merge`: versions stay conflicts; the reasons listed)
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ from slurpfs.model import (
     data_paths,
     verify_audit,
 )
+from slurpfs.net import peerscmd
+from slurpfs.net.merge import merge_context
 from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
 
 EXIT_PARTIAL = 9
+EXIT_UNMERGED = 11
 TTL_MAX_SECONDS = 10 * 365 * 24 * 3600
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 T = TypeVar("T")
@@ -197,6 +201,14 @@ class Commands:
     def model(self, cfg: config.Config, passphrase: bytes | None) -> ContextStore:
         return open_model(cfg, passphrase, self.environ)
 
+    def keystore(self, cfg: config.Config, passphrase: bytes | None) -> Keystore:
+        return Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
+
+    def has_contexts(self, cfg: config.Config, passphrase: bytes | None) -> bool:
+        """True once any context was stored here (deleted ones count: history stays)."""
+        with self.model(cfg, passphrase) as model:
+            return bool(model.store.children(""))
+
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
             names = [r.strip() for r in args.roles.split(",") if r.strip()]
@@ -318,6 +330,42 @@ class Commands:
         _notify(cfg)
         _emit(args, _info_dict(info), f"deleted (version {info.short_id}; history kept)")
         return 0
+
+    def merge(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        """Merge the concurrent versions (conflicts) of one context now, three-way as
+        `replication.auto_merge` would; exit 11 if any stays a conflict, with why."""
+        address = _address(args.address)
+        if address.temporal is not None:
+            raise InvalidAddress(f"cannot merge at a temporal address {str(address)!r}")
+        with self.model(cfg, passphrase) as model:
+            if not model.all_versions(address, args.role):
+                raise NotFound(f"no context at {address} for role {args.role!r}")
+            model.authorise_change(address.key, args.role, action="merge")
+            outcome = merge_context(model, address.key, args.role, three_way=True)
+            model.sync()
+        merged = outcome.merged
+        if merged is not None:
+            _notify(cfg)
+        lines = [f"not merged: {u.version.short_id}: {u.reason}" for u in outcome.unmerged]
+        if merged is not None:
+            lines.append(
+                f"{address} [{args.role}]: merged {len(merged.parents)} versions"
+                f" into version {merged.short_id}"
+            )
+        elif not outcome.unmerged:
+            lines.append(f"{address} [{args.role}]: nothing to merge (one current version)")
+        _emit(
+            args,
+            {
+                "merged": None if merged is None else _info_dict(merged),
+                "unmerged": [
+                    {"version": u.version.version_id.hex(), "reason": u.reason}
+                    for u in outcome.unmerged
+                ],
+            },
+            "\n".join(lines),
+        )
+        return EXIT_UNMERGED if outcome.unmerged else 0
 
     def fsck(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         accept = args.accept_rollback
@@ -513,6 +561,8 @@ class Commands:
             _emit(
                 args, {"dropped": args.role}, f"destroyed this node's private key for {args.role}"
             )
+        if args.keys_cmd in ("add", "rotate"):  # a cluster's members learn the new key
+            peerscmd.publish_role(cfg, keystore, args.role)
         return 0
 
     def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -692,6 +742,11 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p = add("rm", commands.rm, "delete a context (history stays)")
     p.add_argument("address")
     p.add_argument("--role", required=True)
+    p = add(
+        "merge", commands.merge, "merge a context's concurrent versions now (three-way, by line)"
+    )
+    p.add_argument("address")
+    p.add_argument("role")
     p = add("fsck", commands.fsck, "check the store's consistency and authenticity")
     p.add_argument("--shallow", action="store_true", help="do not decrypt")
     p.add_argument("--no-index", action="store_true", help="do not check the search index")
@@ -711,12 +766,15 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
+    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
+    peers_parser = add("peers", peer_commands.list, "the cluster's members")
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])
     for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
+    peerscmd.register(peers_parser, keys_sub, common, peer_commands)
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser(

@@ -22,7 +22,7 @@ File layout::
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
     [log]         format (text or json)
-    [replication] write_quorum (pending)
+    [replication] write_quorum (pending), auto_merge
     [roles.NAME]  readers, users, groups
 
 Without a ``[roles]`` table the roles are those the data directory holds keys for
@@ -209,6 +209,8 @@ class LogConfig:
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
     write_quorum: int = _pending(1, (1, 64))
+    # Merge concurrent text versions whose changes do not overlap (`slurpfs.net.merge`).
+    auto_merge: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -847,6 +847,41 @@ class ContextStore:
             extra_parents=(version_id,),
         ).info
 
+    def commit_merge(
+        self,
+        address: str,
+        role: str,
+        data: bytes,
+        parents: Sequence[bytes],
+        leaves: Sequence[bytes],
+    ) -> VersionInfo:
+        """Seal `data` as one version of (address key, role) whose parents are exactly
+        `parents`: two or more of the context's `leaves`, its head among them (the
+        merge `slurpfs.net.merge` computed from those leaves).
+
+        `StaleHead` (nothing written) if the context's leaves are no longer `leaves`;
+        `ValueError` if `parents` are not such leaves. The version keeps the context's
+        TTL, and orders after every leaf (it is the new head).
+        """
+        with self._writer():
+            current = self._store.leaves(address, role)
+            ids = [leaf.version_id for leaf in current]
+            if set(ids) != set(leaves):
+                raise StaleHead(f"{address} [{role}] changed while it was merged")
+            if len(set(parents)) < 2 or not set(parents) <= set(ids) or ids[0] not in parents:
+                raise ValueError("a merge's parents are two or more leaves, the head among them")
+            for leaf in current:
+                self._clock.observe(leaf.hlc)
+            commit = self._seal(
+                address, role, data, tuple(parents), tuple(ids),
+                deleted=False, expires_ms=self._store.expiry(address, role),
+            )  # fmt: skip
+            self._store.commit([commit])
+        self._cache.put(commit.record.version_id, data)
+        for callback in self._subscribers:
+            callback(commit.record)
+        return commit.record
+
     def mkdir(self, address: Address) -> None:
         self._check_address(address, writing=True)
         if self._store.is_dir(address.key):

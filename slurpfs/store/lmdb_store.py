@@ -719,6 +719,12 @@ class Store:
                 out.append(s.split_context(bytes(key[8:])))
             return out
 
+    def expiry(self, address: str, role: str) -> int | None:
+        """When the context's TTL ends (ms since the epoch), or None if it has none."""
+        with self._txn() as txn:
+            raw = txn.get(s.context_key(address, role), db=self._dbs[s.DB_TTL_BY_CONTEXT])
+            return None if raw is None else int(s.U64.unpack(raw)[0])
+
     def sequence(self) -> int:
         with self._txn() as txn:
             return self._sequence(txn)
