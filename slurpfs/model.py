@@ -877,6 +877,7 @@ class ContextStore:
                 deleted=False, expires_ms=self._store.expiry(address, role),
             )  # fmt: skip
             self._store.commit([commit])
+        self._write_through([commit])
         self._cache.put(commit.record.version_id, data)
         for callback in self._subscribers:
             callback(commit.record)
