@@ -1,7 +1,12 @@
-"""A real redis-server per test: started on a free loopback port in the test's
-directory, stopped (or killed mid-run) by its PID, restartable on the same port.
+"""Real redis-server processes for the tests.
 
-scripts/install installs redis-server; it is never left running.
+`shared`: the server scripts/test starts for the run (``SLURPFS_TEST_REDIS``, a
+unix socket), emptied for each test; without it (pytest run by hand) a server of
+the test's own. `RedisServer`: a server per test, for what the shared one cannot
+do (kill it mid-run, TLS, ACL users, persistence, an eviction policy): started on
+a free loopback port in the test's directory, stopped or killed by its PID,
+restartable on the same port. scripts/install installs redis-server and never
+leaves it running.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+# Read at import: the tests' environment is scrubbed of SLURPFS_* (conftest).
+TEST_REDIS = os.environ.get("SLURPFS_TEST_REDIS", "")
 
 
 def free_port() -> int:
@@ -165,6 +173,40 @@ def running(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class SharedRedis:
+    """The run's Redis server, by URL (see module docstring)."""
+
+    url: str
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def values(self) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        with contextlib.closing(self.client()) as r:
+            for key in r.scan_iter(count=1000):
+                value = r.get(key)
+                assert isinstance(key, bytes)
+                assert isinstance(value, bytes)
+                out[key] = value
+        return out
+
+
+@contextlib.contextmanager
+def shared(directory: Path) -> Iterator[SharedRedis | RedisServer]:
+    """The run's server, emptied, or one of this test's own in `directory`."""
+    url = TEST_REDIS
+    if not url:
+        with running(directory) as own:
+            yield own
+        return
+    run = SharedRedis(url)
+    with contextlib.closing(run.client()) as r:
+        r.flushdb()
+    yield run
 
 
 def log_lines(server: RedisServer, pattern: str) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 from conftest import Nodes
 from fsutil import AUTH, Mounted, mounted_at, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from redisutil import running
+from redisutil import shared
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 RULES = MONITORING / "slurpfs-rules.yml"
@@ -76,7 +76,7 @@ def test_every_metric_the_rules_and_dashboard_name_is_exposed(nodes: Nodes, tmp_
     """A mount with its HTTP endpoints and a Redis tier, after a save, a read and a
     search. Expected: every metric the rules and the dashboard query is a family of
     /metrics (a pattern such as ``slurpfs_health_.+`` matches at least one)."""
-    with running(tmp_path / "redis") as srv:
+    with shared(tmp_path / "redis") as srv:
         env = {"SLURPFS_HTTP_LISTEN": "127.0.0.1:0", "SLURPFS_CACHE_REDIS_URL": srv.url}
         text = scrape_after_work(mounted_at(nodes, tmp_path, env=env))
     exposed = {f.name for f in text_string_to_metric_families(text)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import Node, Nodes, find_canary
 from fsutil import AUTH, Mounted, mounted_at, wait_for
-from redisutil import RedisServer, running
+from redisutil import RedisServer, SharedRedis, running, shared
 
 from slurpfs.cache.redis_tier import RedisTier, envelope_key
 from slurpfs.config import CacheConfig
@@ -43,13 +43,14 @@ class Clock:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running(tmp_path / "redis", *LFU) as srv:
+def server(tmp_path: Path) -> Iterator[SharedRedis | RedisServer]:
+    """The run's Redis (scripts/test starts it), emptied; else one of the test's own."""
+    with shared(tmp_path / "redis") as srv:
         yield srv
 
 
 @pytest.fixture
-def tier(server: RedisServer) -> Iterator[RedisTier]:
+def tier(server: SharedRedis | RedisServer) -> Iterator[RedisTier]:
     t = RedisTier(server.url, ttl=600)
     yield t
     t.close()
@@ -61,7 +62,7 @@ def envelope(n: int = 100) -> tuple[bytes, bytes]:
 
 
 def test_an_envelope_is_kept_by_its_id_and_its_expiry_refreshed(
-    tier: RedisTier, server: RedisServer
+    tier: RedisTier, server: SharedRedis | RedisServer
 ) -> None:
     """Expected: a put is read back; the key carries the TTL; a read after the TTL
     was cut to 5 s sets it back to the full TTL (GETEX); a missing id is a miss."""
@@ -81,7 +82,7 @@ def test_an_envelope_is_kept_by_its_id_and_its_expiry_refreshed(
 
 @pytest.mark.expect_warnings(r"the Redis tier at \S+ returned a value that is not the envelope .*")
 def test_a_value_that_is_not_the_envelope_of_its_id_is_never_served(
-    tier: RedisTier, server: RedisServer, caplog: pytest.LogCaptureFixture
+    tier: RedisTier, server: SharedRedis | RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis is not trusted: another node, or anyone who can write to the server,
     could put anything under a key. Expected: None, the value dropped, counted."""
@@ -109,12 +110,14 @@ def test_the_health_check_warns_without_an_lfu_policy(tmp_path: Path) -> None:
 
 
 @pytest.mark.expect_warnings(r"the Redis tier at redis://127\.0\.0\.1:\d+ fails \(.*")
-def test_an_outage_is_a_miss_and_ends_by_itself(server: RedisServer) -> None:
+def test_an_outage_is_a_miss_and_ends_by_itself(tmp_path: Path) -> None:
     """The server is killed between calls, then started again on its port.
     Expected: calls return a miss or nothing, never raise; the check warns; for the
     retry interval no call is tried (no new error counted); once the server answers,
     a probe ends the outage and the tier works again."""
     clock = Clock()
+    server = RedisServer(tmp_path / "redis", LFU)  # its own: it is killed
+    server.start()
     t = RedisTier(server.url, clock=clock)
     try:
         version_id, body = envelope()
@@ -140,6 +143,7 @@ def test_an_outage_is_a_miss_and_ends_by_itself(server: RedisServer) -> None:
         assert t.get(version_id) == body
     finally:
         t.close()
+        server.stop()
 
 
 @pytest.mark.expect_warnings(r"the Redis tier at rediss://\S+ fails \(.*(password|WRONGPASS).*")
@@ -190,7 +194,7 @@ def _drop_local_envelope(model: ContextStore, version_id: bytes) -> None:
 
 
 def test_saves_write_through_and_a_body_the_store_lacks_is_read_from_redis(
-    server: RedisServer, node: Node, model: ContextStore
+    server: SharedRedis | RedisServer, node: Node, model: ContextStore
 ) -> None:
     """Expected: a save puts its envelope (not its plaintext) in Redis under its id;
     after the store loses that body, a fresh read is served from Redis, verified;
