@@ -43,6 +43,7 @@ from typing import Protocol
 
 from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.errors import AuditUnavailable, Corrupt
+from slurpfs.metrics import NO_EVENTS, Events
 from slurpfs.store import StaleHead, Store
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class AuditLog:
         self._failure: str | None = None  # why the last append failed (None: it worked)
         self._anchored = 0  # the highest seq known to be anchored
         self._evidence: Anchor | None = None  # to anchor at once: the log was cut under us
+        self.events: Events = NO_EVENTS  # entries by outcome (a daemon's metrics)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             with self._flock():
@@ -377,6 +379,7 @@ class AuditLog:
                 self._record(who, action, address, role, allowed, reason)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.events.count("allowed" if allowed else "denied")
             if self._evidence is not None:
                 self._anchor_evidence()
 

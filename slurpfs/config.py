@@ -15,12 +15,13 @@ File layout::
     [node]        data_dir, name
     [durability]  sync_interval
     [store]       map_size, max_context_bytes, cascade_depth
-    [cache]       plaintext_bytes, redis_url (pending)
+    [cache]       plaintext_bytes, redis_url, redis_password_file, redis_ttl, redis_timeout
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
                   scratch_names
     [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
+    [log]         format (text or json)
     [replication] write_quorum (pending), auto_merge
     [backup]      dest, schedule (cron), keep_daily, keep_weekly, keep_monthly
     [retention]   keep_versions, keep_days (per context)
@@ -44,6 +45,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -57,6 +59,7 @@ log = logging.getLogger("slurpfs.config")
 N = TypeVar("N", int, float)
 MAX_BUSY_POLL = 0.1  # seconds: past this, polling is spinning
 SEARCH_ENGINES = ("sqlite", "whoosh", "tantivy")
+LOG_FORMATS = ("text", "json")  # `slurpfs.logs` writes them
 MIN_SEARCH_CACHE, MAX_SEARCH_CACHE = 1 << 20, 1 << 40
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
@@ -104,7 +107,12 @@ class StoreConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     plaintext_bytes: int = _bounded(64 << 20, 0, 1 << 40)
-    redis_url: str = _pending("")
+    # The Redis tier of envelopes (`slurpfs.cache.redis_tier`): off when empty.
+    # redis://[user@]host:port/db, rediss://... (TLS) or unix:///path; no password here.
+    redis_url: str = ""
+    redis_password_file: str = ""  # the ACL user's password, first line of this file
+    redis_ttl: float = _bounded(86400.0, 1.0, 365 * 86400.0)  # seconds, refreshed on each hit
+    redis_timeout: float = _bounded(0.5, 0.01, 60.0)  # seconds per call before it counts as down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +207,11 @@ def parse_listen(value: str, key: str) -> ListenAddress | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # or "json": one object per line (`slurpfs.logs`)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
     write_quorum: int = _pending(1, (1, 64))
     # Merge concurrent text versions whose changes do not overlap (`slurpfs.net.merge`).
@@ -250,6 +263,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "search": SearchConfig,
     "http": HttpConfig,
     "health": HealthConfig,
+    "log": LogConfig,
     "replication": ReplicationConfig,
     "backup": BackupConfig,
     "retention": RetentionConfig,
@@ -267,6 +281,7 @@ class Config:
     search: SearchConfig
     http: HttpConfig
     health: HealthConfig
+    log: LogConfig
     replication: ReplicationConfig
     backup: BackupConfig
     retention: RetentionConfig
@@ -386,6 +401,11 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
             raise bad(key, f'{expression!r} is not a cron expression (e.g. "0 3 * * *")')
     if config.backup.schedule and not config.backup.dest:
         raise bad("backup.dest", "a backup schedule needs a destination directory")
+    wrong = redis_url_problem(config.cache.redis_url)
+    if wrong:
+        raise bad("cache.redis_url", wrong)
+    if config.log.format not in LOG_FORMATS:
+        raise bad("log.format", f"must be text or json, not {config.log.format!r}")
     if not config.roles:
         raise ConfigError("roles: at least one role must be configured")
     for name, role in config.roles.items():
@@ -394,6 +414,29 @@ def _check(config: Config, named: Mapping[str, str] | None = None) -> None:
         for reader in role.readers:
             if reader not in config.roles:
                 raise ConfigError(f"roles.{name}.readers: unknown role {reader!r}")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` cannot be ``cache.redis_url`` (None: it can)."""
+    if not url:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        return f"not a Redis URL ({exc})"
+    if parts.scheme not in REDIS_SCHEMES:
+        return f"must start with redis://, rediss:// or unix://, not {url.split(':')[0]!r}"
+    if parts.password is not None:
+        return "holds a password: put it in cache.redis_password_file"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "names no host"
+    if parts.scheme == "unix" and not parts.path:
+        return "names no socket path"
+    return None
 
 
 def _warn_pending(config: Config, named: Mapping[str, str]) -> None:

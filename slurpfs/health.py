@@ -101,6 +101,23 @@ def disk_check(path: os.PathLike[str] | str, min_free: int) -> Check:
     return Check("disk", FAIL if free < min_free else OK, detail)
 
 
+def disk_numbers(path: os.PathLike[str] | str, min_free: int) -> dict[str, int]:
+    """Free bytes under the data directory and the bound of the ``disk`` check (metrics)."""
+    try:
+        sv = os.statvfs(path)
+    except OSError:
+        return {"disk_min_free_bytes": min_free}
+    return {"disk_free_bytes": sv.f_bavail * sv.f_frsize, "disk_min_free_bytes": min_free}
+
+
+LEVEL = {OK: 0, WARN: 1, FAIL: 2}  # a check's status as a number (``slurpfs_health_<check>``)
+
+
+def numbers(checks: Sequence[Check]) -> dict[str, int]:
+    """``health_<check>``: 0 ok, 1 warn, 2 fail, for metrics and alert rules."""
+    return {f"health_{c.name}": LEVEL[c.status] for c in checks}
+
+
 def mount_check(stopping: bool) -> Check:
     """The filesystem layer's own view: it answers (it is answering) unless shutting down."""
     if stopping:

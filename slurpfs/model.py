@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slurpfs import frontmatter, hlc, seal
 from slurpfs.audit import (
@@ -35,6 +35,7 @@ from slurpfs.audit import (
     has_keyed_entries,
     verify,
 )
+from slurpfs.cache import EnvelopeTier
 from slurpfs.cache.memory import CacheStatistics, PlaintextCache
 from slurpfs.config import Config, render_toml
 from slurpfs.crypto import envelope as env
@@ -54,6 +55,7 @@ from slurpfs.errors import (
     SlurpError,
     StoreFull,
 )
+from slurpfs.metrics import NO_LATENCY, Latency
 from slurpfs.store import (
     Commit,
     StaleHead,
@@ -63,6 +65,9 @@ from slurpfs.store import (
     VersionRecord,
 )
 from slurpfs.ucxl import Address, TemporalKind, validate_component
+
+if TYPE_CHECKING:
+    from slurpfs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +312,18 @@ class ContextStore:
         self._subscribers: list[Callable[[VersionInfo], None]] = []
         self._puts = self._gets = self._denied = self._corrupt = 0
         self.role_names: tuple[str, ...] = config.role_names
+        # Latency histograms (get, put; seal, open): a daemon sets its registry's.
+        self.latency: Latency = NO_LATENCY
+        self.crypto_latency: Latency = NO_LATENCY
+        # Envelope bodies beside the store (the Redis tier), when a daemon configures one:
+        # written through on every save, read when the store lacks a body.
+        self.envelopes: EnvelopeTier | None = None
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Observe reads, saves, sealing and opening, and audit entries into `metrics`."""
+        self.latency = metrics.model
+        self.crypto_latency = metrics.crypto
+        self._audit.events = metrics.audit
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -560,10 +577,11 @@ class ContextStore:
                 f"{len(data)} bytes is over store.max_context_bytes ({self.config.store.max_context_bytes})"
             )
         expires = None if ttl is None else int((time.time() + ttl) * 1000)
-        saved = self._write(
-            address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
-            keep_same=ttl is None,
-        )  # fmt: skip
+        with self.latency.time("put"):
+            saved = self._write(
+                address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
+                keep_same=ttl is None,
+            )  # fmt: skip
         if saved.stored:
             self._puts += 1
         return saved
@@ -640,12 +658,19 @@ class ContextStore:
             commits = self._commit_retrying(seal, f"{address} [{role}]")
         if not commits:
             return Saved(same[0], stored=False)
+        self._write_through(commits)
         record = commits[0].record
         if not deleted:
             self._cache.put(record.version_id, data)
         for callback in self._subscribers:
             callback(record)
         return Saved(record, stored=True)
+
+    def _write_through(self, commits: Sequence[Commit]) -> None:
+        """Committed envelopes to the envelope tier (it never raises for an outage)."""
+        if self.envelopes is not None:
+            for commit in commits:
+                self.envelopes.put(commit.record.version_id, commit.envelope)
 
     def _same_as_head(self, address: str, role: str, data: bytes) -> VersionInfo | None:
         """The head, if a save of `data` would change nothing: it is the only leaf,
@@ -713,17 +738,18 @@ class ContextStore:
         """Seal one new version on `parents`, to commit if the leaves are still `expected`."""
         readers = self.reader_set(role)
         stamp = self._clock.now()
-        sealed = env.seal(
-            data,
-            address=address,
-            role=role,
-            parents=parents,
-            hlc=stamp,
-            deleted=deleted,
-            readers=readers,
-            node=self.keyring.node,
-            prepared=None if self.key_pool is None else self.key_pool.take(readers),
-        )
+        with self.crypto_latency.time("seal"):
+            sealed = env.seal(
+                data,
+                address=address,
+                role=role,
+                parents=parents,
+                hlc=stamp,
+                deleted=deleted,
+                readers=readers,
+                node=self.keyring.node,
+                prepared=None if self.key_pool is None else self.key_pool.take(readers),
+            )
         local_slots = self._local.wrap(
             self.keyring,
             sealed.data_key,
@@ -771,6 +797,7 @@ class ContextStore:
 
         with self._writer():
             commits = self._commit_retrying(seal, f"a batch of {len(batch)}")
+        self._write_through(commits)
         for commit in commits:
             for callback in self._subscribers:
                 callback(commit.record)
@@ -861,6 +888,7 @@ class ContextStore:
                 deleted=False, expires_ms=self._store.expiry(address, role),
             )  # fmt: skip
             self._store.commit([commit])
+        self._write_through([commit])
         self._cache.put(commit.record.version_id, data)
         for callback in self._subscribers:
             callback(commit.record)
@@ -997,6 +1025,12 @@ class ContextStore:
         who: str = "local",
     ) -> Context:
         """The decrypted version the address selects. AccessDenied/KeyMissing/Corrupt/NotFound."""
+        with self.latency.time("get"):
+            return self._get(address, role, caller_roles, who)
+
+    def _get(
+        self, address: Address, role: str, caller_roles: Collection[str] | None, who: str
+    ) -> Context:
         stored: StoredVersion | None = None
         if address.temporal is None:
             # The hot path: head record and its envelope in one read transaction,
@@ -1105,25 +1139,13 @@ class ContextStore:
         if cached is not None:
             return cached
         if stored is None:
-            stored = self._store.read_version(info.version_id)
+            stored = self._store.read_version(info.version_id) or self._tier_read(info)
         if stored is None:
             self._corrupt += 1
             raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
         try:
-            envelope = env.Envelope.decode(stored.envelope)
-            self._check_matches(envelope, info)
-            h = envelope.header
-            # A version this node verified when it entered the store carries a tag
-            # only this node can make; the signature check is then already done.
-            if not (
-                local.tag_matches(self._verify_key, info.version_id, stored.verified)
-                and (h.address, h.role) == (info.address, info.role)
-            ):
-                env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
-            data_key = self._local.unwrap(
-                self.keyring, info.version_id, stored.local_slots, usable
-            ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
-            data = env.decrypt(envelope, data_key)
+            with self.crypto_latency.time("open"):
+                data = self._open(info, usable, stored)
         except Corrupt:
             self._corrupt += 1
             self._audit.record(
@@ -1139,6 +1161,36 @@ class ContextStore:
             self._cache.put(info.version_id, data)
             self._gets += 1
         return data
+
+    def _tier_read(self, info: VersionInfo) -> StoredVersion | None:
+        """A body the store lacks, from the envelope tier, with the store's key slots.
+
+        Checked like any other (the tier checks the id hash, `_open` the signature and
+        the AEAD); without the local fast paths, so the signature is verified."""
+        if self.envelopes is None:
+            return None
+        body = self.envelopes.get(info.version_id)
+        if body is None:
+            return None
+        log.debug("version %s: body read from the envelope tier", info.short_id)
+        return StoredVersion(body, self._store.slots(info.version_id), [], None)
+
+    def _open(self, info: VersionInfo, usable: frozenset[str], stored: StoredVersion) -> bytes:
+        """Check `stored` against `info` and decrypt it with a key of `usable`. Corrupt."""
+        envelope = env.Envelope.decode(stored.envelope)
+        self._check_matches(envelope, info)
+        h = envelope.header
+        # A version this node verified when it entered the store carries a tag
+        # only this node can make; the signature check is then already done.
+        if not (
+            local.tag_matches(self._verify_key, info.version_id, stored.verified)
+            and (h.address, h.role) == (info.address, info.role)
+        ):
+            env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
+        data_key = self._local.unwrap(
+            self.keyring, info.version_id, stored.local_slots, usable
+        ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
+        return env.decrypt(envelope, data_key)
 
     @staticmethod
     def _check_matches(envelope: env.Envelope, info: VersionInfo) -> None:

@@ -499,7 +499,6 @@ def test_the_largest_map_size_opens_a_store(tmp_path: Path) -> None:
 def test_pending_keys_are_left_out_of_new_files(tmp_path: Path) -> None:
     rendered = config.render_toml(config.load(None, {"HOME": str(tmp_path)}))
 
-    assert "redis_url" not in rendered
     assert "write_quorum" not in rendered
 
 
@@ -519,7 +518,6 @@ def test_pending_keys_set_to_something_warn_that_they_do_nothing(
 
     warned = [r.getMessage() for r in caplog.records if r.name == "slurpfs.config"]
     assert warned == [
-        "cache.redis_url = 'redis://h:1/2' has no effect yet: it is ignored",
         "replication.write_quorum = 3 has no effect yet: it is ignored",
         "SLURPFS_REPLICATION_WRITE_QUORUM = 2 has no effect yet: it is ignored",
     ]
@@ -530,6 +528,27 @@ def test_pending_keys_are_still_checked(tmp_path: Path) -> None:
         load_text(tmp_path, "[replication]\nwrite_quorum = 0\n")
     with pytest.raises(ConfigError, match=r"^cache[.]redis_url: expected a string"):
         load_text(tmp_path, "[cache]\nredis_url = 5\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://h:1/", r"must start with redis://, rediss:// or unix://, not 'http'"),
+        ("redis://u:secret@h:1/0", r"holds a password: put it in cache.redis_password_file"),
+        ("redis://h:port/0", r"not a Redis URL"),
+        ("rediss:///0", r"names no host"),
+    ],
+)
+def test_a_bad_redis_url_names_the_key(tmp_path: Path, url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^SLURPFS_CACHE_REDIS_URL: {problem}"):
+        config.load(None, {"HOME": str(tmp_path), "SLURPFS_CACHE_REDIS_URL": url})
+
+
+def test_redis_urls_load_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for url in ("redis://h:1/2", "rediss://slurpfs@cache.example:6380/0", "unix:///run/r.sock"):
+        cfg = config.load(None, {"HOME": str(tmp_path), "SLURPFS_CACHE_REDIS_URL": url})
+        assert cfg.cache.redis_url == url
+    assert not [r for r in caplog.records if r.name == "slurpfs.config"]
 
 
 @pytest.mark.parametrize("text", [None, "", "[node]\nname = 'n'\n"])

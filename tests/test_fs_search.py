@@ -392,5 +392,5 @@ async def test_status_and_metrics_report_search(fs: OpsHarness) -> None:
         assert line in status
     assert "index_engine: " in status
     metrics = (await fs.read(".slurp/metrics")).decode()
-    assert "slurpfs_search_queries 1" in metrics
-    assert "slurpfs_index_documents_architect 4" in metrics
+    assert "slurpfs_search_queries_total 1.0" in metrics
+    assert "slurpfs_index_documents_architect 4.0" in metrics

@@ -15,10 +15,8 @@ from pathlib import Path
 
 from conftest import MemoryAnchors, audit_keys
 from fsutil import AUTH, OpsHarness
-from prometheus_client.parser import text_string_to_metric_families
 
 from slurpfs import audit
-from slurpfs.fs import virtual
 from slurpfs.model import ContextStore
 from slurpfs.ucxl import parse
 
@@ -118,17 +116,3 @@ def test_an_audit_line_is_what_json_dumps_gives(tmp_path: Path) -> None:
         body = json.loads(line)
         assert json.dumps(body, sort_keys=True, separators=(",", ":")).encode() == line
     assert [e.who for e in audit.read(path)] == odd
-
-
-def test_metrics_parse_as_prometheus_text_whatever_the_role_names() -> None:
-    """Role names may hold `-`; statistics keyed by role become metric names.
-    Expected: `.slurp/metrics` parses with the Prometheus client's own parser, every
-    number kept under a valid name."""
-    stats = virtual.flatten({"index": {"documents": {"dev-ops": 3, "qa": 1}}, "uptime": 1.5})
-    text = virtual.render_metrics({**stats, "ready": True, "name": "node"})
-    families = {f.name: f.samples[0].value for f in text_string_to_metric_families(text)}
-    assert families == {
-        "slurpfs_index_documents_dev_ops": 3,
-        "slurpfs_index_documents_qa": 1,
-        "slurpfs_uptime": 1.5,
-    }

@@ -571,7 +571,8 @@ def test_every_endpoint_of_a_mount(served: Mounted) -> None:
     assert {p: r[0] for p, r in replies.items()} == dict.fromkeys(ENDPOINTS, 200)
     status, headers, body = replies["/metrics"]
     assert headers["content-type"] == METRICS_CONTENT_TYPE
-    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    types = {f.name: f.type for f in text_string_to_metric_families(body.decode())}
+    names = set(types)
     file_names = {
         f.name
         for f in text_string_to_metric_families((served.mnt / ".slurp" / "metrics").read_text())
@@ -585,6 +586,11 @@ def test_every_endpoint_of_a_mount(served: Mounted) -> None:
         "slurpfs_http_requests",
         "slurpfs_uptime_seconds",
     } <= names
+    assert types["slurpfs_fs_commits"] == types["slurpfs_http_requests"] == "counter"
+    assert types["slurpfs_model_store_versions"] == types["slurpfs_indexer_lag"] == "gauge"
+    assert types["slurpfs_fuse_request_seconds"] == "histogram"
+    assert types["slurpfs_process_resident_memory_bytes"] == "gauge"  # the process collector
+    assert b"\nslurpfs_fs_commits_total " in body
     for path in ["/health", "/health/live", "/health/ready", "/health/checks"]:
         assert replies[path][1]["content-type"] == "application/json", path
     assert json.loads(replies["/health/live"][2]) == {"status": "ok"}

@@ -15,12 +15,14 @@ import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from time import perf_counter
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
 from slurpfs.errors import AccessDenied, AuditUnavailable, Corrupt, InvalidAddress, SlurpError
+from slurpfs.metrics import NO_EVENTS, Events, Latency
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -82,6 +84,25 @@ def fuse_error(exc: SlurpError | OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
 
 
+def error_kind(exc: SlurpError | OSError) -> str | None:
+    """The kind a failed request counts as in ``slurpfs_errors_total`` (None: not an
+    error of the node's, such as a name that does not exist or a read-only view)."""
+    if isinstance(exc, OSError):
+        return "io"
+    for kind, cls in _KINDS:
+        if isinstance(exc, cls):
+            return kind
+    return None
+
+
+_KINDS: tuple[tuple[str, type[SlurpError]], ...] = (
+    ("corrupt", Corrupt),
+    ("denied", AccessDenied),
+    ("invalid", InvalidAddress),
+    ("audit", AuditUnavailable),
+)
+
+
 class errmap:  # lower case: it reads as a function at every handler
     """Turn a `SlurpError` or `OSError` raised in the block into the matching `FUSEError`.
 
@@ -89,10 +110,13 @@ class errmap:  # lower case: it reads as a function at every handler
     generator-based context manager: it wraps every request.)
     """
 
-    __slots__ = ("_cleanup",)
+    __slots__ = ("_cleanup", "_errors")
 
-    def __init__(self, cleanup: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, cleanup: Callable[[], None] | None = None, errors: Events = NO_EVENTS
+    ) -> None:
         self._cleanup = cleanup
+        self._errors = errors
 
     def __enter__(self) -> None:
         return None
@@ -105,8 +129,12 @@ class errmap:  # lower case: it reads as a function at every handler
     ) -> None:
         try:
             if isinstance(exc, SlurpError | OSError):
+                counted = error_kind(exc)
+                if counted is not None:
+                    self._errors.count(counted)
                 raise fuse_error(exc) from None
             if isinstance(exc, Exception) and not isinstance(exc, pyfuse3.FUSEError):
+                self._errors.count("internal")
                 log.error("internal error; the request fails with EIO", exc_info=exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
@@ -121,6 +149,12 @@ class _Sweeps(Protocol):
 class _Handlers(Protocol):
     @property
     def inodes(self) -> _Sweeps: ...
+
+    @property
+    def latency(self) -> Latency: ...
+
+    @property
+    def errors(self) -> Events: ...
 
 
 H = TypeVar("H", bound=_Handlers)
@@ -137,12 +171,19 @@ def handler(
     pyfuse3 answers only `FUSEError`; any other exception leaving a handler ends the
     FUSE loop, and with it the mount. So every handler has this decorator, however
     simple (``statfs``, ``forget``, ``release``): a bug fails one request, never the
-    mount.
+    mount. Its latency goes into ``slurpfs_fuse_request_seconds{op}``, its failures
+    into ``slurpfs_errors_total{kind}`` (`error_kind`).
     """
 
+    op = method.__name__
+
     async def run(ops: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with errmap(ops.inodes.sweep):
-            return await method(ops, *args, **kwargs)
+        start = perf_counter()
+        try:
+            with errmap(ops.inodes.sweep, ops.errors):
+                return await method(ops, *args, **kwargs)
+        finally:
+            ops.latency.observe(op, perf_counter() - start)
 
     functools.update_wrapper(run, method)
     return run

@@ -49,6 +49,7 @@ from slurpfs.fs.search import SearchTree
 from slurpfs.fs.tree import XATTR_PREFIX, Stat, Tree
 from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
 from slurpfs.health import Health
+from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore, VersionInfo, data_paths
 
 log = logging.getLogger("slurpfs.fs")
@@ -75,10 +76,17 @@ class Operations(pyfuse3.Operations):
         virtual: VirtualFiles | None = None,
         root_xattrs: Mapping[bytes, bytes] | None = None,
         status_info: Mapping[str, object] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.config = config
+        # The daemon's registry (a registry of its own without one, for tests): every
+        # handler's latency and failures (`handler`), the model's, the statistics.
+        self.metrics = metrics or Metrics(process=False)
+        self.latency = self.metrics.fuse
+        self.errors = self.metrics.errors
+        model.instrument(self.metrics)
         self.scratch = ScratchStore(config.mount.scratch_bytes)
         self.inodes = InodeTable(on_purge=self._purged)
         self.virtual = virtual or VirtualFiles()
@@ -86,6 +94,7 @@ class Operations(pyfuse3.Operations):
             model, self.inodes, self.scratch, self.virtual, owner_uid=owner_uid, owner_gid=owner_gid
         )
         self.search = SearchTree(self.inodes, owner_uid=owner_uid, owner_gid=owner_gid)
+        self.search.latency = self.metrics.search
         self.view = self.tree.view
         self.gateway = Gateway(model, self.view)
         self.refusals = Refusals()
@@ -616,6 +625,7 @@ class Operations(pyfuse3.Operations):
             info=lambda: self.status_info,
             fs_stats=self.statistics,
             checks=self.health.checks,
+            metrics=self.metrics,
             extra_stats=self._extra_stats,
         )
         self.virtual.register_per_user("refused", self.refusals.render)

@@ -77,6 +77,7 @@ from slurpfs.index.render import (
     results_text,
 )
 from slurpfs.index.searcher import IndexProgress, Searcher, SearchUnavailable
+from slurpfs.metrics import NO_LATENCY, Latency
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -168,6 +169,8 @@ class SearchTree:
         self._cache: dict[tuple[str, frozenset[str]], QueryView] = {}
         self._pending: dict[tuple[str, frozenset[str], bool], _Pending] = {}
         self._queries = self._cached = self._invalid = self._not_ready = 0
+        # Query latency by kind (``results`` with snippets, ``links`` without).
+        self.latency: Latency = NO_LATENCY
 
     # -- the service -------------------------------------------------------------
 
@@ -384,7 +387,8 @@ class SearchTree:
             snippets=snippets,
         )
         try:
-            result = await trio.to_thread.run_sync(run, limiter=self.limiter)
+            with self.latency.time("results" if snippets else "links"):
+                result = await trio.to_thread.run_sync(run, limiter=self.limiter)
         except (QueryError, AccessDenied) as exc:
             return self._refused(query, exc, caller)
         except SearchUnavailable as exc:  # (building, restarting): asking again may succeed

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slurpfs import __version__, audit, health
+from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
 
 Provider = Callable[[], str]
@@ -122,22 +122,6 @@ def render_status(info: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_UNMETRIC = re.compile(r"[^a-zA-Z0-9_:]")
-
-
-def render_metrics(stats: Mapping[str, Any]) -> str:
-    """Prometheus text exposition of numeric statistics."""
-    lines: list[str] = []
-    for name, value in sorted(stats.items()):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        # Role names may hold `-`, which a metric name may not (Prometheus: [a-zA-Z0-9_:]).
-        metric = "slurpfs_" + _UNMETRIC.sub("_", name)
-        lines.append(f"# TYPE {metric} gauge")
-        lines.append(f"{metric} {value}")
-    return "\n".join(lines) + "\n"
-
-
 _HEALTH_HEADLINE = {health.OK: "ok", health.WARN: "ok, with warnings", health.FAIL: "unhealthy"}
 _HEALTH_WORD = {health.OK: "ok", health.WARN: "warn", health.FAIL: "FAILING"}
 
@@ -170,12 +154,15 @@ def register_defaults(
     info: Callable[[], Mapping[str, object]],
     fs_stats: Callable[[], FsStatistics],
     checks: Callable[[], Sequence[health.Check]],
+    metrics: Metrics,
     extra_stats: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """The standard ``.slurp/`` files over a model and the filesystem's counters.
 
     `checks` are the node's health checks (`slurpfs.health`); `extra_stats` adds
     flattened counters of other components (search, indexer, HTTP endpoints).
+    ``metrics`` is `metrics`' registry rendered by prometheus-client; the numbers
+    of ``status`` are in it too (`Metrics.add_statistics`).
     """
     started = time.time()
 
@@ -199,6 +186,10 @@ def register_defaults(
 
     files.register("status", status)
     files.register("health", lambda: render_health(checks()))
-    files.register("metrics", lambda: render_metrics(stats()))
+    metrics.add_statistics(stats)
+    data_dir, min_free = model.config.data_dir, model.config.health.min_free_bytes
+    metrics.add_statistics(lambda: health.numbers(checks()))
+    metrics.add_statistics(lambda: health.disk_numbers(data_dir, min_free))
+    files.register("metrics", lambda: metrics.render().decode("utf-8"))
     files.register("peers", render_peers)
     files.register("audit", lambda: render_audit(audit_log))

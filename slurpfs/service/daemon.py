@@ -59,7 +59,9 @@ from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.virtual import flatten
 from slurpfs.index.sealed import open_table
+from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
+from slurpfs.service.cache_tier import RedisProbe, open_tier
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
@@ -321,10 +323,13 @@ class Daemon:
                 b"user.slurp.data": str(config.data_dir).encode(),
             },
             status_info={"pid": os.getpid(), "mountpoint": str(options.mountpoint)},
+            metrics=Metrics(),
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
         self.search_client = SearchClient(config, passphrase)
-        self.search = WorkerProcess("search", SEARCH_WORKER, self.search_client)
+        self.search = WorkerProcess(
+            "search", SEARCH_WORKER, self.search_client, log_format=config.log.format
+        )
         self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
         model.subscribe(self.search_client.committed)
         self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
@@ -349,10 +354,30 @@ class Daemon:
         self.supervisor = Supervisor()
         self.ops.health.extra.append(self.supervisor.check)
         self.ops.stat_sources.append(self.supervisor.status)
+        self.ops.stat_sources.append(self._task_numbers)
         gateway_threads = self.ops.gateway.limiter
         # The loop stops polling while a thread works for it (see `BusyPoll`).
         self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
         self.http = self._http_server()
+        self.redis = self._redis_tier()
+
+    def _redis_tier(self) -> RedisProbe | None:
+        """The Redis tier of envelopes (``cache.redis_url``), wired into the model."""
+        tier = open_tier(self.config.cache, self.ops.metrics.redis)
+        if tier is None:
+            return None
+        self.model.envelopes = tier
+        self.ops.health.extra.append(tier.check)
+        self.ops.stat_sources.append(lambda: flatten(tier.statistics(), "redis_"))
+        return RedisProbe(tier)
+
+    def _task_numbers(self) -> dict[str, int]:
+        """Restarts and consecutive failures of each background task (for metrics)."""
+        out: dict[str, int] = {}
+        for s in self.supervisor.states():
+            out[f"task_{s.name}_restarts"] = s.restarts
+            out[f"task_{s.name}_failures"] = s.failures
+        return out
 
     def _http_server(self) -> HttpServer | None:
         address = self.config.http.address
@@ -361,7 +386,7 @@ class Daemon:
             return None
         ops = self.ops
         probe = MountProbe(self.options.mountpoint / ".slurp" / "status", lambda: ops.stopping)
-        endpoints = Endpoints(ops.health, probe, lambda: ops.virtual.produce("metrics"))
+        endpoints = Endpoints(ops.health, probe, ops.metrics.render)
         server = HttpServer(address, endpoints.routes())
         ops.stat_sources.append(lambda: flatten(server.statistics(), "http_"))
         return server
@@ -443,6 +468,8 @@ class Daemon:
         """
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.model.close)
+            if self.redis is not None:
+                stack.callback(self.redis.tier.close)  # after the last save wrote through
             stack.callback(self._unmount)
             if self.http is not None:
                 stack.callback(self.http.close)  # (when the loop ended before serving it)
@@ -484,6 +511,8 @@ class Daemon:
         await start("keys", self.keys)
         await start("busy_poll", self.ops.busy)
         await start("watchdog", self.watchdog)
+        if self.redis is not None:
+            await start("redis", self.redis)
 
     @staticmethod
     async def _shielded(step: Callable[[], Awaitable[object]]) -> None:

@@ -1,7 +1,7 @@
 """What the daemon's HTTP endpoints answer (docs/ARCHITECTURE.md, "Health and the HTTP endpoints").
 
 =================  =====================================================================
-``/metrics``       ``.slurp/metrics``, rendered afresh: Prometheus text format 0.0.4
+``/metrics``       ``.slurp/metrics``, rendered afresh by prometheus-client (text format 0.0.4)
 ``/health/live``   200 ``{"status": "ok"}`` whenever the trio loop answers at all
 ``/health/ready``  200 once the store and the mount answer; 503 before, and from the
                    moment shutdown begins: ``{"status", "checks": {name: status}}``
@@ -29,13 +29,12 @@ import trio
 
 from slurpfs import health
 from slurpfs.health import FAIL, OK, Check, Health
+from slurpfs.metrics import CONTENT_TYPE
 from slurpfs.service.http import JSON, Response, Route
 
 log = logging.getLogger("slurpfs.http")
 
-# The format `slurpfs.fs.virtual.render_metrics` writes (prometheus_client's
-# CONTENT_TYPE_LATEST names the newer 1.0.0 format).
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_CONTENT_TYPE = CONTENT_TYPE
 PROBE_TIMEOUT = 2.0  # seconds the mount has to answer a probe
 PROBE_FRESH = 1.0  # seconds a probe's answer is reused
 

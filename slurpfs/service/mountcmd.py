@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from slurpfs import logs
 from slurpfs.config import Config
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import Corrupt, NotInitialised, SlurpError, WrongPassphrase, exit_code
@@ -44,7 +45,6 @@ log = logging.getLogger("slurpfs.daemon")
 START_TIMEOUT = 120.0
 ANSWER_TIMEOUT = 5.0  # seconds `umount` gives the daemon to answer its first question
 LOG_NAME = "daemon.log"
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def register(
@@ -97,7 +97,7 @@ def mount_command(args: argparse.Namespace, config: Config, passphrase: bytes | 
     options = MountOptions(mountpoint, allow_other=args.allow_other or config.mount.allow_other)
     level = logging.DEBUG if args.debug else logging.INFO
     if args.foreground:
-        setup_logging(None, level)
+        logs.setup(None, level, config.log.format)
         return serve(config, passphrase, options, ready=lambda: _announce(mountpoint))
     return start_background(config, passphrase, options, level)
 
@@ -235,18 +235,6 @@ def _announce(mountpoint: Path) -> None:
     print(f"slurpfs: mounted at {mountpoint} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
 
-def setup_logging(path: Path | None, level: int) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
 def start_background(
     config: Config, passphrase: bytes | None, options: MountOptions, level: int
 ) -> int:
@@ -309,7 +297,7 @@ def _daemon_child(
         os.dup2(log_fd, 2)
         os.close(null)
         os.close(log_fd)
-        setup_logging(log_path, level)
+        logs.setup(log_path, level, config.log.format)
         return serve(config, passphrase, options, ready=ready)
     except SlurpError as exc:
         log.error("cannot mount: %s", exc)

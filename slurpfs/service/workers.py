@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 import trio
 
+from slurpfs import logs
 from slurpfs.errors import SlurpError
 from slurpfs.service.wire import Message, Peer, PeerGone
 
@@ -67,7 +68,6 @@ __all__ = [
 
 HELLO_TIMEOUT = 60.0  # seconds a new child has to answer hello (imports, on a busy machine)
 _PR_SET_PDEATHSIG = 1
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class WorkerDied(SlurpError):
@@ -112,12 +112,14 @@ class WorkerProcess:
         logic: WorkerLogic,
         *,
         log_level: int | None = None,
+        log_format: str = "text",
         hello_timeout: float = HELLO_TIMEOUT,
     ) -> None:
         self.name = name
         self.module = module
         self.logic = logic
         self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
+        self.log_format = log_format  # the daemon's `log.format`: the child writes to its log
         self.hello_timeout = hello_timeout
         self.pid = 0
         self._stopping = trio.Event()
@@ -170,6 +172,8 @@ class WorkerProcess:
             str(os.getpid()),
             "--log-level",
             str(self.log_level),
+            "--log-format",
+            self.log_format,
         ]
         # Popen here, on the loop's (main) thread: see the module docstring. A
         # fork and exec of the daemon take a few milliseconds.
@@ -291,18 +295,13 @@ def child_start(argv: list[str], name: str) -> ChildArgs:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     background_priority()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(args.log_level)
+    logs.setup(None, args.log_level, args.log_format)
     sock = socket.socket(fileno=args.fd)
     return ChildArgs(sock, args.parent, args.log_level)
 
