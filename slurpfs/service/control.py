@@ -10,6 +10,10 @@ One request line, one reply line:
 ``search``   reply ``search <progress>``: where the search worker stands (``ready``,
              ``building the search indexes: indexed N of M contexts (R/s, ETA T s)``...);
              ``slurpfs status`` shows it.
+``cluster``  the data directory's cluster was founded, joined or changed: start
+             the replication worker, or have it read the member log again; ``ok``.
+``peers``    reply ``peers <JSON>``: the members' state as the replication worker
+             reported it (``peers none`` without a cluster); ``slurpfs peers``.
 ``watch``    reply ``watching``, keep the connection, and write ``exit <status>``
              just before the daemon exits (how ``slurpfs umount`` learns the
              daemon's exit status without being its parent).
@@ -146,11 +150,15 @@ class ControlServer:
         on_changed: Callable[[], Awaitable[None]],
         describe: Callable[[], str],
         search: Callable[[], str] | None = None,
+        cluster: Callable[[], Awaitable[None]] | None = None,
+        peers: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
         self._on_changed = on_changed
         self._describe = describe
         self._search = search
+        self._cluster = cluster
+        self._peers = peers
         self.watchers: list[int] = []  # dup'ed fds, written at exit
         self.requests = 0
         self._scope: trio.CancelScope | None = None
@@ -205,6 +213,12 @@ class ControlServer:
                 await stream.send_all(f"pong {self._describe()}\n".encode())
             elif command == "search" and self._search is not None:
                 await stream.send_all(f"search {self._search()}\n".encode())
+            elif command == "cluster" and self._cluster is not None:
+                await self._cluster()
+                await stream.send_all(b"ok\n")
+            elif command == "peers" and self._peers is not None:
+                answer = self._peers()
+                await stream.send_all(f"peers {answer or 'none'}\n".encode())
             elif command == "watch":
                 self.watchers.append(os.dup(stream.socket.fileno()))
                 await stream.send_all(b"watching\n")
