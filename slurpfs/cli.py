@@ -28,7 +28,14 @@ from tqdm import tqdm
 
 from slurpfs import audit, config, fsck
 from slurpfs.crypto.keystore import KdfParams, Keystore
-from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
+from slurpfs.errors import (
+    InvalidAddress,
+    NotFound,
+    NotInitialised,
+    SlurpError,
+    WrongPassphrase,
+    exit_code,
+)
 from slurpfs.index import cli as index_cli
 from slurpfs.index.check import check_index
 from slurpfs.model import (
@@ -39,6 +46,7 @@ from slurpfs.model import (
     data_paths,
     verify_audit,
 )
+from slurpfs.net import peerscmd
 from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
 
@@ -196,6 +204,14 @@ class Commands:
 
     def model(self, cfg: config.Config, passphrase: bytes | None) -> ContextStore:
         return open_model(cfg, passphrase, self.environ)
+
+    def keystore(self, cfg: config.Config, passphrase: bytes | None) -> Keystore:
+        return Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
+
+    def has_contexts(self, cfg: config.Config, passphrase: bytes | None) -> bool:
+        """True once any context was stored here (deleted ones count: history stays)."""
+        with self.model(cfg, passphrase) as model:
+            return bool(model.store.children(""))
 
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
@@ -471,21 +487,26 @@ class Commands:
         return 0
 
     def peers(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
-        """The cluster's members: from the mount's replication worker when one runs,
-        else from the member log alone."""
+        """The cluster's members as the member log lists them, with their state from
+        the mount's replication worker when one runs."""
         from slurpfs.net.members import Cluster
         from slurpfs.service.replication import render_peers_table
 
+        cluster = Cluster.load(cfg.data_dir, self.keystore(cfg, passphrase))
+        if cluster is None:
+            raise NotInitialised(
+                "this node belongs to no cluster (`slurpfs peers invite` founds one)"
+            )
         reply = control.request(cfg.data_dir, "peers", timeout=5.0)
         if reply is not None and reply.startswith("peers {"):
             snapshot = json.loads(reply.removeprefix("peers "))
         else:
-            cluster = Cluster.load(cfg.data_dir, Keystore(cfg.data_dir, passphrase))
-            if cluster is None:
-                raise NotFound(
-                    f"{cfg.data_dir} belongs to no cluster (slurpfs peers invite founds one)"
-                )
             snapshot = _log_only(cluster, reply is not None)
+        snapshot["members"] = [
+            {"node_id": m.node_id.hex(), "name": m.name, "addrs": list(m.addrs)}
+            for m in cluster.members()
+        ]
+        snapshot["removed"] = [n.hex() for n in cluster.removed()]
         _emit(args, snapshot, render_peers_table(snapshot).rstrip("\n"))
         return 0
 
@@ -532,6 +553,8 @@ class Commands:
             _emit(
                 args, {"dropped": args.role}, f"destroyed this node's private key for {args.role}"
             )
+        if args.keys_cmd in ("add", "rotate"):  # a cluster's members learn the new key
+            peerscmd.publish_role(cfg, keystore, args.role)
         return 0
 
     def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -747,13 +770,17 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
-    add("peers", commands.peers, "list the cluster's members: state, address, RTT, lag")
+    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
+    peers_parser = add(
+        "peers", commands.peers, "list the cluster's members: state, address, RTT, lag"
+    )
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])
     for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
+    peerscmd.register(peers_parser, keys_sub, common, peer_commands)
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser(
