@@ -6,9 +6,7 @@ values raise `ConfigError` naming the key. Nothing else in slurpfs reads
 
 Every number has bounds (`_bounded`): finite, within a range the code is known to
 work in, so ``nan``, ``inf`` or an integer past what LMDB takes stops the command
-at start. A key declared `_pending` is accepted (old files name it) and checked,
-but does nothing yet: a value other than its default logs a warning, and
-`render_toml` leaves it out of new files.
+at start.
 
 File layout::
 
@@ -22,7 +20,7 @@ File layout::
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
     [log]         format (text or json)
-    [replication] write_quorum (pending), auto_merge
+    [replication] listen, write_quorum, quorum_timeout, down_after, auto_merge
     [backup]      dest, schedule (cron), keep_daily, keep_weekly, keep_monthly
     [retention]   keep_versions, keep_days (per context)
     [compaction]  free_threshold, schedule (cron)
@@ -73,12 +71,6 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
 def _bounded(default: N, low: N, high: N) -> N:
     """A numeric field that must lie in [low, high] (which also refuses nan and inf)."""
     return dataclasses.field(default=default, metadata={"bounds": (low, high)})
-
-
-def _pending(default: Any, bounds: tuple[Any, Any] | None = None) -> Any:
-    """A field that is accepted and checked but has no effect yet (see the module doc)."""
-    metadata = {"pending": True} | ({"bounds": bounds} if bounds else {})
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -213,7 +205,15 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
-    write_quorum: int = _pending(1, (1, 64))
+    # A libp2p multiaddr the replication worker listens on; empty: the address
+    # this node has in its cluster's member log (`slurpfs peers invite --listen`).
+    listen: str = ""
+    # Peers that must acknowledge a written file before its fsync or close
+    # returns (0: none, the default; writes never wait for a peer).
+    write_quorum: int = _bounded(0, 0, 64)
+    quorum_timeout: float = _bounded(10.0, 0.1, 3600.0)  # seconds; then EIO
+    # Seconds a member may be down before the `peers` health check fails.
+    down_after: float = _bounded(600.0, 1.0, 30 * 86400.0)
     # Merge concurrent text versions whose changes do not overlap (`slurpfs.net.merge`).
     auto_merge: bool = True
 
@@ -439,17 +439,6 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
-def _warn_pending(config: Config, named: Mapping[str, str]) -> None:
-    """A warning for each `_pending` key set to something other than its default."""
-    for name in _SECTIONS:
-        section = getattr(config, name)
-        for field in dataclasses.fields(section):
-            value = getattr(section, field.name)
-            if field.metadata.get("pending") and value != field.default:
-                key = f"{name}.{field.name}"
-                log.warning("%s = %r has no effect yet: it is ignored", named.get(key, key), value)
-
-
 def default_roles(names: Iterable[str] | None = None) -> dict[str, RoleConfig]:
     """Roles `names` (the default three when None) with the default readers among them."""
     chosen = sorted(DEFAULT_ROLES if names is None else names)
@@ -566,7 +555,6 @@ def load(
         **sections, roles=MappingProxyType(roles), source=str(path) if path else "<defaults>"
     )
     _check(config, named)
-    _warn_pending(config, named)
     return config
 
 
@@ -585,7 +573,7 @@ def render_toml(config: Config) -> str:
     lines: list[str] = []
     for name in _SECTIONS:
         section = getattr(config, name)
-        keys = [f for f in dataclasses.fields(section) if not f.metadata.get("pending")]
+        keys = list(dataclasses.fields(section))
         if keys:
             lines.append(f"[{name}]")
             lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in keys]

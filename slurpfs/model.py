@@ -84,6 +84,7 @@ CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]
 
 # Later than every TTL: the head "as of then" is None exactly when the context has one.
 _END_OF_TIME_MS = (1 << 64) - 1
+DEFAULT_CLOCK_AHEAD_MS = 60_000  # the cluster setting's default (`slurpfs.net.members`)
 
 # Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
@@ -303,6 +304,10 @@ class ContextStore:
         self._audit = audit
         self._store_seal = sealed
         self._clock = hlc.HybridClock()
+        # How far past this node's wall clock a leaf another node wrote may move
+        # its clock (the cluster's `max_clock_offset_ms`): a peer with a clock far
+        # ahead must not drag every later local save into its future.
+        self.max_clock_ahead_ms = DEFAULT_CLOCK_AHEAD_MS
         self._cache = PlaintextCache(config.cache.plaintext_bytes)
         self._local = local.LocalSlots()
         self._verify_key = local.verify_key(keyring.node)
@@ -415,6 +420,14 @@ class ContextStore:
     @property
     def store(self) -> Store:
         return self._store
+
+    @property
+    def keystore(self) -> Keystore:
+        return self._keystore
+
+    def reload_keyring(self) -> None:
+        """Read the keys again: the member log installed trust or granted role keys."""
+        self.keyring = self._keystore.load()
 
     def audit_problem(self) -> str | None:
         """Why access decisions cannot be recorded now (see `AuditLog.problem`), or None."""
@@ -603,6 +616,18 @@ class ContextStore:
         `slurpfs.ingest` take turns through them."""
         return self._writer(wait=wait)
 
+    def record_replicated(self, records: Sequence[VersionInfo], origin: str) -> None:
+        """Audit versions another node wrote that came in from `origin` (a peer)."""
+        for record in records:
+            self._audit.record(
+                who=f"node:{record.author.hex()[:16]}",
+                action="replicate",
+                address=record.address,
+                role=record.role,
+                allowed=True,
+                reason=f"version {record.short_id} from {origin}",
+            )
+
     def committed(self, records: Sequence[VersionInfo]) -> None:
         """Versions another path of this process stored (`slurpfs.ingest`): the
         subscribers hear of them as of a local save."""
@@ -698,11 +723,23 @@ class ContextStore:
 
     def _leaves(self, address: str, role: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         """The parent of a new version of (address, role), which is its head, and the
-        leaves the new version replaces; the clock moves past every leaf."""
+        leaves the new version replaces; the clock moves past every leaf, but past a
+        leaf another node stamped at most `max_clock_ahead_ms` ahead of the wall
+        clock (`_stamp` still orders the new version after it)."""
         leaves = self._store.leaves(address, role)
+        me = self.keyring.node.node_id
+        limit = (int(time.time() * 1000) + self.max_clock_ahead_ms) << hlc.LOGICAL_BITS
         for leaf in leaves:
-            self._clock.observe(leaf.hlc)
+            self._clock.observe(leaf.hlc if leaf.author == me else min(leaf.hlc, limit))
         return ((leaves[0].version_id,) if leaves else ()), tuple(v.version_id for v in leaves)
+
+    def _stamp(self, leaves: Sequence[bytes]) -> int:
+        """The HLC of a version replacing `leaves`: the clock's, or just past the newest
+        leaf when that one is further ahead (a peer's fast clock): the version comes
+        after what it replaces, and the clock itself stays where it was."""
+        stamp = self._clock.now()
+        newest = max((r.hlc for r in map(self._store.record, leaves) if r is not None), default=0)
+        return stamp if stamp > newest else newest + 1
 
     def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
         """Commit what `seal` makes on the leaves of now, and return it.
@@ -737,7 +774,7 @@ class ContextStore:
     ) -> Commit:
         """Seal one new version on `parents`, to commit if the leaves are still `expected`."""
         readers = self.reader_set(role)
-        stamp = self._clock.now()
+        stamp = self._stamp(expected)
         with self.crypto_latency.time("seal"):
             sealed = env.seal(
                 data,

@@ -10,6 +10,11 @@ order, stopped in the reverse order):
 - ``search``: a `WorkerProcess` running the search worker (the search engine and
   the `Indexer`, in a process of their own: `slurpfs.service.search_worker`); the mount
   does not wait for it, ``.search/`` asks it over its socket (`SearchClient`);
+- ``replication``: a `WorkerProcess` running the replication worker
+  (`slurpfs.net.worker`) when the data directory has a cluster (``<data>/cluster/``),
+  or from the control socket's ``cluster`` (a cluster was founded or joined while
+  mounted); the daemon passes its commits on and runs the invalidator when a
+  peer's versions arrive (`ReplicationClient`);
 - ``sync``: `Syncer`, the periodic sync to stable storage (``durability.sync_interval``);
 - ``ttl``: `TtlCleaner`, expired contexts are purged (once a minute);
 - ``keys``: `KeyPreparer`, data keys sealed ahead of time in a thread of its own;
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -61,6 +67,7 @@ from slurpfs.fs.virtual import flatten
 from slurpfs.index.sealed import open_table
 from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
+from slurpfs.net.members import cluster_dir
 from slurpfs.service.cache_tier import RedisProbe, open_tier
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
@@ -68,6 +75,7 @@ from slurpfs.service.http import HttpServer
 from slurpfs.service.maintenance_client import MaintenanceClient
 from slurpfs.service.maintenance_worker import MAINTENANCE_WORKER
 from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
+from slurpfs.service.replication import REPLICATION_WORKER, ReplicationClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
 from slurpfs.service.workers import WorkerProcess, background_priority
 
@@ -337,15 +345,31 @@ class Daemon:
         if config.backup.schedule or config.compaction.schedule:
             self.maintenance_client = MaintenanceClient(config, passphrase)
             self.maintenance = WorkerProcess(
-                "maintenance", MAINTENANCE_WORKER, self.maintenance_client
+                "maintenance",
+                MAINTENANCE_WORKER,
+                self.maintenance_client,
+                log_format=config.log.format,
             )
             self.ops.stat_sources.append(self.maintenance_client.report)
             self.ops.health.extra.append(self.maintenance_client.check)
+        self.replication_client = ReplicationClient(
+            config, passphrase, self._peer_changed, self._members_changed
+        )
+        self.replication = WorkerProcess(
+            "replication",
+            REPLICATION_WORKER,
+            self.replication_client,
+            log_format=config.log.format,
+        )
+        self._replicating = False
+        self._nursery: trio.Nursery | None = None
         self.control = ControlServer(
             config.data_dir,
             self._changed,
             self._describe,
             search=lambda: self.search_client.progress.describe(),
+            cluster=self._cluster,
+            peers=self._peers,
         )
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
@@ -421,9 +445,50 @@ class Daemon:
         self.search_client.forget(contexts)
         await self.invalidator.forget(contexts)
 
+    async def _peer_changed(self) -> None:
+        """The replication worker stored a peer's versions: show them now."""
+        self.search_client.wake()
+        await self.invalidator.poke()
+
+    async def _members_changed(self) -> None:
+        """The member log changed (merged from a peer): trust and granted role keys."""
+        await trio.to_thread.run_sync(self.model.reload_keyring)
+        self.ops.roles.set_held(self.model.held_roles())
+        held = ", ".join(sorted(self.model.held_roles())) or "(none)"
+        log.info("the member log changed: keys read again (roles held: %s)", held)
+
+    async def _cluster(self) -> None:
+        """The control socket's ``cluster``: a cluster was founded, joined or changed."""
+        if self._replicating:
+            self.replication_client.cluster_changed()
+            await self._members_changed()
+        elif self._nursery is not None:
+            await self._members_changed()
+            await self._start_replication(self._nursery)
+
+    def _peers(self) -> str | None:
+        """The control socket's ``peers``: the members' state as JSON (None: no cluster)."""
+        if not self._replicating:
+            return None
+        return json.dumps(self.replication_client.snapshot(), sort_keys=True)
+
+    async def _start_replication(self, nursery: trio.Nursery) -> None:
+        self._replicating = True
+        client = self.replication_client
+        self.model.subscribe(client.committed)
+        self.ops.gateway.replicated = client.replicated
+        self.ops.health.extra.append(client.check)
+        self.ops.stat_sources.append(client.status_lines)
+        self.ops.stat_sources.append(
+            lambda: flatten(self.replication.statistics(), "worker_replication_")
+        )
+        self.ops.virtual.register("peers", client.render)
+        await self.supervisor.start(nursery, "replication", self.replication)
+
     async def _changed(self) -> None:
         """A writer outside the daemon committed (control socket ``changed``)."""
         self.search_client.wake()
+        self.replication_client.wake()
         await self.invalidator.poke()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -506,6 +571,9 @@ class Daemon:
         await start("search", self.search)
         if self.maintenance is not None:
             await start("maintenance", self.maintenance)
+        self._nursery = nursery
+        if (cluster_dir(self.config.data_dir) / "members.log").exists():
+            await self._start_replication(nursery)
         await start("sync", self.syncer)
         await start("ttl", self.ttl)
         await start("keys", self.keys)

@@ -834,7 +834,14 @@ class Store:
 
     def changes_since(self, seq: int, limit: int = 10_000) -> tuple[int, list[VersionRecord]]:
         """Versions committed after sequence number `seq` (by any process)."""
-        out: list[VersionRecord] = []
+        last, entries = self.numbered_changes(seq, limit)
+        return last, [record for _, record in entries]
+
+    def numbered_changes(
+        self, seq: int, limit: int = 10_000
+    ) -> tuple[int, list[tuple[int, VersionRecord]]]:
+        """As `changes_since`, each version with the sequence number of its commit."""
+        out: list[tuple[int, VersionRecord]] = []
         with self._txn() as txn:
             last = seq
             cur = txn.cursor(db=self._dbs[s.DB_CHANGES])
@@ -843,7 +850,7 @@ class Store:
                     last = s.U64.unpack(key)[0]
                     raw = txn.get(bytes(value), db=self._dbs[s.DB_META])
                     if raw is not None:  # purged since
-                        out.append(VersionRecord.unpack(bytes(value), bytes(raw)))
+                        out.append((last, VersionRecord.unpack(bytes(value), bytes(raw))))
                     if len(out) >= limit:
                         break
             return last, out
