@@ -528,6 +528,8 @@ class ContextStore:
         *,
         ttl: float | None = None,
         wait: bool = True,
+        journal: bytes | None = None,
+        based_on: tuple[bytes, ...] | None = None,
     ) -> Saved:
         """Store `data` as the new latest version of (address, role): one LMDB transaction.
 
@@ -541,6 +543,11 @@ class ContextStore:
 
         With `wait` false, `WriterBusy` instead of waiting while another writer (a
         thread, or another process such as `slurpfs import`) holds the writer lock.
+        `journal`: the write-behind journal's mark, stored with the version
+        (`Store.commit`). `based_on`: the head (none or one version) the save was
+        acknowledged on; if another writer moved the head since, the save becomes
+        a concurrent version beside it (a conflict), as it would have been had it
+        been committed when acknowledged.
         """
         self._check_address(address, writing=True)
         self._check_role(role)
@@ -551,7 +558,7 @@ class ContextStore:
         expires = None if ttl is None else int((time.time() + ttl) * 1000)
         saved = self._write(
             address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
-            keep_same=ttl is None,
+            keep_same=ttl is None, journal=journal, based_on=based_on,
         )  # fmt: skip
         if saved.stored:
             self._puts += 1
@@ -608,6 +615,8 @@ class ContextStore:
         extra_parents: Sequence[bytes] = (),
         wait: bool = True,
         keep_same: bool = False,
+        journal: bytes | None = None,
+        based_on: tuple[bytes, ...] | None = None,
     ) -> Saved:
         """Seal and commit one version; with `keep_same`, none if `_same_as_head`."""
         same: list[VersionInfo] = []
@@ -618,6 +627,8 @@ class ContextStore:
                 same[:] = [head]
                 return []
             parents, expected = self._leaves(address, role)
+            if based_on is not None:
+                parents = based_on
             return [
                 self._seal(
                     address, role, data, parents + tuple(extra_parents), expected,
@@ -626,7 +637,7 @@ class ContextStore:
             ]  # fmt: skip
 
         with self._writer(wait=wait):
-            commits = self._commit_retrying(seal, f"{address} [{role}]")
+            commits = self._commit_retrying(seal, f"{address} [{role}]", journal=journal)
         if not commits:
             return Saved(same[0], stored=False)
         record = commits[0].record
@@ -668,7 +679,9 @@ class ContextStore:
             self._clock.observe(leaf.hlc)
         return ((leaves[0].version_id,) if leaves else ()), tuple(v.version_id for v in leaves)
 
-    def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
+    def _commit_retrying(
+        self, seal: Callable[[], list[Commit]], what: str, *, journal: bytes | None = None
+    ) -> list[Commit]:
         """Commit what `seal` makes on the leaves of now, and return it.
 
         Writers take turns (`Store.writer`), but a version stored by another path (a
@@ -682,7 +695,7 @@ class ContextStore:
             commits = seal()
             try:
                 if commits:
-                    self._store.commit(commits)
+                    self._store.commit(commits, journal=journal)
             except StaleHead:
                 continue
             return commits

@@ -325,6 +325,7 @@ class Operations(pyfuse3.Operations):
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        await self.files.settle()  # journaled saves first (`slurpfs.fs.writebehind`)
         self.view.refresh()
         self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
 
@@ -332,6 +333,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        await self.files.settle()
         self.view.refresh()
         await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
 
@@ -345,6 +347,7 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        await self.files.settle()
         self.view.refresh()
         await self.namespace.rename(
             self.node(parent_inode_old),
