@@ -6,6 +6,7 @@ what a test sees before it happened came from the journal."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -14,7 +15,17 @@ from pathlib import Path
 
 import pytest
 from conftest import Nodes, assert_no_canary, find_canary
-from fsutil import AUTH, Mounted, mounted_at, running, slurpfs, versions, wait_for
+from fsutil import (
+    AUTH,
+    Mounted,
+    fill,
+    mounted_at,
+    raises_oserror,
+    running,
+    slurpfs,
+    versions,
+    wait_for,
+)
 
 from slurpfs.store import journal
 
@@ -184,3 +195,41 @@ def test_a_head_moved_by_another_process_meanwhile_makes_a_conflict(mnt: Mounted
     assert len(conflicts) == 1, os.listdir(d)
     both = {(d / DEV).read_bytes(), (d / conflicts[0]).read_bytes()}
     assert both == {b"mine\n", b"theirs\n"}
+
+
+def test_a_full_disk_fails_the_close_and_keeps_what_was_journaled(
+    small_disk: Path, nodes: Nodes, tmp_path: Path
+) -> None:
+    node, _ = nodes.new("small/data")
+    node.close_all()
+    m = Mounted(node.data_dir, tmp_path / "mnt", env=SLOW)
+    m.mount()
+    try:
+        kept, refused = m.ucxl / AUTH / "kept", m.ucxl / AUTH / "refused"
+        kept.mkdir(parents=True)
+        refused.mkdir()
+        (kept / DEV).write_bytes(b"journaled before the disk filled\n")
+        fd = os.open(refused / DEV, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        filler = small_disk / "filler"
+        fill(filler)
+        try:
+            os.write(fd, os.urandom(256 << 10))
+        finally:
+            with raises_oserror(errno.ENOSPC):  # the journal could not take it
+                os.close(fd)
+        filler.unlink()
+        assert (kept / DEV).read_bytes() == b"journaled before the disk filled\n"
+        m.expect_warnings = (
+            r"could not store 'developer' at release: the write-behind journal \S+ is full: .*",
+            r"audit log \S+/audit\.log: only \d+ of \d+ bytes of an entry could be written"
+            r" \(disk full\?\); access refused until it can be recorded",
+            r"indexing failed, retrying in \S+ s: .*",
+        )
+        m.remount()
+        assert (kept / DEV).read_bytes() == b"journaled before the disk filled\n"
+        assert versions(kept, DEV) == 1
+        assert not (refused / DEV).exists()  # a close that failed stored nothing
+        assert "write-behind journal" in m.log.read_text()
+        m.unmount()
+    finally:
+        m.sweep()

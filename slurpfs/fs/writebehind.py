@@ -23,6 +23,7 @@ every ``close`` and ``fsync`` waits for the backlog and returns its error.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 import trio
 
 from slurpfs import ucxl
-from slurpfs.errors import SlurpError
+from slurpfs.errors import SlurpError, StoreFull
 from slurpfs.fs.handles import Content, Gateway
 from slurpfs.fs.inodes import Node
 from slurpfs.model import ContextStore, Saved
@@ -104,12 +105,19 @@ class WriteBehind:
         return len(self._queue)
 
     def save(self, node: Node, content: Content, address: Address, role: str) -> None:
-        """Journal the buffer of `content` as a save of (address, role); OSError if the
-        append fails (nothing is journaled then)."""
+        """Journal the buffer of `content` as a save of (address, role); `StoreFull` or
+        OSError if the append fails (nothing is journaled then)."""
         assert content.buffer is not None
         data = bytes(content.buffer)
         based_on = self._head(address, role)
-        seq = self.journal.append(address.key, role, data, content.mtime_ns, based_on)
+        try:
+            seq = self.journal.append(address.key, role, data, content.mtime_ns, based_on)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise StoreFull(
+                f"the write-behind journal {self.journal.path} is full: {exc.strerror}"
+            ) from None
         self._queue.append(Pending(seq, node, content, address, role, data, content.seq, based_on))
         node.opens += 1  # held open until stored (`OpenFiles.stored`)
         content.journaled += 1
