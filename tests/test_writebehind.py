@@ -92,7 +92,7 @@ def test_sigkill_after_close_loses_nothing_and_stores_each_save_once(mnt: Mounte
     new.mkdir()
     (new / DEV).write_bytes(b"a new context\n")
     assert (d / DEV).read_bytes() == b"three\n"  # the mount serves journaled saves at once
-    assert versions(d, DEV) == 1  # (history is what is stored)
+    assert get(mnt, "doc") == b"one\n"  # another process: only the journal holds them
     kill(mnt)
     mnt.env = {}  # the replay does not depend on write-behind being on
     mnt.mount()
@@ -169,6 +169,16 @@ def test_fsync_waits_for_the_group_commit(mnt: Mounted) -> None:
         assert versions(d, DEV) == 2
     finally:
         os.close(fd)
+
+
+def test_history_in_the_mount_shows_journaled_saves(mnt: Mounted) -> None:
+    d = mnt.ucxl / AUTH / "listed"
+    d.mkdir(parents=True)
+    (d / DEV).write_bytes(b"first\n")
+    (d / DEV).write_bytes(b"second\n")
+    assert versions(d, DEV) == 2  # .history waits for the group commit
+    assert (d / ".history" / DEV / "2").read_bytes() == b"second\n"
+    assert get(mnt, "listed") == b"second\n"
 
 
 def test_identical_saves_store_no_version(mnt: Mounted) -> None:
