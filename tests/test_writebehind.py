@@ -93,6 +93,8 @@ def test_sigkill_after_close_loses_nothing_and_stores_each_save_once(mnt: Mounte
     (new / DEV).write_bytes(b"a new context\n")
     assert (d / DEV).read_bytes() == b"three\n"  # the mount serves journaled saves at once
     assert get(mnt, "doc") == b"one\n"  # another process: only the journal holds them
+    assert os.listdir(new) == [DEV]  # listed in the mount before it is stored
+    assert os.stat(new / DEV).st_size == len(b"a new context\n")
     kill(mnt)
     mnt.env = {}  # the replay does not depend on write-behind being on
     mnt.mount()
