@@ -221,14 +221,18 @@ def test_a_full_disk_fails_the_close_and_keeps_what_was_journaled(
         kept.mkdir(parents=True)
         refused.mkdir()
         (kept / DEV).write_bytes(b"journaled before the disk filled\n")
-        fd = os.open(refused / DEV, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fds = [
+            os.open(refused / DEV, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644),
+            os.open(kept / DEV, os.O_WRONLY | os.O_TRUNC),  # over the journaled save
+        ]
         filler = small_disk / "filler"
         fill(filler)
-        try:
-            os.write(fd, os.urandom(256 << 10))
-        finally:
-            with raises_oserror(errno.ENOSPC):  # the journal could not take it
-                os.close(fd)
+        for fd in fds:
+            try:
+                os.write(fd, os.urandom(256 << 10))
+            finally:
+                with raises_oserror(errno.ENOSPC):  # the journal could not take it
+                    os.close(fd)
         filler.unlink()
         assert (kept / DEV).read_bytes() == b"journaled before the disk filled\n"
         m.expect_warnings = (

@@ -393,7 +393,20 @@ class OpenFiles:
             self.scratch.maybe_release(handle.scratch)
         if node.opens == 0:
             node.content = None
+        elif self._unsaved_behind_journal(node):
+            assert self.writebehind is not None
+            assert node.content is not None
+            # Held open for its journaled save only: that save is the file until it
+            # is stored; changes no close could store go, as at any last close.
+            content = node.content
+            content.set(self.writebehind.newest(content), content.base)
         self.inodes.maybe_purge(node)
+
+    def _unsaved_behind_journal(self, node: Node) -> bool:
+        content = node.content
+        if content is None or not content.dirty or not self.journaled(node):
+            return False
+        return not any(h.node is node for h in self.handles.files.values())
 
     async def commit(self, node: Node, *, behind: bool = False) -> None:
         """Store an open role file's dirty buffer as one new version; with `behind`

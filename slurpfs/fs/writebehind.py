@@ -104,6 +104,10 @@ class WriteBehind:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def newest(self, content: Content) -> bytes:
+        """The newest journaled save of `content` (it has one)."""
+        return next(p.data for p in reversed(self._queue) if p.content is content)
+
     def save(self, node: Node, content: Content, address: Address, role: str) -> None:
         """Journal the buffer of `content` as a save of (address, role); `StoreFull` or
         OSError if the append fails (nothing is journaled then)."""
