@@ -132,12 +132,14 @@ def test_umount_of_a_daemon_slow_to_exit(
         os.kill(pid, signal.SIGSTOP)
         return unmount(mountpoint, lazy=lazy)
 
-    monkeypatch.setattr(mountcmd, "_fusermount", stop_then_unmount)
-    try:
-        code = cli.main(["umount", "--timeout", "1", str(mnt.mnt)], {**os.environ, **mnt.env})
-        assert not is_mounted(mnt.mnt)
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    # (undone here: the fixture's unmount at the end must not stop the old pid again)
+    with monkeypatch.context() as patched:
+        patched.setattr(mountcmd, "_fusermount", stop_then_unmount)
+        try:
+            code = cli.main(["umount", "--timeout", "1", str(mnt.mnt)], {**os.environ, **mnt.env})
+            assert not is_mounted(mnt.mnt)
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     err = capsys.readouterr().err
     assert code == 10, err
