@@ -11,7 +11,7 @@ at start.
 File layout::
 
     [node]        data_dir, name
-    [durability]  sync_interval
+    [durability]  sync_interval, write_behind, commit_delay
     [store]       map_size, max_context_bytes, cascade_depth
     [cache]       plaintext_bytes, redis_url, redis_password_file, redis_ttl, redis_timeout
     [mount]       entry_timeout, attr_timeout, scratch_bytes, allow_other, busy_poll,
@@ -87,6 +87,8 @@ class NodeConfig:
 @dataclasses.dataclass(frozen=True)
 class DurabilityConfig:
     sync_interval: float = _bounded(1.0, 0.001, 3600.0)
+    write_behind: bool = False  # acknowledge close once the save is in the journal
+    commit_delay: float = _bounded(0.01, 0.0, 60.0)  # seconds a journaled save waits
 
 
 @dataclasses.dataclass(frozen=True)

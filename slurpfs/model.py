@@ -569,6 +569,8 @@ class ContextStore:
         *,
         ttl: float | None = None,
         wait: bool = True,
+        journal: bytes | None = None,
+        based_on: tuple[bytes, ...] | None = None,
     ) -> Saved:
         """Store `data` as the new latest version of (address, role): one LMDB transaction.
 
@@ -582,6 +584,11 @@ class ContextStore:
 
         With `wait` false, `WriterBusy` instead of waiting while another writer (a
         thread, or another process such as `slurpfs import`) holds the writer lock.
+        `journal`: the write-behind journal's mark, stored with the version
+        (`Store.commit`). `based_on`: the head (none or one version) the save was
+        acknowledged on; if another writer moved the head since, the save becomes
+        a concurrent version beside it (a conflict), as it would have been had it
+        been committed when acknowledged.
         """
         self._check_address(address, writing=True)
         self._check_role(role)
@@ -593,7 +600,7 @@ class ContextStore:
         with self.latency.time("put"):
             saved = self._write(
                 address.key, role, data, deleted=False, expires_ms=expires, wait=wait,
-                keep_same=ttl is None,
+                keep_same=ttl is None, journal=journal, based_on=based_on,
             )  # fmt: skip
         if saved.stored:
             self._puts += 1
@@ -662,6 +669,8 @@ class ContextStore:
         extra_parents: Sequence[bytes] = (),
         wait: bool = True,
         keep_same: bool = False,
+        journal: bytes | None = None,
+        based_on: tuple[bytes, ...] | None = None,
     ) -> Saved:
         """Seal and commit one version; with `keep_same`, none if `_same_as_head`."""
         same: list[VersionInfo] = []
@@ -672,6 +681,8 @@ class ContextStore:
                 same[:] = [head]
                 return []
             parents, expected = self._leaves(address, role)
+            if based_on is not None:
+                parents = based_on
             return [
                 self._seal(
                     address, role, data, parents + tuple(extra_parents), expected,
@@ -680,7 +691,7 @@ class ContextStore:
             ]  # fmt: skip
 
         with self._writer(wait=wait):
-            commits = self._commit_retrying(seal, f"{address} [{role}]")
+            commits = self._commit_retrying(seal, f"{address} [{role}]", journal=journal)
         if not commits:
             return Saved(same[0], stored=False)
         self._write_through(commits)
@@ -741,7 +752,9 @@ class ContextStore:
         newest = max((r.hlc for r in map(self._store.record, leaves) if r is not None), default=0)
         return stamp if stamp > newest else newest + 1
 
-    def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
+    def _commit_retrying(
+        self, seal: Callable[[], list[Commit]], what: str, *, journal: bytes | None = None
+    ) -> list[Commit]:
         """Commit what `seal` makes on the leaves of now, and return it.
 
         Writers take turns (`Store.writer`), but a version stored by another path (a
@@ -755,7 +768,7 @@ class ContextStore:
             commits = seal()
             try:
                 if commits:
-                    self._store.commit(commits)
+                    self._store.commit(commits, journal=journal)
             except StaleHead:
                 continue
             return commits

@@ -49,7 +49,7 @@ from slurpfs.service.http import (
 LOOPBACK = ListenAddress("127.0.0.1", 0)
 ENDPOINTS = ["/metrics", "/health", "/health/live", "/health/ready", "/health/checks"]
 CHECKS = ["store", "mount", "search", "audit", "disk"]
-DAEMON_CHECKS = [*CHECKS, "tasks"]  # a mount's daemon adds its background tasks
+DAEMON_CHECKS = [*CHECKS, "tasks", "journal"]  # a mount's daemon: its tasks, its journal
 
 
 # -- the parser --------------------------------------------------------------------------

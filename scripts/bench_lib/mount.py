@@ -15,6 +15,7 @@ mount unmounted, in `finally` blocks."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -47,7 +48,7 @@ METRICS: dict[str, tuple[str, str, str, float | None]] = {
     "create_write_op": ("create+write+close, per op (p50)", "µs", "create_write.p50_us", None),
     "save": ("atomic save loop, per save (p50)", "µs", "p50_us", None),
 }
-BACKENDS = ("plain", "gocryptfs", "floor", "slurpfs")
+BACKENDS = ("plain", "gocryptfs", "floor", "slurpfs", "slurpfs_wb")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,13 @@ def _measure(roots: dict[str, Path], work: Workload, opts: Options) -> dict[str,
     _interleaved(out, "mkdir", {n: [(d, None) for d in ds] for n, ds in new_dirs.items()},
                  lambda d, _: os.makedirs(d))  # fmt: skip
     creates = {n: list(zip(ds, work.new_docs, strict=True)) for n, ds in new_dirs.items()}
+    cpu_before = {n: _thread_cpu_ns(_DAEMONS[r]) for n, r in roots.items() if r in _DAEMONS}
     _interleaved(out, "create_write", creates, lambda d, doc: _create(d / corpus.ROLE, doc.data))
+    time.sleep(1.0)  # a group commit still running ends (durability.commit_delay is 10 ms)
+    for name, before in cpu_before.items():
+        out[name]["create_write_cpu"] = _cpu_split(
+            before, _thread_cpu_ns(_DAEMONS[roots[name]]), _DAEMONS[roots[name]], len(creates[name])
+        )
 
     edits = {
         name: [(root / f, doc.data + f"edited in save {i}\n".encode())
@@ -194,6 +201,27 @@ def _measure(roots: dict[str, Path], work: Workload, opts: Options) -> dict[str,
 
 
 CHUNKS = 8  # per-op loops: how many turns each column takes
+_DAEMONS: dict[Path, int] = {}  # mount root -> the slurpfs daemon's pid
+
+
+def _thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time (ns, from schedstat) of every thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            out[int(tid)] = int(f.read().split()[0])
+    return out
+
+
+def _cpu_split(before: dict[int, int], after: dict[int, int], pid: int, saves: int) -> Json:
+    """µs of daemon CPU per save: the FUSE loop (the main thread) and every other thread
+    (the group commit's worker threads, the periodic sync, the key preparer)."""
+    loop = after.get(pid, 0) - before.get(pid, 0)
+    others = sum(ns - before.get(tid, 0) for tid, ns in after.items() if tid != pid)
+    return {
+        "fuse_loop_us_per_save": round(loop / saves / 1000, 1),
+        "other_threads_us_per_save": round(others / saves / 1000, 1),
+    }
 
 
 def _interleaved(
@@ -315,7 +343,7 @@ def _floor(base: Path, work: Workload, extra: Json) -> Column:
 
 
 @contextlib.contextmanager
-def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
+def _slurpfs(base: Path, work: Workload, extra: Json, *, write_behind: bool = False) -> Column:
     probe = subprocess.run(daemons.slurpfs("mount", "--help"), capture_output=True, env=ENV,
                            check=False)  # fmt: skip
     if probe.returncode != 0:
@@ -341,11 +369,16 @@ def _slurpfs(base: Path, work: Workload, extra: Json) -> Column:
                 raise RuntimeError(f"slurpfs import failed: {report.failed[:3]}")
     argv = daemons.slurpfs("mount", "--foreground", "--data", str(data), str(mnt))
     stop = daemons.slurpfs("umount", str(mnt))
+    env = dict(ENV, SLURPFS_DURABILITY_WRITE_BEHIND="true") if write_behind else ENV
     with daemons.running(
-        argv, mnt, base / "slurpfs.log", extra, env=ENV, stop=stop, label="mount"
+        argv, mnt, base / "slurpfs.log", extra, env=env, stop=stop, label="mount"
     ) as pid:
+        _DAEMONS[mnt] = pid
         _settle(pid, extra)
-        yield mnt, "slurpfs mount --foreground, default configuration"
+        if write_behind:
+            yield mnt, "slurpfs mount --foreground, durability.write_behind = true"
+        else:
+            yield mnt, "slurpfs mount --foreground, default configuration"
 
 
 COLUMNS: tuple[
@@ -361,6 +394,7 @@ COLUMNS: tuple[
     ("gocryptfs", _gocryptfs),
     ("floor", _floor),
     ("slurpfs", _slurpfs),
+    ("slurpfs_wb", functools.partial(_slurpfs, write_behind=True)),
 )
 
 
@@ -461,11 +495,20 @@ def _markdown(data: Json) -> list[str]:
         goal = f"<= {cmp['goal']}" if cmp["goal"] is not None else None
         met = None if cmp["met"] is None else ("yes" if cmp["met"] else "**no**")
         rows.append([f"{label} [{unit}]", v.get("plain"), v.get("gocryptfs"), v.get("floor"),
-                     v.get("slurpfs"), r.get("plain"), r.get("floor"), r.get("slurpfs"), goal,
-                     met])  # fmt: skip
+                     v.get("slurpfs"), v.get("slurpfs_wb"), r.get("plain"), r.get("floor"),
+                     r.get("slurpfs"), r.get("slurpfs_wb"), goal, met])  # fmt: skip
+    split = [
+        f"{name}: {c['create_write_cpu']['fuse_loop_us_per_save']} µs on the FUSE loop + "
+        f"{c['create_write_cpu']['other_threads_us_per_save']} µs in other threads"
+        for name, c in cols.items()
+        if "create_write_cpu" in c
+    ]
+    if split:
+        lines += ["- daemon CPU per create+write+close: " + "; ".join(split), ""]
     lines += table(
-        ["test", "plain", "gocryptfs", "pyfuse3 floor", "slurpfs", "plain / gocryptfs",
-         "floor / gocryptfs", "slurpfs / gocryptfs", "goal (slurpfs / gocryptfs)", "met"],
+        ["test", "plain", "gocryptfs", "pyfuse3 floor", "slurpfs", "slurpfs write-behind",
+         "plain / gocryptfs", "floor / gocryptfs", "slurpfs / gocryptfs",
+         "write-behind / gocryptfs", "goal (slurpfs / gocryptfs)", "met"],
         rows,
     )  # fmt: skip
     return lines

@@ -18,6 +18,9 @@
   version meanwhile) is reloaded before it is read or written (`behind`).
 - `commit_all` stores every dirty buffer: the daemon's teardown calls it on
   every exit path.
+- With write-behind (`slurpfs.fs.writebehind`) ``flush`` and ``release`` journal
+  the save instead of committing it; everything else that commits or moves a
+  file first waits for the group commit (`settle`).
 
 Domain errors (`SlurpError`) and `OSError` leave these methods as they are: the
 adapter's `handler` turns them into errno.
@@ -42,6 +45,9 @@ from slurpfs.fs.namespace import Namespace
 from slurpfs.fs.scratch import ScratchStore
 from slurpfs.fs.tree import dir_key
 from slurpfs.fs.view import StoreView
+from slurpfs.fs.writebehind import Pending, WriteBehind
+from slurpfs.model import Saved
+from slurpfs.ucxl import Address
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -69,6 +75,7 @@ class OpenFiles:
         self.namespace = namespace
         self.busy = busy
         self.max_bytes = max_bytes
+        self.writebehind: WriteBehind | None = None  # set by the daemon when enabled
 
     # -- open ----------------------------------------------------------------------------
 
@@ -194,15 +201,19 @@ class OpenFiles:
         if handle.failed:
             raise fail(handle.failed)  # its save did not go through: say so again
         if handle.wrote:
+            if self.writebehind is not None and self.writebehind.failure is not None:
+                await self.writebehind.drain()  # a failing group commit: say why
             before = handle.node.written
-            await self.commit_own(handle)
+            # A close that waits for peers (write_quorum) needs its version now.
+            await self.commit_own(handle, behind=self.gateway.replicated is None)
             await self._replicated(handle, before)
 
     async def fsync(self, handle: FileHandle) -> None:
         if handle.failed:
             raise fail(handle.failed)
         before = handle.node.written
-        await self.commit_own(handle)
+        await self.commit_own(handle)  # waits for the group commit first (`settle`)
+        await self.settle()
         await self.gateway.sync()
         await self._replicated(handle, before)
 
@@ -221,7 +232,7 @@ class OpenFiles:
         """The last descriptor of `handle` is gone: store what it still owes, close it."""
         try:
             if handle.owes_commit:
-                await self.commit(handle.node)
+                await self.commit(handle.node, behind=True)
         except (SlurpError, OSError) as exc:
             log.error("could not store %r at release: %s", os.fsdecode(handle.node.name), exc)
             raise fuse_error(exc) from None
@@ -313,11 +324,15 @@ class OpenFiles:
     ) -> None:
         """Fill `content` from the store (once; `force` re-checks access and freshness)."""
         async with content.locked():
-            if content.loaded and (content.dirty or not force):
+            journaled = self.journaled(node)
+            if content.loaded and (content.dirty or not force or journaled):
                 if force:  # a new opener: access is still checked (and audited)
                     assert node.key is not None
                     assert node.address is not None
-                    await self.gateway.get(node.address, node.key.role, caller)
+                    if journaled:  # (maybe nothing stored yet)
+                        self.gateway.authorise_read(node.address, node.key.role, caller)
+                    else:
+                        await self.gateway.get(node.address, node.key.role, caller)
                 return
             assert node.key is not None
             assert node.address is not None
@@ -343,6 +358,8 @@ class OpenFiles:
         old version and a reader would get fewer bytes than the size it was told."""
         if content.buffer is None or content.dirty or content.base is None:
             return False
+        if self.journaled(node):
+            return False  # its journaled save is newer than any head
         if node.key is None or node.address is None:
             return False  # unlinked or renamed over while open: it keeps what it held
         self.view.refresh()
@@ -379,9 +396,9 @@ class OpenFiles:
         if content is not None and not any(h.owes_commit for h in others):
             content.discard()
 
-    async def commit_own(self, handle: FileHandle) -> None:
+    async def commit_own(self, handle: FileHandle, *, behind: bool = False) -> None:
         if handle.owes_commit:
-            await self.commit(handle.node)
+            await self.commit(handle.node, behind=behind)
         handle.wrote = handle.emptied = False
 
     def close(self, handle: FileHandle) -> None:
@@ -392,11 +409,28 @@ class OpenFiles:
             self.scratch.maybe_release(handle.scratch)
         if node.opens == 0:
             node.content = None
+        elif self._unsaved_behind_journal(node):
+            assert self.writebehind is not None
+            assert node.content is not None
+            # Held open for its journaled save only: that save is the file until it
+            # is stored; changes no close could store go, as at any last close.
+            content = node.content
+            content.set(self.writebehind.newest(content), content.base)
         self.inodes.maybe_purge(node)
 
-    async def commit(self, node: Node) -> None:
-        """Store an open role file's dirty buffer as one new version."""
+    def _unsaved_behind_journal(self, node: Node) -> bool:
+        content = node.content
+        if content is None or not content.dirty or not self.journaled(node):
+            return False
+        return not any(h.node is node for h in self.handles.files.values())
+
+    async def commit(self, node: Node, *, behind: bool = False) -> None:
+        """Store an open role file's dirty buffer as one new version; with `behind`
+        and write-behind on, journal it for the group commit instead."""
         self.busy.hold()
+        wb = self.writebehind
+        if wb is not None and not behind:
+            await wb.drain()  # saves are stored in the order they were acknowledged
         content = node.content
         if content is None:
             return
@@ -410,23 +444,61 @@ class OpenFiles:
             assert address is not None
             assert content.buffer is not None
             seq = content.seq
+            if behind and wb is not None:
+                wb.save(node, content, address, node.key.role)
+                content.dirty = False  # (no await since `seq` was read)
+                node.cached_version = None
+                return
             saved = await self.gateway.put(address, node.key.role, bytes(content.buffer))
-            info = saved.info
             if content.seq == seq:
                 content.dirty = False
-            content.base = info.version_id
-            node.info = info
-            if saved.stored:  # an identical save keeps the head's time
-                node.written = (info.version_id, content.mtime_ns)
-            node.cached_version = None
-            self.scratch.unhide(dir_key(address), node.key.role)
+            self._saved(node, content, address, node.key.role, saved)
+
+    def _saved(
+        self, node: Node, content: Content, address: Address, role: str, saved: Saved
+    ) -> None:
+        info = saved.info
+        content.base = info.version_id
+        node.info = info
+        if saved.stored:  # an identical save keeps the head's time
+            node.written = (info.version_id, content.mtime_ns)
+        node.cached_version = None
+        self.scratch.unhide(dir_key(address), role)
+
+    def stored(self, pending: Pending, saved: Saved) -> None:
+        """The group commit stored `pending`: the bookkeeping of a commit, and the
+        node is no longer held open for it."""
+        node = pending.node
+        pending.content.journaled -= 1
+        if node.content is pending.content:
+            self._saved(node, pending.content, pending.address, pending.role, saved)
+        node.opens -= 1
+        if node.opens == 0:
+            node.content = None
+        self.inodes.maybe_purge(node)
+
+    def journaled(self, node: Node) -> bool:
+        """Whether `node` has a journaled save not yet stored: its buffer is the newest."""
+        return node.content is not None and node.content.journaled > 0
+
+    async def settle(self) -> None:
+        """Wait until every journaled save is a version (no-op without write-behind)."""
+        if self.writebehind is not None:
+            await self.writebehind.drain()
 
     async def commit_all(self) -> int:
         """Commit every dirty buffer (graceful shutdown). Returns how many failed."""
         failed = 0
+        stuck = False
+        try:
+            await self.settle()
+        except (SlurpError, OSError) as exc:
+            assert self.writebehind is not None
+            stuck = True  # the rest is journaled too, for the replay at the next mount
+            log.error("%d journaled saves stay in the journal: %s", len(self.writebehind), exc)
         for handle in self.handles.dirty():
             try:
-                await self.commit(handle.node)
+                await self.commit(handle.node, behind=stuck)
             except (SlurpError, OSError) as exc:
                 failed += 1
                 log.error("could not store %r at shutdown: %s", os.fsdecode(handle.node.name), exc)

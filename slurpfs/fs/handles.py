@@ -27,13 +27,14 @@ from typing import TypeVar
 
 import trio
 
-from slurpfs.errors import NotFound
+from slurpfs.errors import NotFound, SlurpError
 from slurpfs.fs.access import Caller
 from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
 from slurpfs.fs.tree import Entry
 from slurpfs.fs.view import StoreView
 from slurpfs.model import Context, ContextStore, Saved, VersionInfo, WriterBusy
+from slurpfs.store.journal import Journal
 from slurpfs.ucxl import Address
 
 T = TypeVar("T")
@@ -45,7 +46,7 @@ OWN_LIMIT = 1 << 16
 class Content:
     """The open state of one role file: a buffer, whether it is dirty, and its base version."""
 
-    __slots__ = ("base", "buffer", "dirty", "lock", "mtime_ns", "seq")
+    __slots__ = ("base", "buffer", "dirty", "journaled", "lock", "mtime_ns", "seq")
 
     def __init__(self) -> None:
         self.buffer: bytearray | None = None  # None: not loaded yet
@@ -54,6 +55,9 @@ class Content:
         # in while it was sealing (writes do not wait for the commit lock).
         self.seq = 0
         self.base: bytes | None = None  # version id the buffer started from
+        # Saves of this buffer in the write-behind journal, not yet stored: until
+        # then the buffer, not the head, is the file (`slurpfs.fs.writebehind`).
+        self.journaled = 0
         self.mtime_ns = time.time_ns()
         # Guards load and commit: each is a read-modify-write across an await.
         self.lock = trio.Lock()
@@ -249,6 +253,8 @@ class Gateway:
         # ``replication.write_quorum``: waits until enough peers hold these versions
         # (`OSError` if they do not in time); None without replication.
         self.replicated: Callable[[Sequence[bytes]], Awaitable[None]] | None = None
+        # The write-behind journal (`slurpfs.fs.writebehind`): synced with the store.
+        self.journal: Journal | None = None
 
     async def _run(self, big: bool, fn: Callable[[], T]) -> T:
         if not big:
@@ -293,6 +299,40 @@ class Gateway:
         self.commits += 1
         self._own(info)
         return info
+
+    def journaled(self) -> None:
+        """A save went to the write-behind journal: the next `sync` covers it."""
+        self._writes += 1
+
+    async def store_journaled(
+        self,
+        items: list[tuple[Address, str, bytes, tuple[bytes, ...] | None]],
+        marks: list[bytes],
+    ) -> tuple[list[Saved], SlurpError | OSError | None]:
+        """Store journaled saves in order, in a worker thread (the group commit): what
+        was stored, and the error that stopped the rest (None if all were)."""
+
+        def store() -> tuple[list[Saved], SlurpError | OSError | None]:
+            done: list[Saved] = []
+            for (address, role, data, based_on), mark in zip(items, marks, strict=True):
+                try:
+                    done.append(
+                        self.model.save(address, role, data, journal=mark, based_on=based_on)
+                    )
+                except (SlurpError, OSError) as exc:
+                    return done, exc
+            return done, None
+
+        try:
+            done, error = await trio.to_thread.run_sync(store, limiter=self.limiter)
+        finally:
+            self._changed()
+        self.commit_failures += error is not None
+        for saved in done:
+            if saved.stored:
+                self.commits += 1
+                self._own(saved.info)
+        return done, error
 
     def _own(self, info: VersionInfo) -> None:
         if len(self.own_versions) >= OWN_LIMIT:
@@ -370,9 +410,14 @@ class Gateway:
         target = self._writes
         if self._durable >= target:
             return
-        await trio.to_thread.run_sync(self.model.sync, limiter=self.limiter)
+        await trio.to_thread.run_sync(self._sync, limiter=self.limiter)
         self.syncs += 1
         self._durable = max(self._durable, target)
+
+    def _sync(self) -> None:
+        self.model.sync()
+        if self.journal is not None:
+            self.journal.sync()
 
     async def anchor_audit(self) -> None:
         """Anchor the audit log's newest entries (in a worker thread: it fsyncs)."""

@@ -57,6 +57,7 @@ log = logging.getLogger("slurpfs.fs")
 _BLOCK = 4096
 _SEARCH_KINDS = frozenset({Kind.SEARCH, Kind.QUERY, Kind.QUERY_FILE, Kind.QUERY_LINK})
 _KEPT_KINDS = frozenset({Kind.DIR, Kind.ROLE})  # attributes kept on the node (`tree_attrs`)
+_HISTORY_KINDS = frozenset({Kind.HISTORY, Kind.HISTORY_ROLE})  # list stored versions only
 
 
 class Operations(pyfuse3.Operations):
@@ -215,8 +216,10 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self.view.refresh()
         parent = self.node(parent_inode)
+        if parent.kind in _HISTORY_KINDS:
+            await self.files.settle()  # history lists stored versions: journaled ones first
+        self.view.refresh()
         if self.search.resolves(parent, name):
             node, s = await self.search.child(parent, name, self.caller(ctx))
             return self._entry(node, s)
@@ -334,6 +337,7 @@ class Operations(pyfuse3.Operations):
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        await self.files.settle()  # journaled saves first (`slurpfs.fs.writebehind`)
         self.view.refresh()
         self.namespace.rmdir(self.node(parent_inode), name, self.caller(ctx))
 
@@ -341,6 +345,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        await self.files.settle()
         self.view.refresh()
         await self.namespace.unlink(self.node(parent_inode), name, self.caller(ctx))
 
@@ -354,6 +359,7 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        await self.files.settle()
         self.view.refresh()
         await self.namespace.rename(
             self.node(parent_inode_old),
@@ -517,6 +523,8 @@ class Operations(pyfuse3.Operations):
         node = self.node(inode)
         if node.kind not in DIR_KINDS:
             raise fail(errno.ENOTDIR)
+        if node.kind in _HISTORY_KINDS:
+            await self.files.settle()
         return self.handles.open_dir(node, self.caller(ctx)).fh
 
     @handler

@@ -400,7 +400,7 @@ class Tree:
         if node.detached and content is not None and buffer is not None:
             # Unlinked (or renamed over) while open: fstat still works and says so.
             return replace(self._file(0o644, len(buffer), content.mtime_ns), nlink=0)
-        if content is not None and buffer is not None and content.dirty:
+        if content is not None and buffer is not None and (content.dirty or content.journaled):
             # Not cached by the kernel: a save of the head's very bytes stores nothing
             # and the file keeps the head's time, which the next getattr must see.
             return self._file(0o644, len(buffer), content.mtime_ns, cacheable=False)

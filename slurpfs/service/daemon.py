@@ -64,6 +64,8 @@ from slurpfs.fs.handles import Gateway
 from slurpfs.fs.invalidate import FuseKernel, Invalidator, Kernel
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.virtual import flatten
+from slurpfs.fs.writebehind import WriteBehind, WriteBehindStatistics, replay
+from slurpfs.health import OK, WARN, Check
 from slurpfs.index.sealed import open_table
 from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
@@ -78,6 +80,7 @@ from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
 from slurpfs.service.replication import REPLICATION_WORKER, ReplicationClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
 from slurpfs.service.workers import WorkerProcess, background_priority
+from slurpfs.store import journal
 
 log = logging.getLogger("slurpfs.daemon")
 
@@ -139,6 +142,47 @@ class Syncer(Stoppable):
 
     def statistics(self) -> SyncStatistics:
         return SyncStatistics(self.passes)
+
+
+class GroupCommit(Stoppable):
+    """Runs the write-behind group commit (`WriteBehind.serve`) as a supervised task."""
+
+    def __init__(self, writebehind: WriteBehind) -> None:
+        super().__init__()
+        self.writebehind = writebehind
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.stoppable():
+            task_status.started()
+            await self.writebehind.serve()
+
+    def statistics(self) -> WriteBehindStatistics:
+        return self.writebehind.statistics()
+
+
+class JournalHealth:
+    """The ``journal`` health check: what a replay could not read, a failing group commit."""
+
+    def __init__(self, directory: Path, writebehind: WriteBehind | None) -> None:
+        self.directory = directory
+        self.writebehind = writebehind
+
+    def check(self) -> Check:
+        problems = []
+        kept = journal.damaged_files(self.directory)
+        if kept:
+            names = ", ".join(p.name for p in kept)
+            problems.append(
+                f"journal entries that could not be replayed are kept in {names}"
+                f" (in {self.directory}; the log names each; remove the file once read)"
+            )
+        wb = self.writebehind
+        if wb is not None and wb.failure is not None:
+            problems.append(f"group commit failing ({len(wb)} saves journaled): {wb.failure}")
+        if problems:
+            return Check("journal", WARN, "; ".join(problems))
+        mode = "write-behind" if wb is not None else "off (commits at close)"
+        return Check("journal", OK, mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +428,7 @@ class Daemon:
         self.ops.busy.yield_to = lambda: self.keys.filling or gateway_threads.borrowed_tokens > 0
         self.http = self._http_server()
         self.redis = self._redis_tier()
+        self.group_commit: GroupCommit | None = None
 
     def _redis_tier(self) -> RedisProbe | None:
         """The Redis tier of envelopes (``cache.redis_url``), wired into the model."""
@@ -402,6 +447,38 @@ class Daemon:
             out[f"task_{s.name}_restarts"] = s.restarts
             out[f"task_{s.name}_failures"] = s.failures
         return out
+
+    def _journal(self) -> None:
+        """Replay what a previous run journaled, then open this run's journal (write-behind)
+        or let the old one go. Before the mount answers anything."""
+        directory = self.config.data_dir / "journal"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        done = replay(self.model, directory)
+        if done.stored or done.unchanged:
+            log.info(
+                "journal replayed: %d saves stored, %d equal to their head",
+                done.stored,
+                done.unchanged,
+            )
+        for problem in done.problems:
+            log.error("journal: %s (kept as %s)", problem, done.kept)
+        wb = None
+        path = directory / journal.FILE_NAME
+        if self.config.durability.write_behind:
+            key = journal.journal_key(self.model.keyring.node)
+            wb = WriteBehind(
+                journal.Journal(path, key),
+                self.ops.gateway,
+                self.config.durability.commit_delay,
+                self.ops.files.stored,
+            )
+            self.ops.files.writebehind = wb
+            self.ops.gateway.journal = wb.journal
+            self.group_commit = GroupCommit(wb)
+            self.ops.stat_sources.append(lambda: flatten(wb.statistics(), "writebehind_"))
+        else:
+            path.unlink(missing_ok=True)
+        self.ops.health.extra.append(JournalHealth(directory, wb).check)
 
     def _http_server(self) -> HttpServer | None:
         address = self.config.http.address
@@ -497,6 +574,7 @@ class Daemon:
         """Mount, serve until unmounted or signalled, clean up. Returns the exit status."""
         try:
             self.control.claim()
+            self._journal()  # replayed before the mount answers
             self._listen()  # before mounting: a port in use fails the start with nothing mounted
             open_table(self.model.store)  # before any thread could open it (see there)
             try:
@@ -535,6 +613,8 @@ class Daemon:
             stack.callback(self.model.close)
             if self.redis is not None:
                 stack.callback(self.redis.tier.close)  # after the last save wrote through
+            if self.group_commit is not None:
+                stack.callback(self.group_commit.writebehind.journal.close)
             stack.callback(self._unmount)
             if self.http is not None:
                 stack.callback(self.http.close)  # (when the loop ended before serving it)
@@ -577,6 +657,8 @@ class Daemon:
         await start("sync", self.syncer)
         await start("ttl", self.ttl)
         await start("keys", self.keys)
+        if self.group_commit is not None:
+            await start("group_commit", self.group_commit)
         await start("busy_poll", self.ops.busy)
         await start("watchdog", self.watchdog)
         if self.redis is not None:

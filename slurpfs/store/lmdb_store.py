@@ -297,9 +297,11 @@ class Store:
 
     # -- writing ---------------------------------------------------------
 
-    def commit(self, commits: Sequence[Commit]) -> int:
+    def commit(self, commits: Sequence[Commit], *, journal: bytes | None = None) -> int:
         """Store versions in one transaction; returns the new change sequence.
 
+        `journal` (a `slurpfs.store.journal.mark`) records in the same transaction
+        that the write-behind journal's entries up to it are stored.
         Raises `StaleHead` if a commit's `expected_leaves` no longer match (nothing
         is written then), `StoreFull` when the map or the disk is full.
         """
@@ -310,6 +312,8 @@ class Store:
                     seq += 1
                     self._commit_one(txn, c, seq)
                 txn.put(s.INFO_SEQUENCE, s.U64.pack(seq), db=self._dbs[s.DB_INFO])
+                if journal is not None:
+                    txn.put(s.INFO_JOURNAL, journal, db=self._dbs[s.DB_INFO])
         except (lmdb.Error, OSError) as exc:
             self._counters.commit_failures += 1
             raise self._failure(exc, "commit") from None
@@ -816,6 +820,12 @@ class Store:
     def sequence(self) -> int:
         with self._txn() as txn:
             return self._sequence(txn)
+
+    def journal_mark(self) -> bytes | None:
+        """The write-behind journal's newest stored entry (`commit`), if any."""
+        with self._txn() as txn:
+            raw = txn.get(s.INFO_JOURNAL, db=self._dbs[s.DB_INFO])
+            return None if raw is None else bytes(raw)
 
     def epoch(self) -> bytes | None:
         """The store's epoch (`slurpfs.seal`); None if it has none yet."""

@@ -51,6 +51,7 @@ INFO_NODE_ID = b"node_id"
 INFO_EPOCH = b"epoch"  # 16 random bytes, also named by the node's seal (slurpfs.seal)
 INFO_ENVELOPE_BYTES = b"envelope_bytes"  # u64 running totals, kept by every commit and purge
 INFO_PLAINTEXT_BYTES = b"plaintext_bytes"
+INFO_JOURNAL = b"journal"  # journal id | seq u64: the newest write-behind entry stored
 
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
