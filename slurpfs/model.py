@@ -882,19 +882,25 @@ class ContextStore:
                 purged.append((address, role))
         return removed
 
-    def rotate_role(self, role: str) -> RotationReport:
+    def rotate_role(self, role: str, announce: Callable[[], None] | None = None) -> RotationReport:
         """Move `role` to a new key generation and destroy the old private key.
 
         Every version sealed to the old generation gets a slot for the new one and
         loses the old one, one version per transaction, so reads keep working
-        throughout. Content is not re-encrypted. Run it where no other process
-        (a mount) is writing with this data directory: they would keep sealing to
-        the old generation until restarted.
+        throughout. Content is not re-encrypted. Each re-wrap is a change in the
+        change log, so a cluster's replication carries the new slots to its peers.
+        `announce` runs once the new generation exists and before any re-wrap
+        (a cluster publishes the new public key and grants the new private key to
+        the role's holders then, so the peers know the key before its slots reach
+        them). A mount on this data directory seals to the old generation until
+        it reloads its keys (a clustered mount does when told the log changed).
         """
         self._check_role(role)
         with self._writer():
             new, old = self._keystore.rotate(role)
             self.keyring = self._keystore.load()
+            if announce is not None:
+                announce()
             rewrapped = 0
             if old is not None:
                 for vid in self._store.versions_sealed_to(role, old.generation):
