@@ -53,6 +53,7 @@ from slurpfs.errors import (
     NotFound,
     SlurpError,
     StoreFull,
+    WrongKey,
 )
 from slurpfs.store import (
     Commit,
@@ -927,6 +928,42 @@ class ContextStore:
         return RotationReport(
             role, None if old is None else old.generation, new.generation, rewrapped
         )
+
+    def complete_rotations(self) -> int:
+        """Give every version sealed to an older generation of a role, and not to
+        its newest, a slot for the newest, where this node holds the older key.
+
+        A rotation re-wraps what the rotating node holds; a version another node
+        sealed to the old generation before it heard of the rotation reaches the
+        rotating node sealed to a key it destroyed. A node that still holds that
+        generation (a holder granted both) completes it, adding (not replacing)
+        the slot; each is a change, so it replicates. Returns the versions re-wrapped.
+        """
+        done = 0
+        with self._writer():
+            ring = self.keyring
+            for role in sorted(ring.roles()):
+                newest = ring.current_public(role)
+                for generation in ring.generations(role)[:-1]:
+                    if ring.private(role, generation) is not None:
+                        done += self._complete(role, generation, newest)
+        return done
+
+    def _complete(self, role: str, generation: int, newest: RolePublicKey) -> int:
+        done = 0
+        for vid in self._store.versions_sealed_to(role, generation):
+            slots = self._store.slots(vid)
+            if any((s.role, s.generation) == (role, newest.generation) for s in slots):
+                continue
+            old = [s for s in slots if (s.role, s.generation) == (role, generation)]
+            try:
+                data_key = env.unwrap_data_key(old, self.keyring)
+            except WrongKey as exc:  # (fsck reports the version; nothing to re-wrap)
+                log.warning("version %s: not re-wrapped for %s: %s", vid.hex()[:16], role, exc)
+                continue
+            self._store.replace_slots(vid, [env.wrap_data_key(data_key, newest)], ())
+            done += 1
+        return done
 
     # -- reading ---------------------------------------------------------------
 

@@ -246,3 +246,27 @@ def test_removing_a_member_rotates_what_it_held_and_it_cannot_open_the_new(
         env.unwrap_data_key(stored.slots, c.keyring)
     assert DEV not in c.held_roles()
     assert only_generation(c, before.version_id, 1) == b"before\n"
+
+
+def test_a_holder_completes_the_rotation_for_what_it_sealed_to_the_old_key(
+    nodes: Nodes,
+) -> None:
+    w = World(nodes, "ab")
+    w.clusters["a"].grant(DEV, w.node_id("b"))
+    w.sync_logs()
+    a, b = w.models["a"], w.models["b"]
+    a.rotate_role(DEV, rotation_announcer(w.nodes["a"].config, a.keystore, DEV))
+    # b saves before it hears of the rotation: sealed to generation 1, which a destroyed
+    late = b.put(ADDR, DEV, b"sealed in the window\n")
+    assert generations_of(b, late.version_id) == {1}
+    w.ship("b", "a")
+    with pytest.raises(KeyMissing):
+        only_generation(a, late.version_id, 2)
+    w.sync_logs()  # b hears of generation 2 and holds it (the rotation's grant)
+
+    assert b.complete_rotations() == 1
+
+    assert generations_of(b, late.version_id) == {1, 2}
+    assert b.complete_rotations() == 0  # done once
+    assert w.ship("b", "a").reslotted == (late.version_id,)
+    assert only_generation(a, late.version_id, 2) == b"sealed in the window\n"
