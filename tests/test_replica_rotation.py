@@ -18,6 +18,7 @@ from replica_nodes import (
     SYNC_TIMEOUT,
     address,
     free_port,
+    make_cluster,
     peers_json,
     role_file,
     wait_connected,
@@ -26,7 +27,11 @@ from replica_nodes import (
 )
 from test_replica import holds_role
 
+from slurpfs import config
+from slurpfs.crypto import envelope as env
 from slurpfs.crypto.keystore import Keystore
+from slurpfs.errors import KeyMissing
+from slurpfs.model import ContextStore
 from slurpfs.ucxl import parse
 
 pytestmark = pytest.mark.mount
@@ -131,3 +136,55 @@ def test_a_rotation_on_one_mount_reaches_the_other_while_it_reads(
     finally:
         a.sweep()
         b.sweep()
+
+
+def test_removing_a_mounted_member_rotates_its_roles_and_the_rest_read_on(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    mounts = make_cluster(nodes, tmp_path, 3)
+    n0, n1, n2 = mounts
+    for m in (n0, n1):  # n2 dials on until it hears of its removal
+        m.expect_warnings = (r"refused a connection from non-member \S+ at \S+",)
+    try:
+        for m in (n1, n2):
+            n0.cli("keys", "grant", ROLE, "--to", m.data.name)  # (the names are n0..n2)
+        for m in mounts:
+            m.mount()
+        wait_connected(mounts)
+        write(role_file(n0, "rm", "doc"), TEXT)
+        for m in (n1, n2):
+            wait_content(role_file(m, "rm", "doc"), TEXT)
+        reader = Reader(role_file(n1, "rm", "doc"), TEXT)
+        try:
+            removed = n0.cli("peers", "remove", "n2", "--json")
+            assert json.loads(removed.stdout)["rotated"] == [ROLE]
+            wait_for(
+                lambda: key_generations(n1)[ROLE] == (2, True), SYNC_TIMEOUT, "n1 to hold gen 2"
+            )
+            write(role_file(n0, "rm", "after"), b"after the removal\n")
+            wait_content(role_file(n1, "rm", "after"), b"after the removal\n")
+        finally:
+            reader.stop()
+        assert reader.failures == []
+        # the canary: what n0 wrote after the removal does not open with n2's keys
+        n2_keys = Keystore(n2.data, None, WEAK_KDF).load()
+        assert n2_keys.private(ROLE, 2) is None
+        slots = cli_slots(n0, "rm/after")
+        with pytest.raises(KeyMissing):
+            env.unwrap_data_key([s for s in slots if s.role == ROLE], n2_keys)
+        for m in mounts:
+            m.unmount()
+    finally:
+        for m in mounts:
+            m.sweep()
+
+
+def cli_slots(m: Mounted, path: str) -> list[env.KeySlot]:
+    """The key slots of the head of `path` in `m`'s store (opened beside its mount)."""
+    cfg = config.load(None, {"HOME": str(m.data)}, {"node.data_dir": str(m.data)})
+    model = ContextStore.open(cfg, None, kdf=WEAK_KDF)
+    try:
+        info = model.stat(parse(f"ucxl://claude:architect@bzzz:auth/{path}"), ROLE)
+        return model.store.slots(info.version_id)
+    finally:
+        model.close()
