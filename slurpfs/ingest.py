@@ -34,8 +34,9 @@ here after a rotation) cannot be checked against a public key and opens
 nothing here: it is not merged into a version already stored, and it is stored
 as it came with a new version (a version a writer sealed before it heard of the
 rotation stays whole, and passes on to the nodes that still hold that
-generation, which check it then), its role still checked to be a reader. Accepted versions commit in one store transaction, under
-the same writer locks as local saves, with this node's *verified* tag (the
+generation, which check it then), its role still checked to be a reader.
+Accepted versions commit in one store transaction, under the same writer
+locks as local saves, with this node's *verified* tag (the
 signature need not be checked again on each read). Their HLCs reach the local
 clock through the leaves the next local save reads, so a save made after an
 ingest orders after what it saw. The model's subscribers (the indexer, the

@@ -103,14 +103,8 @@ class PeerCommands:
         # written from now on is sealed to a new generation it never receives.
         mine = self._keystore(cfg, passphrase).load().held_roles()
         rotated = [role for role in held if role in mine]
-        with self._model(cfg, passphrase) as model:
-            for role in rotated:
-                announce = rotation_announcer(cfg, model.keystore, role)
-                report = model.rotate_role(role, announce)
-                _say(
-                    f"{role}: generation {report.old_generation} -> {report.new_generation},"
-                    f" {report.rewrapped} versions re-wrapped"
-                )
+        if rotated:
+            self._rotate(cfg, passphrase, rotated)
         others = [role for role in held if role not in mine]
         if others:
             _say(
@@ -129,6 +123,18 @@ class PeerCommands:
             f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on counts",
         )
         return 0
+
+    def _rotate(self, cfg: config.Config, passphrase: bytes | None, roles: list[str]) -> None:
+        """Rotate `roles` here, granting each new generation to the remaining holders
+        (with or without a mount on the data directory: the store's writer lock
+        orders the re-wraps with its saves, and the mount is told to reload its keys)."""
+        with self._model(cfg, passphrase) as model:
+            for role in roles:
+                report = model.rotate_role(role, rotation_announcer(cfg, model.keystore, role))
+                _say(
+                    f"{role}: generation {report.old_generation} -> {report.new_generation},"
+                    f" {report.rewrapped} versions re-wrapped"
+                )
 
     def grant(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         cluster = self._cluster(cfg, passphrase)
@@ -222,8 +228,8 @@ def rotation_announcer(
         holders = cluster.regrant(role)
         _tell_daemon(cfg)
         if holders:
-            _say(f"granted {role} generation {current.generation} to " + ", ".join(
-                m.name for m in holders))  # fmt: skip
+            names = ", ".join(m.name for m in holders)
+            _say(f"granted {role} generation {current.generation} to {names}")
 
     return announce
 
