@@ -638,7 +638,8 @@ class Commands:
             _emit(args, {"added": args.role}, f"added role {args.role}")
         elif args.keys_cmd == "rotate":
             with self.model(cfg, passphrase) as model:
-                rep = model.rotate_role(args.role)
+                announce = peerscmd.rotation_announcer(cfg, model.keystore, args.role)
+                rep = model.rotate_role(args.role, announce)
             _emit(
                 args,
                 {
@@ -884,7 +885,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
-    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
+    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts, commands.model)
     peers_parser = add(
         "peers", commands.peers, "list the cluster's members: state, address, RTT, lag"
     )

@@ -21,9 +21,23 @@ foreign version meets the same checks, in this order:
    complete graph).
 
 A batch is all or nothing: one failed check refuses the whole batch with
-nothing stored. Versions already stored are skipped (content addressing makes
-a repeat harmless). Accepted versions commit in one store transaction, under
-the same writer locks as local saves, with this node's *verified* tag (the
+nothing stored. A version already stored is not stored again (content
+addressing makes a repeat harmless), but its key slots are merged: a key
+rotation re-wraps a version's data key for a new generation without changing
+the version (its id hashes the envelope, not the slots), so the slots are the
+one part of a version that changes. The rule: a slot for a (role, generation)
+this node has no slot for is added once it passes the checks of step 4; a slot
+this node has already is kept, never replaced (the one stored opened or was
+checked when it came; a different one cannot be told right from forged
+without the private key); no slot is ever removed by a peer. A slot for a
+generation this node retired (older than the role's newest, its keys gone from
+here after a rotation) cannot be checked against a public key and opens
+nothing here: it is not merged into a version already stored, and it is stored
+as it came with a new version (a version a writer sealed before it heard of the
+rotation stays whole, and passes on to the nodes that still hold that
+generation, which check it then), its role still checked to be a reader.
+Accepted versions commit in one store transaction, under the same writer
+locks as local saves, with this node's *verified* tag (the
 signature need not be checked again on each read). Their HLCs reach the local
 clock through the leaves the next local save reads, so a save made after an
 ingest orders after what it saw. The model's subscribers (the indexer, the
@@ -75,6 +89,8 @@ class IngestReport:
     stored: tuple[VersionRecord, ...]  # new here, in the order given
     known: int  # already stored: skipped
     sequence: int  # the store's change sequence after the commit
+    reslotted: tuple[bytes, ...] = ()  # already stored, gained key slots (a rotation)
+    numbers: tuple[int, ...] = ()  # each stored version's number in the change log
 
 
 class Ingest:
@@ -100,6 +116,8 @@ class Ingest:
         verify_key = local.verify_key(self.model.keyring.node)
         with self.model.writer():
             fresh = [item for item in items if store.record(item.version_id) is None]
+            fresh_ids = {item.version_id for item in fresh}
+            added = self._slots_to_merge([i for i in items if i.version_id not in fresh_ids])
             batch: dict[bytes, VersionRecord] = {}
             commits: list[Commit] = []
             for item in fresh:
@@ -117,11 +135,42 @@ class Ingest:
                     )
                 )
             sequence = store.commit(commits) if commits else store.sequence()
+            numbers = tuple(range(sequence - len(commits) + 1, sequence + 1))
+            for version_id, slots in added.items():
+                sequence = store.replace_slots(version_id, slots, ())
         stored = tuple(c.record for c in commits)
         if origin:
             self.model.record_replicated(stored, origin)
         self.model.committed(stored)
-        return IngestReport(stored, len(items) - len(fresh), sequence)
+        return IngestReport(stored, len(items) - len(fresh), sequence, tuple(added), numbers)
+
+    def _slots_to_merge(self, known: Sequence[Incoming]) -> dict[bytes, list[env.KeySlot]]:
+        """The slots of already stored versions that this node lacks, checked
+        (module docstring: the slot-merge rule)."""
+        store = self.model.store
+        added: dict[bytes, list[env.KeySlot]] = {}
+        for item in known:
+            record = store.record(item.version_id)
+            assert record is not None  # (known: stored, and the writer lock is held)
+            have = {(s.role, s.generation) for s in store.slots(item.version_id)}
+            have.update((s.role, s.generation) for s in added.get(item.version_id, ()))
+            new = [s for s in self._usable_slots(item.slots) if (s.role, s.generation) not in have]
+            if new:
+                self._check_slots(new, record.role, item.version_id.hex()[:16])
+                added.setdefault(item.version_id, []).extend(new)
+        return added
+
+    def _usable_slots(self, slots: Sequence[env.KeySlot]) -> tuple[env.KeySlot, ...]:
+        """`slots` without those of generations this node retired."""
+        return tuple(s for s in slots if not self._retired(s))
+
+    def _retired(self, slot: env.KeySlot) -> bool:
+        """A slot of a generation older than the role's newest and no longer known
+        here (its keys were destroyed after a rotation)."""
+        keyring = self.model.keyring
+        return keyring.public(slot.role, slot.generation) is None and slot.generation < max(
+            keyring.generations(slot.role), default=0
+        )
 
     def _check(self, item: Incoming, batch: dict[bytes, VersionRecord]) -> VersionRecord:
         envelope = env.Envelope.decode(item.envelope)
@@ -144,7 +193,7 @@ class Ingest:
                 f" {h.author.hex()[:16]} was removed from the cluster before it stamped it"
                 f" (HLC {h.hlc} > cutoff {cutoff})"
             )
-        self._check_slots(item, h.role, short)
+        self._check_slots(item.slots, h.role, short)
         missing = tuple(
             p
             for p in h.parents
@@ -169,11 +218,11 @@ class Ingest:
             deleted=h.deleted,
         )
 
-    def _check_slots(self, item: Incoming, role: str, short: str) -> None:
+    def _check_slots(self, slots: Sequence[env.KeySlot], role: str, short: str) -> None:
         keyring = self.model.keyring
         readers = {role, *self.model.config.readers_of(role)}
-        for slot in item.slots:
-            if keyring.public(slot.role, slot.generation) is None:
+        for slot in slots:
+            if keyring.public(slot.role, slot.generation) is None and not self._retired(slot):
                 raise Corrupt(
                     f"version {short}: a key slot for {slot.role!r} generation"
                     f" {slot.generation}, a key this node does not know"

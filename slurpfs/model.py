@@ -54,6 +54,7 @@ from slurpfs.errors import (
     NotFound,
     SlurpError,
     StoreFull,
+    WrongKey,
 )
 from slurpfs.metrics import NO_LATENCY, Latency
 from slurpfs.store import (
@@ -969,19 +970,25 @@ class ContextStore:
                 purged.append((address, role))
         return removed
 
-    def rotate_role(self, role: str) -> RotationReport:
+    def rotate_role(self, role: str, announce: Callable[[], None] | None = None) -> RotationReport:
         """Move `role` to a new key generation and destroy the old private key.
 
         Every version sealed to the old generation gets a slot for the new one and
         loses the old one, one version per transaction, so reads keep working
-        throughout. Content is not re-encrypted. Run it where no other process
-        (a mount) is writing with this data directory: they would keep sealing to
-        the old generation until restarted.
+        throughout. Content is not re-encrypted. Each re-wrap is a change in the
+        change log, so a cluster's replication carries the new slots to its peers.
+        `announce` runs once the new generation exists and before any re-wrap
+        (a cluster publishes the new public key and grants the new private key to
+        the role's holders then, so the peers know the key before its slots reach
+        them). A mount on this data directory seals to the old generation until
+        it reloads its keys (a clustered mount does when told the log changed).
         """
         self._check_role(role)
         with self._writer():
             new, old = self._keystore.rotate(role)
             self.keyring = self._keystore.load()
+            if announce is not None:
+                announce()
             rewrapped = 0
             if old is not None:
                 for vid in self._store.versions_sealed_to(role, old.generation):
@@ -1008,6 +1015,42 @@ class ContextStore:
         return RotationReport(
             role, None if old is None else old.generation, new.generation, rewrapped
         )
+
+    def complete_rotations(self) -> int:
+        """Give every version sealed to an older generation of a role, and not to
+        its newest, a slot for the newest, where this node holds the older key.
+
+        A rotation re-wraps what the rotating node holds; a version another node
+        sealed to the old generation before it heard of the rotation reaches the
+        rotating node sealed to a key it destroyed. A node that still holds that
+        generation (a holder granted both) completes it, adding (not replacing)
+        the slot; each is a change, so it replicates. Returns the versions re-wrapped.
+        """
+        done = 0
+        with self._writer():
+            ring = self.keyring
+            for role in sorted(ring.roles()):
+                newest = ring.current_public(role)
+                for generation in ring.generations(role)[:-1]:
+                    if ring.private(role, generation) is not None:
+                        done += self._complete(role, generation, newest)
+        return done
+
+    def _complete(self, role: str, generation: int, newest: RolePublicKey) -> int:
+        done = 0
+        for vid in self._store.versions_sealed_to(role, generation):
+            slots = self._store.slots(vid)
+            if any((s.role, s.generation) == (role, newest.generation) for s in slots):
+                continue
+            old = [s for s in slots if (s.role, s.generation) == (role, generation)]
+            try:
+                data_key = env.unwrap_data_key(old, self.keyring)
+            except WrongKey as exc:  # (fsck reports the version; nothing to re-wrap)
+                log.warning("version %s: not re-wrapped for %s: %s", vid.hex()[:16], role, exc)
+                continue
+            self._store.replace_slots(vid, [env.wrap_data_key(data_key, newest)], ())
+            done += 1
+        return done
 
     # -- reading ---------------------------------------------------------------
 

@@ -326,8 +326,11 @@ class Keystore:
                             " differs from this node's"
                         )
             for pair in pairs:
+                known = state.publics.get(pair.role, {})
+                if pair.generation not in known and pair.generation < max(known, default=0):
+                    continue  # a generation this node retired: its grant is not taken again
                 if (pair.role, pair.generation) not in state.pairs:
-                    if state.publics.get(pair.role, {}).get(pair.generation) != pair.public.public:
+                    if known.get(pair.generation) != pair.public.public:
                         raise Corrupt(f"a granted key of role {pair.role!r} does not match")
                     self._write_pair(pair)
                     state.pairs[(pair.role, pair.generation)] = pair
@@ -572,7 +575,12 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def _destroy(path: Path) -> None:
-    """Overwrite ``path`` with random bytes, fsync, unlink, fsync the directory."""
+    """Move ``path`` aside, overwrite it with random bytes, fsync, unlink, fsync the
+    directory. (Moved first: another process loading the keystore meanwhile finds
+    the key or no key, never the random bytes.)"""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.destroyed")
+    os.rename(path, aside)
+    path = aside
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size

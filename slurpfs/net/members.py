@@ -416,6 +416,18 @@ class Cluster:
             self._sign(Kind.GRANT, encode_grant(to, role, bytes(sealed)))
         return len(held)
 
+    def regrant(self, role: str) -> tuple[Member, ...]:
+        """After a rotation of ``role`` here: grant its keys (the new generation
+        with them) again to every other member that held the role (`roles_held_by`),
+        so a rotation never takes a role from a node that had it; returns them."""
+        me = self._identity.node_id
+        holders = tuple(
+            m for m in self.members() if m.node_id != me and role in self.roles_held_by(m.node_id)
+        )
+        for member in holders:
+            self.grant(role, member.node_id)
+        return holders
+
     # ---- keys the log carries -------------------------------------------------------
 
     def _apply_keys(self, state: LogState) -> None:

@@ -16,7 +16,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,18 +27,25 @@ from slurpfs.net import members
 from slurpfs.net.members import Cluster, Member, Token
 from slurpfs.service import control
 
+if TYPE_CHECKING:
+    from slurpfs.model import ContextStore
+
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 KeystoreOf = Callable[[config.Config, bytes | None], Keystore]
+ModelOf = Callable[[config.Config, bytes | None], "ContextStore"]
 _SIOCGIFADDR = 0x8915
 
 
 class PeerCommands:
     """The handlers; `keystore` opens the node's keys as the rest of the CLI does."""
 
-    def __init__(self, keystore: KeystoreOf, has_contexts: Callable[..., bool]) -> None:
+    def __init__(
+        self, keystore: KeystoreOf, has_contexts: Callable[..., bool], model: ModelOf
+    ) -> None:
         self._keystore = keystore
         self._has_contexts = has_contexts
+        self._model = model
 
     def invite(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         keys = self._keystore(cfg, passphrase)
@@ -92,19 +99,42 @@ class PeerCommands:
         cutoff = cluster.remove(member.node_id)
         _tell_daemon(cfg)
         held = sorted(cluster.roles_held_by(member.node_id))
-        if held:
-            # Its copies of these role keys still open what was written before: new
-            # writes stay out of its reach once the roles rotate (not automatic yet).
+        # Its copies of these role keys still open what was written before; what is
+        # written from now on is sealed to a new generation it never receives.
+        mine = self._keystore(cfg, passphrase).load().held_roles()
+        rotated = [role for role in held if role in mine]
+        if rotated:
+            self._rotate(cfg, passphrase, rotated)
+        others = [role for role in held if role not in mine]
+        if others:
             _say(
-                f"{member.name} held the keys of {', '.join(held)}: rotate them"
-                " (slurpfs keys rotate ROLE) and grant the new keys to the members that need them"
+                f"{member.name} held the keys of {', '.join(others)}, which this node does not"
+                " hold: rotate them on a member that does (slurpfs keys rotate ROLE)"
             )
         _emit(
             args,
-            {"removed": member.node_id.hex(), "name": member.name, "cutoff": cutoff, "held": held},
+            {
+                "removed": member.node_id.hex(),
+                "name": member.name,
+                "cutoff": cutoff,
+                "held": held,
+                "rotated": rotated,
+            },
             f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on counts",
         )
         return 0
+
+    def _rotate(self, cfg: config.Config, passphrase: bytes | None, roles: list[str]) -> None:
+        """Rotate `roles` here, granting each new generation to the remaining holders
+        (with or without a mount on the data directory: the store's writer lock
+        orders the re-wraps with its saves, and the mount is told to reload its keys)."""
+        with self._model(cfg, passphrase) as model:
+            for role in roles:
+                report = model.rotate_role(role, rotation_announcer(cfg, model.keystore, role))
+                _say(
+                    f"{role}: generation {report.old_generation} -> {report.new_generation},"
+                    f" {report.rewrapped} versions re-wrapped"
+                )
 
     def grant(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         cluster = self._cluster(cfg, passphrase)
@@ -177,6 +207,31 @@ def publish_role(cfg: config.Config, keystore: Keystore, role: str) -> None:
         assert public is not None  # (a listed generation)
         cluster.publish_role_key(role, generation, public.public)
     _tell_daemon(cfg)
+
+
+def rotation_announcer(
+    cfg: config.Config, keystore: Keystore, role: str
+) -> Callable[[], None] | None:
+    """For `ContextStore.rotate_role` on a clustered node (None on another): once
+    the new generation exists, its public key joins the member log and the role's
+    keys are granted again to every member that held it, before any slot is
+    re-wrapped (so a peer knows the key, and holds it, before the new slots come)."""
+    if Cluster.load(cfg.data_dir, keystore) is None:
+        return None
+
+    def announce() -> None:
+        cluster = Cluster.load(cfg.data_dir, keystore)
+        assert cluster is not None  # (found a moment ago; a cluster is never undone)
+        ring = keystore.load()
+        current = ring.current_public(role)
+        cluster.publish_role_key(role, current.generation, current.public)
+        holders = cluster.regrant(role)
+        _tell_daemon(cfg)
+        if holders:
+            names = ", ".join(m.name for m in holders)
+            _say(f"granted {role} generation {current.generation} to {names}")
+
+    return announce
 
 
 # ---- addresses -----------------------------------------------------------------

@@ -371,7 +371,10 @@ class Replicator:
         self._on_log = on_log  # the member log changed by a merge
         self.digest_interval = digest_interval
         self._peers: dict[bytes, _Peer] = {}
-        self._origin: OrderedDict[bytes, bytes] = OrderedDict()  # version id -> peer
+        # version id -> (the peer it came from, its number in our change log): the
+        # push to that peer sends only the id, unless the version is listed again
+        # later (its key slots changed: a rotation) and the slots must travel.
+        self._origin: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self._acks: OrderedDict[bytes, set[bytes]] = OrderedDict()
         self._acked = trio.Event()
         self._digests = _Digests(model)
@@ -611,6 +614,8 @@ class Replicator:
         """Ingest `versions` from `peer`, fetching missing ancestors from it."""
         if not versions:
             return
+        if self._newer_keys(versions):
+            await self._catch_up_keys(peer)
         batch = versions
         for _ in range(FETCH_ROUNDS):
             try:
@@ -626,6 +631,21 @@ class Replicator:
             await self._ingested(peer, report)
             return
         raise SlurpError(f"versions from {peer.name}: too many missing ancestors")
+
+    def _newer_keys(self, versions: Sequence[Incoming]) -> bool:
+        """True if a slot is sealed to a role generation newer than any known here
+        (a rotation elsewhere whose member-log entry has not reached us yet)."""
+        keyring = self.model.keyring
+        return any(
+            slot.generation > max(keyring.generations(slot.role), default=0)
+            for version in versions
+            for slot in version.slots
+        )
+
+    async def _catch_up_keys(self, peer: _Peer) -> None:
+        """Take the peer's member log (the new role keys, grants) before its slots."""
+        await self._hello(peer)
+        await trio.to_thread.run_sync(self.model.reload_keyring)
 
     async def _accept(self, peer: _Peer, batch: list[Incoming]) -> IngestReport:
         origin = f"peer:{peer.node_id.hex()[:16]}"
@@ -643,14 +663,22 @@ class Replicator:
                 return IngestReport((), 0, self.model.store.sequence())
         reports = [await self._accept(peer, [one]) for one in batch]
         stored = tuple(r for report in reports for r in report.stored)
-        return IngestReport(stored, sum(r.known for r in reports), reports[-1].sequence)
+        return IngestReport(
+            stored,
+            sum(r.known for r in reports),
+            reports[-1].sequence,
+            tuple(v for report in reports for v in report.reslotted),
+            tuple(n for report in reports for n in report.numbers),
+        )
 
     async def _ingested(self, peer: _Peer, report: IngestReport) -> None:
+        if report.reslotted and not report.stored:
+            self.local_changed()  # new key slots: peers that lack them get them from us too
         if not report.stored:
             return
         self.ingested += len(report.stored)
-        for record in report.stored:
-            _remember(self._origin, record.version_id, peer.node_id)
+        for record, number in zip(report.stored, report.numbers, strict=True):
+            _remember(self._origin, record.version_id, (peer.node_id, number))
         self._warn_future(peer, report)
         self.local_changed()  # pass them on (to peers that cannot reach the author)
         if self._on_ingest is not None:
@@ -758,7 +786,7 @@ class Replicator:
         last, records = store.numbered_changes(since, limit=PUSH_BATCH)
         items = []
         for seq, record in records:
-            full = self._origin.get(record.version_id) != peer.node_id
+            full = self._origin.get(record.version_id) != (peer.node_id, seq)
             item = self._item(seq, record.version_id, full=full)
             if item is not None:
                 items.append(item)

@@ -137,6 +137,7 @@ class ReplicationWorker:
         replicator = self.replicator = Replicator(
             model, cluster, on_ingest=self._ingested, on_log=self._poke.set
         )
+        await self._complete_rotations(model)  # (a rotation heard of while not running)
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
         admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
         self.transport = Transport(model.keyring.node, cluster.psk, replicator, members, admissions)
@@ -157,6 +158,14 @@ class ReplicationWorker:
                 nursery.cancel_scope.cancel()
         if failed:
             await self._unavailable(f"replication cannot listen on {listen}: {failed[0]}")
+
+    @staticmethod
+    async def _complete_rotations(model: ContextStore) -> None:
+        """A new role generation in the log: versions sealed here to an older one
+        (before this node heard of it) get a slot for it (`complete_rotations`)."""
+        done = await trio.to_thread.run_sync(model.complete_rotations)
+        if done:
+            log.info("%d versions re-wrapped for the newest role key generations", done)
 
     async def _ingested(self, report: IngestReport) -> None:
         if self.peer is not None:
@@ -194,6 +203,7 @@ class ReplicationWorker:
             return
         self._digest = digest
         await trio.to_thread.run_sync(model.reload_keyring)  # trust, granted role keys
+        await self._complete_rotations(model)
         model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
         replicator.members_changed()
         replicator.log_changed()

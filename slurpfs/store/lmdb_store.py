@@ -451,12 +451,20 @@ class Store:
         add: Sequence[KeySlot],
         remove: Sequence[tuple[str, int]],
         add_local: Sequence[KeySlot] = (),
-    ) -> None:
+    ) -> int:
         """Key rotation: add re-wrapped slots and drop old-generation ones, atomically.
 
         Local slots of the removed generations go too; `add_local` replaces them.
+        A change of the shared slots (`add`, `remove`) is a change: the version is
+        numbered again in the change log, so replication carries it again with its
+        current slots. Returns the change sequence after the write.
         """
         with self._txn(write=True) as txn:
+            seq = self._sequence(txn)
+            if add or remove:
+                seq += 1
+                txn.put(s.U64.pack(seq), version_id, db=self._dbs[s.DB_CHANGES])
+                txn.put(s.INFO_SEQUENCE, s.U64.pack(seq), db=self._dbs[s.DB_INFO])
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_LOCAL_SLOTS])
             for slot in add_local:
@@ -473,6 +481,7 @@ class Store:
                 )
             for role, generation in remove:
                 txn.delete(s.slot_key(version_id, role, generation), db=self._dbs[s.DB_SLOTS])
+        return seq
 
     def drop_versions(self, version_ids: Sequence[bytes], when_ms: int) -> int:
         """Remove versions (the retention policy), in one transaction, skipping any
