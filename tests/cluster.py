@@ -34,6 +34,7 @@ import errno
 import hashlib
 import itertools
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -280,6 +281,10 @@ class Network:
         return found
 
 
+# A daemon.log line (``<date> <time> LEVEL logger: message``) of a warning or worse.
+_LOUD_LINE = r"^\S+ \S+ (?:WARNING|ERROR|CRITICAL) \S+: (.*)$"
+
+
 # -- slurpfs nodes -----------------------------------------------------------------------
 
 
@@ -360,6 +365,14 @@ class SlurpNode:
         self.network.kill_all(self.host)
         subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True, check=False)
         wait_until(f"{self.mnt} unmounted", lambda: not mounted(self.mnt), 30)
+
+    def check_log(self, expected: Sequence[str] = ()) -> None:
+        """The daemon's log since the last mount holds no WARNING or worse but those
+        `expected` (regular expressions matched whole; none need match)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        loud = [m.group(1) for m in re.finditer(_LOUD_LINE, text, re.MULTILINE)]
+        unexpected = [m for m in loud if not any(re.fullmatch(p, m) for p in expected)]
+        assert not unexpected, f"{self.name}'s daemon logged: " + "; ".join(unexpected)
 
     def pause(self) -> None:
         self.network.signal_all(self.host, signal.SIGSTOP)
