@@ -33,6 +33,7 @@ import contextlib
 import errno
 import hashlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -53,18 +54,21 @@ GUARD = 120.0  # seconds: a hang guard, never an expectation
 _RUNS = itertools.count(1)
 
 
-def have_tools() -> list[str]:
-    """What this machine lacks to run the cluster tests (empty: nothing)."""
-    missing = [tool for tool in ("ip", "nsenter", "fusermount3") if not _which(tool)]
-    if os.geteuid() != 0:
-        missing.append("root")
-    return missing
+def missing_tools() -> list[str]:
+    """The tools this machine lacks to run the cluster tests (scripts/install installs
+    them: iproute2, util-linux, fuse3)."""
+    return [tool for tool in ("ip", "nsenter", "fusermount3") if not _which(tool)]
 
 
 def _which(tool: str) -> bool:
     return any(
         os.access(Path(d) / tool, os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
     )
+
+
+# Network namespaces need root: elsewhere the cluster tests are skipped (as root, as
+# in CI, a missing tool fails them instead: they never silently do nothing).
+NOT_ROOT = os.geteuid() != 0
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -129,6 +133,8 @@ class Network:
 
     def __init__(self, size: int) -> None:
         assert 1 <= size <= 200
+        missing = missing_tools()
+        assert not missing, f"the cluster tests need {', '.join(missing)} (run scripts/install)"
         self.prefix = f"slurpfs-{os.getpid()}-{next(_RUNS)}"
         self.bridge_ns = f"{self.prefix}-br"
         self.hosts = [
@@ -312,6 +318,7 @@ class SlurpNode:
         self.mnt = root / self.name / "mnt"
         self.listen = host.multiaddr()
         self.pid = 0  # the mounted daemon's
+        self.node_id = ""  # hex, once initialised
 
     @property
     def ucxl(self) -> Path:
@@ -335,7 +342,12 @@ class SlurpNode:
         return done
 
     def init(self) -> None:
-        self.cli("init")
+        self.node_id = json.loads(self.cli("init", "--json").stdout)["node_id"]
+
+    def peers(self) -> list[dict[str, Any]]:
+        """`slurpfs peers --json`: the members and their state."""
+        listed: list[dict[str, Any]] = json.loads(self.cli("peers", "--json").stdout)
+        return listed
 
     def invite(self) -> str:
         """A join token from this node (founding the cluster on its first call)."""
@@ -359,12 +371,14 @@ class SlurpNode:
         self.cli("umount", self.mnt)
         assert not mounted(self.mnt)
         wait_until(f"{self.name}'s daemon to end", lambda: not self.network.pids(self.host), 60)
+        self.pid = 0
 
     def kill9(self) -> None:
         """kill -9 of the daemon and its workers; the stale mount is taken away."""
         self.network.kill_all(self.host)
         subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True, check=False)
         wait_until(f"{self.mnt} unmounted", lambda: not mounted(self.mnt), 30)
+        self.pid = 0
 
     def check_log(self, expected: Sequence[str] = ()) -> None:
         """The daemon's log since the last mount holds no WARNING or worse but those
@@ -663,3 +677,34 @@ def conflicts(state: NodeState) -> dict[str, list[str]]:
 def network(size: int) -> Iterator[Network]:
     with Network(size) as net:
         yield net
+
+
+class WriteLoop:
+    """A client writing new contents through one node's mount in a thread, until stopped:
+    ``<name> <i>`` to the addresses in turn (a failed write is recorded, not retried)."""
+
+    def __init__(self, history: History, node: SlurpNode, addresses: Sequence[str], role: str):
+        self.history, self.node, self.addresses, self.role = history, node, addresses, role
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.count = 0
+
+    def __enter__(self) -> WriteLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=GUARD)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            address = self.addresses[self.count % len(self.addresses)]
+            content = f"{self.node.name} {self.count}\n".encode()
+            self.history.write(self.node, address, self.role, content)
+            self.count += 1
+            self._stop.wait(0.02)
+
+    def wait_for(self, count: int) -> None:
+        """Wait until this loop has made `count` writes in all (a hang guard)."""
+        wait_until(f"{self.node.name} wrote {count} times", lambda: self.count >= count)
