@@ -21,7 +21,7 @@ File layout::
     [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
-    [replication] write_quorum (pending)
+    [replication] write_quorum (pending), auto_merge
     [roles.NAME]  readers, users, groups
 
 Without a ``[roles]`` table the roles are those the data directory holds keys for
@@ -196,6 +196,8 @@ def parse_listen(value: str, key: str) -> ListenAddress | None:
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
     write_quorum: int = _pending(1, (1, 64))
+    # Merge concurrent text versions whose changes do not overlap (`slurpfs.net.merge`).
+    auto_merge: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

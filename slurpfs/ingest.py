@@ -53,11 +53,14 @@ class MissingParents(SlurpError):
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """One version as it travels: its id, envelope and key slots."""
+    """One version as it travels: its id, envelope and key slots, and the expiry
+    (ms since the epoch) its context had where it came from (None: no TTL), so
+    that a context's TTL replicates with its versions."""
 
     version_id: bytes
     envelope: bytes
     slots: Sequence[env.KeySlot]
+    expires_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +76,11 @@ class Ingest:
     def __init__(self, model: ContextStore) -> None:
         self.model = model
 
-    def accept(self, items: Sequence[Incoming]) -> IngestReport:
+    def accept(self, items: Sequence[Incoming], *, origin: str = "") -> IngestReport:
         """Check every version of `items`, then commit the new ones in one transaction.
 
+        `origin` names where they came from (``peer:<node id prefix>``): each stored
+        version is recorded in the audit log as a ``replicate`` entry.
         Raises (nothing stored): `Corrupt` and its subclasses for a version that
         fails a check, `MissingParents`, `StoreFull`.
         """
@@ -95,11 +100,14 @@ class Ingest:
                         record,
                         item.envelope,
                         tuple(item.slots),
+                        expires_ms=item.expires_ms,
                         verified=local.verified_tag(verify_key, record.version_id),
                     )
                 )
             sequence = store.commit(commits) if commits else store.sequence()
         stored = tuple(c.record for c in commits)
+        if origin:
+            self.model.record_replicated(stored, origin)
         self.model.committed(stored)
         return IngestReport(stored, len(items) - len(fresh), sequence)
 

@@ -79,6 +79,7 @@ CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]
 
 # Later than every TTL: the head "as of then" is None exactly when the context has one.
 _END_OF_TIME_MS = (1 << 64) - 1
+DEFAULT_CLOCK_AHEAD_MS = 60_000  # the cluster setting's default (`slurpfs.net.members`)
 
 # Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
@@ -298,6 +299,10 @@ class ContextStore:
         self._audit = audit
         self._store_seal = sealed
         self._clock = hlc.HybridClock()
+        # How far past this node's wall clock a leaf another node wrote may move
+        # its clock (the cluster's `max_clock_offset_ms`): a peer with a clock far
+        # ahead must not drag every later local save into its future.
+        self.max_clock_ahead_ms = DEFAULT_CLOCK_AHEAD_MS
         self._cache = PlaintextCache(config.cache.plaintext_bytes)
         self._local = local.LocalSlots()
         self._verify_key = local.verify_key(keyring.node)
@@ -574,6 +579,18 @@ class ContextStore:
         `slurpfs.ingest` take turns through them."""
         return self._writer(wait=wait)
 
+    def record_replicated(self, records: Sequence[VersionInfo], origin: str) -> None:
+        """Audit versions another node wrote that came in from `origin` (a peer)."""
+        for record in records:
+            self._audit.record(
+                who=f"node:{record.author.hex()[:16]}",
+                action="replicate",
+                address=record.address,
+                role=record.role,
+                allowed=True,
+                reason=f"version {record.short_id} from {origin}",
+            )
+
     def committed(self, records: Sequence[VersionInfo]) -> None:
         """Versions another path of this process stored (`slurpfs.ingest`): the
         subscribers hear of them as of a local save."""
@@ -664,8 +681,10 @@ class ContextStore:
         """The parent of a new version of (address, role), which is its head, and the
         leaves the new version replaces; the clock moves past every leaf."""
         leaves = self._store.leaves(address, role)
+        me = self.keyring.node.node_id
+        limit = (int(time.time() * 1000) + self.max_clock_ahead_ms) << hlc.LOGICAL_BITS
         for leaf in leaves:
-            self._clock.observe(leaf.hlc)
+            self._clock.observe(leaf.hlc if leaf.author == me else min(leaf.hlc, limit))
         return ((leaves[0].version_id,) if leaves else ()), tuple(v.version_id for v in leaves)
 
     def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
@@ -819,6 +838,41 @@ class ContextStore:
             expires_ms=None,
             extra_parents=(version_id,),
         ).info
+
+    def commit_merge(
+        self,
+        address: str,
+        role: str,
+        data: bytes,
+        parents: Sequence[bytes],
+        leaves: Sequence[bytes],
+    ) -> VersionInfo:
+        """Seal `data` as one version of (address key, role) whose parents are exactly
+        `parents`: two or more of the context's `leaves`, its head among them (the
+        merge `slurpfs.net.merge` computed from those leaves).
+
+        `StaleHead` (nothing written) if the context's leaves are no longer `leaves`;
+        `ValueError` if `parents` are not such leaves. The version keeps the context's
+        TTL, and orders after every leaf (it is the new head).
+        """
+        with self._writer():
+            current = self._store.leaves(address, role)
+            ids = [leaf.version_id for leaf in current]
+            if set(ids) != set(leaves):
+                raise StaleHead(f"{address} [{role}] changed while it was merged")
+            if len(set(parents)) < 2 or not set(parents) <= set(ids) or ids[0] not in parents:
+                raise ValueError("a merge's parents are two or more leaves, the head among them")
+            for leaf in current:
+                self._clock.observe(leaf.hlc)
+            commit = self._seal(
+                address, role, data, tuple(parents), tuple(ids),
+                deleted=False, expires_ms=self._store.expiry(address, role),
+            )  # fmt: skip
+            self._store.commit([commit])
+        self._cache.put(commit.record.version_id, data)
+        for callback in self._subscribers:
+            callback(commit.record)
+        return commit.record
 
     def mkdir(self, address: Address) -> None:
         self._check_address(address, writing=True)

@@ -501,7 +501,6 @@ def test_pending_keys_are_left_out_of_new_files(tmp_path: Path) -> None:
 
     assert "redis_url" not in rendered
     assert "write_quorum" not in rendered
-    assert "[replication]" not in rendered  # nothing left in it
 
 
 def test_pending_keys_at_their_defaults_load_quietly(tmp_path: Path) -> None:

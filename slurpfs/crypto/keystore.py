@@ -42,7 +42,7 @@ import secrets
 import stat
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,6 +281,58 @@ class Keystore:
             if node_id in state.trusted:
                 state.trusted.remove(node_id)
                 self._write_public(state)
+
+    def adopt_publics(self, publics: Mapping[str, Mapping[int, bytes]]) -> Keyring:
+        """Take a cluster's role public keys in place of this node's own (joining).
+
+        Every private key of this node that the cluster does not list (its own
+        unused keys from before it joined) is destroyed; granted keys come later.
+        """
+        with self._lock:
+            state = self._load_state()
+            for (role, generation), pair in list(state.pairs.items()):
+                if publics.get(role, {}).get(generation) != pair.public.public:
+                    _destroy(self._role_path(role, generation))
+                    del state.pairs[(role, generation)]
+            state.publics = {validate_role(r): dict(g) for r, g in publics.items() if g}
+            self._write_public(state)
+            return state.keyring()
+
+    def follow_cluster(
+        self,
+        publics: Mapping[str, Mapping[int, bytes]],
+        pairs: Iterable[RoleKeyPair],
+        trusted: Iterable[bytes],
+    ) -> Keyring:
+        """Make a clustered node's keys follow its member log: role public keys it
+        lacks are added, private keys granted to it are stored (under the configured
+        passphrase), and the trusted nodes are exactly ``trusted`` (the log's).
+
+        A public key that differs from this node's for the same (role, generation)
+        is `Corrupt`: two keys of one generation would leave versions unreadable.
+        """
+        with self._lock:
+            state = self._load_state()
+            before = (json.dumps(state.publics, default=bytes.hex, sort_keys=True), state.trusted)
+            for role, gens in publics.items():
+                mine = state.publics.setdefault(validate_role(role), {})
+                for generation, public in gens.items():
+                    if mine.setdefault(generation, public) != public:
+                        raise Corrupt(
+                            f"the cluster's key of role {role!r} generation {generation}"
+                            " differs from this node's"
+                        )
+            for pair in pairs:
+                if (pair.role, pair.generation) not in state.pairs:
+                    if state.publics.get(pair.role, {}).get(pair.generation) != pair.public.public:
+                        raise Corrupt(f"a granted key of role {pair.role!r} does not match")
+                    self._write_pair(pair)
+                    state.pairs[(pair.role, pair.generation)] = pair
+            state.trusted = sorted({bytes(t) for t in trusted} - {state.node.node_id})
+            after = (json.dumps(state.publics, default=bytes.hex, sort_keys=True), state.trusted)
+            if after != before:
+                self._write_public(state)
+            return state.keyring()
 
     # ------------------------------------------------------------------ internals
 

@@ -719,6 +719,12 @@ class Store:
                 out.append(s.split_context(bytes(key[8:])))
             return out
 
+    def expiry(self, address: str, role: str) -> int | None:
+        """When the context's TTL ends (ms since the epoch), or None if it has none."""
+        with self._txn() as txn:
+            raw = txn.get(s.context_key(address, role), db=self._dbs[s.DB_TTL_BY_CONTEXT])
+            return None if raw is None else int(s.U64.unpack(raw)[0])
+
     def sequence(self) -> int:
         with self._txn() as txn:
             return self._sequence(txn)
@@ -740,7 +746,14 @@ class Store:
 
     def changes_since(self, seq: int, limit: int = 10_000) -> tuple[int, list[VersionRecord]]:
         """Versions committed after sequence number `seq` (by any process)."""
-        out: list[VersionRecord] = []
+        last, entries = self.numbered_changes(seq, limit)
+        return last, [record for _, record in entries]
+
+    def numbered_changes(
+        self, seq: int, limit: int = 10_000
+    ) -> tuple[int, list[tuple[int, VersionRecord]]]:
+        """As `changes_since`, each version with the sequence number of its commit."""
+        out: list[tuple[int, VersionRecord]] = []
         with self._txn() as txn:
             last = seq
             cur = txn.cursor(db=self._dbs[s.DB_CHANGES])
@@ -749,7 +762,7 @@ class Store:
                     last = s.U64.unpack(key)[0]
                     raw = txn.get(bytes(value), db=self._dbs[s.DB_META])
                     if raw is not None:  # purged since
-                        out.append(VersionRecord.unpack(bytes(value), bytes(raw)))
+                        out.append((last, VersionRecord.unpack(bytes(value), bytes(raw))))
                     if len(out) >= limit:
                         break
             return last, out

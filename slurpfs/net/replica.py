@@ -1,0 +1,976 @@
+"""The replication protocol: every member holds every version.
+
+`Replicator` is the transport's `Receiver` (`slurpfs.net.transport`) and runs
+one task per member. The byte layout of its frames is in docs/FORMAT.md; what
+happens, per peer:
+
+* **Hello.** Once the peer is up: our store epoch, change sequence and the
+  member log's digest each way. Differing logs are exchanged and merged
+  (`ClusterView.merge`; the transport's allowlist follows the merged log).
+* **Cursor pull.** We keep, per peer, the (epoch, sequence) of its change log
+  up to which we hold everything (auxiliary table `aux:replica`, so an
+  emptied store starts again from 0). A changed epoch resets it; a peer whose
+  sequence is lower than our cursor for the same epoch was rolled back (we
+  warn, and follow its log from where it is now). Then we pull "everything
+  since the cursor" in batches, in its change-log order (parents come before
+  children), ingest each batch and move the cursor.
+* **Push.** Every change of our log (local commits, and versions we ingested:
+  a peer that cannot reach their author still gets them) goes to each peer
+  that is up as soon as it is committed; a version that came from that very
+  peer goes as its id only. What a peer has not been sent is bounded
+  (`PUSH_BACKLOG` changes): past it we skip ahead and tell the peer to pull.
+  A receiver acknowledges what it holds after each batch; the acks are what
+  ``replication.write_quorum`` waits for.
+* **Missing parents.** A version whose parents are not here makes the
+  receiver fetch them (and theirs) from the sender before ingesting again.
+* **Digests.** Version ids are grouped into buckets (4096, by a hash of the
+  address; 64 groups of 64). On connect and every `DIGEST_INTERVAL` (± 25 %)
+  we compare group digests, then bucket digests, then the ids of the buckets
+  that differ, and fetch what we lack: that catches what cursors cannot (a
+  peer's rolled-back log, versions purged and refilled).
+
+Foreign versions only enter through `slurpfs.ingest.Ingest` (every check, all
+or nothing; a batch refused as a whole is retried one version at a time so
+one bad version does not hold up the rest). A version stamped further in the
+future than the cluster allows is kept, and warned about once per peer; the
+local clock does not follow it (`ContextStore.max_clock_ahead_ms`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import random
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import trio
+
+from slurpfs import hlc
+from slurpfs.crypto import envelope as env
+from slurpfs.errors import Corrupt, SlurpError
+from slurpfs.ingest import Incoming, Ingest, IngestReport, MissingParents
+from slurpfs.model import ContextStore
+from slurpfs.net.transport import PeerState, Transport, TransportError
+
+log = logging.getLogger("slurpfs.replica")
+
+__all__ = [
+    "ClusterView",
+    "PeerReport",
+    "ProtocolError",
+    "QuorumFailed",
+    "Replicator",
+]
+
+EPOCH_BYTES = 16
+CURSORS = b"replica"  # the store's auxiliary table of per-peer cursors
+PULL_BATCH = 256  # versions per pull answer (fewer when they exceed PULL_BYTES)
+PULL_BYTES = 1 << 20
+PUSH_BATCH = 128  # changes per push frame
+PUSH_BACKLOG = 10_000  # changes a peer may be behind our pushes before it must pull
+FETCH_ROUNDS = 256  # rounds of fetching missing ancestors before giving up
+DIGEST_INTERVAL = 600.0  # seconds between digest exchanges with a peer (± 25 %)
+GROUPS = 64
+BUCKETS_PER_GROUP = 64
+BUCKETS = GROUPS * BUCKETS_PER_GROUP
+DIGEST_FRESH = 5.0  # seconds a computed digest table is reused while nothing changed
+REPAIR_BUCKETS = 64  # buckets whose ids one exchange lists at most
+UP_POLL = 0.05  # seconds between looks at whether a peer is up
+RECENT = 50_000  # version ids remembered for acks and origins
+INBOX = 64  # push batches waiting per peer before the sender is slowed down
+
+V = TypeVar("V")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_NO_EPOCH = bytes(EPOCH_BYTES)
+
+
+class ProtocolError(SlurpError):
+    """A peer sent a frame this node cannot parse."""
+
+
+class QuorumFailed(SlurpError):
+    """Fewer peers than ``replication.write_quorum`` acknowledged a version in time."""
+
+
+class Op:
+    HELLO = 1  # request: epoch ‖ sequence u64 ‖ log digest[32]; reply: the same, theirs
+    LOG = 2  # request: our log entries; reply: theirs
+    PULL = 3  # request: epoch ‖ since u64 ‖ limit u32; reply: epoch ‖ last u64 ‖ more u8 ‖ items
+    FETCH = 4  # request: version ids; reply: items (those held)
+    DIGEST = 5  # request: level u8 ‖ indices u16...; reply: digests or ids (32 bytes each)
+    JOIN = 6  # request: a join request (`ClusterView.admit`); reply: its answer
+    PUSH = 16  # data: epoch ‖ items (with their sequence numbers)
+    ACK = 17  # data: version ids now held
+    PULL_NOW = 18  # data: the sender skipped changes (backlog): pull from your cursor
+
+
+class MemberView(Protocol):
+    @property
+    def node_id(self) -> bytes: ...
+    @property
+    def addrs(self) -> tuple[str, ...]: ...
+    @property
+    def name(self) -> str: ...
+
+
+class SettingsView(Protocol):
+    @property
+    def max_clock_offset_ms(self) -> int: ...
+
+
+class ClusterView(Protocol):
+    """What replication uses of `slurpfs.net.members.Cluster`."""
+
+    def me(self) -> MemberView: ...
+    def members(self) -> Sequence[MemberView]: ...
+    def removed(self) -> Mapping[bytes, int]: ...
+    def settings(self) -> SettingsView: ...
+    def digest(self) -> bytes: ...
+    def entries(self) -> list[bytes]: ...
+    def merge(self, entries: Sequence[bytes]) -> bool: ...
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+def _pack_list(parts: Iterable[bytes]) -> bytes:
+    items = list(parts)
+    return _U32.pack(len(items)) + b"".join(_U32.pack(len(p)) + p for p in items)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise ProtocolError("a replication frame ends early")
+        out = self.data[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self.take(8))[0])
+
+    def blob(self) -> bytes:
+        return self.take(self.u32())
+
+    def blobs(self) -> list[bytes]:
+        return [self.blob() for _ in range(self.u32())]
+
+    def end(self) -> None:
+        if self.at != len(self.data):
+            raise ProtocolError("a replication frame has trailing bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One change as it travels: its sequence in the sender's log, and the version
+    (None: sent as its id only, the receiver holds it)."""
+
+    seq: int
+    version_id: bytes
+    version: Incoming | None
+
+
+def encode_item(item: Item) -> bytes:
+    head = _U64.pack(item.seq) + item.version_id
+    v = item.version
+    if v is None:
+        return head + b"\0"
+    slots = b"".join(
+        bytes([len(s.role.encode())]) + s.role.encode() + _U32.pack(s.generation)
+        + _U16.pack(len(s.sealed)) + s.sealed
+        for s in v.slots
+    )  # fmt: skip
+    return b"".join(
+        (
+            head,
+            b"\1",
+            _U64.pack(v.expires_ms or 0),
+            _U32.pack(len(v.envelope)),
+            v.envelope,
+            _U16.pack(len(v.slots)),
+            slots,
+        )
+    )
+
+
+def decode_item(r: _Reader) -> Item:
+    seq, version_id, full = r.u64(), r.take(32), r.u8()
+    if not full:
+        return Item(seq, version_id, None)
+    expires = r.u64()
+    envelope = r.take(r.u32())
+    slots = []
+    for _ in range(r.u16()):
+        try:
+            role = r.take(r.u8()).decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("a key slot's role is not UTF-8") from None
+        generation = r.u32()
+        slots.append(env.KeySlot(role, generation, r.take(r.u16())))
+    return Item(seq, version_id, Incoming(version_id, envelope, slots, expires or None))
+
+
+def _items(r: _Reader) -> list[Item]:
+    return [decode_item(r) for _ in range(r.u32())]
+
+
+def _pack_items(items: Sequence[Item]) -> bytes:
+    return _U32.pack(len(items)) + b"".join(encode_item(i) for i in items)
+
+
+# -- per-peer state ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReport:
+    """One member as `slurpfs peers` and ``.slurp/peers`` show it."""
+
+    node_id: str
+    name: str
+    state: str  # up, down, removed, or "me"
+    mode: str  # push, catching up, initial sync n of m, connecting, ""
+    address: str | None
+    rtt_ms: float | None
+    clock_offset_ms: float | None
+    last_contact: float | None
+    lag: int | None  # versions in its log past our cursor (None: unknown)
+    pushed: int
+    pulled: int
+    failures: int
+    push_failures: int
+    acked: int
+    down_since: float | None
+    last_error: str
+
+
+@dataclass
+class _Peer:
+    node_id: bytes
+    name: str
+    inbox: tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]] = field(
+        default_factory=lambda: trio.open_memory_channel[bytes](INBOX)
+    )
+    lock: trio.Lock = field(default_factory=trio.Lock)  # ingest from this peer, one at a time
+    wake: trio.Event = field(default_factory=trio.Event)  # new changes to push
+    pull_wanted: trio.Event = field(default_factory=trio.Event)
+    pushed_seq: int | None = None  # our sequence pushed so far (None: not in a session)
+    skipped: bool = False  # the backlog overflowed: the peer must be told to pull
+    their_epoch: bytes = _NO_EPOCH
+    their_seq: int = 0
+    syncing: tuple[str, int, int] | None = None  # a pull under way: (what, done, total)
+    up: bool = False
+    down_since: float | None = field(default_factory=time.time)
+    pushed: int = 0
+    pulled: int = 0
+    failures: int = 0
+    push_failures: int = 0
+    acked: int = 0
+    last_error: str = ""
+    warned_clock: bool = False
+    warned_rollback: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def bucket_of(address: str) -> int:
+    """The digest bucket of an address (the first 12 bits of its SHA-256)."""
+    return int.from_bytes(hashlib.sha256(address.encode()).digest()[:2]) >> 4
+
+
+class _Digests:
+    """Per-bucket XOR of SHA-256(version id) over the versions held."""
+
+    def __init__(self, model: ContextStore) -> None:
+        self.model = model
+        self.ids: list[list[bytes]] = [[] for _ in range(BUCKETS)]
+        self.buckets = [0] * BUCKETS
+        self._made_at = -DIGEST_FRESH
+        self._seq = -1
+        self._lock = trio.Lock()
+
+    async def fresh(self) -> _Digests:
+        async with self._lock:
+            seq = self.model.store.sequence()
+            if seq != self._seq or time.monotonic() - self._made_at > DIGEST_FRESH:
+                await trio.to_thread.run_sync(self._compute)
+                self._seq, self._made_at = seq, time.monotonic()
+        return self
+
+    def _compute(self) -> None:
+        ids: list[list[bytes]] = [[] for _ in range(BUCKETS)]
+        buckets = [0] * BUCKETS
+        for record in self.model.store.iter_records():
+            b = bucket_of(record.address)
+            ids[b].append(record.version_id)
+            buckets[b] ^= int.from_bytes(hashlib.sha256(record.version_id).digest())
+        self.ids, self.buckets = ids, buckets
+
+    def groups(self) -> list[bytes]:
+        out = []
+        for g in range(GROUPS):
+            value = 0
+            for b in range(g * BUCKETS_PER_GROUP, (g + 1) * BUCKETS_PER_GROUP):
+                value ^= self.buckets[b]
+            out.append(value.to_bytes(32))
+        return out
+
+    def bucket_digests(self, groups: Iterable[int]) -> list[bytes]:
+        return [
+            self.buckets[b].to_bytes(32)
+            for g in groups
+            for b in range(g * BUCKETS_PER_GROUP, (g + 1) * BUCKETS_PER_GROUP)
+        ]
+
+
+# -- the replicator ----------------------------------------------------------------------
+
+
+class Replicator:
+    """One node's side of replication (module docstring). Run `run` in a nursery
+    with the `Transport` it is the receiver of."""
+
+    def __init__(
+        self,
+        model: ContextStore,
+        cluster: ClusterView,
+        *,
+        on_ingest: Callable[[IngestReport], Awaitable[None]] | None = None,
+        join: Callable[[bytes], bytes] | None = None,
+        digest_interval: float = DIGEST_INTERVAL,
+    ) -> None:
+        self.model = model
+        self.cluster = cluster
+        self.ingest = Ingest(model)
+        self.transport: Transport | None = None
+        self._on_ingest = on_ingest
+        self._join = join
+        self.digest_interval = digest_interval
+        self._peers: dict[bytes, _Peer] = {}
+        self._origin: OrderedDict[bytes, bytes] = OrderedDict()  # version id -> peer
+        self._acks: OrderedDict[bytes, set[bytes]] = OrderedDict()
+        self._acked = trio.Event()
+        self._digests = _Digests(model)
+        self._nursery: trio.Nursery | None = None
+        self._me = cluster.me().node_id
+        self.rejected = 0  # versions refused by ingest (checks failed)
+        self.ingested = 0
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, transport: Transport) -> None:
+        """Replicate with every member until cancelled."""
+        self.transport = transport
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.members_changed()
+            await trio.sleep_forever()
+
+    def members_changed(self) -> None:
+        """The member log changed: the transport's allowlist and our peer tasks follow."""
+        members = {m.node_id: m for m in self.cluster.members()}
+        if self.transport is not None:
+            self.transport.set_members(
+                {n: (m.addrs[0] if m.addrs else None) for n, m in members.items()}
+            )
+        for node_id in list(self._peers):
+            if node_id not in members:
+                self._peers.pop(node_id).scope.cancel()
+        for node_id, member in members.items():
+            if node_id == self._me or node_id in self._peers:
+                continue
+            peer = self._peers[node_id] = _Peer(node_id, member.name or node_id.hex()[:16])
+            if self._nursery is not None:
+                self._nursery.start_soon(self._peer_main, peer)
+
+    def local_changed(self) -> None:
+        """Our change log grew: push to every peer."""
+        for peer in self._peers.values():
+            peer.wake.set()
+
+    async def _peer_main(self, peer: _Peer) -> None:
+        with peer.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._inbox, peer)
+                while True:
+                    await self._until(peer, up=True)
+                    peer.up, peer.down_since = True, None
+                    try:
+                        await self._session(peer)
+                    except (TransportError, ProtocolError, SlurpError) as exc:
+                        peer.failures += 1
+                        peer.last_error = str(exc)
+                        log.info("replication with %s interrupted: %s", peer.name, exc)
+                    peer.pushed_seq, peer.syncing = None, None
+                    if self._is_up(peer.node_id):
+                        await trio.sleep(1.0)  # a failure while connected: not in a loop
+                    else:
+                        peer.up, peer.down_since = False, time.time()
+
+    def _state(self, node_id: bytes) -> PeerState | None:
+        if self.transport is None:
+            return None
+        for state in self.transport.peers():
+            if state.node_id == node_id:
+                return state
+        return None
+
+    def _is_up(self, node_id: bytes) -> bool:
+        state = self._state(node_id)
+        return state is not None and state.up
+
+    async def _until(self, peer: _Peer, *, up: bool) -> None:
+        # The transport keeps no event per peer state: a cheap look every UP_POLL.
+        while self._is_up(peer.node_id) != up:  # noqa: ASYNC110
+            await trio.sleep(UP_POLL)
+
+    async def _session(self, peer: _Peer) -> None:
+        """One connection's replication: hello, pull, then push and repair until down."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_when_down, peer, nursery.cancel_scope)
+            peer.pushed_seq = self.model.store.sequence()
+            await self._hello(peer)
+            nursery.start_soon(self._push_loop, peer)
+            await self._pull(peer)
+            await self._repair(peer)
+            next_repair = trio.current_time() + self._jittered()
+            while True:
+                with trio.move_on_at(next_repair):
+                    await peer.pull_wanted.wait()
+                if peer.pull_wanted.is_set():
+                    peer.pull_wanted = trio.Event()
+                    await self._pull(peer)
+                else:
+                    await self._repair(peer)
+                    next_repair = trio.current_time() + self._jittered()
+
+    def _jittered(self) -> float:
+        return self.digest_interval * random.uniform(0.75, 1.25)
+
+    async def _end_when_down(self, peer: _Peer, scope: trio.CancelScope) -> None:
+        await self._until(peer, up=False)
+        scope.cancel()
+
+    # -- hello and the member log ----------------------------------------------------------
+
+    def _hello_payload(self) -> bytes:
+        store = self.model.store
+        return (store.epoch() or _NO_EPOCH) + _U64.pack(store.sequence()) + self.cluster.digest()
+
+    async def _hello(self, peer: _Peer) -> None:
+        answer = await self._request(peer, "meta", Op.HELLO, self._hello_payload())
+        r = _Reader(answer)
+        epoch, seq, digest = r.take(EPOCH_BYTES), r.u64(), r.take(32)
+        r.end()
+        peer.their_epoch, peer.their_seq = epoch, seq
+        if digest != self.cluster.digest():
+            theirs = await self._request(peer, "meta", Op.LOG, _pack_list(self.cluster.entries()))
+            await self._merge_log(_Reader(theirs).blobs())
+        self._check_rollback(peer)
+
+    async def _merge_log(self, entries: list[bytes]) -> None:
+        if await trio.to_thread.run_sync(self.cluster.merge, entries):
+            log.info("the member log changed (merged from a peer)")
+            self.members_changed()
+
+    def _check_rollback(self, peer: _Peer) -> None:
+        epoch, seq = self._cursor(peer)
+        if epoch == peer.their_epoch and peer.their_seq < seq:
+            log.warning(
+                "peer %s was rolled back: its change log ends at %d, but we had read it up"
+                " to %d; following it from where it is now (it refills from its peers)",
+                peer.name,
+                peer.their_seq,
+                seq,
+            )
+            peer.warned_rollback = True
+            self._set_cursor(peer, epoch, peer.their_seq)
+
+    # -- cursors ---------------------------------------------------------------------------
+
+    def _cursor(self, peer: _Peer) -> tuple[bytes, int]:
+        raw = self.model.store.aux_get(CURSORS, peer.node_id)
+        if raw is None or len(raw) != EPOCH_BYTES + 8:
+            return _NO_EPOCH, 0
+        return raw[:EPOCH_BYTES], int(_U64.unpack(raw[EPOCH_BYTES:])[0])
+
+    def _set_cursor(self, peer: _Peer, epoch: bytes, seq: int) -> None:
+        self.model.store.aux_write(CURSORS, {peer.node_id: epoch + _U64.pack(seq)})
+
+    # -- pulling ---------------------------------------------------------------------------
+
+    async def _pull(self, peer: _Peer) -> None:
+        """Everything in the peer's log past our cursor, in batches."""
+        async with peer.lock:
+            epoch, since = self._cursor(peer)
+            start = since
+            while True:
+                request = epoch + _U64.pack(since) + _U32.pack(PULL_BATCH)
+                r = _Reader(await self._request(peer, "bodies", Op.PULL, request))
+                their_epoch, last, more = r.take(EPOCH_BYTES), r.u64(), r.u8()
+                items = _items(r)
+                r.end()
+                if their_epoch != epoch:
+                    epoch, since, start = their_epoch, 0, 0  # the answer starts from 0
+                peer.their_epoch, peer.their_seq = their_epoch, max(peer.their_seq, last)
+                what = "initial sync" if start == 0 else "catching up"
+                peer.syncing = (what, last - start, peer.their_seq - start) if more else None
+                await self._ingest(peer, [i.version for i in items if i.version is not None])
+                peer.pulled += len(items)
+                self._set_cursor(peer, epoch, last)
+                await self._ack(peer, [i.version_id for i in items])
+                since = last
+                if not more:
+                    return
+
+    def _serve_pull(self, payload: bytes) -> bytes:
+        r = _Reader(payload)
+        epoch, since, limit = r.take(EPOCH_BYTES), r.u64(), min(r.u32(), PULL_BATCH)
+        r.end()
+        store = self.model.store
+        mine = store.epoch() or _NO_EPOCH
+        if epoch != mine:
+            since = 0
+        last, records = store.numbered_changes(since, limit=limit)
+        items: list[Item] = []
+        size = 0
+        for seq, record in records:
+            item = self._item(seq, record.version_id, full=True)
+            if item is None:
+                continue
+            items.append(item)
+            size += len(item.version.envelope) if item.version else 0
+            if size >= PULL_BYTES:
+                last = seq
+                break
+        more = last < store.sequence()
+        return mine + _U64.pack(last) + bytes([more]) + _pack_items(items)
+
+    def _item(self, seq: int, version_id: bytes, *, full: bool) -> Item | None:
+        if not full:
+            return Item(seq, version_id, None)
+        store = self.model.store
+        record = store.record(version_id)
+        envelope = store.envelope(version_id)
+        if record is None or envelope is None:
+            return None  # purged meanwhile
+        expires = store.expiry(record.address, record.role)
+        return Item(
+            seq,
+            version_id,
+            Incoming(version_id, envelope, store.slots(version_id), expires),
+        )
+
+    # -- ingesting -------------------------------------------------------------------------
+
+    async def _ingest(self, peer: _Peer, versions: list[Incoming]) -> None:
+        """Ingest `versions` from `peer`, fetching missing ancestors from it."""
+        if not versions:
+            return
+        batch = versions
+        for _ in range(FETCH_ROUNDS):
+            try:
+                report = await self._accept(peer, batch)
+            except MissingParents as exc:
+                fetched = await self._fetch(peer, exc.missing)
+                if not fetched:
+                    raise SlurpError(
+                        f"peer {peer.name} does not hold the parents it sent versions of"
+                    ) from None
+                batch = _ordered(fetched + batch)
+                continue
+            await self._ingested(peer, report)
+            return
+        raise SlurpError(f"versions from {peer.name}: too many missing ancestors")
+
+    async def _accept(self, peer: _Peer, batch: list[Incoming]) -> IngestReport:
+        origin = f"peer:{peer.node_id.hex()[:16]}"
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(self.ingest.accept, batch, origin=origin)
+            )
+        except MissingParents:
+            raise
+        except Corrupt as exc:
+            if len(batch) == 1:
+                self.rejected += 1
+                log.warning("refused version %s from %s: %s", batch[0].version_id.hex()[:16],
+                            peer.name, exc)  # fmt: skip
+                return IngestReport((), 0, self.model.store.sequence())
+        reports = [await self._accept(peer, [one]) for one in batch]
+        stored = tuple(r for report in reports for r in report.stored)
+        return IngestReport(stored, sum(r.known for r in reports), reports[-1].sequence)
+
+    async def _ingested(self, peer: _Peer, report: IngestReport) -> None:
+        if not report.stored:
+            return
+        self.ingested += len(report.stored)
+        for record in report.stored:
+            _remember(self._origin, record.version_id, peer.node_id)
+        self._warn_future(peer, report)
+        self.local_changed()  # pass them on (to peers that cannot reach the author)
+        if self._on_ingest is not None:
+            await self._on_ingest(report)
+
+    def _warn_future(self, peer: _Peer, report: IngestReport) -> None:
+        if peer.warned_clock:
+            return
+        allowed = self.cluster.settings().max_clock_offset_ms
+        now_ms = int(time.time() * 1000)
+        ahead = max(hlc.physical_ms(r.hlc) - now_ms for r in report.stored)
+        if ahead > allowed:
+            peer.warned_clock = True
+            log.warning(
+                "versions from %s are stamped %.1f s in the future (the cluster allows %.1f s):"
+                " kept, but this node's clock does not follow them",
+                peer.name,
+                ahead / 1000,
+                allowed / 1000,
+            )
+
+    async def _fetch(self, peer: _Peer, ids: Sequence[bytes]) -> list[Incoming]:
+        r = _Reader(await self._request(peer, "bodies", Op.FETCH, b"".join(ids)))
+        items = _items(r)
+        r.end()
+        return [i.version for i in items if i.version is not None]
+
+    def _serve_fetch(self, payload: bytes) -> bytes:
+        if len(payload) % 32:
+            raise ProtocolError("a fetch request's ids are not 32 bytes each")
+        items = []
+        for at in range(0, len(payload), 32):
+            item = self._item(0, payload[at : at + 32], full=True)
+            if item is not None:
+                items.append(item)
+        return _pack_items(items)
+
+    # -- pushing ---------------------------------------------------------------------------
+
+    async def _push_loop(self, peer: _Peer) -> None:
+        while True:
+            await peer.wake.wait()
+            peer.wake = trio.Event()
+            while await self._push_some(peer):
+                pass
+
+    async def _push_some(self, peer: _Peer) -> bool:
+        """Send the next batch of our changes to `peer`; False when none are left."""
+        assert self.transport is not None
+        assert peer.pushed_seq is not None
+        store = self.model.store
+        if store.sequence() - peer.pushed_seq > PUSH_BACKLOG:
+            peer.pushed_seq = store.sequence()
+            log.info("%s is more than %d changes behind: it pulls instead", peer.name, PUSH_BACKLOG)
+            await self.transport.send(peer.node_id, "meta", [bytes([Op.PULL_NOW])])
+            return False
+        build = functools.partial(self._push_frame, peer, peer.pushed_seq)
+        last, frame, count = await trio.to_thread.run_sync(build)
+        if frame is None:
+            peer.pushed_seq = last
+            return False
+        try:
+            await self.transport.send(peer.node_id, "meta", [frame])
+        except TransportError:
+            peer.push_failures += 1
+            raise
+        peer.pushed_seq = last
+        peer.pushed += count
+        return True
+
+    def _push_frame(self, peer: _Peer, since: int) -> tuple[int, bytes | None, int]:
+        store = self.model.store
+        last, records = store.numbered_changes(since, limit=PUSH_BATCH)
+        items = []
+        for seq, record in records:
+            full = self._origin.get(record.version_id) != peer.node_id
+            item = self._item(seq, record.version_id, full=full)
+            if item is not None:
+                items.append(item)
+        if not items:
+            return last, None, 0
+        epoch = store.epoch() or _NO_EPOCH
+        return last, bytes([Op.PUSH]) + epoch + _pack_items(items), len(items)
+
+    async def _ack(self, peer: _Peer, ids: Sequence[bytes]) -> None:
+        if not ids or self.transport is None:
+            return
+        with contextlib.suppress(TransportError):
+            await self.transport.send(peer.node_id, "meta", [bytes([Op.ACK]) + b"".join(ids)])
+
+    # -- incoming frames -------------------------------------------------------------------
+
+    async def frames(self, peer: bytes, purpose: str, frames: list[bytes]) -> None:
+        """`Receiver.frames`: pushes go to the peer's inbox, acks are counted here."""
+        state = self._peers.get(peer)
+        if state is None:
+            return
+        for frame in frames:
+            if not frame:
+                raise ProtocolError("an empty replication frame")
+            if frame[0] == Op.ACK:
+                self._acked_by(state, frame[1:])
+            elif frame[0] == Op.PULL_NOW:
+                state.pull_wanted.set()
+            elif frame[0] == Op.PUSH:
+                await state.inbox[0].send(frame[1:])
+            else:
+                raise ProtocolError(f"unknown replication frame {frame[0]}")
+
+    async def _inbox(self, peer: _Peer) -> None:
+        async for body in peer.inbox[1]:
+            try:
+                await self._received_push(peer, body)
+            except (TransportError, ProtocolError, SlurpError) as exc:
+                peer.failures += 1
+                peer.last_error = str(exc)
+                log.info("a push from %s was not ingested (%s): pulling instead", peer.name, exc)
+                peer.pull_wanted.set()
+
+    async def _received_push(self, peer: _Peer, body: bytes) -> None:
+        r = _Reader(body)
+        epoch, items = r.take(EPOCH_BYTES), _items(r)
+        r.end()
+        if not items:
+            return
+        async with peer.lock:
+            versions = [i.version for i in items if i.version is not None]
+            await self._ingest(peer, versions)
+            held = [i.version_id for i in items]
+            missing = [v for v in held if self.model.store.record(v) is None]
+            cursor_epoch, cursor = self._cursor(peer)
+            contiguous = all(b.seq == a.seq + 1 for a, b in zip(items, items[1:], strict=False))
+            if not missing and cursor_epoch == epoch and items[0].seq == cursor + 1 and contiguous:
+                self._set_cursor(peer, epoch, items[-1].seq)
+            elif items[-1].seq > cursor or cursor_epoch != epoch:
+                peer.pull_wanted.set()  # a gap: what we missed comes by the cursor
+            peer.their_epoch, peer.their_seq = epoch, max(peer.their_seq, items[-1].seq)
+        await self._ack(peer, [v for v in held if v not in missing])
+
+    def _acked_by(self, peer: _Peer, ids: bytes) -> None:
+        if len(ids) % 32:
+            raise ProtocolError("an ack's ids are not 32 bytes each")
+        for at in range(0, len(ids), 32):
+            vid = ids[at : at + 32]
+            seen = self._acks.get(vid)
+            if seen is None:
+                seen = set()
+                _remember(self._acks, vid, seen)
+            seen.add(peer.node_id)
+        peer.acked += len(ids) // 32
+        self._acked.set()
+        self._acked = trio.Event()
+
+    async def request(self, peer: bytes, purpose: str, frame: bytes) -> bytes:
+        """`Receiver.request`: answer a peer's hello, log, pull, fetch, digest, join."""
+        if not frame:
+            raise ProtocolError("an empty replication request")
+        op, payload = frame[0], frame[1:]
+        state = self._peers.get(peer)
+        if op == Op.HELLO:
+            if state is not None and len(payload) == EPOCH_BYTES + 8 + 32:
+                state.their_epoch = payload[:EPOCH_BYTES]
+                state.their_seq = int(_U64.unpack(payload[EPOCH_BYTES : EPOCH_BYTES + 8])[0])
+            return self._hello_payload()
+        if op == Op.LOG:
+            theirs = _Reader(payload).blobs()
+            mine = _pack_list(self.cluster.entries())
+            await self._merge_log(theirs)
+            return mine
+        if op == Op.PULL:
+            return await trio.to_thread.run_sync(self._serve_pull, payload)
+        if op == Op.FETCH:
+            return await trio.to_thread.run_sync(self._serve_fetch, payload)
+        if op == Op.DIGEST:
+            return await self._serve_digest(payload)
+        if op == Op.JOIN and self._join is not None:
+            return await trio.to_thread.run_sync(self._join, payload)
+        raise ProtocolError(f"unknown replication request {op}")
+
+    async def _request(self, peer: _Peer, purpose: str, op: int, payload: bytes) -> bytes:
+        assert self.transport is not None
+        return await self.transport.request(peer.node_id, purpose, bytes([op]) + payload)
+
+    # -- digests ---------------------------------------------------------------------------
+
+    async def _serve_digest(self, payload: bytes) -> bytes:
+        r = _Reader(payload)
+        level = r.u8()
+        indices = [r.u16() for _ in range((len(payload) - 1) // 2)]
+        r.end()
+        digests = await self._digests.fresh()
+        if level == 0:
+            return b"".join(digests.groups())
+        if level == 1:
+            return b"".join(digests.bucket_digests(i for i in indices if i < GROUPS))
+        if level == 2:
+            return b"".join(v for b in indices if b < BUCKETS for v in digests.ids[b])
+        raise ProtocolError(f"unknown digest level {level}")
+
+    async def _digest_request(self, peer: _Peer, level: int, indices: Sequence[int]) -> list[bytes]:
+        payload = bytes([level]) + b"".join(_U16.pack(i) for i in indices)
+        answer = await self._request(peer, "meta", Op.DIGEST, payload)
+        if len(answer) % 32:
+            raise ProtocolError("a digest answer is not 32-byte values")
+        return [answer[at : at + 32] for at in range(0, len(answer), 32)]
+
+    async def _repair(self, peer: _Peer) -> None:
+        """Compare digests with `peer` and fetch the versions we lack."""
+        mine = await self._digests.fresh()
+        theirs = await self._digest_request(peer, 0, [])
+        groups = [g for g, d in enumerate(mine.groups()) if theirs[g : g + 1] != [d]]
+        if not groups:
+            return
+        their_buckets = await self._digest_request(peer, 1, groups)
+        buckets = [
+            g * BUCKETS_PER_GROUP + i
+            for n, g in enumerate(groups)
+            for i, d in enumerate(mine.bucket_digests([g]))
+            if their_buckets[n * BUCKETS_PER_GROUP + i : n * BUCKETS_PER_GROUP + i + 1] != [d]
+        ][:REPAIR_BUCKETS]
+        ids = await self._digest_request(peer, 2, buckets)
+        store = self.model.store
+        lacking = [v for v in dict.fromkeys(ids) if store.record(v) is None]
+        if lacking:
+            log.info("digests with %s: fetching %d versions this node lacks", peer.name,
+                     len(lacking))  # fmt: skip
+        async with peer.lock:
+            for at in range(0, len(lacking), PULL_BATCH):
+                fetched = await self._fetch(peer, lacking[at : at + PULL_BATCH])
+                await self._ingest(peer, _ordered(fetched))
+                peer.pulled += len(fetched)
+
+    # -- write quorum ----------------------------------------------------------------------
+
+    async def quorum(self, version_ids: Sequence[bytes], n: int, timeout: float) -> None:  # noqa: ASYNC109 (the wait is the request)
+        """Return once `n` peers acknowledged every one of `version_ids`, else
+        `QuorumFailed` after `timeout` seconds."""
+        self.local_changed()
+        with trio.move_on_after(timeout):
+            while True:
+                have = min((len(self._acks.get(v, ())) for v in version_ids), default=n)
+                if have >= n:
+                    return
+                await self._acked.wait()
+        have = min((len(self._acks.get(v, ())) for v in version_ids), default=0)
+        up = sum(p.up for p in self._peers.values())
+        raise QuorumFailed(
+            f"{have} of the {n} peer acknowledgements replication.write_quorum asks for"
+            f" came within {timeout:g} s ({up} of {len(self._peers)} peers up)"
+        )
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def reports(self) -> list[PeerReport]:
+        """Every member, this node first, then the removed ones."""
+        out = []
+        members = {m.node_id: m for m in self.cluster.members()}
+        me = members.get(self._me)
+        if me is not None:
+            out.append(_report_me(me))
+        for peer in self._peers.values():
+            member = members.get(peer.node_id)
+            out.append(self._report(peer, member.addrs if member is not None else ()))
+        for node_id in self.cluster.removed():
+            out.append(_report_removed(node_id))
+        return out
+
+    def _report(self, peer: _Peer, addrs: Sequence[str]) -> PeerReport:
+        state = self._state(peer.node_id)
+        epoch, cursor = self._cursor(peer)
+        lag = max(peer.their_seq - cursor, 0) if epoch == peer.their_epoch else None
+        if not peer.up:
+            mode = ""
+        elif peer.syncing is not None:
+            what, done, total = peer.syncing
+            mode = f"{what} {done} of {total}"
+        else:
+            mode = "push" if peer.pushed_seq is not None else "connecting"
+        return PeerReport(
+            node_id=peer.node_id.hex(),
+            name=peer.name,
+            state="up" if peer.up else "down",
+            mode=mode,
+            address=(state.address if state is not None else None) or (addrs[0] if addrs else None),
+            rtt_ms=None if state is None or state.rtt is None else round(state.rtt * 1000, 3),
+            clock_offset_ms=None
+            if state is None or state.clock_offset is None
+            else round(state.clock_offset * 1000, 3),
+            last_contact=None if state is None else state.last_contact,
+            lag=lag,
+            pushed=peer.pushed,
+            pulled=peer.pulled,
+            failures=peer.failures,
+            push_failures=peer.push_failures,
+            acked=peer.acked,
+            down_since=peer.down_since,
+            last_error=peer.last_error,
+        )
+
+
+def _remember(table: OrderedDict[bytes, V], key: bytes, value: V) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > RECENT:
+        table.popitem(last=False)
+
+
+def _report_me(member: MemberView) -> PeerReport:
+    return PeerReport(
+        member.node_id.hex(), member.name, "me", "", member.addrs[0] if member.addrs else None,
+        None, None, None, None, 0, 0, 0, 0, 0, None, "",
+    )  # fmt: skip
+
+
+def _report_removed(node_id: bytes) -> PeerReport:
+    return PeerReport(
+        node_id.hex(), "", "removed", "", None, None, None, None, None, 0, 0, 0, 0, 0, None, ""
+    )
+
+
+def _ordered(versions: list[Incoming]) -> list[Incoming]:
+    """`versions` with parents before children (ids deduplicated)."""
+    by_id: dict[bytes, Incoming] = {}
+    for v in versions:
+        by_id.setdefault(v.version_id, v)
+    out: list[Incoming] = []
+    done: set[bytes] = set()
+    for root in by_id:
+        stack = [(root, False)]
+        while stack:
+            vid, expanded = stack.pop()
+            if vid in done or vid not in by_id:
+                continue
+            if expanded:
+                done.add(vid)
+                out.append(by_id[vid])
+                continue
+            stack.append((vid, True))
+            stack += [(p, False) for p in _parents(by_id[vid]) if p not in done]
+    return out
+
+
+def _parents(version: Incoming) -> tuple[bytes, ...]:
+    try:
+        return tuple(env.Envelope.decode(version.envelope).header.parents)
+    except (Corrupt, ValueError):
+        return ()  # ingest refuses it, with the reason
