@@ -17,11 +17,12 @@ import pytest
 from conftest import WEAK_KDF, Nodes, make_config, run_cli
 from fsutil import Mounted, wait_for
 
+from slurpfs import audit
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import ConfigError
 from slurpfs.ingest import Incoming, Ingest
 from slurpfs.model import ContextStore, VersionInfo
-from slurpfs.net.merge import merge_context, merge_leaves
+from slurpfs.net.merge import MAX_MERGE_BYTES, merge_context, merge_leaves
 from slurpfs.ucxl import Address, parse
 
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
@@ -172,6 +173,18 @@ def test_a_version_that_is_not_text_is_never_merged(pair: Cluster, bad: bytes, r
         assert leaf_ids(model) == {text.version_id, binary.version_id}
 
 
+def test_a_text_too_large_to_merge_stays_a_conflict(pair: Cluster) -> None:
+    big = BASE + b"more\n" * (MAX_MERGE_BYTES // 5)
+    concurrent(pair, edit(big, 1, b"one\n"), edit(big, 10, b"ten\n"))
+
+    outcome = merge_context(pair.models[0], KEY, DEV)
+
+    assert outcome.merged is None
+    assert [u.reason for u in outcome.unmerged] == [
+        f"it is over {MAX_MERGE_BYTES} bytes, too large to merge"
+    ]
+
+
 def test_a_deletion_and_an_edit_stay_a_conflict(pair: Cluster) -> None:
     a, b = pair.models
     deletion, changed = concurrent(pair, None, edit(BASE, 3, b"three\n"))
@@ -319,6 +332,9 @@ def test_the_merge_command(pair: Cluster) -> None:
     assert b"nothing to merge" in again.stdout
     missing = run_cli("merge", str(other.child("gone.go")), DEV, "--data", data)
     assert missing.returncode == 3, missing.stderr
+
+    merges = [e for e in audit.read(data / "audit.log", 20) if e.action == "merge"]
+    assert [(e.who, e.allowed) for e in merges] == [("local", True)] * 3
 
     model = pair.nodes[0].open()
     assert model.get(other, DEV).data == edit(edit(BASE, 1, b"one\n"), 9, b"nine\n")

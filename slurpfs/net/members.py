@@ -85,6 +85,7 @@ __all__ = [
     "decode_entries",
     "encode_entries",
     "join_request",
+    "joiner_of",
 ]
 
 PSK_BYTES = 32
@@ -492,6 +493,14 @@ def join_request(identity: NodeIdentity, token: Token, me: Member) -> bytes:
     """The joiner's request: who it is, where it listens, the invite's secret; signed."""
     body = JOIN_MAGIC + token.inviter + token.secret + encode_add(me)
     return body + identity.sign(JOIN_CONTEXT + body)
+
+
+def joiner_of(request: bytes) -> Member:
+    """The node a join request claims to be (`Cluster.admit` checks the claim)."""
+    try:
+        return decode_add(request[len(JOIN_MAGIC) + 64 : -SIGNATURE_BYTES])
+    except ValueError as exc:
+        raise InviteRefused(f"a malformed join request: {exc}") from None
 
 
 def _read_join_request(request: bytes, inviter: bytes) -> tuple[Member, bytes]:

@@ -49,6 +49,9 @@ __all__ = ["MAX_MERGE_BYTES", "MergeOutcome", "Unmerged", "merge_context", "merg
 
 MAX_MERGE_BYTES = 4 << 20  # larger texts are not merged (difflib's time grows fast past this)
 _ATTEMPTS = 3  # merges computed again when the leaves moved meanwhile
+_DELETION = "a deletion (deletions are never merged)"
+_AUTO_MERGE_OFF = "a different text, and automatic merging is off (replication.auto_merge)"
+_TOO_LARGE = f"over {MAX_MERGE_BYTES} bytes, too large to merge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,12 +153,18 @@ def _take(
     model: ContextStore, graph: _Graph, fold: _Fold, leaf: VersionInfo, *, three_way: bool
 ) -> None:
     """Add `leaf` to `fold`, or `_Refused`."""
+    if leaf.deleted:
+        raise _Refused(_DELETION)
+    # The record's plaintext size refuses some leaves before anything is decrypted.
+    same_size = any(len(text) == leaf.size for text in fold.texts)
+    if not (same_size or three_way):
+        raise _Refused(_AUTO_MERGE_OFF)
+    if not same_size and leaf.size > MAX_MERGE_BYTES:
+        raise _Refused(f"it is {_TOO_LARGE}")
     data = _read(model, leaf)
     if data not in fold.texts:
         if not three_way:
-            raise _Refused(
-                "a different text, and automatic merging is off (replication.auto_merge)"
-            )
+            raise _Refused(_AUTO_MERGE_OFF)
         fold.data = _three_way(model, graph, fold, leaf, data)
     fold.parents.append(leaf.version_id)
     fold.texts.add(data)
@@ -199,7 +208,7 @@ def _line_range(start: int, end: int, count: int) -> str:
 
 def _read(model: ContextStore, info: VersionInfo) -> bytes:
     if info.deleted:
-        raise _Refused("a deletion (deletions are never merged)")
+        raise _Refused(_DELETION)
     try:
         return model.node_read(info)
     except (AccessDenied, Corrupt) as exc:
@@ -209,7 +218,7 @@ def _read(model: ContextStore, info: VersionInfo) -> bytes:
 def _lines(data: bytes, whose: str) -> list[bytes]:
     """`data` as lines (ends kept), or `_Refused` unless it is text that may be merged."""
     if len(data) > MAX_MERGE_BYTES:
-        raise _Refused(f"{whose} over {MAX_MERGE_BYTES} bytes, too large to merge")
+        raise _Refused(f"{whose} {_TOO_LARGE}")
     if b"\0" in data:
         raise _Refused(f"{whose} binary (it holds NUL bytes)")
     try:

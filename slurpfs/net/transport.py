@@ -20,6 +20,11 @@ Security (each setting closes a hole found in py-libp2p's defaults):
   so every dial is bounded in time.
 * **The member list** is checked before every dial, on every inbound
   connection (anything else is closed and counted) and on every inbound stream.
+* **The one exemption: joining.** A node with a `Joins` handler accepts a
+  non-member's connection only while `Joins.open` (an invite is pending), and
+  from it only the ``/slurpfs/join/1.0.0`` stream carrying one request; any
+  other stream is refused and counted as before, and the guest's connection is
+  closed after `JOIN_TIMEOUT` whatever it did. The joiner's side is `knock`.
 
 Liveness and dials: one long-lived connection per peer carries one stream per
 purpose each way (plus ``ping``); a ping every second measures the round trip
@@ -71,6 +76,8 @@ log = logging.getLogger(__name__)
 
 PURPOSES = ("ping", "meta", "bodies")
 PROTOCOLS = {purpose: TProtocol(f"/slurpfs/{purpose}/1.0.0") for purpose in PURPOSES}
+JOIN_PROTOCOL = TProtocol("/slurpfs/join/1.0.0")
+JOIN_TIMEOUT = 10.0  # a guest's whole visit: connect, one request, its answer
 PSK_BYTES = 32
 PING_INTERVAL = 1.0  # seconds between pings; a ping unanswered by the next one is missed
 MISSED_PINGS_DOWN = 3
@@ -146,6 +153,18 @@ class FrameReader:
 
 class _Violation(TransportError):
     """The peer broke the frame protocol; its stream is reset."""
+
+
+class Joins(Protocol):
+    """The inviter's side of a join (`slurpfs.net.join`): the only thing a
+    non-member may reach, and only while `open`."""
+
+    def open(self) -> bool:
+        """True while an invite is pending (else non-members are refused as always)."""
+
+    async def admit(self, peer: bytes, request: bytes) -> bytes:
+        """The answer to a join request from ``peer`` (a node id proven by Noise);
+        a `SlurpError` is sent back as its message."""
 
 
 class Receiver(Protocol):
@@ -312,12 +331,13 @@ class Transport:
         psk: bytes,
         receiver: Receiver,
         members: Mapping[bytes, str | None],
+        joins: Joins | None = None,
     ) -> None:
-        if len(psk) != PSK_BYTES:
-            raise ConfigError(f"the cluster key (PSK) is {PSK_BYTES} bytes, not {len(psk)}")
+        _check_psk(psk)
         self.identity = identity
         self._psk = psk
         self._receiver = receiver
+        self._joins = joins
         self._links: dict[bytes, _Link] = {}
         self._by_peer: dict[ID, _Link] = {}
         self._host: BasicHost | None = None
@@ -336,10 +356,12 @@ class Transport:
         `task_status` gets the addresses actually listened on (port 0 is resolved).
         When this returns, every connection and stream is closed.
         """
-        host = self._build_host(_multiaddr(listen))
+        host = _new_host(self.identity, self._psk, [_multiaddr(listen)])
         host.get_network().register_notifee(_Gate(self))
         for purpose, protocol in PROTOCOLS.items():
             host.set_stream_handler(protocol, partial(self._serve, purpose))
+        if self._joins is not None:
+            host.set_stream_handler(JOIN_PROTOCOL, self._serve_join)
         async with host.run([_multiaddr(listen)]), trio.open_nursery() as nursery:
             self._host, self._nursery = host, nursery
             for link in self._links.values():
@@ -352,19 +374,6 @@ class Transport:
     def stop(self) -> None:
         """Make `run` close everything and return."""
         self._stopping.set()
-
-    def _build_host(self, listen: multiaddr.Multiaddr) -> BasicHost:
-        keys = key_pair_of(self.identity)
-        noise = NoiseTransport(keys, noise_privkey=new_x25519_key_pair().private_key)
-        swarm = new_swarm(
-            key_pair=keys,
-            sec_opt={NOISE: noise},  # never the library default: it includes plaintext
-            muxer_preference="YAMUX",
-            listen_addrs=[listen],
-            retry_config=RetryConfig(max_retries=0),  # our loop retries, with our backoff
-            psk=self._psk.hex(),
-        )
-        return BasicHost(network=swarm)
 
     # ---- membership ----------------------------------------------------------
 
@@ -396,6 +405,20 @@ class Transport:
 
     def _member(self, peer_id: ID) -> _Link | None:
         return self._by_peer.get(peer_id)
+
+    def _guest(self, conn: INetConn) -> bool:
+        """Let a non-member's connection stay for one join request, if one may come
+        now; it is closed after `JOIN_TIMEOUT` unless it became a member's."""
+        if self._joins is None or self._nursery is None or not self._joins.open():
+            return False
+        self._nursery.start_soon(self._see_out, conn)
+        return True
+
+    async def _see_out(self, conn: INetConn) -> None:
+        await trio.sleep(JOIN_TIMEOUT)
+        if self._member(conn.muxed_conn.peer_id) is None:
+            with trio.move_on_after(DIAL_TIMEOUT), contextlib.suppress(*_NET_ERRORS):
+                await conn.close()
 
     def _refuse(self, what: str, peer_id: ID, remote: object) -> None:
         self._refused[what] += 1
@@ -564,6 +587,35 @@ class Transport:
             pass  # the connection ended; our own session notices and reconnects
         await _reset(stream)
 
+    async def _serve_join(self, stream: INetStream) -> None:
+        """A join stream (`Joins`): one request, its answer, then the stream ends."""
+        peer_id = stream.muxed_conn.peer_id
+        if self._joins is None or not self._joins.open():
+            self._refuse("streams", peer_id, stream.get_remote_address())
+            await _reset(stream)
+            return
+        try:
+            with trio.fail_after(JOIN_TIMEOUT):
+                frame = await _read_frame(stream)
+                if frame.kind is not Kind.REQUEST:
+                    raise _Violation(f"a {frame.kind.name} frame on the join stream")
+                try:
+                    answer = encode(
+                        Kind.REPLY,
+                        frame.id,
+                        await self._joins.admit(node_id_of(peer_id), frame.payload),
+                    )
+                except SlurpError as exc:
+                    answer = encode(Kind.ERROR, frame.id, str(exc).encode())
+                await stream.write(answer)
+                await stream.close()
+        except _Violation as exc:
+            self._refused["protocol"] += 1
+            log.warning("a join from %s broke the frame protocol: %s", peer_id, exc)
+            await _reset(stream)
+        except (*_NET_ERRORS, trio.TooSlowError):
+            await _reset(stream)
+
     async def _handle(
         self, link: _Link, purpose: str, stream: INetStream, frames: list[Frame]
     ) -> None:
@@ -603,11 +655,11 @@ class _Gate(INotifee):
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
         link = self._transport._member(peer_id)
-        if link is None:
+        if link is not None:
+            link.wake.set()
+        elif not self._transport._guest(conn):
             self._transport._refuse("connections", peer_id, _remote(conn))
             await conn.close()
-        else:
-            link.wake.set()
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         pass
@@ -623,6 +675,83 @@ class _Gate(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         pass
+
+
+async def knock(
+    identity: NodeIdentity,
+    psk: bytes,
+    address: str,
+    peer: bytes,
+    request: bytes,
+    *,
+    timeout: float = JOIN_TIMEOUT,  # noqa: ASYNC109 (a silent peer is PeerUnavailable)
+) -> bytes:
+    """A non-member's one join request to ``peer`` listening at ``address``.
+
+    Raises `PeerUnavailable` when it cannot be reached within ``timeout`` (a
+    wrong PSK looks the same: a stall), `RemoteFailure` with its message when it
+    refused the request.
+    """
+    _check_psk(psk)
+    host = _new_host(identity, psk, [])
+    info = PeerInfo(peer_id_of(peer), [_multiaddr(address)])
+    answer: Frame | None = None
+    failure = "no answer"
+    async with host.run([]):  # (what leaves this block comes out as an ExceptionGroup)
+        try:
+            with trio.fail_after(timeout):
+                await host.connect(info)
+                stream = await host.new_stream(info.peer_id, [JOIN_PROTOCOL])
+                await stream.write(encode(Kind.REQUEST, 1, request))
+                answer = await _read_frame(stream)
+                await _reset(stream)
+        except (*_NET_ERRORS, trio.TooSlowError, _Violation) as exc:
+            failure = str(exc) or type(exc).__name__
+        with trio.move_on_after(DIAL_TIMEOUT, shield=True), contextlib.suppress(*_NET_ERRORS):
+            await host.disconnect(info.peer_id)
+    if answer is None:
+        raise PeerUnavailable(f"{address}: {failure}")
+    if answer.kind is Kind.ERROR:
+        raise RemoteFailure(answer.payload.decode(errors="replace"))
+    if answer.kind is not Kind.REPLY:
+        raise PeerUnavailable(f"{address} answered with a {answer.kind.name} frame")
+    return answer.payload
+
+
+def node_id_of(peer_id: ID) -> bytes:
+    """The node id behind a libp2p peer id (Ed25519 keys are inlined in the id)."""
+    node_id = peer_id.to_bytes()[-NODE_ID_BYTES:]
+    if peer_id_of(node_id) != peer_id:
+        raise TransportError(f"peer {peer_id} is not an Ed25519 node")
+    return node_id
+
+
+def _new_host(identity: NodeIdentity, psk: bytes, listen: list[multiaddr.Multiaddr]) -> BasicHost:
+    keys = key_pair_of(identity)
+    noise = NoiseTransport(keys, noise_privkey=new_x25519_key_pair().private_key)
+    swarm = new_swarm(
+        key_pair=keys,
+        sec_opt={NOISE: noise},  # never the library default: it includes plaintext
+        muxer_preference="YAMUX",
+        listen_addrs=listen,
+        retry_config=RetryConfig(max_retries=0),  # our loop retries, with our backoff
+        psk=psk.hex(),
+    )
+    return BasicHost(network=swarm)
+
+
+def _check_psk(psk: bytes) -> None:
+    if len(psk) != PSK_BYTES:
+        raise ConfigError(f"the cluster key (PSK) is {PSK_BYTES} bytes, not {len(psk)}")
+
+
+async def _read_frame(stream: INetStream) -> Frame:
+    """The first frame on ``stream`` (`_Violation` if it ends or breaks first)."""
+    reader = FrameReader()
+    while data := await stream.read(_READ):
+        if frames := reader.feed(data):
+            return frames[0]
+    raise _Violation("the stream ended before a whole frame")
 
 
 def _multiaddr(text: str) -> multiaddr.Multiaddr:
@@ -648,7 +777,9 @@ async def _until_ends(run: Callable[[], Awaitable[None]], scope: trio.CancelScop
 
 
 __all__ = [
+    "JOIN_PROTOCOL",
     "PURPOSES",
+    "Joins",
     "Kind",
     "PeerState",
     "PeerUnavailable",
@@ -658,5 +789,7 @@ __all__ = [
     "TransportError",
     "TransportStatistics",
     "encode",
+    "knock",
+    "node_id_of",
     "peer_id_of",
 ]
