@@ -40,6 +40,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 NETNS_DIR = Path("/run/netns")
+NOTES = Path(tempfile.gettempdir()) / "slurpfs-netns"  # a note per namespace made
 SUBNET = "10.77.0"  # /24, inside the namespaces only
 PORT = 7400
 GUARD = 120.0  # seconds: a hang guard, never an expectation
@@ -171,7 +173,15 @@ class Network:
             ip("-n", host.netns, "link", "set", "lo", "up")
 
     def _add_namespace(self, name: str) -> None:
-        ip("netns", "add", name)
+        # Noted first: scripts/test's cleanup (scripts/sweep-netns) removes what a
+        # crashed run left, and only what is noted.
+        NOTES.mkdir(exist_ok=True)
+        (NOTES / name).touch()
+        try:
+            ip("netns", "add", name)
+        except RuntimeError:
+            (NOTES / name).unlink()
+            raise
         self.namespaces.append(name)
 
     # -- processes ------------------------------------------------------------------------
@@ -273,8 +283,10 @@ class Network:
         while self.namespaces:
             name = self.namespaces.pop()
             done = ip("netns", "del", name, check=False)
-            if done.returncode != 0:
+            if done.returncode != 0 and name in ip("netns", "list").stdout.split():
                 problems.append(f"ip netns del {name}: {done.stderr.strip()}")
+            else:
+                (NOTES / name).unlink(missing_ok=True)
         assert not problems, "teardown: " + "; ".join(problems)
 
     def leftovers(self) -> list[str]:

@@ -179,3 +179,43 @@ def fail_inside(net: Network, mnt: Path, started: list[subprocess.Popen[bytes]])
         net.partition([net.hosts[0]], [net.hosts[1]])
         assert net.pids(net.hosts[0]) == [started[0].pid]
         raise RuntimeError("a test failed")
+
+
+CRASHING_RUN = """
+import subprocess, sys, time
+from cluster import Network
+net = Network(2)
+sleeper = net.spawn(net.hosts[1], ["sleep", "600"])
+print(net.prefix, sleeper.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sweep_removes_what_a_killed_run_left_and_nothing_else(tmp_path: Path) -> None:
+    # A test run killed outright (no teardown): its namespaces and processes stay...
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(HERE)}
+    run = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_RUN], stdout=subprocess.PIPE, env=env, text=True
+    )
+    assert run.stdout is not None
+    prefix, sleeper = run.stdout.readline().split()
+    run.kill()
+    run.wait(timeout=GUARD)
+    run.stdout.close()
+    assert running(int(sleeper))
+    assert prefix in ip("netns", "list").stdout
+    # ...beside a namespace that is not the harness's (made here, by hand).
+    other = f"slurpfs-other-{os.getpid()}"
+    ip("netns", "add", other)
+    try:
+        swept = subprocess.run(
+            [HERE.parent / "scripts" / "sweep-netns", tmp_path], capture_output=True, text=True
+        )
+        assert swept.returncode == 0, swept.stderr
+        assert not running(int(sleeper))
+        listed = ip("netns", "list").stdout
+        assert prefix not in listed
+        assert other in listed  # not noted by the harness: untouched
+        assert not list((tmp_path / "slurpfs-netns").iterdir())
+    finally:
+        ip("netns", "del", other)
