@@ -40,6 +40,7 @@ from slurpfs.model import (
     data_paths,
     verify_audit,
 )
+from slurpfs.net import peerscmd
 from slurpfs.net.merge import merge_context
 from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
@@ -199,6 +200,14 @@ class Commands:
 
     def model(self, cfg: config.Config, passphrase: bytes | None) -> ContextStore:
         return open_model(cfg, passphrase, self.environ)
+
+    def keystore(self, cfg: config.Config, passphrase: bytes | None) -> Keystore:
+        return Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
+
+    def has_contexts(self, cfg: config.Config, passphrase: bytes | None) -> bool:
+        """True once any context was stored here (deleted ones count: history stays)."""
+        with self.model(cfg, passphrase) as model:
+            return bool(model.store.children(""))
 
     def init(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         if args.roles:
@@ -552,6 +561,8 @@ class Commands:
             _emit(
                 args, {"dropped": args.role}, f"destroyed this node's private key for {args.role}"
             )
+        if args.keys_cmd in ("add", "rotate"):  # a cluster's members learn the new key
+            peerscmd.publish_role(cfg, keystore, args.role)
         return 0
 
     def audit(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
@@ -755,12 +766,15 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("dir")
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
+    peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
+    peers_parser = add("peers", peer_commands.list, "the cluster's members")
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])
     for name in ("add", "drop", "rotate"):
         kp = keys_sub.add_parser(name, parents=[common])
         kp.add_argument("role")
+    peerscmd.register(peers_parser, keys_sub, common, peer_commands)
     p = add("audit", commands.audit, "show or verify the audit log")
     audit_sub = p.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser(

@@ -8,9 +8,11 @@ foreign version meets the same checks, in this order:
 1. the envelope parses (`MalformedEnvelope`) and hashes to the id it came
    with (`Corrupt`): versions are content-addressed;
 2. its address is a valid UCXL address and its role one this node knows;
-3. its author is a trusted node (`UntrustedAuthor`), the header signature
-   holds (`BadSignature`) and the ciphertext matches the signed hash
-   (`CiphertextTampered`);
+3. its author is a trusted node (`UntrustedAuthor`; on a clustered node the
+   member log decides who is), the header signature holds (`BadSignature`)
+   and the ciphertext matches the signed hash (`CiphertextTampered`); an
+   author removed from the cluster stays trusted for what it signed up to its
+   cutoff, and a version it stamped later is refused (`RemovedAuthor`);
 4. its key slots are sealed to public keys this node knows, each to a reader
    of the version's role (a slot for anyone else would be refused on read);
 5. its parents are stored here already, or come earlier in the same batch
@@ -30,17 +32,17 @@ local save.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from slurpfs import ucxl
 from slurpfs.crypto import envelope as env
 from slurpfs.crypto import local
-from slurpfs.errors import Corrupt, InvalidAddress, SlurpError
+from slurpfs.errors import Corrupt, InvalidAddress, SlurpError, UntrustedAuthor
 from slurpfs.model import ContextStore
 from slurpfs.store import Commit, VersionRecord
 
-__all__ = ["Incoming", "Ingest", "IngestReport", "MissingParents"]
+__all__ = ["Incoming", "Ingest", "IngestReport", "MissingParents", "RemovedAuthor"]
 
 
 class MissingParents(SlurpError):
@@ -49,6 +51,10 @@ class MissingParents(SlurpError):
     def __init__(self, message: str, missing: tuple[bytes, ...]) -> None:
         super().__init__(message)
         self.missing = missing
+
+
+class RemovedAuthor(UntrustedAuthor):
+    """The version's author was removed from the cluster before it stamped it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +79,13 @@ class IngestReport:
 class Ingest:
     """Checks and commits foreign versions into one node's store (module docstring)."""
 
-    def __init__(self, model: ContextStore) -> None:
+    def __init__(
+        self, model: ContextStore, removed: Callable[[], Mapping[bytes, int]] = dict
+    ) -> None:
+        """`removed` gives the cluster's removed authors and their cutoff HLCs
+        (`Cluster.removed`; none on a node without a cluster)."""
         self.model = model
+        self._removed = removed
 
     def accept(self, items: Sequence[Incoming], *, origin: str = "") -> IngestReport:
         """Check every version of `items`, then commit the new ones in one transaction.
@@ -125,6 +136,13 @@ class Ingest:
         if h.role not in keyring.roles():
             raise Corrupt(f"version {short}: role {h.role!r} is not known on this node")
         env.verify(envelope, address=h.address, role=h.role, keyring=keyring)
+        cutoff = self._removed().get(h.author)
+        if cutoff is not None and h.hlc > cutoff:
+            raise RemovedAuthor(
+                f"version {short} of {h.address} [{h.role}]: its author"
+                f" {h.author.hex()[:16]} was removed from the cluster before it stamped it"
+                f" (HLC {h.hlc} > cutoff {cutoff})"
+            )
         self._check_slots(item, h.role, short)
         missing = tuple(
             p for p in h.parents if p not in batch and self.model.store.record(p) is None

@@ -10,8 +10,10 @@ from conftest import WEAK_KDF, Node, Nodes
 
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import BadSignature, Corrupt, UntrustedAuthor
-from slurpfs.ingest import Incoming, Ingest, MissingParents
+from slurpfs.ingest import Incoming, Ingest, MissingParents, RemovedAuthor
 from slurpfs.model import ContextStore, VersionInfo
+from slurpfs.net import members
+from slurpfs.net.members import Cluster
 from slurpfs.ucxl import parse
 
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
@@ -167,3 +169,33 @@ def _id(envelope: bytes) -> bytes:
     from slurpfs.crypto.envelope import blake2b_256
 
     return blake2b_256(envelope)
+
+
+def test_cluster_members_are_trusted_and_a_removed_one_only_up_to_its_cutoff(
+    nodes: Nodes,
+) -> None:
+    a, a_model = nodes.new("a")
+    b, b_model = nodes.new("b")
+    a.close(a_model)
+    b.close(b_model)
+    a_keys, b_keys = (Keystore(n.data_dir, None, WEAK_KDF) for n in (a, b))
+    cluster = Cluster.found(a.data_dir, a_keys, ["/ip4/127.0.0.1/tcp/7400"], name="a")
+    token = cluster.invite()
+    b_node = b_keys.load().node
+    request = members.join_request(b_node, token, members.Member(b_node.node_id, (), "b"))
+    answer = cluster.admit(request)
+    Cluster.adopt(b.data_dir, b_keys, token.psk, members.decode_entries(answer))
+    a_model, b_model = a.open(), b.open()  # (their keyrings now follow the log)
+    assert a_model.keyring.is_trusted(b_node.node_id)  # a member: no trust_node call
+    before = b_model.put(ADDR, DEV, b"written while a member\n")
+    cutoff = cluster.remove(b_node.node_id)
+    after = b_model.put(ADDR, DEV, b"written after the removal\n")
+    assert before.hlc <= cutoff < after.hlc
+    ingest = Ingest(a_model, cluster.removed)
+    assert [r.version_id for r in ingest.accept(shipped(b_model, before)).stored] == [
+        before.version_id
+    ]
+    with pytest.raises(RemovedAuthor, match="removed from the cluster"):
+        ingest.accept(shipped(b_model, after))
+    assert a_model.store.record(after.version_id) is None
+    assert a_model.get(ADDR, DEV).data == b"written while a member\n"

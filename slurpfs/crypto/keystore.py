@@ -305,7 +305,7 @@ class Keystore:
         trusted: Iterable[bytes],
     ) -> Keyring:
         """Make a clustered node's keys follow its member log: role public keys it
-        lacks are added, private keys granted to it are stored (under the configured
+        lacks are added (not an old generation this node destroyed), private keys granted to it are stored (under the configured
         passphrase), and the trusted nodes are exactly ``trusted`` (the log's).
 
         A public key that differs from this node's for the same (role, generation)
@@ -316,7 +316,10 @@ class Keystore:
             before = (json.dumps(state.publics, default=bytes.hex, sort_keys=True), state.trusted)
             for role, gens in publics.items():
                 mine = state.publics.setdefault(validate_role(role), {})
+                newest = max(mine, default=0)
                 for generation, public in gens.items():
+                    if generation < newest and generation not in mine:
+                        continue  # destroyed here after a rotation: not brought back
                     if mine.setdefault(generation, public) != public:
                         raise Corrupt(
                             f"the cluster's key of role {role!r} generation {generation}"

@@ -38,6 +38,7 @@ import enum
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -71,6 +72,8 @@ from slurpfs.errors import (
     NotFound,
 )
 from slurpfs.hlc import LOGICAL_BITS
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Cluster",
@@ -558,6 +561,7 @@ class Cluster:
             return None
         cluster = cls(data_dir, keystore, keystore.load().node)
         cluster._open()
+        cluster._apply_keys(cluster.state())  # the log is the source of truth
         return cluster
 
     @classmethod
@@ -825,19 +829,20 @@ class Cluster:
         node_id, role, sealed = decode_grant(entry.body)
         if node_id != self._identity.node_id:
             return []
+        # A member signed it, so a grant that does not open is that member's fault:
+        # said loudly, and skipped (the rest of the log still applies).
+        key = self._identity.signing_key.to_curve25519_private_key()
         try:
-            plain = SealedBox(self._identity.signing_key.to_curve25519_private_key()).decrypt(
-                sealed
-            )
-            sealed_role, keys = _read_grant_plaintext(plain)
+            sealed_role, keys = _read_grant_plaintext(SealedBox(key).decrypt(sealed))
         except (CryptoError, ValueError):
-            raise InvalidEntry(f"{entry.short} is sealed to this node but does not open") from None
-        if sealed_role != role:
-            raise InvalidEntry(f"{entry.short} names role {role!r} but holds {sealed_role!r}")
-        pairs = [RoleKeyPair(role, g, PrivateKey(key)) for g, key in keys]
-        for pair in pairs:
-            if publics.get(role, {}).get(pair.generation) != pair.public.public:
-                raise InvalidEntry(f"{entry.short}: a key that is not {role!r}'s in the log")
+            log.error("%s is sealed to this node but does not open: skipped", entry.short)
+            return []
+        pairs = [RoleKeyPair(role, g, PrivateKey(k)) for g, k in keys]
+        if sealed_role != role or any(
+            publics.get(role, {}).get(pair.generation) != pair.public.public for pair in pairs
+        ):
+            log.error("%s holds keys that are not %r's in the log: skipped", entry.short, role)
+            return []
         return pairs
 
     # ---- invites ------------------------------------------------------------------

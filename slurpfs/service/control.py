@@ -6,6 +6,9 @@ One request line, one reply line:
              invalidate the kernel's caches, then reply ``ok``. The CLI calls
              `notify_daemon` after ``put``/``rm``/``import`` so that, once it
              returns, no reader of the mount sees the old version.
+``cluster``  the node's cluster (``<data dir>/cluster/``) changed: a ``slurpfs peers``
+             command founded, joined or changed it; the replication layer takes
+             it up (``on_cluster``), then reply ``ok``.
 ``ping``     reply ``pong <pid> <mountpoint>``.
 ``search``   reply ``search <progress>``: where the search worker stands (``ready``,
              ``building the search indexes: indexed N of M contexts (R/s, ETA T s)``...);
@@ -146,8 +149,10 @@ class ControlServer:
         on_changed: Callable[[], Awaitable[None]],
         describe: Callable[[], str],
         search: Callable[[], str] | None = None,
+        on_cluster: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
+        self._on_cluster = on_cluster
         self._on_changed = on_changed
         self._describe = describe
         self._search = search
@@ -200,6 +205,10 @@ class ControlServer:
             command = data.decode(errors="replace").strip()
             if command == "changed":
                 await self._on_changed()
+                await stream.send_all(b"ok\n")
+            elif command == "cluster":
+                if self._on_cluster is not None:
+                    await self._on_cluster()
                 await stream.send_all(b"ok\n")
             elif command == "ping":
                 await stream.send_all(f"pong {self._describe()}\n".encode())

@@ -1,0 +1,253 @@
+"""``slurpfs peers invite|join|remove`` and ``slurpfs keys grant``: cluster membership
+from the command line (`slurpfs.net.members`, `slurpfs.net.join`).
+
+Each command changes ``<data>/cluster/`` and then tells a mount running on the
+data directory (control request ``cluster``) so its replication worker picks
+the change up at once; without a mount the change waits for the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import fcntl
+import json
+import socket
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
+from slurpfs import config
+from slurpfs.crypto.keystore import Keystore
+from slurpfs.errors import AlreadyExists, ConfigError, NotEmpty, NotInitialised
+from slurpfs.net import members
+from slurpfs.net.members import Cluster, Member, Token
+from slurpfs.service import control
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
+Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
+KeystoreOf = Callable[[config.Config, bytes | None], Keystore]
+_SIOCGIFADDR = 0x8915
+
+
+class PeerCommands:
+    """The handlers; `keystore` opens the node's keys as the rest of the CLI does."""
+
+    def __init__(self, keystore: KeystoreOf, has_contexts: Callable[..., bool]) -> None:
+        self._keystore = keystore
+        self._has_contexts = has_contexts
+
+    def invite(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        keys = self._keystore(cfg, passphrase)
+        cluster = Cluster.load(cfg.data_dir, keys)
+        founded = cluster is None
+        listen = args.listen or _configured_listen(cfg)
+        if cluster is None:
+            addrs = advertised(listen or DEFAULT_LISTEN)
+            cluster = Cluster.found(cfg.data_dir, keys, addrs, name=_name(cfg))
+        elif listen:  # a member keeps its recorded address unless given another
+            cluster.update_me(advertised(listen))
+        token = cluster.invite(args.ttl)
+        running = _tell_daemon(cfg)
+        if founded:
+            _say(f"founded a cluster with this node ({cluster.me().node_id.hex()[:16]})")
+        if not running:
+            _say(
+                "no mount runs on this data directory: start `slurpfs mount` so the invitee can join"
+            )
+        _emit(
+            args,
+            {"token": token.encode(), "expires": token.expires, "founded": founded},
+            token.encode(),
+        )
+        return 0
+
+    def join(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        keys = self._keystore(cfg, passphrase)
+        keys.load()
+        if Cluster.load(cfg.data_dir, keys) is not None:
+            raise AlreadyExists("this node already belongs to a cluster")
+        if self._has_contexts(cfg, passphrase):
+            raise NotEmpty(
+                "this node's store already holds contexts: a node joins a cluster empty"
+                " (use a new data directory, or export these and import them once joined)"
+            )
+        from slurpfs.net import join as joining  # libp2p: imported only when joining
+
+        token = Token.decode(args.token)
+        addrs = advertised(args.listen or _configured_listen(cfg) or DEFAULT_LISTEN)
+        cluster = trio.run(lambda: joining.join(cfg.data_dir, keys, token, addrs, _name(cfg)))
+        _tell_daemon(cfg)
+        names = ", ".join(m.name for m in cluster.members())
+        _say(f"joined the cluster of {token.inviter.hex()[:16]}: {names}")
+        _emit(args, {"node_id": cluster.me().node_id.hex(), "members": _rows(cluster)}, "")
+        return 0
+
+    def remove(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        cluster = self._cluster(cfg, passphrase)
+        member = cluster.find(args.node)
+        cutoff = cluster.remove(member.node_id)
+        _tell_daemon(cfg)
+        _emit(
+            args,
+            {"removed": member.node_id.hex(), "name": member.name, "cutoff": cutoff},
+            f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on counts",
+        )
+        return 0
+
+    def grant(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        cluster = self._cluster(cfg, passphrase)
+        member = cluster.find(args.to)
+        generations = cluster.grant(args.role, member.node_id)
+        _tell_daemon(cfg)
+        _emit(
+            args,
+            {"role": args.role, "to": member.node_id.hex(), "generations": generations},
+            f"granted {args.role} ({generations} generations) to {member.name}",
+        )
+        return 0
+
+    def list(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        """The members in the log (a minimal list; the replication layer shows their state)."""
+        cluster = self._cluster(cfg, passphrase)
+        rows = _rows(cluster)
+        _emit(
+            args,
+            {"members": rows, "removed": [k.hex() for k in cluster.removed()]},
+            "\n".join(f"{r['name']:<16} {r['node_id'][:16]}  {' '.join(r['addrs'])}" for r in rows),
+        )
+        return 0
+
+    def _cluster(self, cfg: config.Config, passphrase: bytes | None) -> Cluster:
+        cluster = Cluster.load(cfg.data_dir, self._keystore(cfg, passphrase))
+        if cluster is None:
+            raise NotInitialised(
+                "this node belongs to no cluster (`slurpfs peers invite` founds one)"
+            )
+        return cluster
+
+
+def register(
+    peers_parser: argparse.ArgumentParser,
+    keys_sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    commands: PeerCommands,
+) -> None:
+    """Add ``invite``, ``join``, ``remove`` under ``peers`` (the bare command, the
+    list, is the caller's) and ``grant`` under ``keys``."""
+    peers = peers_parser.add_subparsers(dest="peers_cmd", metavar="COMMAND")
+    i = peers.add_parser("invite", parents=[common], help="print a single-use token to join")
+    i.add_argument("--listen", metavar="MULTIADDR", help="this node's address for the peers")
+    i.add_argument("--ttl", type=_ttl, default=600.0, help="seconds the token lives (600)")
+    i.set_defaults(handler=commands.invite)
+    j = peers.add_parser("join", parents=[common], help="join the cluster a token is from")
+    j.add_argument("token")
+    j.add_argument("--listen", metavar="MULTIADDR", help="this node's address for the peers")
+    j.set_defaults(handler=commands.join)
+    r = peers.add_parser("remove", parents=[common], help="remove a member for good")
+    r.add_argument("node", metavar="NODE", help="node id (hex prefix) or name")
+    r.set_defaults(handler=commands.remove)
+    g = keys_sub.add_parser("grant", parents=[common], help="give a member a role's keys")
+    g.add_argument("role")
+    g.add_argument("--to", required=True, metavar="NODE", help="node id (hex prefix) or name")
+    g.set_defaults(handler=commands.grant)
+
+
+def publish_role(cfg: config.Config, keystore: Keystore, role: str) -> None:
+    """After ``keys add`` or ``keys rotate`` on a clustered node: the role's public
+    keys join the member log, so every member seals to them (the private keys
+    reach other members only by ``keys grant``)."""
+    cluster = Cluster.load(cfg.data_dir, keystore)
+    if cluster is None:
+        return
+    ring = keystore.load()
+    for generation in ring.generations(role):
+        public = ring.public(role, generation)
+        assert public is not None  # (a listed generation)
+        cluster.publish_role_key(role, generation, public.public)
+    _tell_daemon(cfg)
+
+
+# ---- addresses -----------------------------------------------------------------
+
+
+def advertised(listen: str) -> list[str]:
+    """The addresses peers reach a listen address at: an unspecified host
+    (``0.0.0.0``) becomes each of this host's IPv4 addresses (loopback only if
+    there is no other)."""
+    parts = listen.split("/")
+    if len(parts) < 5 or parts[1] != "ip4" or parts[3] != "tcp" or not parts[4].isdigit():
+        raise ConfigError(f"a listen address is /ip4/HOST/tcp/PORT, not {listen!r}")
+    if parts[2] != "0.0.0.0":
+        return [listen]
+    hosts = _host_addresses()
+    outside = [h for h in hosts if not h.startswith("127.")]
+    return [f"/ip4/{h}/tcp/{parts[4]}" for h in (outside or hosts or ["127.0.0.1"])]
+
+
+def _host_addresses() -> list[str]:
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = array.array("B", struct.pack("256s", name.encode()[:15]))
+            try:
+                fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+            except OSError:  # no IPv4 address on this interface
+                continue
+            found.append(socket.inet_ntoa(request.tobytes()[20:24]))
+    return found
+
+
+def _configured_listen(cfg: config.Config) -> str | None:
+    listen = getattr(cfg.replication, "listen", None)  # `[replication] listen` when configured
+    return str(listen) if listen else None
+
+
+def _name(cfg: config.Config) -> str:
+    """``[node] name`` when set, else the host name."""
+    return cfg.node.name if cfg.node.name != config.NodeConfig.name else members.default_name()
+
+
+# ---- output --------------------------------------------------------------------
+
+
+def _rows(cluster: Cluster) -> list[dict[str, Any]]:
+    return [_row(m) for m in cluster.members()]
+
+
+def _row(member: Member) -> dict[str, Any]:
+    return {"node_id": member.node_id.hex(), "name": member.name, "addrs": list(member.addrs)}
+
+
+def _tell_daemon(cfg: config.Config) -> bool:
+    """Tell a mount on this data directory that its cluster changed; False if none runs."""
+    try:
+        reply = control.request(cfg.data_dir, "cluster", timeout=10.0)
+    except OSError as exc:
+        _say(f"the mount did not take the change now ({exc}); it will at its next start")
+        return True
+    return reply is not None
+
+
+def _emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif text:
+        print(text)
+
+
+def _say(text: str) -> None:
+    print(f"slurpfs: {text}", file=sys.stderr)
+
+
+def _ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds above 0, at most a week")
+    return value
