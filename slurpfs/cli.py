@@ -29,7 +29,14 @@ from tqdm import tqdm
 
 from slurpfs import audit, config, fsck
 from slurpfs.crypto.keystore import KdfParams, Keystore
-from slurpfs.errors import InvalidAddress, NotFound, SlurpError, WrongPassphrase, exit_code
+from slurpfs.errors import (
+    InvalidAddress,
+    NotFound,
+    NotInitialised,
+    SlurpError,
+    WrongPassphrase,
+    exit_code,
+)
 from slurpfs.index import cli as index_cli
 from slurpfs.index.check import check_index
 from slurpfs.model import (
@@ -518,6 +525,25 @@ class Commands:
         _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
         return 0
 
+    def peers(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        """The cluster's members: from the mount's replication worker when one runs,
+        else from the member log alone."""
+        from slurpfs.net.members import Cluster
+        from slurpfs.service.replication import render_peers_table
+
+        reply = control.request(cfg.data_dir, "peers", timeout=5.0)
+        if reply is not None and reply.startswith("peers {"):
+            snapshot = json.loads(reply.removeprefix("peers "))
+        else:
+            cluster = Cluster.load(cfg.data_dir, Keystore(cfg.data_dir, passphrase))
+            if cluster is None:
+                raise NotInitialised(
+                    f"{cfg.data_dir} belongs to no cluster (slurpfs peers invite founds one)"
+                )
+            snapshot = _log_only(cluster, reply is not None)
+        _emit(args, snapshot, render_peers_table(snapshot).rstrip("\n"))
+        return 0
+
     def keys(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         keystore = Keystore(cfg.data_dir, passphrase, _kdf(self.environ))
         if args.keys_cmd == "list":
@@ -591,6 +617,23 @@ class Commands:
                 ),
             )
         return 0
+
+
+def _log_only(cluster: Any, mounted: bool) -> dict[str, Any]:
+    """What the member log says of the members (no state: no worker runs)."""
+    me = cluster.me().node_id
+    rows: list[dict[str, Any]] = [
+        {
+            "node_id": m.node_id.hex(),
+            "name": m.name,
+            "state": "me" if m.node_id == me else "unknown",
+            "address": m.addrs[0] if m.addrs else None,
+        }
+        for m in cluster.members()
+    ]
+    rows += [{"node_id": n.hex(), "name": "", "state": "removed"} for n in cluster.removed()]
+    why = "the mount runs no replication worker" if mounted else "not mounted"
+    return {"worker": why, "problem": "", "listening": [], "peers": rows}
 
 
 def _content_json(data: bytes) -> dict[str, str]:
@@ -767,7 +810,9 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     add("status", commands.status, "show the store's status")
     add("demo", commands.demo, "store a few dozen demo contexts")
     peer_commands = peerscmd.PeerCommands(commands.keystore, commands.has_contexts)
-    peers_parser = add("peers", peer_commands.list, "the cluster's members")
+    peers_parser = add(
+        "peers", commands.peers, "list the cluster's members: state, address, RTT, lag"
+    )
     p = add("keys", commands.keys, "manage role keys")
     keys_sub = p.add_subparsers(dest="keys_cmd", required=True)
     keys_sub.add_parser("list", parents=[common])

@@ -21,7 +21,7 @@ File layout::
     [search]      engine, cache_bytes
     [http]        listen (HOST:PORT, [IPv6]:PORT or localhost:PORT; port 0 = any free one; off)
     [health]      min_free_bytes
-    [replication] write_quorum (pending), auto_merge
+    [replication] listen, write_quorum, quorum_timeout, down_after, auto_merge
     [roles.NAME]  readers, users, groups
 
 Without a ``[roles]`` table the roles are those the data directory holds keys for
@@ -195,7 +195,15 @@ def parse_listen(value: str, key: str) -> ListenAddress | None:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
-    write_quorum: int = _pending(1, (1, 64))
+    # A libp2p multiaddr the replication worker listens on; empty: the address
+    # this node has in its cluster's member log (`slurpfs peers invite --listen`).
+    listen: str = ""
+    # Peers that must acknowledge a written file before its fsync or close
+    # returns (0: none, the default; writes never wait for a peer).
+    write_quorum: int = _bounded(0, 0, 64)
+    quorum_timeout: float = _bounded(10.0, 0.1, 3600.0)  # seconds; then EIO
+    # Seconds a member may be down before the `peers` health check fails.
+    down_after: float = _bounded(600.0, 1.0, 30 * 86400.0)
     # Merge concurrent text versions whose changes do not overlap (`slurpfs.net.merge`).
     auto_merge: bool = True
 

@@ -404,6 +404,14 @@ class ContextStore:
     def store(self) -> Store:
         return self._store
 
+    @property
+    def keystore(self) -> Keystore:
+        return self._keystore
+
+    def reload_keyring(self) -> None:
+        """Read the keys again: the member log installed trust or granted role keys."""
+        self.keyring = self._keystore.load()
+
     def audit_problem(self) -> str | None:
         """Why access decisions cannot be recorded now (see `AuditLog.problem`), or None."""
         return self._audit.problem()

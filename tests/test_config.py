@@ -37,7 +37,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.http.listen == "127.0.0.1:0"
     assert cfg.http.address == config.ListenAddress("127.0.0.1", 0)
     assert cfg.health.min_free_bytes == 1 << 30
-    assert cfg.replication.write_quorum == 1
+    assert cfg.replication.write_quorum == 0
+    assert cfg.replication.listen == ""
+    assert cfg.replication.quorum_timeout == 10.0
+    assert cfg.replication.down_after == 600.0
     assert cfg.mount.allow_other is False
     assert cfg.role_names == ("architect", "developer", "reviewer")
     assert cfg.roles["developer"].readers == ("architect",)
@@ -229,7 +232,9 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path, env_key: str, 
         ("[mount]\nbusy_poll = 0.5\n", "mount.busy_poll"),
         ("[search]\nengine = 'lucene'\n", "search.engine"),
         ("[health]\nmin_free_bytes = -1\n", "health.min_free_bytes"),
-        ("[replication]\nwrite_quorum = 0\n", "replication.write_quorum"),
+        ("[replication]\nwrite_quorum = 65\n", "replication.write_quorum"),
+        ("[replication]\nquorum_timeout = 0\n", "replication.quorum_timeout"),
+        ("[replication]\ndown_after = 0.5\n", "replication.down_after"),
         ("node = 5\n", "node"),
         ("roles = 5\n", "roles"),
         ("[roles]\ndeveloper = 5\n", "roles.developer"),
@@ -500,7 +505,7 @@ def test_pending_keys_are_left_out_of_new_files(tmp_path: Path) -> None:
     rendered = config.render_toml(config.load(None, {"HOME": str(tmp_path)}))
 
     assert "redis_url" not in rendered
-    assert "write_quorum" not in rendered
+    assert "write_quorum = 0" in rendered  # (no longer pending)
 
 
 def test_pending_keys_at_their_defaults_load_quietly(tmp_path: Path) -> None:
@@ -515,19 +520,16 @@ def test_pending_keys_set_to_something_warn_that_they_do_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     load_text(tmp_path, "[cache]\nredis_url = 'redis://h:1/2'\n[replication]\nwrite_quorum = 3\n")
-    config.load(None, {"HOME": str(tmp_path), "SLURPFS_REPLICATION_WRITE_QUORUM": "2"})
+    config.load(None, {"HOME": str(tmp_path), "SLURPFS_CACHE_REDIS_URL": "redis://h:1/3"})
 
     warned = [r.getMessage() for r in caplog.records if r.name == "slurpfs.config"]
     assert warned == [
         "cache.redis_url = 'redis://h:1/2' has no effect yet: it is ignored",
-        "replication.write_quorum = 3 has no effect yet: it is ignored",
-        "SLURPFS_REPLICATION_WRITE_QUORUM = 2 has no effect yet: it is ignored",
+        "SLURPFS_CACHE_REDIS_URL = 'redis://h:1/3' has no effect yet: it is ignored",
     ]
 
 
 def test_pending_keys_are_still_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^replication[.]write_quorum: "):
-        load_text(tmp_path, "[replication]\nwrite_quorum = 0\n")
     with pytest.raises(ConfigError, match=r"^cache[.]redis_url: expected a string"):
         load_text(tmp_path, "[cache]\nredis_url = 5\n")
 

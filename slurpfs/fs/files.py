@@ -194,13 +194,28 @@ class OpenFiles:
         if handle.failed:
             raise fail(handle.failed)  # its save did not go through: say so again
         if handle.wrote:
+            before = handle.node.written
             await self.commit_own(handle)
+            await self._replicated(handle, before)
 
     async def fsync(self, handle: FileHandle) -> None:
         if handle.failed:
             raise fail(handle.failed)
+        before = handle.node.written
         await self.commit_own(handle)
         await self.gateway.sync()
+        await self._replicated(handle, before)
+
+    async def _replicated(self, handle: FileHandle, before: object) -> None:
+        """With ``replication.write_quorum``: wait for the peers to hold what this
+        fsync or close stored (EIO when they do not in time)."""
+        written = handle.node.written
+        if self.gateway.replicated is None or written is None or written == before:
+            return
+        try:
+            await self.gateway.replicated([written[0]])
+        except OSError as exc:
+            raise fuse_error(exc) from None
 
     async def release(self, handle: FileHandle) -> None:
         """The last descriptor of `handle` is gone: store what it still owes, close it."""

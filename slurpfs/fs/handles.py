@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -246,6 +246,9 @@ class Gateway:
         # Versions this mount committed, whose nodes it updated itself: the
         # invalidator (which reads them back from the change log) skips them.
         self.own_versions: set[bytes] = set()
+        # ``replication.write_quorum``: waits until enough peers hold these versions
+        # (`OSError` if they do not in time); None without replication.
+        self.replicated: Callable[[Sequence[bytes]], Awaitable[None]] | None = None
 
     async def _run(self, big: bool, fn: Callable[[], T]) -> T:
         if not big:

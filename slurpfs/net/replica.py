@@ -107,7 +107,6 @@ class Op:
     PULL = 3  # request: epoch ‖ since u64 ‖ limit u32; reply: epoch ‖ last u64 ‖ more u8 ‖ items
     FETCH = 4  # request: version ids; reply: items (those held)
     DIGEST = 5  # request: level u8 ‖ indices u16...; reply: digests or ids (32 bytes each)
-    JOIN = 6  # request: a join request (`ClusterView.admit`); reply: its answer
     PUSH = 16  # data: epoch ‖ items (with their sequence numbers)
     ACK = 17  # data: version ids now held
     PULL_NOW = 18  # data: the sender skipped changes (backlog): pull from your cursor
@@ -356,7 +355,6 @@ class Replicator:
         cluster: ClusterView,
         *,
         on_ingest: Callable[[IngestReport], Awaitable[None]] | None = None,
-        join: Callable[[bytes], bytes] | None = None,
         digest_interval: float = DIGEST_INTERVAL,
     ) -> None:
         self.model = model
@@ -364,7 +362,6 @@ class Replicator:
         self.ingest = Ingest(model)
         self.transport: Transport | None = None
         self._on_ingest = on_ingest
-        self._join = join
         self.digest_interval = digest_interval
         self._peers: dict[bytes, _Peer] = {}
         self._origin: OrderedDict[bytes, bytes] = OrderedDict()  # version id -> peer
@@ -781,7 +778,7 @@ class Replicator:
         self._acked = trio.Event()
 
     async def request(self, peer: bytes, purpose: str, frame: bytes) -> bytes:
-        """`Receiver.request`: answer a peer's hello, log, pull, fetch, digest, join."""
+        """`Receiver.request`: answer a peer's hello, log, pull, fetch or digest."""
         if not frame:
             raise ProtocolError("an empty replication request")
         op, payload = frame[0], frame[1:]
@@ -802,8 +799,6 @@ class Replicator:
             return await trio.to_thread.run_sync(self._serve_fetch, payload)
         if op == Op.DIGEST:
             return await self._serve_digest(payload)
-        if op == Op.JOIN and self._join is not None:
-            return await trio.to_thread.run_sync(self._join, payload)
         raise ProtocolError(f"unknown replication request {op}")
 
     async def _request(self, peer: _Peer, purpose: str, op: int, payload: bytes) -> bytes:

@@ -10,6 +10,11 @@ order, stopped in the reverse order):
 - ``search``: a `WorkerProcess` running the search worker (the search engine and
   the `Indexer`, in a process of their own: `slurpfs.service.search_worker`); the mount
   does not wait for it, ``.search/`` asks it over its socket (`SearchClient`);
+- ``replication``: a `WorkerProcess` running the replication worker
+  (`slurpfs.net.worker`) when the data directory has a cluster (``<data>/cluster/``),
+  or from the control socket's ``cluster`` (a cluster was founded or joined while
+  mounted); the daemon passes its commits on and runs the invalidator when a
+  peer's versions arrive (`ReplicationClient`);
 - ``sync``: `Syncer`, the periodic sync to stable storage (``durability.sync_interval``);
 - ``ttl``: `TtlCleaner`, expired contexts are purged (once a minute);
 - ``keys``: `KeyPreparer`, data keys sealed ahead of time in a thread of its own;
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -60,10 +66,12 @@ from slurpfs.fs.ops import Operations
 from slurpfs.fs.virtual import flatten
 from slurpfs.index.sealed import open_table
 from slurpfs.model import ContextStore
+from slurpfs.net.members import cluster_dir
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
 from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
+from slurpfs.service.replication import REPLICATION_WORKER, ReplicationClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
 from slurpfs.service.workers import WorkerProcess, background_priority
 
@@ -326,11 +334,17 @@ class Daemon:
         self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
         model.subscribe(self.search_client.committed)
         self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
+        self.replication_client = ReplicationClient(config, passphrase, self._peer_changed)
+        self.replication = WorkerProcess("replication", REPLICATION_WORKER, self.replication_client)
+        self._replicating = False
+        self._nursery: trio.Nursery | None = None
         self.control = ControlServer(
             config.data_dir,
             self._changed,
             self._describe,
             search=lambda: self.search_client.progress.describe(),
+            cluster=self._cluster,
+            peers=self._peers,
         )
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
         self.ttl = TtlCleaner(self.ops.gateway, self._purged)
@@ -385,6 +399,39 @@ class Daemon:
         are told here."""
         self.search_client.forget(contexts)
         await self.invalidator.forget(contexts)
+
+    async def _peer_changed(self) -> None:
+        """The replication worker stored a peer's versions: show them now."""
+        self.search_client.wake()
+        await self.invalidator.poke()
+
+    async def _cluster(self) -> None:
+        """The control socket's ``cluster``: a cluster was founded, joined or changed."""
+        if self._replicating:
+            self.replication_client.cluster_changed()
+            await trio.to_thread.run_sync(self.model.reload_keyring)
+        elif self._nursery is not None:
+            await trio.to_thread.run_sync(self.model.reload_keyring)
+            await self._start_replication(self._nursery)
+
+    def _peers(self) -> str | None:
+        """The control socket's ``peers``: the members' state as JSON (None: no cluster)."""
+        if not self._replicating:
+            return None
+        return json.dumps(self.replication_client.snapshot(), sort_keys=True)
+
+    async def _start_replication(self, nursery: trio.Nursery) -> None:
+        self._replicating = True
+        client = self.replication_client
+        self.model.subscribe(client.committed)
+        self.ops.gateway.replicated = client.replicated
+        self.ops.health.extra.append(client.check)
+        self.ops.stat_sources.append(client.status_lines)
+        self.ops.stat_sources.append(
+            lambda: flatten(self.replication.statistics(), "worker_replication_")
+        )
+        self.ops.virtual.register("peers", client.render)
+        await self.supervisor.start(nursery, "replication", self.replication)
 
     async def _changed(self) -> None:
         """A writer outside the daemon committed (control socket ``changed``)."""
@@ -467,6 +514,9 @@ class Daemon:
                 self.ops.status_info["http"],
             )
         await start("search", self.search)
+        self._nursery = nursery
+        if (cluster_dir(self.config.data_dir) / "members.log").exists():
+            await self._start_replication(nursery)
         await start("sync", self.syncer)
         await start("ttl", self.ttl)
         await start("keys", self.keys)

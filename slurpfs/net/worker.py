@@ -1,0 +1,249 @@
+"""The replication worker: the libp2p host and `Replicator`, in a process of their own.
+
+Started by the mount's daemon (`slurpfs.service.replication.ReplicationClient`)
+as ``python -m slurpfs.net.worker`` whenever the data directory has a cluster
+(``<data>/cluster/``); the process rules (priority, parent death, signals) are
+`slurpfs.service.workers`'. py-libp2p costs about 1 ms of CPU per replicated
+version: in the daemon's process that would slow the FUSE loop.
+
+The worker opens the store with the configuration and passphrase of the
+daemon's hello, loads the cluster (`slurpfs.net.members.Cluster`), listens on
+``replication.listen`` (empty: the address this node has in the member log)
+and replicates (`slurpfs.net.replica`) until told to stop. It also answers
+joins (`Cluster.admit`) for ``slurpfs peers join``.
+
+Messages (docs/FORMAT.md, "Worker protocol"):
+
+* from the daemon: ``committed`` (the daemon committed: push), ``cluster`` (the
+  member log may have changed: read it again), ``stop``; requests ``quorum``
+  (wait for ``n`` peer acks of ``ids``) and ``peers`` (the members' state);
+* to the daemon: ``changed`` after each ingest (the daemon's invalidator runs
+  at once, so a peer's save shows through the mount), ``status`` (what
+  changed in the members' state, at most every `STATUS_INTERVAL`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from slurpfs.config import Config, loads
+from slurpfs.errors import SlurpError
+from slurpfs.ingest import IngestReport
+from slurpfs.model import ContextStore
+from slurpfs.net.members import Cluster
+from slurpfs.net.replica import QuorumFailed, Replicator
+from slurpfs.net.transport import Transport
+from slurpfs.service.wire import Message, Peer, PeerGone
+from slurpfs.service.workers import child_connect, child_start
+
+log = logging.getLogger("slurpfs.replica")
+
+STATUS_INTERVAL = 1.0  # seconds between looks for news in the members' state
+CLUSTER_POLL = 1.0  # seconds between looks at the member log on disk
+
+
+def listen_address(config: Config, cluster: Cluster) -> str:
+    """Where the worker listens: ``replication.listen``, else this node's own
+    address in the member log (with several, the first one's port on every
+    interface)."""
+    if config.replication.listen:
+        return config.replication.listen
+    addrs = cluster.me().addrs
+    if not addrs:
+        raise SlurpError(
+            "this node has no address in the member log; set replication.listen"
+            " (e.g. /ip4/0.0.0.0/tcp/7400)"
+        )
+    if len(addrs) == 1:
+        return addrs[0]
+    port = addrs[0].rsplit("/", 1)[-1]
+    return f"/ip4/0.0.0.0/tcp/{port}"
+
+
+class ReplicationWorker:
+    """The worker's logic: open, load the cluster, replicate until stopped."""
+
+    def __init__(self) -> None:
+        self.peer: Peer | None = None
+        self.model: ContextStore | None = None
+        self.cluster: Cluster | None = None
+        self.replicator: Replicator | None = None
+        self.transport: Transport | None = None
+        self.listening: list[str] = []
+        self.problem = ""
+        self._stop = trio.Event()
+        self._digest = b""
+        self._last: dict[str, Any] = {}
+
+    async def run(self, hello: Message) -> None:
+        try:
+            await self._serve(hello)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.model is not None:
+                    await trio.to_thread.run_sync(self.model.close)
+
+    async def _serve(self, hello: Message) -> None:
+        try:
+            config = loads(str(hello["config"]))
+            secret = hello.fields.get("passphrase")
+            passphrase = None if secret is None else base64.b64decode(secret)
+            self.model = await trio.to_thread.run_sync(ContextStore.open, config, passphrase)
+            self.cluster = await trio.to_thread.run_sync(
+                Cluster.load, config.data_dir, self.model.keystore
+            )
+        except SlurpError as exc:
+            await self._unavailable(f"replication cannot start: {exc}")
+            return
+        if self.cluster is None:
+            await self._unavailable("this node belongs to no cluster (slurpfs peers invite)")
+            return
+        await self._replicate(config, self.model, self.cluster)
+
+    async def _unavailable(self, why: str) -> None:
+        log.error("%s", why)
+        self.problem = why
+        await self._send_status(force=True)
+        await self._stop.wait()
+
+    async def _replicate(self, config: Config, model: ContextStore, cluster: Cluster) -> None:
+        model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
+        self._digest = cluster.digest()
+        replicator = self.replicator = Replicator(model, cluster, on_ingest=self._ingested)
+        members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
+        self.transport = Transport(model.keyring.node, cluster.psk, replicator, members)
+        listen = listen_address(config, cluster)
+        async with trio.open_nursery() as nursery:
+            try:
+                self.listening = await nursery.start(self.transport.run, listen)
+            except (SlurpError, OSError) as exc:
+                nursery.cancel_scope.cancel()
+                await self._unavailable(f"replication cannot listen on {listen}: {exc}")
+                return
+            log.info("replication listening on %s", ", ".join(self.listening))
+            nursery.start_soon(replicator.run, self.transport)
+            nursery.start_soon(self._report)
+            nursery.start_soon(self._watch_cluster)
+            await self._stop.wait()
+            self.transport.stop()
+            nursery.cancel_scope.cancel()
+
+    async def _ingested(self, report: IngestReport) -> None:
+        if self.peer is not None:
+            try:
+                await self.peer.notify("changed", count=len(report.stored), seq=report.sequence)
+            except PeerGone:
+                self.stop()
+
+    async def _watch_cluster(self) -> None:
+        while True:
+            await self._cluster_changed()
+            await trio.sleep(CLUSTER_POLL)
+
+    async def _cluster_changed(self) -> None:
+        """Follow the member log on disk (the CLI and merges append to it)."""
+        cluster, model, replicator = self.cluster, self.model, self.replicator
+        if cluster is None or model is None or replicator is None:
+            return
+        digest = await trio.to_thread.run_sync(cluster.digest)
+        if digest == self._digest:
+            return
+        self._digest = digest
+        await trio.to_thread.run_sync(model.reload_keyring)  # trust, granted role keys
+        model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
+        replicator.members_changed()
+        log.info("the member log changed: %d members", len(cluster.members()))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        replicator = self.replicator
+        out: dict[str, Any] = {"problem": self.problem, "listening": self.listening}
+        if replicator is not None:
+            out["peers"] = [dataclasses.asdict(r) for r in replicator.reports()]
+            out["ingested"] = replicator.ingested
+            out["rejected"] = replicator.rejected
+        if self.transport is not None:
+            out["transport"] = dataclasses.asdict(self.transport.statistics())
+        return out
+
+    async def _report(self) -> None:
+        try:
+            while True:
+                await self._send_status()
+                await trio.sleep(STATUS_INTERVAL)
+        except PeerGone as exc:
+            log.info("cannot report to the daemon (%s): stopping", exc)
+            self.stop()
+
+    async def _send_status(self, *, force: bool = False) -> None:
+        status = self.status()
+        # Times move every second; the rest only when something happened.
+        news = {k: v for k, v in status.items() if self._last.get(k) != v}
+        if (news or force) and self.peer is not None:
+            await self.peer.notify("status", **(news or status), at=time.time())
+            self._last = {**self._last, **status}
+
+    # -- messages from the daemon ----------------------------------------------------------
+
+    async def handle(self, message: Message) -> Mapping[str, Any] | None:
+        if message.kind == "committed":
+            if self.replicator is not None:
+                self.replicator.local_changed()
+        elif message.kind == "cluster":
+            await self._cluster_changed()
+        elif message.kind == "stop":
+            self.stop()
+        elif message.kind == "quorum":
+            return await self._quorum(message)
+        elif message.kind == "peers":
+            return self.status()
+        else:
+            raise SlurpError(f"the replication worker does not know {message.kind!r}")
+        return None
+
+    async def _quorum(self, message: Message) -> Mapping[str, Any]:
+        if self.replicator is None:
+            raise QuorumFailed(self.problem or "replication is not running")
+        ids = [bytes.fromhex(str(v)) for v in message["ids"]]
+        await self.replicator.quorum(ids, int(message["n"]), float(message["timeout"]))
+        return {}
+
+
+async def _main(sock: socket.socket) -> int:
+    worker = ReplicationWorker()
+    peer, hello = await child_connect(sock, worker.handle)
+    worker.peer = peer
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            await peer.serve()  # ends when the daemon's end closes: stop too
+            worker.stop()
+
+        nursery.start_soon(serve)
+        await worker.run(hello)
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = child_start(sys.argv[1:] if argv is None else argv, "replication")
+    for noisy in ("libp2p", "multiaddr"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return trio.run(_main, args.sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The daemon's side of the replication worker (`slurpfs.net.worker`).
+
+`ReplicationClient` is the worker's `slurpfs.service.workers.WorkerLogic`: it
+gives the worker its setup (the effective configuration, the passphrase),
+passes the daemon's commits on as ``committed`` notices (coalesced), and keeps
+what the worker last reported. A ``changed`` notice from the worker (a peer's
+versions were ingested) runs the kernel cache invalidator at once, so an open
+``tail -f`` or a new ``cat`` on this mount sees a peer's save.
+
+It also serves, from that report: ``.slurp/peers``, the ``peers`` health
+check, the status lines, and `replicated` (``replication.write_quorum``: an
+``fsync`` or ``close`` of a written file waits for that many peers' acks).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from slurpfs.config import Config, render_toml
+from slurpfs.health import FAIL, OK, WARN, Check
+from slurpfs.model import VersionInfo
+from slurpfs.service.wire import Message, Peer, PeerGone, RemoteError, WireError
+
+log = logging.getLogger("slurpfs.daemon")
+
+__all__ = ["REPLICATION_WORKER", "ReplicationClient", "render_peers_table"]
+
+REPLICATION_WORKER = "slurpfs.net.worker"
+QUORUM_SLACK = 2.0  # seconds the daemon waits for the worker's answer past the timeout
+
+
+class ReplicationClient:
+    """What the daemon knows of, and tells, its replication worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        passphrase: bytes | None,
+        on_changed: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self._passphrase = passphrase
+        self._on_changed = on_changed
+        self._peer: Peer | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread: int | None = None
+        self._news = trio.Event()
+        self._cluster = False  # a `cluster` notice is due
+        self.state = "starting"  # starting, running, restarting: <reason>
+        self.report: dict[str, Any] = {}
+        self.changes = 0  # `changed` notices received (ingests)
+        self.quorum_waits = self.quorum_failures = 0
+
+    # -- WorkerLogic -------------------------------------------------------------------
+
+    def setup(self) -> Mapping[str, Any]:
+        secret = self._passphrase
+        return {
+            "config": render_toml(self.config),
+            "passphrase": None if secret is None else base64.b64encode(secret).decode(),
+        }
+
+    async def handle(self, message: Message) -> Mapping[str, Any] | None:
+        if message.id is not None:
+            raise WireError(f"the replication worker sent an unexpected {message.kind!r}")
+        if message.kind == "changed":
+            self.changes += 1
+            await self._on_changed()
+        elif message.kind == "status":
+            self.report.update(message.fields)
+        else:
+            raise WireError(f"the replication worker sent an unexpected {message.kind!r}")
+        return None
+
+    def connected(self, peer: Peer) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
+        self._peer = peer
+        self.state = "running"
+
+    def disconnected(self, reason: str) -> None:
+        self._peer = None
+        self.state = f"restarting: the replication worker {reason}"
+
+    async def feed(self, peer: Peer) -> None:
+        """Pass on commits (coalesced while a send is under way) and cluster news."""
+        self._news.set()  # commits made while the worker was down
+        while True:
+            await self._news.wait()
+            self._news = trio.Event()
+            cluster, self._cluster = self._cluster, False
+            try:
+                if cluster:
+                    await peer.notify("cluster")
+                await peer.notify("committed")
+            except PeerGone:
+                return
+
+    # -- from the daemon -------------------------------------------------------------------
+
+    def committed(self, info: VersionInfo) -> None:
+        """Model subscriber: runs in the committing thread; never blocks it."""
+        token = self._token
+        if token is None:
+            return  # no worker yet: it pushes from the change log when it starts
+        if threading.get_ident() == self._loop_thread:
+            self._news.set()
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._news.set)
+
+    def cluster_changed(self) -> None:
+        """The member log changed (``slurpfs peers ...``). Trio thread."""
+        self._cluster = True
+        self._news.set()
+
+    async def replicated(self, version_ids: Sequence[bytes]) -> None:
+        """Wait until ``replication.write_quorum`` peers acknowledged `version_ids`.
+
+        Raises `OSError` (EIO) after ``replication.quorum_timeout`` or without a
+        running worker; the log says why.
+        """
+        settings = self.config.replication
+        if settings.write_quorum == 0 or not version_ids:
+            return
+        self.quorum_waits += 1
+        peer = self._peer
+        timeout = settings.quorum_timeout
+        why = "the replication worker is not running"
+        if peer is not None:
+            why = "the replication worker did not answer"
+            with trio.move_on_after(timeout + QUORUM_SLACK):
+                try:
+                    await peer.request(
+                        "quorum",
+                        ids=[v.hex() for v in version_ids],
+                        n=settings.write_quorum,
+                        timeout=timeout,
+                    )
+                    return
+                except (RemoteError, PeerGone) as exc:
+                    why = str(exc)
+        self.quorum_failures += 1
+        log.error(
+            "write quorum not reached for version %s: %s (replication.write_quorum = %d,"
+            " replication.quorum_timeout = %g s); the file is stored here, the write is"
+            " reported as failed (EIO)",
+            version_ids[0].hex()[:16],
+            why,
+            settings.write_quorum,
+            timeout,
+        )
+        raise OSError(5, f"write quorum not reached: {why}")
+
+    # -- what the worker reported ------------------------------------------------------
+
+    @property
+    def peers(self) -> list[dict[str, Any]]:
+        return list(self.report.get("peers", []))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The report as ``slurpfs peers --json`` prints it."""
+        return {
+            "worker": self.state,
+            "problem": self.report.get("problem", ""),
+            "listening": self.report.get("listening", []),
+            "peers": self.peers,
+        }
+
+    def render(self) -> str:
+        """``.slurp/peers``."""
+        return render_peers_table(self.snapshot())
+
+    def check(self) -> Check:
+        """The ``peers`` health check: fails while a member is down longer than
+        ``replication.down_after``, or while pushes fail."""
+        problem = self.report.get("problem") or ""
+        if problem:
+            return Check("peers", FAIL, problem)
+        if self.state != "running":
+            return Check("peers", WARN, self.state)
+        now = time.time()
+        late, failing, up, total = [], [], 0, 0
+        for p in self.peers:
+            if p["state"] not in ("up", "down"):
+                continue
+            total += 1
+            up += p["state"] == "up"
+            since = p.get("down_since")
+            if p["state"] == "down" and since and now - since > self.config.replication.down_after:
+                late.append(f"{p['name']} down for {now - since:.0f} s")
+            if p.get("push_failures") and p["state"] == "up" and p.get("last_error"):
+                failing.append(f"{p['name']}: {p['last_error']}")
+        if late or failing:
+            return Check("peers", FAIL, "; ".join(late + failing))
+        if up < total:
+            return Check("peers", WARN, f"{up} of {total} peers up")
+        return Check("peers", OK, f"{up} of {total} peers up")
+
+    def status_lines(self) -> dict[str, object]:
+        """``task_replication_*`` lines of ``.slurp/status``."""
+        peers = [p for p in self.peers if p["state"] in ("up", "down")]
+        lags = [p["lag"] for p in peers if p.get("lag") is not None]
+        return {
+            "task_replication_worker": self.state,
+            "task_replication_peers_up": sum(p["state"] == "up" for p in peers),
+            "task_replication_peers": len(peers),
+            "task_replication_lag_versions": max(lags, default=0),
+            "task_replication_pushed": sum(p.get("pushed", 0) for p in peers),
+            "task_replication_pulled": sum(p.get("pulled", 0) for p in peers),
+            "task_replication_failures": sum(p.get("failures", 0) for p in peers),
+            "task_replication_ingested": self.report.get("ingested", 0),
+            "task_replication_rejected": self.report.get("rejected", 0),
+            "task_replication_quorum_waits": self.quorum_waits,
+            "task_replication_quorum_failures": self.quorum_failures,
+        }
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{value:.1f}ms"
+
+
+def _ago(when: object, now: float) -> str:
+    if not isinstance(when, int | float):
+        return "-"
+    return f"{max(now - when, 0):.0f}s ago"
+
+
+def render_peers_table(snapshot: Mapping[str, Any]) -> str:
+    """The members, one line each (``slurpfs peers``, ``.slurp/peers``)."""
+    now = time.time()
+    lines = []
+    if snapshot.get("problem"):
+        lines.append(f"replication: {snapshot['problem']}")
+    if snapshot.get("listening"):
+        lines.append(f"listening: {', '.join(snapshot['listening'])}")
+    header = ("NODE", "NAME", "STATE", "MODE", "ADDRESS", "RTT", "OFFSET", "CONTACT", "LAG")
+    rows = [header]
+    for p in snapshot.get("peers", []):
+        rows.append(
+            (
+                str(p["node_id"])[:16],
+                p.get("name") or "-",
+                p["state"],
+                p.get("mode") or "-",
+                p.get("address") or "-",
+                _ms(p.get("rtt_ms")),
+                _ms(p.get("clock_offset_ms")),
+                _ago(p.get("last_contact"), now),
+                "-" if p.get("lag") is None else str(p["lag"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def snapshot_json(snapshot: Mapping[str, Any]) -> str:
+    return json.dumps(snapshot, sort_keys=True)
