@@ -23,6 +23,7 @@ from slurpfs.errors import ConfigError
 from slurpfs.ingest import Incoming, Ingest
 from slurpfs.model import ContextStore, VersionInfo
 from slurpfs.net.merge import MAX_MERGE_BYTES, merge_context, merge_leaves
+from slurpfs.store import StaleHead
 from slurpfs.ucxl import Address, parse
 
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
@@ -307,6 +308,19 @@ def test_a_merge_descends_from_the_nearest_common_ancestor(pair: Cluster) -> Non
 
     assert merged is not None
     assert b.get(ADDR, DEV).data == edit(edit(now, 1, b"one, again\n"), 10, b"ten, again\n")
+
+
+def test_a_merge_is_written_only_on_the_leaves_it_was_computed_from(pair: Cluster) -> None:
+    a, _ = pair.models
+    concurrent(pair, edit(BASE, 2, b"two\n"), edit(BASE, 8, b"eight\n"))
+    leaves = [v.version_id for v in a.store.leaves(KEY, DEV)]
+
+    with pytest.raises(ValueError, match="the head among them"):
+        a.commit_merge(KEY, DEV, b"merged\n", leaves[1:], leaves)
+    a.put(ADDR, DEV, b"a later save\n")  # the leaves move
+    with pytest.raises(StaleHead):
+        a.commit_merge(KEY, DEV, b"merged\n", leaves, leaves)
+    assert a.get(ADDR, DEV).data == b"a later save\n"
 
 
 def test_the_merge_command(pair: Cluster) -> None:

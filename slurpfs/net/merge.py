@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from merge3 import Merge3
 
-from slurpfs.errors import AccessDenied, Corrupt
+from slurpfs.errors import AccessDenied, Busy, Corrupt
 from slurpfs.model import ContextStore, VersionInfo
 from slurpfs.store import StaleHead, Store
 
@@ -82,7 +82,10 @@ def merge_leaves(model: ContextStore, address_key: str, role: str) -> VersionInf
     None too when the leaves keep changing while this runs (the next call merges).
     Raises `StoreFull` when the version cannot be stored.
     """
-    return merge_context(model, address_key, role).merged
+    try:
+        return merge_context(model, address_key, role).merged
+    except Busy:
+        return None
 
 
 def merge_context(
@@ -91,15 +94,17 @@ def merge_context(
     """`merge_leaves`, saying why each leaf left out stays a conflict.
 
     `three_way` None follows `replication.auto_merge`; ``slurpfs merge`` passes True.
+    `Busy` when the leaves changed under each of a few attempts.
     """
     if three_way is None:
         three_way = model.config.replication.auto_merge
     store = model.store
-    outcome = MergeOutcome(None, ())
     for _ in range(_ATTEMPTS):
         if store.head(address_key, role, now_ms=int(time.time() * 1000)) is None:
             return MergeOutcome(None, ())  # nothing there, or its TTL has passed
         leaves = store.leaves(address_key, role)
+        if len(leaves) < 2:
+            return MergeOutcome(None, ())  # (the common case: nothing to read)
         fold = _fold(model, _Graph(store, leaves), leaves, three_way=three_way)
         outcome = MergeOutcome(None, tuple(fold.unmerged))
         if len(fold.parents) < 2:
@@ -111,7 +116,7 @@ def merge_context(
         except StaleHead:
             continue  # a version arrived meanwhile: merge the leaves of now
         return MergeOutcome(merged, outcome.unmerged)
-    return outcome
+    raise Busy(f"{address_key} [{role}]: its versions kept changing while they were merged")
 
 
 # -- the fold ----------------------------------------------------------------------
