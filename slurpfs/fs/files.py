@@ -214,8 +214,8 @@ class OpenFiles:
             return
         try:
             await self.gateway.replicated([written[0]])
-        except OSError as exc:
-            raise fuse_error(exc) from None
+        except OSError as exc:  # (its own log line says why)
+            raise fail(exc.errno or errno.EIO) from None
 
     async def release(self, handle: FileHandle) -> None:
         """The last descriptor of `handle` is gone: store what it still owes, close it."""

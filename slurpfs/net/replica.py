@@ -259,6 +259,7 @@ class PeerReport:
     pulled: int
     failures: int
     push_failures: int
+    push_failing: bool
     acked: int
     down_since: float | None
     last_error: str
@@ -287,6 +288,7 @@ class _Peer:
     push_failures: int = 0
     acked: int = 0
     last_error: str = ""
+    push_failing: bool = False  # the last push to it failed (cleared by the next that works)
     warned_clock: bool = False
     warned_rollback: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -689,7 +691,9 @@ class Replicator:
             await self.transport.send(peer.node_id, "meta", [frame])
         except TransportError:
             peer.push_failures += 1
+            peer.push_failing = True
             raise
+        peer.push_failing = False
         peer.pushed_seq = last
         peer.pushed += count
         return True
@@ -722,16 +726,24 @@ class Replicator:
         if state is None:
             return
         for frame in frames:
-            if not frame:
-                raise ProtocolError("an empty replication frame")
-            if frame[0] == Op.ACK:
-                self._acked_by(state, frame[1:])
-            elif frame[0] == Op.PULL_NOW:
-                state.pull_wanted.set()
-            elif frame[0] == Op.PUSH:
-                await state.inbox[0].send(frame[1:])
-            else:
-                raise ProtocolError(f"unknown replication frame {frame[0]}")
+            try:
+                await self._frame(state, frame)
+            except ProtocolError as exc:  # never into the transport: drop the frame
+                state.failures += 1
+                state.last_error = str(exc)
+                log.warning("peer %s sent a bad replication frame: %s", state.name, exc)
+
+    async def _frame(self, peer: _Peer, frame: bytes) -> None:
+        if not frame:
+            raise ProtocolError("an empty replication frame")
+        if frame[0] == Op.ACK:
+            self._acked_by(peer, frame[1:])
+        elif frame[0] == Op.PULL_NOW:
+            peer.pull_wanted.set()
+        elif frame[0] == Op.PUSH:
+            await peer.inbox[0].send(frame[1:])
+        else:
+            raise ProtocolError(f"unknown replication frame {frame[0]}")
 
     async def _inbox(self, peer: _Peer) -> None:
         async for body in peer.inbox[1]:
@@ -916,6 +928,7 @@ class Replicator:
             pulled=peer.pulled,
             failures=peer.failures,
             push_failures=peer.push_failures,
+            push_failing=peer.push_failing,
             acked=peer.acked,
             down_since=peer.down_since,
             last_error=peer.last_error,
@@ -932,13 +945,29 @@ def _remember(table: OrderedDict[bytes, V], key: bytes, value: V) -> None:
 def _report_me(member: MemberView) -> PeerReport:
     return PeerReport(
         member.node_id.hex(), member.name, "me", "", member.addrs[0] if member.addrs else None,
-        None, None, None, None, 0, 0, 0, 0, 0, None, "",
+        None, None, None, None, 0, 0, 0, 0, False, 0, None, "",
     )  # fmt: skip
 
 
 def _report_removed(node_id: bytes) -> PeerReport:
     return PeerReport(
-        node_id.hex(), "", "removed", "", None, None, None, None, None, 0, 0, 0, 0, 0, None, ""
+        node_id.hex(),
+        "",
+        "removed",
+        "",
+        None,
+        None,
+        None,
+        None,
+        None,
+        0,
+        0,
+        0,
+        0,
+        False,
+        0,
+        None,
+        "",
     )
 
 

@@ -436,6 +436,7 @@ class Daemon:
     async def _changed(self) -> None:
         """A writer outside the daemon committed (control socket ``changed``)."""
         self.search_client.wake()
+        self.replication_client.wake()
         await self.invalidator.poke()
 
     # -- lifecycle ---------------------------------------------------------------------

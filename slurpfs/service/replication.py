@@ -118,6 +118,10 @@ class ReplicationClient:
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._news.set)
 
+    def wake(self) -> None:
+        """Another process committed (the control socket's ``changed``). Trio thread."""
+        self._news.set()
+
     def cluster_changed(self) -> None:
         """The member log changed (``slurpfs peers ...``). Trio thread."""
         self._cluster = True
@@ -198,8 +202,8 @@ class ReplicationClient:
             since = p.get("down_since")
             if p["state"] == "down" and since and now - since > self.config.replication.down_after:
                 late.append(f"{p['name']} down for {now - since:.0f} s")
-            if p.get("push_failures") and p["state"] == "up" and p.get("last_error"):
-                failing.append(f"{p['name']}: {p['last_error']}")
+            if p.get("push_failing") and p["state"] == "up":
+                failing.append(f"pushes to {p['name']} fail: {p.get('last_error') or '?'}")
         if late or failing:
             return Check("peers", FAIL, "; ".join(late + failing))
         if up < total:

@@ -285,8 +285,13 @@ class ChildArgs:
     log_level: int
 
 
-def child_start(argv: list[str], name: str) -> ChildArgs:
-    """The first thing a worker program does (before any thread starts)."""
+def child_start(argv: list[str], name: str, *, nice: int | None = None) -> ChildArgs:
+    """The first thing a worker program does (before any thread starts).
+
+    The worker runs at `background_priority`, or with `nice` at that nice value
+    instead: a worker whose work is small but waited for (replication: a peer's
+    save should show within milliseconds) cannot wait for an idle CPU.
+    """
     parser = argparse.ArgumentParser(prog=f"slurpfs {name} worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
@@ -295,7 +300,11 @@ def child_start(argv: list[str], name: str) -> ChildArgs:
     _die_with_parent(args.parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    background_priority()
+    if nice is None:
+        background_priority()
+    else:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     root = logging.getLogger()
