@@ -246,6 +246,8 @@ def test_peers_invite_join_grant_and_remove_on_the_command_line(tmp_path: Path) 
 
     removed = cli("peers", "remove", b_id[:12], "--data", a, "--json")
     assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["held"] == ["developer"]  # granted above
+    assert b"rotate them" in removed.stderr
     listed = json.loads(cli("peers", "--data", a, "--json").stdout)["peers"]
     assert [p["node_id"] for p in listed if p["state"] == "removed"] == [b_id]
     assert cli("peers", "remove", b_id[:12], "--data", a).returncode == 3  # not a member now

@@ -91,9 +91,17 @@ class PeerCommands:
         member = cluster.find(args.node)
         cutoff = cluster.remove(member.node_id)
         _tell_daemon(cfg)
+        held = sorted(cluster.roles_held_by(member.node_id))
+        if held:
+            # Its copies of these role keys still open what was written before: new
+            # writes stay out of its reach once the roles rotate (not automatic yet).
+            _say(
+                f"{member.name} held the keys of {', '.join(held)}: rotate them"
+                " (slurpfs keys rotate ROLE) and grant the new keys to the members that need them"
+            )
         _emit(
             args,
-            {"removed": member.node_id.hex(), "name": member.name, "cutoff": cutoff},
+            {"removed": member.node_id.hex(), "name": member.name, "cutoff": cutoff, "held": held},
             f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on counts",
         )
         return 0
