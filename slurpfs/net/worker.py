@@ -39,6 +39,7 @@ from slurpfs.config import Config, loads
 from slurpfs.errors import SlurpError
 from slurpfs.ingest import IngestReport
 from slurpfs.model import ContextStore
+from slurpfs.net.join import Admissions
 from slurpfs.net.members import Cluster
 from slurpfs.net.replica import QuorumFailed, Replicator
 from slurpfs.net.transport import Transport
@@ -126,7 +127,9 @@ class ReplicationWorker:
         self._digest = cluster.digest()
         replicator = self.replicator = Replicator(model, cluster, on_ingest=self._ingested)
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
-        self.transport = Transport(model.keyring.node, cluster.psk, replicator, members)
+        self.transport = Transport(
+            model.keyring.node, cluster.psk, replicator, members, joins=Admissions(cluster)
+        )
         listen = listen_address(config, cluster)
         async with trio.open_nursery() as nursery:
             try:
