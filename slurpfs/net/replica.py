@@ -416,7 +416,9 @@ class Replicator:
                     peer.up, peer.down_since = True, None
                     try:
                         await self._session(peer)
-                    except (TransportError, ProtocolError, SlurpError) as exc:
+                    except* (TransportError, ProtocolError, SlurpError) as group:
+                        # (from the session's nursery, a push task's too: in a group)
+                        exc = group.exceptions[0]
                         peer.failures += 1
                         peer.last_error = str(exc)
                         log.info("replication with %s interrupted: %s", peer.name, exc)
