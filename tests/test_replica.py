@@ -25,6 +25,8 @@ from replica_nodes import (
     AUTH,
     ROLE,
     SYNC_TIMEOUT,
+    address,
+    free_port,
     make_cluster,
     peers_json,
     read,
@@ -64,6 +66,15 @@ def replicated_entries(m: Mounted) -> list[dict[str, object]]:
 
 def holds(path: Path, text: str) -> bool:
     return text in path.read_text()
+
+
+def holds_role(m: Mounted, role: str) -> bool:
+    """Whether `m`'s mount reads `role` (its daemon took the grant up)."""
+    status = (m.mnt / ".slurp" / "status").read_text()
+    return any(
+        line.startswith("roles_held:") and role in line.split(":", 1)[1].strip().split(", ")
+        for line in status.splitlines()
+    )
 
 
 def cli_get(m: Mounted, *parts: str) -> subprocess.CompletedProcess[bytes]:
@@ -256,3 +267,43 @@ def test_write_quorum_makes_fsync_wait_for_a_peer_and_fail_when_none_answers(
         b.mount()  # (for the fixture's checked unmount)
         wait_connected([a, b])
         wait_content(role_file(b, "q", "durable"), b"nobody to acknowledge\n")
+
+
+def test_nodes_joined_and_granted_on_the_command_line_replicate(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """The whole path a user takes: invite on a mounted node, join from a new one,
+    grant it a role; the joiner's mount then reads what the inviter wrote."""
+    mounts = []
+    for name in ("a", "b"):
+        node, model = nodes.new(name)
+        node.close(model)
+        mounts.append(Mounted(node.data_dir, tmp_path / f"mnt-{name}"))
+    a, b = mounts
+    try:
+        a.mount()
+        invite = a.cli("peers", "invite", "--listen", address(free_port()))
+        wait_for(lambda: bool(peers_json(a)["listening"]), SYNC_TIMEOUT, "a's worker to listen")
+        join = b.cli(
+            "peers", "join", invite.stdout.decode().strip(), "--listen", address(free_port())
+        )
+        assert b"joined the cluster" in join.stderr
+        b_id = json.loads(b.cli("keys", "list", "--json").stdout)["node_id"]
+        a.cli("keys", "grant", ROLE, "--to", b_id[:16])
+        write(role_file(a, "joined", "first"), b"written before b mounted\n")
+        b.mount()
+        wait_connected([a, b])
+        wait_for(functools.partial(holds_role, b, ROLE), SYNC_TIMEOUT, "the grant to reach b")
+        wait_content(role_file(b, "joined", "first"), b"written before b mounted\n")
+        write(role_file(b, "joined", "second"), b"written on b\n")
+        wait_content(role_file(a, "joined", "second"), b"written on b\n")
+        listed = peers_json(b)
+        assert sorted(m["name"] for m in listed["members"]) == sorted(  # type: ignore[attr-defined]
+            p["name"]
+            for p in listed["peers"]  # type: ignore[attr-defined]
+        )
+        a.unmount()
+        b.unmount()
+    finally:
+        a.sweep()
+        b.sweep()

@@ -79,6 +79,11 @@ class RoleMap:
                 if gid is not None:
                     self._by_gid.setdefault(gid, set()).add(role.name)
 
+    def set_held(self, held: Collection[str]) -> None:
+        """The node's keys changed (a role granted through the member log)."""
+        self._held = frozenset(held)
+        self._uid_roles.clear()
+
     def roles(self, uid: int, gid: int, pid: int) -> frozenset[str]:
         """The roles the caller holds (before the node's keys are considered)."""
         if not self._by_gid:

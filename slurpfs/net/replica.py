@@ -274,7 +274,9 @@ class _Peer:
     )
     lock: trio.Lock = field(default_factory=trio.Lock)  # ingest from this peer, one at a time
     wake: trio.Event = field(default_factory=trio.Event)  # new changes to push
-    pull_wanted: trio.Event = field(default_factory=trio.Event)
+    nudge: trio.Event = field(default_factory=trio.Event)  # want_pull or want_log was set
+    want_pull: bool = False  # pull from its cursor (a gap in its pushes, its request)
+    want_log: bool = False  # our member log changed: hello again (the logs are exchanged)
     pushed_seq: int | None = None  # our sequence pushed so far (None: not in a session)
     skipped: bool = False  # the backlog overflowed: the peer must be told to pull
     their_epoch: bytes = _NO_EPOCH
@@ -357,6 +359,7 @@ class Replicator:
         cluster: ClusterView,
         *,
         on_ingest: Callable[[IngestReport], Awaitable[None]] | None = None,
+        on_log: Callable[[], None] | None = None,
         digest_interval: float = DIGEST_INTERVAL,
     ) -> None:
         self.model = model
@@ -364,6 +367,7 @@ class Replicator:
         self.ingest = Ingest(model)
         self.transport: Transport | None = None
         self._on_ingest = on_ingest
+        self._on_log = on_log  # the member log changed by a merge
         self.digest_interval = digest_interval
         self._peers: dict[bytes, _Peer] = {}
         self._origin: OrderedDict[bytes, bytes] = OrderedDict()  # version id -> peer
@@ -401,6 +405,17 @@ class Replicator:
             peer = self._peers[node_id] = _Peer(node_id, member.name or node_id.hex()[:16])
             if self._nursery is not None:
                 self._nursery.start_soon(self._peer_main, peer)
+
+    def log_changed(self) -> None:
+        """Our member log changed: every peer that is up hears of it (hello again)."""
+        for peer in self._peers.values():
+            peer.want_log = True
+            peer.nudge.set()
+
+    @staticmethod
+    def _want_pull(peer: _Peer) -> None:
+        peer.want_pull = True
+        peer.nudge.set()
 
     def local_changed(self) -> None:
         """Our change log grew: push to every peer."""
@@ -457,11 +472,15 @@ class Replicator:
             next_repair = trio.current_time() + self._jittered()
             while True:
                 with trio.move_on_at(next_repair):
-                    await peer.pull_wanted.wait()
-                if peer.pull_wanted.is_set():
-                    peer.pull_wanted = trio.Event()
+                    await peer.nudge.wait()
+                peer.nudge = trio.Event()
+                if peer.want_log:
+                    peer.want_log = False
+                    await self._hello(peer)
+                if peer.want_pull:
+                    peer.want_pull = False
                     await self._pull(peer)
-                else:
+                if trio.current_time() >= next_repair:
                     await self._repair(peer)
                     next_repair = trio.current_time() + self._jittered()
 
@@ -493,6 +512,8 @@ class Replicator:
         if await trio.to_thread.run_sync(self.cluster.merge, entries):
             log.info("the member log changed (merged from a peer)")
             self.members_changed()
+            if self._on_log is not None:
+                self._on_log()
 
     def _check_rollback(self, peer: _Peer) -> None:
         epoch, seq = self._cursor(peer)
@@ -741,7 +762,7 @@ class Replicator:
         if frame[0] == Op.ACK:
             self._acked_by(peer, frame[1:])
         elif frame[0] == Op.PULL_NOW:
-            peer.pull_wanted.set()
+            self._want_pull(peer)
         elif frame[0] == Op.PUSH:
             await peer.inbox[0].send(frame[1:])
         else:
@@ -755,7 +776,7 @@ class Replicator:
                 peer.failures += 1
                 peer.last_error = str(exc)
                 log.info("a push from %s was not ingested (%s): pulling instead", peer.name, exc)
-                peer.pull_wanted.set()
+                self._want_pull(peer)
 
     async def _received_push(self, peer: _Peer, body: bytes) -> None:
         r = _Reader(body)
@@ -773,7 +794,7 @@ class Replicator:
             if not missing and cursor_epoch == epoch and items[0].seq == cursor + 1 and contiguous:
                 self._set_cursor(peer, epoch, items[-1].seq)
             elif items[-1].seq > cursor or cursor_epoch != epoch:
-                peer.pull_wanted.set()  # a gap: what we missed comes by the cursor
+                self._want_pull(peer)  # a gap: what we missed comes by the cursor
             peer.their_epoch, peer.their_seq = epoch, max(peer.their_seq, items[-1].seq)
         await self._ack(peer, [v for v in held if v not in missing])
 

@@ -10,7 +10,8 @@ The worker opens the store with the configuration and passphrase of the
 daemon's hello, loads the cluster (`slurpfs.net.members.Cluster`), listens on
 ``replication.listen`` (empty: the address this node has in the member log)
 and replicates (`slurpfs.net.replica`) until told to stop. It also answers
-joins (`Cluster.admit`) for ``slurpfs peers join``.
+joins (`slurpfs.net.join.Admissions`) for ``slurpfs peers join`` while an
+invite is pending.
 
 Messages (docs/FORMAT.md, "Worker protocol"):
 
@@ -18,8 +19,10 @@ Messages (docs/FORMAT.md, "Worker protocol"):
   member log may have changed: read it again), ``stop``; requests ``quorum``
   (wait for ``n`` peer acks of ``ids``) and ``peers`` (the members' state);
 * to the daemon: ``changed`` after each ingest (the daemon's invalidator runs
-  at once, so a peer's save shows through the mount), ``status`` (what
-  changed in the members' state, at most every `STATUS_INTERVAL`).
+  at once, so a peer's save shows through the mount), ``members`` when the
+  member log changed (trust and granted role keys: the daemon reloads its
+  keys), ``status`` (what changed in the members' state, at most every
+  `STATUS_INTERVAL`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class ReplicationWorker:
         self._stop = trio.Event()
         self._digest = b""
         self._last: dict[str, Any] = {}
+        self._poke = trio.Event()
 
     async def run(self, hello: Message) -> None:
         try:
@@ -125,11 +129,12 @@ class ReplicationWorker:
     async def _replicate(self, config: Config, model: ContextStore, cluster: Cluster) -> None:
         model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
         self._digest = cluster.digest()
-        replicator = self.replicator = Replicator(model, cluster, on_ingest=self._ingested)
-        members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
-        self.transport = Transport(
-            model.keyring.node, cluster.psk, replicator, members, joins=Admissions(cluster)
+        replicator = self.replicator = Replicator(
+            model, cluster, on_ingest=self._ingested, on_log=self._poke.set
         )
+        members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
+        admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
+        self.transport = Transport(model.keyring.node, cluster.psk, replicator, members, admissions)
         listen = listen_address(config, cluster)
         async with trio.open_nursery() as nursery:
             try:
@@ -169,7 +174,9 @@ class ReplicationWorker:
     async def _watch_cluster(self) -> None:
         while True:
             await self._cluster_changed()
-            await trio.sleep(CLUSTER_POLL)
+            with trio.move_on_after(CLUSTER_POLL):
+                await self._poke.wait()  # a join admitted here: at once
+            self._poke = trio.Event()
 
     async def _cluster_changed(self) -> None:
         """Follow the member log on disk (the CLI and merges append to it)."""
@@ -183,7 +190,13 @@ class ReplicationWorker:
         await trio.to_thread.run_sync(model.reload_keyring)  # trust, granted role keys
         model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
         replicator.members_changed()
+        replicator.log_changed()
         log.info("the member log changed: %d members", len(cluster.members()))
+        if self.peer is not None:
+            try:
+                await self.peer.notify("members")  # the daemon reads its keys again too
+            except PeerGone:
+                self.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -260,10 +273,19 @@ async def _main(sock: socket.socket) -> int:
     return 0
 
 
+class _LibraryStray(logging.Filter):
+    """py-libp2p logs a routine condition (a peer's connection closing while its
+    addresses are read) as a warning on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Error getting transport addresses" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = child_start(sys.argv[1:] if argv is None else argv, "replication", nice=NICE)
     for noisy in ("libp2p", "multiaddr"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger().addFilter(_LibraryStray())
     return trio.run(_main, args.sock)
 
 

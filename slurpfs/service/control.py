@@ -6,12 +6,14 @@ One request line, one reply line:
              invalidate the kernel's caches, then reply ``ok``. The CLI calls
              `notify_daemon` after ``put``/``rm``/``import`` so that, once it
              returns, no reader of the mount sees the old version.
+``cluster``  the node's cluster (``<data dir>/cluster/``) changed: a ``slurpfs peers``
+             command founded, joined or changed it; the replication layer takes
+             it up (``on_cluster``: the daemon starts its replication worker, or has it
+             read the member log again), then reply ``ok``.
 ``ping``     reply ``pong <pid> <mountpoint>``.
 ``search``   reply ``search <progress>``: where the search worker stands (``ready``,
              ``building the search indexes: indexed N of M contexts (R/s, ETA T s)``...);
              ``slurpfs status`` shows it.
-``cluster``  the data directory's cluster was founded, joined or changed: start
-             the replication worker, or have it read the member log again; ``ok``.
 ``peers``    reply ``peers <JSON>``: the members' state as the replication worker
              reported it (``peers none`` without a cluster); ``slurpfs peers``.
 ``watch``    reply ``watching``, keep the connection, and write ``exit <status>``
@@ -150,14 +152,14 @@ class ControlServer:
         on_changed: Callable[[], Awaitable[None]],
         describe: Callable[[], str],
         search: Callable[[], str] | None = None,
-        cluster: Callable[[], Awaitable[None]] | None = None,
+        on_cluster: Callable[[], Awaitable[None]] | None = None,
         peers: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
+        self._on_cluster = on_cluster
         self._on_changed = on_changed
         self._describe = describe
         self._search = search
-        self._cluster = cluster
         self._peers = peers
         self.watchers: list[int] = []  # dup'ed fds, written at exit
         self.requests = 0
@@ -209,13 +211,14 @@ class ControlServer:
             if command == "changed":
                 await self._on_changed()
                 await stream.send_all(b"ok\n")
+            elif command == "cluster":
+                if self._on_cluster is not None:
+                    await self._on_cluster()
+                await stream.send_all(b"ok\n")
             elif command == "ping":
                 await stream.send_all(f"pong {self._describe()}\n".encode())
             elif command == "search" and self._search is not None:
                 await stream.send_all(f"search {self._search()}\n".encode())
-            elif command == "cluster" and self._cluster is not None:
-                await self._cluster()
-                await stream.send_all(b"ok\n")
             elif command == "peers" and self._peers is not None:
                 answer = self._peers()
                 await stream.send_all(f"peers {answer or 'none'}\n".encode())

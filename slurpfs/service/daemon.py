@@ -334,7 +334,9 @@ class Daemon:
         self.ops.search.attach(self.search_client.searcher, self.search_client.progress_view)
         model.subscribe(self.search_client.committed)
         self.ops.stat_sources.append(lambda: flatten(self.search.statistics(), "worker_search_"))
-        self.replication_client = ReplicationClient(config, passphrase, self._peer_changed)
+        self.replication_client = ReplicationClient(
+            config, passphrase, self._peer_changed, self._members_changed
+        )
         self.replication = WorkerProcess("replication", REPLICATION_WORKER, self.replication_client)
         self._replicating = False
         self._nursery: trio.Nursery | None = None
@@ -343,7 +345,7 @@ class Daemon:
             self._changed,
             self._describe,
             search=lambda: self.search_client.progress.describe(),
-            cluster=self._cluster,
+            on_cluster=self._cluster,
             peers=self._peers,
         )
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
@@ -405,13 +407,20 @@ class Daemon:
         self.search_client.wake()
         await self.invalidator.poke()
 
+    async def _members_changed(self) -> None:
+        """The member log changed (merged from a peer): trust and granted role keys."""
+        await trio.to_thread.run_sync(self.model.reload_keyring)
+        self.ops.roles.set_held(self.model.held_roles())
+        held = ", ".join(sorted(self.model.held_roles())) or "(none)"
+        log.info("the member log changed: keys read again (roles held: %s)", held)
+
     async def _cluster(self) -> None:
         """The control socket's ``cluster``: a cluster was founded, joined or changed."""
         if self._replicating:
             self.replication_client.cluster_changed()
-            await trio.to_thread.run_sync(self.model.reload_keyring)
+            await self._members_changed()
         elif self._nursery is not None:
-            await trio.to_thread.run_sync(self.model.reload_keyring)
+            await self._members_changed()
             await self._start_replication(self._nursery)
 
     def _peers(self) -> str | None:

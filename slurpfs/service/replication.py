@@ -46,10 +46,12 @@ class ReplicationClient:
         config: Config,
         passphrase: bytes | None,
         on_changed: Callable[[], Awaitable[None]],
+        on_members: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._passphrase = passphrase
         self._on_changed = on_changed
+        self._on_members = on_members
         self._peer: Peer | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._loop_thread: int | None = None
@@ -75,6 +77,9 @@ class ReplicationClient:
         if message.kind == "changed":
             self.changes += 1
             await self._on_changed()
+        elif message.kind == "members":
+            if self._on_members is not None:
+                await self._on_members()
         elif message.kind == "status":
             self.report.update(message.fields)
         else:
