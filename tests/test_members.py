@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import WEAK_KDF
 from nacl.exceptions import CryptoError
-from nacl.public import SealedBox
+from nacl.public import PublicKey, SealedBox
 
 from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import AccessDenied, ConfigError
+from slurpfs.net import memberlog
 from slurpfs.net import members as m
 from slurpfs.net.members import Cluster, InvalidEntry, InviteRefused, Member
 
@@ -245,3 +246,28 @@ def test_a_torn_last_append_is_ignored(tmp_path: Path) -> None:
     last = Cluster.load(tmp_path / "a", Keystore(tmp_path / "a", None, WEAK_KDF))
     assert last is not None
     assert last.settings().partitions == 64
+
+
+def test_on_a_clustered_node_the_log_decides_whom_to_trust(tmp_path: Path) -> None:
+    a_keys, a = founded(tmp_path)
+    _, b = joined(tmp_path, a, "b")
+    stranger = NodeIdentity.generate().node_id
+    a_keys.trust_node(stranger)  # trusted by hand, not a member
+    assert a_keys.load().is_trusted(stranger)
+    assert Cluster.load(tmp_path / "a", a_keys) is not None
+    ring = a_keys.load()
+    assert not ring.is_trusted(stranger)
+    assert ring.is_trusted(b.me().node_id)
+
+
+@pytest.mark.expect_warnings(r"grant entry \w+ is sealed to this node but does not open: skipped")
+def test_a_grant_that_does_not_open_is_skipped_and_said(tmp_path: Path) -> None:
+    _, a = founded(tmp_path)
+    b_keys, b = joined(tmp_path, a, "b")
+    b_id = b.me().node_id
+    with a._locked():  # a member's broken grant: sealed to b, but not a grant inside
+        sealed = SealedBox(PublicKey(m._x25519_public(b_id))).encrypt(b"not a grant")
+        a._sign(m.Kind.GRANT, memberlog.encode_grant(b_id, "developer", bytes(sealed)))
+    a.grant("architect", b_id)
+    assert b.merge(a.entries())  # the rest of the log still applies
+    assert b_keys.load().held_roles() == {"architect"}
