@@ -356,15 +356,23 @@ class SlurpNode:
     def init(self) -> None:
         self.node_id = json.loads(self.cli("init", "--json").stdout)["node_id"]
 
-    def peers(self) -> list[dict[str, Any]]:
-        """`slurpfs peers --json`: the members and their state."""
-        listed: list[dict[str, Any]] = json.loads(self.cli("peers", "--json").stdout)
-        return listed
+    def peers(self) -> dict[str, Any]:
+        """`slurpfs peers --json`: the replication worker's state and the members'
+        (``peers``: node_id, name, state, address, ...)."""
+        snapshot: dict[str, Any] = json.loads(self.cli("peers", "--json").stdout)
+        return snapshot
+
+    def states(self) -> dict[str, str]:
+        """Each member's state as this node sees it (node id hex -> up, down, me, ...)."""
+        return {p["node_id"]: p["state"] for p in self.peers()["peers"]}
 
     def invite(self) -> str:
-        """A join token from this node (founding the cluster on its first call)."""
+        """A join token from this node (founding the cluster on its first call); once
+        it returns, this node's mount listens for the joiner."""
         lines = self.cli("peers", "invite", "--listen", self.listen).stdout.decode().split()
         assert len(lines) == 1, lines
+        if self.pid:  # the mount starts its replication worker now, if it had none
+            wait_until(f"{self.name}'s worker listens", lambda: self.peers()["listening"])
         return lines[0]
 
     def join(self, token: str) -> None:
@@ -635,13 +643,17 @@ class History:
                     pass  # a node being killed or restarted: look again later
 
     def wait_visible(self, guard: float = GUARD) -> None:
-        """Wait until the observer saw every acknowledged write on every node (a hang guard)."""
+        """Wait until the observer saw every acknowledged write on every node (a hang
+        guard: the message names what some node never showed)."""
         names = {n.name for n in self.nodes}
-        wait_until(
-            "every acknowledged write visible on every node",
-            lambda: all(names <= w.visible.keys() for w in self.acknowledged()),
-            guard,
-        )
+
+        def missing() -> list[str]:
+            return [f"{w.node}'s {w.content[:30]!r} on {', '.join(sorted(names - w.visible.keys()))}"
+                    for w in self.acknowledged() if not names <= w.visible.keys()]  # fmt: skip
+
+        with contextlib.suppress(AssertionError):
+            wait_until("every write visible everywhere", lambda: not missing(), guard)
+        assert not missing(), f"not visible within {guard:g} s: " + "; ".join(missing())
 
     # -- the check -------------------------------------------------------------------------
 
