@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search", "worker", "footprint")
+SECTIONS = ("model", "mount", "search", "worker", "footprint", "replication")
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -31,6 +31,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import worker
 
         return worker.run
+    if name == "replication":
+        from bench_lib import replication
+
+        return replication.run
     from bench_lib import search
 
     return search.run_footprint if name == "footprint" else search.run
@@ -50,7 +54,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument(
         "--only",
         default="model,mount,search,worker",
-        help=f"comma-separated sections of {', '.join(SECTIONS)} (footprint runs only when named)",
+        help=f"comma-separated sections of {', '.join(SECTIONS)}"
+        " (footprint and replication run only when named)",
     )
     parser.add_argument(
         "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"
