@@ -687,13 +687,23 @@ class ContextStore:
 
     def _leaves(self, address: str, role: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         """The parent of a new version of (address, role), which is its head, and the
-        leaves the new version replaces; the clock moves past every leaf."""
+        leaves the new version replaces; the clock moves past every leaf, but past a
+        leaf another node stamped at most `max_clock_ahead_ms` ahead of the wall
+        clock (`_stamp` still orders the new version after it)."""
         leaves = self._store.leaves(address, role)
         me = self.keyring.node.node_id
         limit = (int(time.time() * 1000) + self.max_clock_ahead_ms) << hlc.LOGICAL_BITS
         for leaf in leaves:
             self._clock.observe(leaf.hlc if leaf.author == me else min(leaf.hlc, limit))
         return ((leaves[0].version_id,) if leaves else ()), tuple(v.version_id for v in leaves)
+
+    def _stamp(self, leaves: Sequence[bytes]) -> int:
+        """The HLC of a version replacing `leaves`: the clock's, or just past the newest
+        leaf when that one is further ahead (a peer's fast clock): the version comes
+        after what it replaces, and the clock itself stays where it was."""
+        stamp = self._clock.now()
+        newest = max((r.hlc for r in map(self._store.record, leaves) if r is not None), default=0)
+        return stamp if stamp > newest else newest + 1
 
     def _commit_retrying(self, seal: Callable[[], list[Commit]], what: str) -> list[Commit]:
         """Commit what `seal` makes on the leaves of now, and return it.
@@ -728,7 +738,7 @@ class ContextStore:
     ) -> Commit:
         """Seal one new version on `parents`, to commit if the leaves are still `expected`."""
         readers = self.reader_set(role)
-        stamp = self._clock.now()
+        stamp = self._stamp(expected)
         sealed = env.seal(
             data,
             address=address,

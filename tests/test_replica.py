@@ -213,6 +213,7 @@ def test_nodes_killed_during_a_write_loop_catch_up_with_every_acknowledged_write
         loop.until(60)
         b.mount()  # ... and comes back (over its stale mount)
         loop.until(100)
+        assert " ERROR " not in a.log.read_text()  # a's worker lived through a peer lost mid-push
         kill_daemon(a)  # then the writer's node dies under the loop
         acknowledged = loop.finish()
         assert len(acknowledged) >= 100

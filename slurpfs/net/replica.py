@@ -431,7 +431,7 @@ class Replicator:
                     peer.up, peer.down_since = True, None
                     try:
                         await self._session(peer)
-                    except* (TransportError, ProtocolError, SlurpError) as group:
+                    except* SlurpError as group:
                         # (from the session's nursery, a push task's too: in a group)
                         exc = group.exceptions[0]
                         peer.failures += 1

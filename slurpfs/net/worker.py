@@ -118,7 +118,12 @@ class ReplicationWorker:
         if self.cluster is None:
             await self._unavailable("this node belongs to no cluster (slurpfs peers invite)")
             return
-        await self._replicate(config, self.model, self.cluster)
+        try:
+            listen = listen_address(config, self.cluster)  # (a removed node has no address)
+        except SlurpError as exc:
+            await self._unavailable(f"replication cannot start: {exc}")
+            return
+        await self._replicate(listen, self.model, self.cluster)
 
     async def _unavailable(self, why: str) -> None:
         log.error("%s", why)
@@ -126,7 +131,7 @@ class ReplicationWorker:
         await self._send_status(force=True)
         await self._stop.wait()
 
-    async def _replicate(self, config: Config, model: ContextStore, cluster: Cluster) -> None:
+    async def _replicate(self, listen: str, model: ContextStore, cluster: Cluster) -> None:
         model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
         self._digest = cluster.digest()
         replicator = self.replicator = Replicator(
@@ -135,22 +140,23 @@ class ReplicationWorker:
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
         admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
         self.transport = Transport(model.keyring.node, cluster.psk, replicator, members, admissions)
-        listen = listen_address(config, cluster)
+        failed: list[BaseException] = []
         async with trio.open_nursery() as nursery:
             try:
                 self.listening = await nursery.start(self.transport.run, listen)
-            except (SlurpError, OSError) as exc:
+            except* (SlurpError, OSError) as group:
+                failed += group.exceptions
+            if not failed:
+                log.info("replication listening on %s", ", ".join(self.listening))
+                nursery.start_soon(replicator.run, self.transport)
+                nursery.start_soon(self._report)
+                nursery.start_soon(self._watch_cluster)
+                nursery.start_soon(self._watch_store, model, replicator)
+                await self._stop.wait()
+                self.transport.stop()
                 nursery.cancel_scope.cancel()
-                await self._unavailable(f"replication cannot listen on {listen}: {exc}")
-                return
-            log.info("replication listening on %s", ", ".join(self.listening))
-            nursery.start_soon(replicator.run, self.transport)
-            nursery.start_soon(self._report)
-            nursery.start_soon(self._watch_cluster)
-            nursery.start_soon(self._watch_store, model, replicator)
-            await self._stop.wait()
-            self.transport.stop()
-            nursery.cancel_scope.cancel()
+        if failed:
+            await self._unavailable(f"replication cannot listen on {listen}: {failed[0]}")
 
     async def _ingested(self, report: IngestReport) -> None:
         if self.peer is not None:

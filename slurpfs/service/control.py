@@ -8,8 +8,8 @@ One request line, one reply line:
              returns, no reader of the mount sees the old version.
 ``cluster``  the node's cluster (``<data dir>/cluster/``) changed: a ``slurpfs peers``
              command founded, joined or changed it; the replication layer takes
-             it up (``on_cluster``: the daemon starts its replication worker, or has it
-             read the member log again), then reply ``ok``.
+             it up (the ``cluster`` hook: the daemon starts its replication worker, or
+             has it read the member log again), then reply ``ok``.
 ``ping``     reply ``pong <pid> <mountpoint>``.
 ``search``   reply ``search <progress>``: where the search worker stands (``ready``,
              ``building the search indexes: indexed N of M contexts (R/s, ETA T s)``...);
@@ -152,11 +152,11 @@ class ControlServer:
         on_changed: Callable[[], Awaitable[None]],
         describe: Callable[[], str],
         search: Callable[[], str] | None = None,
-        on_cluster: Callable[[], Awaitable[None]] | None = None,
+        cluster: Callable[[], Awaitable[None]] | None = None,
         peers: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
-        self._on_cluster = on_cluster
+        self._cluster = cluster
         self._on_changed = on_changed
         self._describe = describe
         self._search = search
@@ -212,8 +212,8 @@ class ControlServer:
                 await self._on_changed()
                 await stream.send_all(b"ok\n")
             elif command == "cluster":
-                if self._on_cluster is not None:
-                    await self._on_cluster()
+                if self._cluster is not None:
+                    await self._cluster()
                 await stream.send_all(b"ok\n")
             elif command == "ping":
                 await stream.send_all(f"pong {self._describe()}\n".encode())

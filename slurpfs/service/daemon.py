@@ -345,7 +345,7 @@ class Daemon:
             self._changed,
             self._describe,
             search=lambda: self.search_client.progress.describe(),
-            on_cluster=self._cluster,
+            cluster=self._cluster,
             peers=self._peers,
         )
         self.syncer = Syncer(self.ops.gateway, config.durability.sync_interval)
