@@ -44,7 +44,7 @@ AUTH = "claude:architect@bzzz:auth"
 DEV = "developer"
 
 
-class Nodes:
+class ClusterNodes:
     """The nodes of one test, on one network; `close` checks each daemon's end."""
 
     def __init__(self, network: Network, root: Path) -> None:
@@ -96,18 +96,18 @@ def all_up(node: SlurpNode, members: list[SlurpNode]) -> bool:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Nodes]:
+def cluster_nodes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterNodes]:
     with Network(4) as network:
-        made = Nodes(network, tmp_path)
+        made = ClusterNodes(network, tmp_path)
         yield made
         if not request.node.stash.get(FAILED, False):
             made.close()
     assert not network.leftovers(), network.leftovers()
 
 
-def test_checker_finds_a_write_that_a_node_lacks(nodes: Nodes) -> None:
+def test_checker_finds_a_write_that_a_node_lacks(cluster_nodes: ClusterNodes) -> None:
     # Two nodes that are not a cluster: what one stores, the other never shows.
-    a, b = nodes.add(), nodes.add()
+    a, b = cluster_nodes.add(), cluster_nodes.add()
     for node in (a, b):
         node.init()
         node.mount()
@@ -130,8 +130,8 @@ def test_checker_finds_a_write_that_a_node_lacks(nodes: Nodes) -> None:
     assert len(verdict.latencies) == 1
 
 
-def test_a_write_on_one_node_is_read_on_the_others(nodes: Nodes) -> None:
-    a, b, c = nodes.cluster(3)
+def test_a_write_on_one_node_is_read_on_the_others(cluster_nodes: ClusterNodes) -> None:
+    a, b, c = cluster_nodes.cluster(3)
     auth, db = f"{AUTH}/src/auth.go", f"{AUTH}/src/db.go"
     with History([a, b, c]) as history:
         history.write(a, auth, DEV, b"tokens expire after 15 minutes\n")
@@ -149,13 +149,15 @@ def test_a_write_on_one_node_is_read_on_the_others(nodes: Nodes) -> None:
         assert not [n for n in os.listdir(node.ucxl / auth) if ".conflict-" in n]
 
 
-def test_partition_with_writes_on_both_sides_converges_with_conflicts(nodes: Nodes) -> None:
-    a, b, c = nodes.cluster(3)
+def test_partition_with_writes_on_both_sides_converges_with_conflicts(
+    cluster_nodes: ClusterNodes,
+) -> None:
+    a, b, c = cluster_nodes.cluster(3)
     shared = f"{AUTH}/src/session.go"
     with History([a, b, c]) as history:
         history.write(a, shared, DEV, b"timeout = 30\nretries = 3\n")
         history.wait_visible()
-        nodes.network.partition([a.host], [b.host, c.host])
+        cluster_nodes.network.partition([a.host], [b.host, c.host])
         mine = history.write(a, shared, DEV, b"timeout = 60\nretries = 3\n")
         theirs = history.write(b, shared, DEV, b"timeout = 90\nretries = 3\n")
         history.write(a, f"{AUTH}/only/a", DEV, b"written on the minority side\n")
@@ -163,7 +165,7 @@ def test_partition_with_writes_on_both_sides_converges_with_conflicts(nodes: Nod
         wait_until("c shows b's write", lambda: shows(c, theirs))
         assert not shows(a, theirs)  # the partition held: neither side saw the other's
         assert not shows(b, mine)
-        nodes.network.heal()
+        cluster_nodes.network.heal()
         history.wait_visible()
     report = history.check()
     print(report.summary())
@@ -179,8 +181,10 @@ def test_partition_with_writes_on_both_sides_converges_with_conflicts(nodes: Nod
         assert {head, loser} == {mine.content, theirs.content}
 
 
-def test_a_node_killed_during_a_write_loop_catches_up_after_restart(nodes: Nodes) -> None:
-    a, b, c = nodes.cluster(3)
+def test_a_node_killed_during_a_write_loop_catches_up_after_restart(
+    cluster_nodes: ClusterNodes,
+) -> None:
+    a, b, c = cluster_nodes.cluster(3)
     with History([a, b, c]) as history:
         addresses = [f"{AUTH}/loop/{i}" for i in range(4)]
         with (
@@ -201,15 +205,15 @@ def test_a_node_killed_during_a_write_loop_catches_up_after_restart(nodes: Nodes
     assert report.acknowledged >= 60
 
 
-def test_outsiders_are_refused(nodes: Nodes) -> None:
-    a, b = nodes.cluster(2)
-    outsider = nodes.network.hosts[3]
+def test_outsiders_are_refused(cluster_nodes: ClusterNodes) -> None:
+    a, b = cluster_nodes.cluster(2)
+    outsider = cluster_nodes.network.hosts[3]
     psk = (a.data / "cluster" / "psk").read_bytes().hex()
     target = f"{a.listen}/p2p/{peer_id(a.node_id)}"
 
     def intrude(**config: object) -> dict[str, object]:
         argv: list[str | Path] = [sys.executable, HERE / "net_intruder.py", json.dumps(config)]
-        done = nodes.network.run(outsider, argv)
+        done = cluster_nodes.network.run(outsider, argv)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
         result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
         return result
@@ -230,7 +234,7 @@ def test_outsiders_are_refused(nodes: Nodes) -> None:
         history.write(a, f"{AUTH}/after/intruders", DEV, b"still replicating\n")
         history.wait_visible()
     assert history.check().ok
-    nodes.expected_warnings += [r".*\brefused\b.*"]
+    cluster_nodes.expected_warnings += [r".*\brefused\b.*"]
 
 
 def peer_id(node_id: str) -> str:
@@ -240,8 +244,10 @@ def peer_id(node_id: str) -> str:
     return str(ID.from_pubkey(Ed25519PublicKey.from_bytes(bytes.fromhex(node_id))))
 
 
-def test_an_emptied_store_is_refilled_from_its_peers(nodes: Nodes, tmp_path: Path) -> None:
-    a, b, c = nodes.cluster(3)
+def test_an_emptied_store_is_refilled_from_its_peers(
+    cluster_nodes: ClusterNodes, tmp_path: Path
+) -> None:
+    a, b, c = cluster_nodes.cluster(3)
     c.unmount()
     empty = tmp_path / "empty.mdb"  # c's store as it was before anything was written
     shutil.copyfile(c.data / "store" / "data.mdb", empty)
@@ -264,4 +270,28 @@ def test_an_emptied_store_is_refilled_from_its_peers(nodes: Nodes, tmp_path: Pat
     report = history.check()
     print(report.summary())
     assert report.ok, report
-    nodes.expected_warnings += [r"peer n3 was rolled back: .*", r".*rolled back.*"]
+    cluster_nodes.expected_warnings += [r"peer n3 was rolled back: .*", r".*rolled back.*"]
+
+
+def test_a_paused_node_is_down_for_the_others_and_catches_up_when_resumed(
+    cluster_nodes: ClusterNodes,
+) -> None:
+    a, b, c = cluster_nodes.cluster(3)
+    with History([a, b, c]) as history:
+        history.write(a, f"{AUTH}/pause/0", DEV, b"before the pause\n")
+        history.wait_visible()
+        c.pause()  # SIGSTOP to its daemon and workers: its connections stay open
+        try:
+            wait_until("a sees c down", lambda: a.states()[c.node_id] == "down")
+            for i in range(1, 7):
+                writer = [a, b][i % 2]
+                history.write(
+                    writer, f"{AUTH}/pause/{i}", DEV, f"while c was frozen {i}\n".encode()
+                )
+        finally:
+            c.resume()
+        wait_until("a sees c up again", lambda: a.states()[c.node_id] == "up")
+        history.wait_visible()
+    report = history.check()
+    print(report.summary())
+    assert report.ok, report
