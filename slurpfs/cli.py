@@ -6,6 +6,7 @@ Exit codes (also in README.md):
   6 invalid address  7 not initialised / bad configuration
   8 store full or context too large      9 partial failure (import/export/fsck)
  10 cannot mount or unmount (mountpoint missing or busy, no /dev/fuse, data in use)
+ 11 not merged (`merge`: versions stay conflicts; the reasons listed)
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from slurpfs.model import (
     verify_audit,
 )
 from slurpfs.net import peerscmd
+from slurpfs.net.merge import merge_context
 from slurpfs.service import control, mountcmd
 from slurpfs.ucxl import Address, Authority, Temporal, parse
 
 EXIT_PARTIAL = 9
+EXIT_UNMERGED = 11
 TTL_MAX_SECONDS = 10 * 365 * 24 * 3600
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 T = TypeVar("T")
@@ -334,6 +337,42 @@ class Commands:
         _notify(cfg)
         _emit(args, _info_dict(info), f"deleted (version {info.short_id}; history kept)")
         return 0
+
+    def merge(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
+        """Merge the concurrent versions (conflicts) of one context now, three-way as
+        `replication.auto_merge` would; exit 11 if any stays a conflict, with why."""
+        address = _address(args.address)
+        if address.temporal is not None:
+            raise InvalidAddress(f"cannot merge at a temporal address {str(address)!r}")
+        with self.model(cfg, passphrase) as model:
+            if not model.all_versions(address, args.role):
+                raise NotFound(f"no context at {address} for role {args.role!r}")
+            model.authorise_change(address.key, args.role, action="merge")
+            outcome = merge_context(model, address.key, args.role, three_way=True)
+            model.sync()
+        merged = outcome.merged
+        if merged is not None:
+            _notify(cfg)
+        lines = [f"not merged: {u.version.short_id}: {u.reason}" for u in outcome.unmerged]
+        if merged is not None:
+            lines.append(
+                f"{address} [{args.role}]: merged {len(merged.parents)} versions"
+                f" into version {merged.short_id}"
+            )
+        elif not outcome.unmerged:
+            lines.append(f"{address} [{args.role}]: nothing to merge (one current version)")
+        _emit(
+            args,
+            {
+                "merged": None if merged is None else _info_dict(merged),
+                "unmerged": [
+                    {"version": u.version.version_id.hex(), "reason": u.reason}
+                    for u in outcome.unmerged
+                ],
+            },
+            "\n".join(lines),
+        )
+        return EXIT_UNMERGED if outcome.unmerged else 0
 
     def fsck(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         accept = args.accept_rollback
@@ -751,6 +790,11 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     p = add("rm", commands.rm, "delete a context (history stays)")
     p.add_argument("address")
     p.add_argument("--role", required=True)
+    p = add(
+        "merge", commands.merge, "merge a context's concurrent versions now (three-way, by line)"
+    )
+    p.add_argument("address")
+    p.add_argument("role")
     p = add("fsck", commands.fsck, "check the store's consistency and authenticity")
     p.add_argument("--shallow", action="store_true", help="do not decrypt")
     p.add_argument("--no-index", action="store_true", help="do not check the search index")

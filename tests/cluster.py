@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -697,17 +697,13 @@ def conflicts(state: NodeState) -> dict[str, list[str]]:
     return {a: names for a, names in found.items() if names}
 
 
-@contextlib.contextmanager
-def network(size: int) -> Iterator[Network]:
-    with Network(size) as net:
-        yield net
-
-
 class WriteLoop:
     """A client writing new contents through one node's mount in a thread, until stopped:
     ``<name> <i>`` to the addresses in turn (a failed write is recorded, not retried)."""
 
-    def __init__(self, history: History, node: SlurpNode, addresses: Sequence[str], role: str):
+    def __init__(
+        self, history: History, node: SlurpNode, addresses: Sequence[str], role: str
+    ) -> None:
         self.history, self.node, self.addresses, self.role = history, node, addresses, role
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
