@@ -82,7 +82,7 @@ BUCKETS_PER_GROUP = 64
 BUCKETS = GROUPS * BUCKETS_PER_GROUP
 DIGEST_FRESH = 5.0  # seconds a computed digest table is reused while nothing changed
 REPAIR_BUCKETS = 64  # buckets whose ids one exchange lists at most
-UP_POLL = 0.05  # seconds between looks at whether a peer is up
+UP_POLL = 0.1  # seconds between looks at whether a peer is up
 RECENT = 50_000  # version ids remembered for acks and origins
 INBOX = 64  # push batches waiting per peer before the sender is slowed down
 
