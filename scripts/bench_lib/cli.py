@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search", "worker", "footprint", "placement", "backup")
+SECTIONS = ("model", "mount", "search", "worker", "footprint", "replication", "placement", "backup")
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -31,6 +31,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import worker
 
         return worker.run
+    if name == "replication":
+        from bench_lib import replication
+
+        return replication.run
     if name == "placement":
         from bench_lib import placement
 
@@ -59,7 +63,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         "--only",
         default="model,mount,search,worker",
         help=f"comma-separated sections of {', '.join(SECTIONS)} "
-        "(footprint, placement and backup run only when named)",
+        "(footprint, replication, placement and backup run only when named)",
     )
     parser.add_argument(
         "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"
