@@ -311,6 +311,7 @@ class ContextStore:
         self.max_clock_ahead_ms = DEFAULT_CLOCK_AHEAD_MS
         self._cache = PlaintextCache(config.cache.plaintext_bytes)
         self._local = local.LocalSlots()
+        self._reloaded_for: set[tuple[str, int]] = set()  # (role, generation) looked for
         self._verify_key = local.verify_key(keyring.node)
         self._write_lock = threading.Lock()
         # Data keys sealed ahead of time (a mount fills it in the background).
@@ -1280,10 +1281,27 @@ class ContextStore:
             and (h.address, h.role) == (info.address, info.role)
         ):
             env.verify(envelope, address=info.address, role=info.role, keyring=self.keyring)
-        data_key = self._local.unwrap(
-            self.keyring, info.version_id, stored.local_slots, usable
-        ) or env.unwrap_data_key([s for s in stored.slots if s.role in usable], self.keyring)
+        slots = [s for s in stored.slots if s.role in usable]
+        try:
+            data_key = self._local.unwrap(
+                self.keyring, info.version_id, stored.local_slots, usable
+            ) or env.unwrap_data_key(slots, self.keyring)
+        except KeyMissing:
+            if not self._reload_for(slots):
+                raise
+            data_key = env.unwrap_data_key(slots, self.keyring)
         return env.decrypt(envelope, data_key)
+
+    def _reload_for(self, slots: Sequence[env.KeySlot]) -> bool:
+        """A version sealed only to role generations this keyring has not loaded (a
+        rotation elsewhere, whose grant reached the keystore on disk before this process
+        read it again): read the keys again, once per generation. True if it did."""
+        wanted = {(s.role, s.generation) for s in slots} - self._reloaded_for
+        if not wanted:
+            return False
+        self._reloaded_for |= wanted
+        self.reload_keyring()
+        return True
 
     @staticmethod
     def _check_matches(envelope: env.Envelope, info: VersionInfo) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import Nodes, run_cli_process
 
 from slurpfs import config, fsck
 from slurpfs.crypto.keystore import KdfParams
@@ -48,3 +49,25 @@ def test_rotation_rewraps_every_version_and_destroys_the_old_key(model: ContextS
     assert ("developer", 1) not in slots
     assert fsck.check(reopened).ok
     reopened.close()
+
+
+def test_a_process_reads_a_generation_another_process_rotated_to(nodes: Nodes) -> None:
+    """A daemon's keyring is a snapshot: `keys rotate` in another process (or a grant
+    replicated in) puts a new generation on disk and re-wraps the slots to it. The
+    open model reads the keys again the first time a version needs a generation it
+    has not loaded, instead of refusing the read (EACCES through a mount)."""
+    node, reader = nodes.new("d", held=["developer"])  # no other reader role to fall back on
+    address = parse("ucxl://a:b@p:t/rotated")
+    reader.put(address, "developer", b"sealed to generation one")
+    data = str(node.data_dir)
+
+    rotated = run_cli_process("keys", "rotate", "developer", "--data", data)
+    assert rotated.returncode == 0, rotated.stderr
+    put = ("put", "ucxl://a:b@p:t/after", "--role", "developer", "--data", data)
+    assert run_cli_process(*put, input=b"sealed to generation two").returncode == 0
+
+    assert reader.get(parse("ucxl://a:b@p:t/after"), "developer").data == (
+        b"sealed to generation two"
+    )
+    assert reader.get(address, "developer").data == b"sealed to generation one"
+    assert reader.keyring.current_public("developer").generation == 2
