@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import socket
 import sys
@@ -47,7 +48,7 @@ from slurpfs.net.members import Cluster
 from slurpfs.net.replica import QuorumFailed, Replicator
 from slurpfs.net.transport import Transport
 from slurpfs.service.wire import Message, Peer, PeerGone
-from slurpfs.service.workers import child_connect, child_start
+from slurpfs.service.workers import child_connect, child_start, serve_while
 
 log = logging.getLogger("slurpfs.replica")
 
@@ -278,15 +279,7 @@ async def _main(sock: socket.socket) -> int:
     worker = ReplicationWorker()
     peer, hello = await child_connect(sock, worker.handle)
     worker.peer = peer
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await peer.serve()  # ends when the daemon's end closes: stop too
-            worker.stop()
-
-        nursery.start_soon(serve)
-        await worker.run(hello)
-        nursery.cancel_scope.cancel()
+    await serve_while(peer, functools.partial(worker.run, hello), worker.stop)
     return 0
 
 

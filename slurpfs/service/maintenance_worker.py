@@ -31,7 +31,7 @@ from slurpfs.config import Config, loads
 from slurpfs.errors import SlurpError
 from slurpfs.model import ContextStore
 from slurpfs.service.wire import Message, Peer, PeerGone
-from slurpfs.service.workers import child_connect, child_start
+from slurpfs.service.workers import child_connect, child_start, serve_while
 
 log = logging.getLogger("slurpfs.maintenance")
 MAINTENANCE_WORKER = "slurpfs.service.maintenance_worker"
@@ -174,16 +174,7 @@ async def _main(sock: Any) -> int:
         loads(str(hello["config"])), None if secret is None else base64.b64decode(secret)
     )
     worker.peer = peer
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await peer.serve()  # ends when the daemon's end closes: stop too
-            assert worker is not None
-            worker.stop()
-
-        nursery.start_soon(serve)
-        await worker.run()
-        nursery.cancel_scope.cancel()
+    await serve_while(peer, worker.run, worker.stop)
     return 0
 
 

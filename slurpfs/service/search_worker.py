@@ -39,7 +39,7 @@ from slurpfs.index.service import CATCH_UP_BATCH, SearchService
 from slurpfs.model import ContextStore
 from slurpfs.service.search_protocol import progress_to_wire, result_to_wire, stats_to_wire
 from slurpfs.service.wire import Message, Peer, PeerGone
-from slurpfs.service.workers import child_connect, child_start
+from slurpfs.service.workers import child_connect, child_start, serve_while
 
 log = logging.getLogger("slurpfs.index")
 
@@ -294,15 +294,7 @@ async def _main(args_sock: Any) -> int:
     worker = SearchWorker()
     peer, hello = await child_connect(args_sock, worker.handle)
     worker.peer = peer
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await peer.serve()  # ends when the daemon's end closes: stop too
-            worker.stop()
-
-        nursery.start_soon(serve)
-        await worker.run(hello)
-        nursery.cancel_scope.cancel()
+    await serve_while(peer, functools.partial(worker.run, hello), worker.stop)
     return 0
 
 

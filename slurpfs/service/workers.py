@@ -344,3 +344,19 @@ async def child_connect(
     peer = Peer(stream, handler, name="the daemon")
     hello = await peer.hello(pid=os.getpid())
     return peer, hello
+
+
+async def serve_while(
+    peer: Peer, work: Callable[[], Awaitable[None]], stop: Callable[[], None]
+) -> None:
+    """Answer the supervisor's messages while `work` runs; when the supervisor's end
+    of the socket closes, `stop` the work (a worker never outlives its daemon's link)."""
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            await peer.serve()
+            stop()
+
+        nursery.start_soon(serve)
+        await work()
+        nursery.cancel_scope.cancel()
