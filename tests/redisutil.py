@@ -25,8 +25,18 @@ from pathlib import Path
 
 import redis
 
+
+def _own_database(url: str) -> str:
+    """`url` with a database of this pytest-xdist worker's own (gw0 → 0, gw1 → 1, ...),
+    so that workers running at once never empty each other's keys."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not url or not worker.startswith("gw"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}db={int(worker[2:])}"
+
+
 # Read at import: the tests' environment is scrubbed of SLURPFS_* (conftest).
-TEST_REDIS = os.environ.get("SLURPFS_TEST_REDIS", "")
+TEST_REDIS = _own_database(os.environ.get("SLURPFS_TEST_REDIS", ""))
 
 
 def free_port() -> int:

@@ -565,6 +565,9 @@ def served(nodes: Nodes, tmp_path: Path) -> Iterator[Mounted]:
 def test_every_endpoint_of_a_mount(served: Mounted) -> None:
     address = endpoint(served)
     wait_for(lambda: "search_ready: 1" in (served.mnt / ".slurp" / "status").read_text())
+    # The search worker's document counts arrive in a report of their own, after
+    # ready: both reads below must see the same families.
+    wait_for(lambda: "slurpfs_index_documents" in (served.mnt / ".slurp" / "metrics").read_text())
 
     replies = {path: request(address, path) for path in ENDPOINTS}
 

@@ -425,6 +425,8 @@ def test_a_mount_on_a_full_ext4_disk_is_enospc_and_loses_nothing(
             r"audit log \S+/audit\.log: only \d+ of \d+ bytes of an entry could be written"
             r" \(disk full\?\); access refused until it can be recorded",
             r"indexing failed, retrying in \S+ s: .*",
+            r"search is unavailable on this mount: no space left for the search index of"
+            r" role '\w+'",
         )
         m.unmount()
     finally:

@@ -226,9 +226,15 @@ def test_a_ttl_set_on_one_node_expires_the_context_on_the_other(pair: list[Mount
     a, b = pair
     put = ("put", f"{AUTH}/ttl/note", "--role", ROLE, "--ttl", "4", "--data", a.data)
     slurpfs(*put, input=b"short-lived\n")
-    # (`slurpfs put` tells a's daemon, which tells its replication worker)
-    wait_for(lambda: cli_get(b, "ttl", "note").stdout == b"short-lived\n", SYNC_TIMEOUT, "it")
-    wait_content(role_file(b, "ttl", "note"), b"short-lived\n")
+    # (`slurpfs put` tells a's daemon, which tells its replication worker.) b stores
+    # it (its audit log says so) and drops it when the TTL is over; whether a read on b
+    # falls in between depends on the machine's load, so it is not asserted here
+    # (every other test reads peers' saves through the mount).
+    wait_for(
+        lambda: any("ttl/note" in str(e["address"]) for e in replicated_entries(b)),
+        SYNC_TIMEOUT,
+        "b to store it",
+    )
     wait_for(lambda: cli_get(b, "ttl", "note").returncode != 0, SYNC_TIMEOUT, "the expiry on b")
     assert b"no context" in cli_get(b, "ttl", "note").stderr
 
