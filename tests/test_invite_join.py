@@ -5,6 +5,7 @@ mount's replication worker listens)."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,10 @@ def test_a_node_joins_the_moment_invite_returns(nodes: Nodes, tmp_path: Path) ->
     a, b = mounts
     try:
         a.mount()  # no cluster yet: `invite` founds it and the mount starts its worker
-        invite = a.cli("peers", "invite", "--listen", address(free_port()))
+        port = free_port()
+        invite = a.cli("peers", "invite", "--listen", address(port))
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # the worker listens already: one attempt, no retry
         join = b.cli(
             "peers", "join", invite.stdout.decode().strip(), "--listen", address(free_port()),
             "--json", check=False,
