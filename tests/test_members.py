@@ -271,3 +271,46 @@ def test_a_grant_that_does_not_open_is_skipped_and_said(tmp_path: Path) -> None:
     a.grant("architect", b_id)
     assert b.merge(a.entries())  # the rest of the log still applies
     assert b_keys.load().held_roles() == {"architect"}
+
+
+def test_a_removal_rotates_the_cluster_key_sealed_to_the_remaining_members(
+    tmp_path: Path,
+) -> None:
+    _, a = founded(tmp_path)
+    _, b = joined(tmp_path, a, "b")
+    _, c = joined(tmp_path, a, "c")
+    _, d = joined(tmp_path, a, "d")
+    for x in (b, c, d):
+        x.merge(a.entries())
+    old = a.psk
+    a.remove(d.me().node_id)
+    for x in (b, c, d):
+        x.merge(a.entries())
+    new = a.keys()
+    assert new.current != old
+    assert new.previous == (old,)
+    assert b.keys() == c.keys() == new  # each opened its own share
+    assert d.psk == old  # the removed node got no share: it knows only the old key
+    # Two removals at once: b removes c while a (not yet knowing) had removed d;
+    # the greater PSK entry holds, and it is sealed to a node removed since.
+    _, e = joined(tmp_path, a, "e")
+    b.merge(a.entries())
+    c.merge(a.entries())
+    a.remove(e.me().node_id)  # a seals its key to b and c
+    b.remove(c.me().node_id)  # b, apart, seals its key to a and e
+    a.merge(b.entries())
+    b.merge(a.entries())
+    assert a.digest() == b.digest()
+    assert a.psk == b.psk
+    holder = a.state().psk
+    assert holder is not None
+    sealed_to = set(memberlog.decode_psk(holder.body)[2])
+    assert sealed_to & set(a.removed())  # the key in force reached a removed node
+    assert a.heal_psk()  # so a member rotates it again, sealed to the members only
+    b.merge(a.entries())
+    assert not b.heal_psk()
+    holder = b.state().psk
+    assert holder is not None
+    assert set(memberlog.decode_psk(holder.body)[2]) == {a.me().node_id, b.me().node_id}
+    assert a.psk == b.psk
+    assert a.psk not in (old, new.current)

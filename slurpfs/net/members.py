@@ -323,8 +323,11 @@ class Cluster:
         if state.psk is None:
             return ClusterKeys(self._base_psk, (), 0.0)
         current = known.get(decode_psk(state.psk.body)[1])
-        if current is None:  # sealed to members this node is not among (a late joiner)
-            log.error("the cluster key in force (%s) is not sealed to this node", state.psk.short)
+        if current is None:  # sealed to members this node is not among
+            if self._identity.node_id in state.members:  # (a joiner during a removal)
+                log.error(
+                    "the cluster key in force (%s) is not sealed to this node", state.psk.short
+                )
             current = self._base_psk
         until = (state.psk.hlc >> LOGICAL_BITS) / 1000 + PSK_GRACE
         return ClusterKeys(current, tuple(k for k in known.values() if k != current), until)
