@@ -14,7 +14,7 @@ from nacl.public import PublicKey, SealedBox
 
 from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.crypto.keystore import Keystore
-from slurpfs.errors import AccessDenied, ConfigError
+from slurpfs.errors import AccessDenied, AlreadyExists, ConfigError
 from slurpfs.net import memberlog
 from slurpfs.net import members as m
 from slurpfs.net.members import Cluster, InvalidEntry, InviteRefused, Member
@@ -314,3 +314,39 @@ def test_a_removal_rotates_the_cluster_key_sealed_to_the_remaining_members(
     assert set(memberlog.decode_psk(holder.body)[2]) == {a.me().node_id, b.me().node_id}
     assert a.psk == b.psk
     assert a.psk not in (old, new.current)
+
+
+@pytest.mark.expect_warnings(
+    r"role 'ops' generation 1 was added on another member at the same time.*"
+)
+def test_a_role_added_on_two_members_at_once_keeps_the_earliest_key(tmp_path: Path) -> None:
+    """Both publish generation 1 of ``ops`` before hearing of the other: every log
+    keeps the earliest entry's key; the node whose key lost takes it (its own is
+    set aside, not destroyed), keeps loading its cluster, and holds the role once
+    the winner grants it."""
+    a_keys, a = founded(tmp_path)
+    b_keys, b = joined(tmp_path, a, "b")
+    for keys, cluster in ((a_keys, a), (b_keys, b)):
+        public = keys.add_role("ops").current_public("ops")
+        cluster.publish_role_key("ops", public.generation, public.public)
+    winner = a_keys.load().current_public("ops").public  # a's entry is the earlier
+    lost = b_keys.load().current_public("ops").public
+    assert winner != lost
+
+    b.merge(a.entries())
+    a.merge(b.entries())
+
+    assert a.digest() == b.digest()
+    assert a.role_keys()["ops"] == b.role_keys()["ops"] == {1: winner}
+    assert Cluster.load(tmp_path / "b", b_keys) is not None  # b still loads its cluster
+    b_ring = b_keys.load()
+    assert b_ring.current_public("ops").public == winner
+    assert "ops" not in b_ring.held_roles()
+    (aside,) = (tmp_path / "b" / "keys" / "superseded").iterdir()  # kept, not destroyed
+    assert aside.name.startswith("ops.1.")
+    assert a_keys.load().current_public("ops").public == winner  # a is untouched
+    a.grant("ops", b.me().node_id)
+    b.merge(a.entries())
+    assert "ops" in b_keys.load().held_roles()
+    with pytest.raises(AlreadyExists):  # and adds it no more: the log's key is known here
+        b_keys.add_role("ops")

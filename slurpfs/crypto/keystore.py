@@ -72,6 +72,7 @@ SECRET_BYTES = 32
 SALT_BYTES = argon2id.SALTBYTES
 _MAX_MEMLIMIT = 4 << 30  # refuse absurd stored parameters rather than exhaust memory
 _KDF_HEADER = struct.Struct(">16sQQ24s")  # salt, opslimit, memlimit, nonce
+SUPERSEDED_DIR = "superseded"  # keys/superseded/: own keys the cluster chose another over
 DROPPED_DIR = "dropped"  # keys/dropped/<role>.<gen>: destroyed on purpose (`drop_private`)
 _ROLE_FILE_RE = re.compile(r"(?P<role>[A-Za-z0-9_][A-Za-z0-9_-]{0,63})\.(?P<gen>[1-9][0-9]*)\.key")
 
@@ -262,6 +263,25 @@ class Keystore:
             if path.exists():
                 _destroy(path)
             del gens[generation]
+            self._write_public(state)
+
+    def supersede(self, role: str, generation: int, public: bytes) -> None:
+        """The cluster holds another key for (``role``, ``generation``) than this node
+        made (two members added the role at once; the member log keeps the earliest):
+        take its public key, and move this node's own private key of that generation
+        to ``keys/superseded/`` (kept, not destroyed, not loaded: it opens only what
+        this node sealed to it before it learnt of the other key)."""
+        with self._lock:
+            state = self._load_state()
+            path = self._role_path(role, generation)
+            if path.exists():
+                aside = self.keys_dir / SUPERSEDED_DIR
+                aside.mkdir(mode=0o700, exist_ok=True)
+                os.rename(path, aside / f"{role}.{generation}.{secrets.token_hex(4)}.key")
+                _fsync_dir(self._roles_dir)
+                self._mark_dropped(role, generation)  # given up on purpose (fsck)
+            state.pairs.pop((role, generation), None)
+            state.publics.setdefault(validate_role(role), {})[generation] = public
             self._write_public(state)
 
     def trust_node(self, node_id: bytes) -> None:
