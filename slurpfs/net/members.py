@@ -528,28 +528,8 @@ class Cluster:
         sealed to it, and trust in every node ever admitted (a removed one stays
         trusted for what it signed before its cutoff: `Ingest` checks that)."""
         publics = {role: dict(gens) for role, gens in state.role_keys.items()}
-        self._yield_lost_role_keys(publics)
         pairs = [pair for entry in state.grants for pair in self._open_grant(entry, publics)]
         self._keystore.follow_cluster(publics, pairs, sorted(state.adds))
-
-    def _yield_lost_role_keys(self, publics: Mapping[str, Mapping[int, bytes]]) -> None:
-        """Two members that added one role at once each published a generation-1
-        key; the log keeps the earliest entry (`evaluate`). The node whose key lost
-        takes the log's (`Keystore.supersede`: its own is set aside, not destroyed)
-        and holds the role once a holder grants it, like any member."""
-        ring = self._keystore.load()
-        for role, gens in publics.items():
-            for generation, public in gens.items():
-                mine = ring.public(role, generation) if role in ring.roles() else None
-                if mine is not None and mine.public != public:
-                    log.error(
-                        "role %r generation %d was added on another member at the same time,"
-                        " and the cluster keeps that key: this node's is set aside"
-                        " (keys/superseded/); a holder grants the role (slurpfs keys grant)",
-                        role,
-                        generation,
-                    )
-                    self._keystore.supersede(role, generation, public)
 
     def _open_grant(
         self, entry: Entry, publics: Mapping[str, Mapping[int, bytes]]
