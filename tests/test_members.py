@@ -350,3 +350,23 @@ def test_a_role_added_on_two_members_at_once_keeps_the_earliest_key(tmp_path: Pa
     assert "ops" in b_keys.load().held_roles()
     with pytest.raises(AlreadyExists):  # and adds it no more: the log's key is known here
         b_keys.add_role("ops")
+
+
+def test_a_node_that_joins_during_a_removal_elsewhere_is_sealed_the_new_key(
+    tmp_path: Path,
+) -> None:
+    _, a = founded(tmp_path)
+    _, b = joined(tmp_path, a, "b")
+    _, c = joined(tmp_path, a, "c")
+    b.merge(a.entries())
+    _, j = joined(tmp_path, a, "j")  # a admits j (j knows the key of a's token)...
+    b.remove(c.me().node_id)  # ...while b, not knowing j, removes c: a key sealed to a and b
+    a.merge(b.entries())
+    b.merge(a.entries())
+    assert a.psk == b.psk != j.psk
+    assert a.heal_psk()  # a holds the key in force and j has no share of it: a seals one
+    assert not a.heal_psk()
+    j.merge(a.entries())
+    assert j.psk == a.psk
+    b.merge(a.entries())
+    assert not b.heal_psk()

@@ -467,17 +467,40 @@ class Cluster:
         self._sign(Kind.PSK, encode_psk(generation, psk_hash(key), shares))
 
     def heal_psk(self) -> bool:
-        """Rotate the cluster key again when the one in force was sealed to a node
-        since removed (two removals made at once on two members each sealed its
-        key to the node the other removed); True if it did."""
+        """Keep the cluster key in force known to the members only; True if this
+        node signed anything. Two removals made at once on two members each seal
+        their key to the node the other removed: rotate again. A member that has
+        no share of the key in force (it joined while a removal elsewhere made
+        it): seal it one, if this node holds the key."""
         with self._locked():
             state = self.state()
             if state.psk is None or self._identity.node_id not in state.members:
                 return False
-            if not set(decode_psk(state.psk.body)[2]) & set(state.removed):
-                return False
-            self._rotate_psk()
-            return True
+            key_hash = decode_psk(state.psk.body)[1]
+            shared = {
+                node_id
+                for entry in state.psks
+                if decode_psk(entry.body)[1] == key_hash
+                for node_id in decode_psk(entry.body)[2]
+            }
+            if shared & set(state.removed):
+                self._rotate_psk()
+                return True
+            return self._share_psk(set(state.members) - shared)
+
+    def _share_psk(self, lacking: set[bytes]) -> bool:
+        """Seal the key in force to the members ``lacking`` a share, in a PSK entry of
+        the same generation and key hash (caller holds the lock)."""
+        state = self.state()
+        key = self.keys().current
+        if state.psk is None or not lacking:
+            return False
+        generation, key_hash, _ = decode_psk(state.psk.body)
+        if psk_hash(key) != key_hash:
+            return False  # this node does not hold it: a member that does will seal it
+        shares = {n: bytes(SealedBox(PublicKey(_x25519_public(n))).encrypt(key)) for n in lacking}
+        self._sign(Kind.PSK, encode_psk(generation, key_hash, shares))
+        return True
 
     def set_settings(self, settings: ClusterSettings) -> None:
         with self._locked():
@@ -593,6 +616,7 @@ class Cluster:
             invite["used"] = joiner.node_id.hex()
             self._save_invites(invites)
             self._sign(Kind.ADD, encode_add(joiner))
+            self._share_psk({joiner.node_id})  # (after a rotation: its share, in the log)
         return encode_entries(self.entries())
 
     def _invites(self) -> dict[str, dict[str, Any]]:
