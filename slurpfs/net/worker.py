@@ -224,7 +224,7 @@ class ReplicationWorker:
         """The transport dials with the cluster key in force (a removal rotated it)."""
         try:
             if await trio.to_thread.run_sync(cluster.heal_psk):
-                log.info("the cluster key in force was sealed to a removed node: rotated it")
+                log.info("sealed the cluster key to the members lacking it, or rotated it")
         except SlurpError as exc:  # (this node was removed: it signs nothing)
             log.warning("cannot rotate the cluster key: %s", exc)
         keys = await trio.to_thread.run_sync(cluster.keys)
