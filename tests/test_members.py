@@ -14,7 +14,7 @@ from nacl.public import PublicKey, SealedBox
 
 from slurpfs.crypto.keys import NodeIdentity
 from slurpfs.crypto.keystore import Keystore
-from slurpfs.errors import AccessDenied, ConfigError
+from slurpfs.errors import AccessDenied, AlreadyExists, ConfigError
 from slurpfs.net import memberlog
 from slurpfs.net import members as m
 from slurpfs.net.members import Cluster, InvalidEntry, InviteRefused, Member
@@ -271,3 +271,102 @@ def test_a_grant_that_does_not_open_is_skipped_and_said(tmp_path: Path) -> None:
     a.grant("architect", b_id)
     assert b.merge(a.entries())  # the rest of the log still applies
     assert b_keys.load().held_roles() == {"architect"}
+
+
+def test_a_removal_rotates_the_cluster_key_sealed_to_the_remaining_members(
+    tmp_path: Path,
+) -> None:
+    _, a = founded(tmp_path)
+    _, b = joined(tmp_path, a, "b")
+    _, c = joined(tmp_path, a, "c")
+    _, d = joined(tmp_path, a, "d")
+    for x in (b, c, d):
+        x.merge(a.entries())
+    old = a.psk
+    a.remove(d.me().node_id)
+    for x in (b, c, d):
+        x.merge(a.entries())
+    new = a.keys()
+    assert new.current != old
+    assert new.previous == (old,)
+    assert b.keys() == c.keys() == new  # each opened its own share
+    assert d.psk == old  # the removed node got no share: it knows only the old key
+    # Two removals at once: b removes c while a (not yet knowing) had removed d;
+    # the greater PSK entry holds, and it is sealed to a node removed since.
+    _, e = joined(tmp_path, a, "e")
+    b.merge(a.entries())
+    c.merge(a.entries())
+    a.remove(e.me().node_id)  # a seals its key to b and c
+    b.remove(c.me().node_id)  # b, apart, seals its key to a and e
+    a.merge(b.entries())
+    b.merge(a.entries())
+    assert a.digest() == b.digest()
+    assert a.psk == b.psk
+    holder = a.state().psk
+    assert holder is not None
+    sealed_to = set(memberlog.decode_psk(holder.body)[2])
+    assert sealed_to & set(a.removed())  # the key in force reached a removed node
+    assert a.heal_psk()  # so a member rotates it again, sealed to the members only
+    b.merge(a.entries())
+    assert not b.heal_psk()
+    holder = b.state().psk
+    assert holder is not None
+    assert set(memberlog.decode_psk(holder.body)[2]) == {a.me().node_id, b.me().node_id}
+    assert a.psk == b.psk
+    assert a.psk not in (old, new.current)
+
+
+@pytest.mark.expect_warnings(
+    r"role 'ops' generation 1 was added on another member at the same time.*"
+)
+def test_a_role_added_on_two_members_at_once_keeps_the_earliest_key(tmp_path: Path) -> None:
+    """Both publish generation 1 of ``ops`` before hearing of the other: every log
+    keeps the earliest entry's key; the node whose key lost takes it (its own is
+    set aside, not destroyed), keeps loading its cluster, and holds the role once
+    the winner grants it."""
+    a_keys, a = founded(tmp_path)
+    b_keys, b = joined(tmp_path, a, "b")
+    for keys, cluster in ((a_keys, a), (b_keys, b)):
+        public = keys.add_role("ops").current_public("ops")
+        cluster.publish_role_key("ops", public.generation, public.public)
+    winner = a_keys.load().current_public("ops").public  # a's entry is the earlier
+    lost = b_keys.load().current_public("ops").public
+    assert winner != lost
+
+    b.merge(a.entries())
+    a.merge(b.entries())
+
+    assert a.digest() == b.digest()
+    assert a.role_keys()["ops"] == b.role_keys()["ops"] == {1: winner}
+    assert Cluster.load(tmp_path / "b", b_keys) is not None  # b still loads its cluster
+    b_ring = b_keys.load()
+    assert b_ring.current_public("ops").public == winner
+    assert "ops" not in b_ring.held_roles()
+    (aside,) = (tmp_path / "b" / "keys" / "superseded").iterdir()  # kept, not destroyed
+    assert aside.name.startswith("ops.1.")
+    assert a_keys.load().current_public("ops").public == winner  # a is untouched
+    a.grant("ops", b.me().node_id)
+    b.merge(a.entries())
+    assert "ops" in b_keys.load().held_roles()
+    with pytest.raises(AlreadyExists):  # and adds it no more: the log's key is known here
+        b_keys.add_role("ops")
+
+
+def test_a_node_that_joins_during_a_removal_elsewhere_is_sealed_the_new_key(
+    tmp_path: Path,
+) -> None:
+    _, a = founded(tmp_path)
+    _, b = joined(tmp_path, a, "b")
+    _, c = joined(tmp_path, a, "c")
+    b.merge(a.entries())
+    _, j = joined(tmp_path, a, "j")  # a admits j (j knows the key of a's token)...
+    b.remove(c.me().node_id)  # ...while b, not knowing j, removes c: a key sealed to a and b
+    a.merge(b.entries())
+    b.merge(a.entries())
+    assert a.psk == b.psk != j.psk
+    assert a.heal_psk()  # a holds the key in force and j has no share of it: a seals one
+    assert not a.heal_psk()
+    j.merge(a.entries())
+    assert j.psk == a.psk
+    b.merge(a.entries())
+    assert not b.heal_psk()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -72,6 +73,9 @@ SECRET_BYTES = 32
 SALT_BYTES = argon2id.SALTBYTES
 _MAX_MEMLIMIT = 4 << 30  # refuse absurd stored parameters rather than exhaust memory
 _KDF_HEADER = struct.Struct(">16sQQ24s")  # salt, opslimit, memlimit, nonce
+log = logging.getLogger(__name__)
+
+SUPERSEDED_DIR = "superseded"  # keys/superseded/: own keys the cluster chose another over
 DROPPED_DIR = "dropped"  # keys/dropped/<role>.<gen>: destroyed on purpose (`drop_private`)
 _ROLE_FILE_RE = re.compile(r"(?P<role>[A-Za-z0-9_][A-Za-z0-9_-]{0,63})\.(?P<gen>[1-9][0-9]*)\.key")
 
@@ -309,7 +313,8 @@ class Keystore:
         passphrase), and the trusted nodes are exactly ``trusted`` (the log's).
 
         A public key that differs from this node's for the same (role, generation)
-        is `Corrupt`: two keys of one generation would leave versions unreadable.
+        wins (the log keeps one per generation): this node's own is set aside
+        (`_supersede`).
         """
         with self._lock:
             state = self._load_state()
@@ -321,10 +326,7 @@ class Keystore:
                     if generation < newest and generation not in mine:
                         continue  # destroyed here after a rotation: not brought back
                     if mine.setdefault(generation, public) != public:
-                        raise Corrupt(
-                            f"the cluster's key of role {role!r} generation {generation}"
-                            " differs from this node's"
-                        )
+                        self._supersede(state, role, generation, public)
             for pair in pairs:
                 known = state.publics.get(pair.role, {})
                 if pair.generation not in known and pair.generation < max(known, default=0):
@@ -341,6 +343,32 @@ class Keystore:
             return state.keyring()
 
     # ------------------------------------------------------------------ internals
+
+    def _supersede(self, state: _State, role: str, generation: int, public: bytes) -> None:
+        """The cluster holds another key for (``role``, ``generation``) than this node
+        made (two members added or rotated the role at once; the member log keeps
+        the earliest): take its public key, and move this node's own private key of
+        that generation to ``keys/superseded/`` (kept, not destroyed, not loaded: it
+        opens only what this node sealed to it before it learnt of the other key)."""
+        log.error(
+            "role %r generation %d was added on another member at the same time, and the"
+            " cluster keeps that key: this node's is set aside (keys/%s/); a holder grants"
+            " the role (slurpfs keys grant)",
+            role,
+            generation,
+            SUPERSEDED_DIR,
+        )
+        path = self._role_path(role, generation)
+        if path.exists():
+            _make_private_dir(self.keys_dir / SUPERSEDED_DIR)
+            os.rename(
+                path,
+                self.keys_dir / SUPERSEDED_DIR / f"{role}.{generation}.{secrets.token_hex(4)}.key",
+            )
+            _fsync_dir(self._roles_dir)
+            self._mark_dropped(role, generation)  # given up on purpose (fsck)
+        state.pairs.pop((role, generation), None)
+        state.publics[role][generation] = public
 
     def was_dropped(self, role: str, generation: int) -> bool:
         """True if `drop_private` destroyed this generation's private key on purpose

@@ -13,7 +13,10 @@ itself, names none. A set of entries means (`evaluate`):
 * an entry counts if its proof counts and neither its signer nor (for an add
   or a grant) the node it is about was removed before it was stamped;
 * settings: the latest settings entry (by HLC, then entry id) holds; a role
-  key (role, generation) is the earliest entry naming it.
+  key (role, generation) is the earliest entry naming it;
+* the cluster key (PSK) in force is the one of the greatest PSK entry by
+  (generation, HLC, entry id); each PSK entry carries its key sealed to each
+  member it was made for.
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ __all__ = [
     "Token",
     "check_batch",
     "decode_entries",
+    "decode_psk",
+    "encode_psk",
     "encode_entries",
     "evaluate",
     "join_request",
     "joiner_of",
     "proof_order",
+    "psk_hash",
 ]
 
 PSK_BYTES = 32
@@ -84,6 +90,7 @@ class Kind(enum.IntEnum):
     SETTINGS = 3  # ClusterSettings
     ROLE_KEY = 4  # role, generation, X25519 public key
     GRANT = 5  # node id, role, the role's private keys sealed to that node
+    PSK = 6  # generation, key hash, the new cluster key sealed to each member
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,12 +235,42 @@ def decode_grant(body: bytes) -> tuple[bytes, str, bytes]:
     return node_id, role, sealed
 
 
+PSK_SEALED = PSK_BYTES + 48  # a SealedBox of a key: ephemeral public key, MAC, key
+_PSK_HEAD = struct.Struct(">I32sH")  # generation, key hash, number of shares
+
+
+def psk_hash(psk: bytes) -> bytes:
+    """What a PSK entry names its key by (so entries of one key are recognised)."""
+    return hashlib.sha256(b"slurpfs/psk/v1\0" + psk).digest()
+
+
+def encode_psk(generation: int, key_hash: bytes, shares: Mapping[bytes, bytes]) -> bytes:
+    """A new cluster key's entry body: ``shares`` maps node id -> the key sealed to it."""
+    out = [_PSK_HEAD.pack(generation, key_hash, len(shares))]
+    for node_id, sealed in sorted(shares.items()):
+        if len(node_id) != NODE_ID_BYTES or len(sealed) != PSK_SEALED:
+            raise ConfigError("a cluster key share is a node id and a sealed 32-byte key")
+        out += [node_id, sealed]
+    return b"".join(out)
+
+
+def decode_psk(body: bytes) -> tuple[int, bytes, dict[bytes, bytes]]:
+    reader = Reader(body)
+    generation, key_hash, count = _PSK_HEAD.unpack(reader.take(_PSK_HEAD.size))
+    shares = {reader.take(NODE_ID_BYTES): reader.take(PSK_SEALED) for _ in range(count)}
+    reader.end()
+    if generation < 1 or len(shares) != count:
+        raise ValueError("generation 0 or a node named twice")
+    return generation, key_hash, shares
+
+
 _BODY_DECODERS = {
     Kind.ADD: decode_add,
     Kind.REMOVE: decode_remove,
     Kind.SETTINGS: decode_settings,
     Kind.ROLE_KEY: decode_role_key,
     Kind.GRANT: decode_grant,
+    Kind.PSK: decode_psk,
 }
 
 
@@ -301,6 +338,8 @@ class LogState:
     settings: ClusterSettings
     role_keys: Mapping[str, Mapping[int, bytes]]
     grants: tuple[Entry, ...]
+    psk: Entry | None  # the PSK entry in force (None: the founding key)
+    psks: tuple[Entry, ...]  # every PSK entry that counts
 
 
 def evaluate(entries: Sequence[Entry]) -> LogState:
@@ -365,6 +404,7 @@ def _summarise(genesis: Entry, entries: list[Entry], removed: dict[bytes, int]) 
         for node_id, entry in latest.items()
         if node_id not in removed
     }
+    psks = [e for e in entries if e.kind is Kind.PSK]
     return LogState(
         genesis=genesis,
         entries=tuple(entries),
@@ -379,7 +419,13 @@ def _summarise(genesis: Entry, entries: list[Entry], removed: dict[bytes, int]) 
             }
         ),
         grants=tuple(e for e in entries if e.kind is Kind.GRANT),
+        psk=max(psks, key=_psk_order, default=None),
+        psks=tuple(psks),
     )
+
+
+def _psk_order(entry: Entry) -> tuple[int, int, bytes]:
+    return decode_psk(entry.body)[0], entry.hlc, entry.id
 
 
 def check_batch(

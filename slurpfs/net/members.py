@@ -4,7 +4,10 @@ A cluster lives in ``<data>/cluster/`` (directory ``0700``, files ``0600``),
 outside the store on purpose: an emptied or rolled-back store still knows its
 cluster and refills from its peers.
 
-* ``psk``: the 32-byte private-network key (libp2p pnet).
+* ``psk``: the 32-byte private-network key (libp2p pnet) this node was given
+  when it founded or joined the cluster. A removal rotates it: the remover signs
+  a PSK entry carrying a new key sealed to each remaining member (`ClusterKeys`
+  says which key is in force and which previous ones are still accepted).
 * ``members.log``: the member log (`slurpfs.net.memberlog`), signed entries
   appended in the order this node learnt them (byte layout in docs/FORMAT.md).
 * ``invites``: pending invites, by the hash of their secret (never the secret).
@@ -42,6 +45,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +76,19 @@ from slurpfs.net.memberlog import (
     check_batch,
     decode_entries,
     decode_grant,
+    decode_psk,
     decode_role_key,
     encode_add,
     encode_entries,
     encode_grant,
+    encode_psk,
     encode_role_key,
     encode_settings,
     evaluate,
     join_request,
     joiner_of,
     proof_order,
+    psk_hash,
     read_join_request,
     secret_hash,
 )
@@ -89,7 +96,9 @@ from slurpfs.net.memberlog import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "PSK_GRACE",
     "Cluster",
+    "ClusterKeys",
     "ClusterSettings",
     "Entry",
     "InvalidEntry",
@@ -108,6 +117,22 @@ __all__ = [
     "join_request",
     "joiner_of",
 ]
+
+
+# After a PSK rotation the previous keys stay accepted inbound until every member
+# was seen on the new one, and never longer than this after the rotation: a member
+# down longer learns the new key from no one (it is removed and rejoins).
+PSK_GRACE = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterKeys:
+    """The cluster keys (PSKs) this node knows: ``current`` (dial with it) and the
+    ``previous`` ones, accepted inbound until ``until`` (unix seconds) at most."""
+
+    current: bytes
+    previous: tuple[bytes, ...]
+    until: float
 
 
 # ---- the cluster on disk -------------------------------------------------------
@@ -134,7 +159,8 @@ class Cluster:
         self.dir = cluster_dir(data_dir)
         self._keystore = keystore
         self._identity = identity
-        self.psk = b""
+        self._base_psk = b""
+        self._opened: dict[bytes, bytes | None] = {}  # PSK entry id -> the key it seals here
         self._entries: list[Entry] = []
         self._ids: dict[bytes, Entry] = {}
         self._size = self._valid = -1
@@ -217,8 +243,8 @@ class Cluster:
 
     def _open(self) -> None:
         _check_private(self.dir)
-        self.psk = _read_private(self.dir / "psk")
-        if len(self.psk) != PSK_BYTES:
+        self._base_psk = _read_private(self.dir / "psk")
+        if len(self._base_psk) != PSK_BYTES:
             raise Corrupt(f"{self.dir / 'psk'} is not a {PSK_BYTES}-byte key")
         self._reread()
 
@@ -280,6 +306,47 @@ class Cluster:
 
     def role_keys(self) -> Mapping[str, Mapping[int, bytes]]:
         return self.state().role_keys
+
+    @property
+    def psk(self) -> bytes:
+        """The cluster key in force (what invites carry and dials use)."""
+        return self.keys().current
+
+    def keys(self) -> ClusterKeys:
+        """The cluster keys this node knows (`ClusterKeys`): the founding or joining
+        key and every PSK entry's key sealed to this node."""
+        state = self.state()
+        known = {psk_hash(self._base_psk): self._base_psk}
+        for entry in state.psks:
+            if (key := self._open_psk(entry)) is not None:
+                known[psk_hash(key)] = key
+        if state.psk is None:
+            return ClusterKeys(self._base_psk, (), 0.0)
+        current = known.get(decode_psk(state.psk.body)[1])
+        if current is None:  # sealed to members this node is not among
+            if self._identity.node_id in state.members:  # (a joiner during a removal)
+                log.error(
+                    "the cluster key in force (%s) is not sealed to this node", state.psk.short
+                )
+            current = self._base_psk
+        until = (state.psk.hlc >> LOGICAL_BITS) / 1000 + PSK_GRACE
+        return ClusterKeys(current, tuple(k for k in known.values() if k != current), until)
+
+    def _open_psk(self, entry: Entry) -> bytes | None:
+        if entry.id not in self._opened:
+            sealed = decode_psk(entry.body)[2].get(self._identity.node_id)
+            key = None
+            if sealed is not None:
+                private = self._identity.signing_key.to_curve25519_private_key()
+                try:
+                    key = SealedBox(private).decrypt(sealed)
+                except CryptoError:
+                    log.error("%s is sealed to this node but does not open: skipped", entry.short)
+            if key is not None and psk_hash(key) != decode_psk(entry.body)[1]:
+                log.error("%s seals another key than it names: skipped", entry.short)
+                key = None
+            self._opened[entry.id] = key
+        return self._opened[entry.id]
 
     def digest(self) -> bytes:
         """32 bytes, equal iff the logs hold the same entries (in whatever order)."""
@@ -384,7 +451,56 @@ class Cluster:
                 raise NotFound(f"{node_id.hex()[:16]} is not a member")
             cutoff = hlc_now(max(e.hlc for e in self._entries))
             self._sign(Kind.REMOVE, node_id + struct.pack(">Q", cutoff))
+            self._rotate_psk()
             return cutoff
+
+    def _rotate_psk(self) -> None:
+        """A new cluster key sealed to each member, in a PSK entry (caller holds the
+        lock): what a removed node knows opens no connection once it is in force."""
+        state = self.state()
+        key = secrets.token_bytes(PSK_BYTES)
+        generation = 1 + max((decode_psk(e.body)[0] for e in state.psks), default=0)
+        shares = {
+            node_id: bytes(SealedBox(PublicKey(_x25519_public(node_id))).encrypt(key))
+            for node_id in state.members
+        }
+        self._sign(Kind.PSK, encode_psk(generation, psk_hash(key), shares))
+
+    def heal_psk(self) -> bool:
+        """Keep the cluster key in force known to the members only; True if this
+        node signed anything. Two removals made at once on two members each seal
+        their key to the node the other removed: rotate again. A member that has
+        no share of the key in force (it joined while a removal elsewhere made
+        it): seal it one, if this node holds the key."""
+        with self._locked():
+            state = self.state()
+            if state.psk is None or self._identity.node_id not in state.members:
+                return False
+            key_hash = decode_psk(state.psk.body)[1]
+            shared = {
+                node_id
+                for entry in state.psks
+                if decode_psk(entry.body)[1] == key_hash
+                for node_id in decode_psk(entry.body)[2]
+            }
+            if shared & set(state.removed):
+                self._rotate_psk()
+                return True
+            return self._share_psk(set(state.members) - shared)
+
+    def _share_psk(self, lacking: set[bytes]) -> bool:
+        """Seal the key in force to the members ``lacking`` a share, in a PSK entry of
+        the same generation and key hash (caller holds the lock)."""
+        state = self.state()
+        key = self.keys().current
+        if state.psk is None or not lacking:
+            return False
+        generation, key_hash, _ = decode_psk(state.psk.body)
+        if psk_hash(key) != key_hash:
+            return False  # this node does not hold it: a member that does will seal it
+        shares = {n: bytes(SealedBox(PublicKey(_x25519_public(n))).encrypt(key)) for n in lacking}
+        self._sign(Kind.PSK, encode_psk(generation, key_hash, shares))
+        return True
 
     def set_settings(self, settings: ClusterSettings) -> None:
         with self._locked():
@@ -500,6 +616,7 @@ class Cluster:
             invite["used"] = joiner.node_id.hex()
             self._save_invites(invites)
             self._sign(Kind.ADD, encode_add(joiner))
+            self._share_psk({joiner.node_id})  # (after a rotation: its share, in the log)
         return encode_entries(self.entries())
 
     def _invites(self) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import json
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from slurpfs.model import ContextStore
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7400"
+LISTEN_WAIT = 30.0  # seconds `invite` waits for the mount's worker to listen
 Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 KeystoreOf = Callable[[config.Config, bytes | None], Keystore]
 ModelOf = Callable[[config.Config, bytes | None], "ContextStore"]
@@ -64,6 +66,11 @@ class PeerCommands:
         if not running:
             _say(
                 "no mount runs on this data directory: start `slurpfs mount` so the invitee can join"
+            )
+        elif not _wait_listening(cfg):
+            _say(
+                f"the mount's replication worker did not listen within {LISTEN_WAIT:.0f} s"
+                " (see `slurpfs peers`): the invitee can join once it does"
             )
         _emit(
             args,
@@ -120,7 +127,8 @@ class PeerCommands:
                 "held": held,
                 "rotated": rotated,
             },
-            f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on counts",
+            f"removed {member.name} ({member.node_id.hex()[:16]}); nothing it signs from now on"
+            " counts, and the cluster key it knew is being retired",
         )
         return 0
 
@@ -293,6 +301,23 @@ def _tell_daemon(cfg: config.Config) -> bool:
         _say(f"the mount did not take the change now ({exc}); it will at its next start")
         return True
     return reply is not None
+
+
+def _wait_listening(cfg: config.Config) -> bool:
+    """Wait (at most `LISTEN_WAIT`) until the mount's replication worker listens,
+    so that the token printed next can be used at once; False if it did not."""
+    deadline = time.monotonic() + LISTEN_WAIT
+    while time.monotonic() < deadline:
+        try:
+            reply = control.request(cfg.data_dir, "peers", timeout=5.0)
+        except OSError:
+            reply = ""
+        if reply is None:
+            return False  # the mount went away
+        if reply.startswith("peers {") and json.loads(reply.removeprefix("peers "))["listening"]:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:

@@ -82,7 +82,7 @@ GROUPS = 64
 BUCKETS_PER_GROUP = 64
 BUCKETS = GROUPS * BUCKETS_PER_GROUP
 DIGEST_FRESH = 5.0  # seconds a computed digest table is reused while nothing changed
-REPAIR_BUCKETS = 64  # buckets whose ids one exchange lists at most
+REPAIR_BUCKETS = 64  # buckets whose ids one request lists (a repair pages through all)
 UP_POLL = 0.1  # seconds between looks at whether a peer is up
 RECENT = 50_000  # version ids remembered for acks and origins
 INBOX = 64  # push batches waiting per peer before the sender is slowed down
@@ -936,7 +936,12 @@ class Replicator:
             for n, g in enumerate(groups)
             for i, d in enumerate(mine.bucket_digests([g]))
             if their_buckets[n * BUCKETS_PER_GROUP + i : n * BUCKETS_PER_GROUP + i + 1] != [d]
-        ][:REPAIR_BUCKETS]
+        ]
+        for at in range(0, len(buckets), REPAIR_BUCKETS):  # every differing bucket, in pages
+            await self._repair_buckets(peer, buckets[at : at + REPAIR_BUCKETS])
+
+    async def _repair_buckets(self, peer: _Peer, buckets: Sequence[int]) -> None:
+        """Fetch the versions of ``buckets`` (a page of those that differ) we lack."""
         ids = await self._digest_request(peer, 2, buckets)
         store = self.model.store
         lacking = [v for v in dict.fromkeys(ids) if store.record(v) is None]

@@ -16,8 +16,13 @@ Security (each setting closes a hole found in py-libp2p's defaults):
   key would pass a peer-id allowlist. Only Noise is offered and accepted; it
   proves the key.
 * **The cluster's private-network key** (pnet PSK): a node without it gets no
-  further than the first bytes. A wrong key shows up as a stall, not an error,
-  so every dial is bounded in time.
+  further than the first bytes. The pnet layer is ours (`_PnetTCP`), not the
+  library's one-key-per-swarm option: dials use the current key; an inbound
+  connection's first bytes (the dialer's multistream header, a known
+  plaintext) tell which accepted key it uses, and one that matches none is
+  closed at once and counted. After a rotation (`set_keys`) the previous keys
+  are accepted too until every member was seen on the current one, or until
+  the grace given ends; then only the current key opens a connection.
 * **The member list** is checked before every dial, on every inbound
   connection (anything else is closed and counted) and on every inbound stream.
 * **The one exemption: joining.** A node with a `Joins` handler accepts a
@@ -45,8 +50,10 @@ import contextlib
 import enum
 import itertools
 import logging
+import secrets
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -54,20 +61,26 @@ from typing import NamedTuple, Protocol
 
 import multiaddr
 import trio
+from Crypto.Cipher import Salsa20
 from libp2p import new_swarm
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee, IRawConnection
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import THandler, TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import IOException
 from libp2p.network.config import RetryConfig
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.pnet.psk_conn import PskConn
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from slurpfs.crypto.keys import NODE_ID_BYTES, NodeIdentity
 from slurpfs.errors import ConfigError, SlurpError
@@ -87,6 +100,11 @@ BACKOFF_CAP = 5.0
 SEND_TIMEOUT = 10.0  # one write (a stalled peer's flow-control window)
 REQUEST_TIMEOUT = 10.0
 MAX_FRAME = 4 << 20
+PNET_NONCE = 8
+# What a dialer sends first inside pnet: the multistream-select header (varint
+# length, protocol id, newline); the known plaintext that tells which key it uses.
+PNET_KNOWN = b"\x13/multistream/1.0.0\n"
+PNET_TIMEOUT = 10.0  # an inbound connection's first bytes, or it is closed
 _HEADER = struct.Struct(">IBI")  # length, kind, id
 _CLOCK = struct.Struct(">q")  # a wall clock in ns (ping and pong payloads)
 _READ = 1 << 16
@@ -199,6 +217,8 @@ class TransportStatistics:
     up: int
     refused_connections: int  # inbound connections from non-members, closed
     refused_streams: int  # inbound streams from non-members, reset
+    refused_keys: int  # inbound connections with no accepted cluster key (PSK), closed
+    keys_accepted: int  # cluster keys accepted inbound: 1, or more during a rotation
     protocol_errors: int  # streams reset for a bad frame
     dials: int
     dial_failures: int
@@ -287,6 +307,7 @@ class _Link:
         self.name = node_id.hex()[:16]
         self.address = address
         self.remote: str | None = None
+        self.key: bytes | None = None  # the cluster key of its connection (`Transport._seen`)
         self.channels: dict[str, _Channel] = {}
         self.wake = trio.Event()  # an inbound connection or a new address
         self.cancel = trio.CancelScope()
@@ -333,9 +354,8 @@ class Transport:
         members: Mapping[bytes, str | None],
         joins: Joins | None = None,
     ) -> None:
-        _check_psk(psk)
         self.identity = identity
-        self._psk = psk
+        self._keys = _Keys(psk)
         self._receiver = receiver
         self._joins = joins
         self._links: dict[bytes, _Link] = {}
@@ -356,7 +376,7 @@ class Transport:
         `task_status` gets the addresses actually listened on (port 0 is resolved).
         When this returns, every connection and stream is closed.
         """
-        host = _new_host(self.identity, self._psk, [_multiaddr(listen)])
+        host = _new_host(self.identity, self._keys, [_multiaddr(listen)])
         host.get_network().register_notifee(_Gate(self))
         for purpose, protocol in PROTOCOLS.items():
             host.set_stream_handler(protocol, partial(self._serve, purpose))
@@ -405,6 +425,31 @@ class Transport:
 
     def _member(self, peer_id: ID) -> _Link | None:
         return self._by_peer.get(peer_id)
+
+    # ---- cluster keys --------------------------------------------------------
+
+    def set_keys(self, current: bytes, previous: Sequence[bytes] = (), until: float = 0.0) -> None:
+        """The cluster's PSKs after a rotation: dial with ``current``; accept
+        ``previous`` too until every member was seen on ``current`` or the wall
+        clock passes ``until``. A new current key closes this node's connections
+        that use another, so that they come back on it."""
+        if not self._keys.set(current, previous, until):
+            self._check_retired()
+            return
+        log.info("the cluster key changed: reconnecting the members on it")
+        for link in self._links.values():
+            if link.key is not None and link.key != current and self._nursery is not None:
+                self._nursery.start_soon(self._disconnect, link)
+        self._check_retired()
+
+    def _seen(self, link: _Link, conn: INetConn) -> None:
+        link.key = self._keys.used(_remote_pair(conn))
+        self._check_retired()
+
+    def _check_retired(self) -> None:
+        current, links = self._keys.current, self._links.values()
+        if self._keys.previous and all(link.channels and link.key == current for link in links):
+            self._keys.retire()
 
     def _guest(self, conn: INetConn) -> bool:
         """Let a non-member's connection stay for one join request, if one may come
@@ -475,6 +520,8 @@ class Transport:
             up=sum(s.up for s in states),
             refused_connections=self._refused["connections"],
             refused_streams=self._refused["streams"],
+            refused_keys=self._keys.refused,
+            keys_accepted=len(self._keys.accepted()),
             protocol_errors=self._refused["protocol"],
             **total,
         )
@@ -523,6 +570,7 @@ class Transport:
         remote = streams[0].get_remote_address()
         link.remote = f"/ip4/{remote[0]}/tcp/{remote[1]}" if remote else None
         log.info("peer %s is up (%s)", link.name, link.remote)
+        self._check_retired()
         return True
 
     async def _session(self, link: _Link) -> None:
@@ -656,6 +704,7 @@ class _Gate(INotifee):
         peer_id = conn.muxed_conn.peer_id
         link = self._transport._member(peer_id)
         if link is not None:
+            self._transport._seen(link, conn)
             link.wake.set()
         elif not self._transport._guest(conn):
             self._transport._refuse("connections", peer_id, _remote(conn))
@@ -692,8 +741,7 @@ async def knock(
     wrong PSK looks the same: a stall), `RemoteFailure` with its message when it
     refused the request.
     """
-    _check_psk(psk)
-    host = _new_host(identity, psk, [])
+    host = _new_host(identity, _Keys(psk), [])
     info = PeerInfo(peer_id_of(peer), [_multiaddr(address)])
     answer: Frame | None = None
     failure = "no answer"
@@ -726,7 +774,7 @@ def node_id_of(peer_id: ID) -> bytes:
     return node_id
 
 
-def _new_host(identity: NodeIdentity, psk: bytes, listen: list[multiaddr.Multiaddr]) -> BasicHost:
+def _new_host(identity: NodeIdentity, psks: _Keys, listen: list[multiaddr.Multiaddr]) -> BasicHost:
     keys = key_pair_of(identity)
     noise = NoiseTransport(keys, noise_privkey=new_x25519_key_pair().private_key)
     swarm = new_swarm(
@@ -735,9 +783,157 @@ def _new_host(identity: NodeIdentity, psk: bytes, listen: list[multiaddr.Multiad
         muxer_preference="YAMUX",
         listen_addrs=listen,
         retry_config=RetryConfig(max_retries=0),  # our loop retries, with our backoff
-        psk=psk.hex(),
+        transports=[_PnetTCP(psks)],  # pnet is ours: no psk= here
     )
     return BasicHost(network=swarm)
+
+
+class _Keys:
+    """The PSKs of one node: the current one (dials; always accepted) and, during a
+    rotation, the previous ones (accepted inbound until `retire` or ``until``)."""
+
+    def __init__(self, current: bytes) -> None:
+        _check_psk(current)
+        self.current = current
+        self.previous: tuple[bytes, ...] = ()
+        self.until = 0.0  # wall clock after which the previous keys are refused
+        self.refused = 0  # inbound connections that used no accepted key
+        self._used: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def set(self, current: bytes, previous: Sequence[bytes], until: float) -> bool:
+        """True if the current key changed."""
+        for key in (current, *previous):
+            _check_psk(key)
+        changed = current != self.current
+        self.current, self.until = current, until
+        self.previous = tuple(k for k in dict.fromkeys(previous) if k != current)
+        return changed
+
+    def accepted(self) -> tuple[bytes, ...]:
+        if self.previous and time.time() < self.until:
+            return (self.current, *self.previous)
+        return (self.current,)
+
+    def retire(self) -> None:
+        if self.previous:
+            log.info("every member was seen on the current cluster key: the previous retired")
+        self.previous = ()
+
+    def note(self, remote: tuple[str, int] | None, key: bytes) -> None:
+        """Which key the connection from or to ``remote`` uses (`used`)."""
+        if remote is not None:
+            self._used[remote] = key
+            self._used.move_to_end(remote)
+            while len(self._used) > 1024:
+                self._used.popitem(last=False)
+
+    def used(self, remote: tuple[str, int] | None) -> bytes | None:
+        return self._used.get(remote) if remote is not None else None
+
+
+class _WrongKey(IOException):
+    """An inbound connection whose first bytes open with no accepted key."""
+
+
+class _Inbound(ReadWriteCloser):
+    """The listener's side of pnet with several accepted keys: the dialer's nonce
+    and first bytes are read before anything is written, and the key under which
+    they are `PNET_KNOWN` is the connection's key (`_WrongKey` if none)."""
+
+    def __init__(self, stream: ReadWriteCloser, keys: _Keys) -> None:
+        self._stream = stream
+        self._keys = keys
+        self._lock = trio.Lock()
+        self._key: bytes | None = None
+        self._read: Salsa20.Salsa20Cipher | None = None
+        self._write: Salsa20.Salsa20Cipher | None = None
+        self._pending = b""
+
+    async def _choose(self) -> bytes:
+        async with self._lock:
+            if self._key is None:
+                with trio.fail_after(PNET_TIMEOUT):
+                    head = await _read_exactly(self._stream, PNET_NONCE + len(PNET_KNOWN))
+                nonce, first = head[:PNET_NONCE], head[PNET_NONCE:]
+                for key in self._keys.accepted():
+                    cipher = Salsa20.new(key=key, nonce=nonce)
+                    if cipher.decrypt(first) == PNET_KNOWN:
+                        self._key, self._read, self._pending = key, cipher, PNET_KNOWN
+                        self._keys.note(self.get_remote_address(), key)
+                        break
+                else:
+                    self._keys.refused += 1
+                    log.info("closed a connection from %s: no cluster key", self._remote())
+                    await self._stream.close()
+                    raise _WrongKey("the connection uses no accepted cluster key")
+            return self._key
+
+    async def read(self, n: int | None = None) -> bytes:
+        await self._choose()
+        if self._pending:
+            size = len(self._pending) if n is None else n
+            out, self._pending = self._pending[:size], self._pending[size:]
+            return out
+        data = await self._stream.read(n)
+        assert self._read is not None
+        return self._read.decrypt(data) if data else b""
+
+    async def write(self, data: bytes) -> None:
+        key = await self._choose()
+        if self._write is None:
+            nonce = secrets.token_bytes(PNET_NONCE)
+            self._write = Salsa20.new(key=key, nonce=nonce)
+            data_out = nonce + self._write.encrypt(data)
+        else:
+            data_out = self._write.encrypt(data)
+        await self._stream.write(data_out)
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self._stream.get_remote_address()
+
+    def _remote(self) -> str:
+        remote = self.get_remote_address()
+        return f"{remote[0]}:{remote[1]}" if remote else "?"
+
+
+class _PnetTCP(TCP):
+    """TCP with our pnet layer (`_Keys`) instead of the swarm's one-key option."""
+
+    def __init__(self, keys: _Keys) -> None:
+        super().__init__()
+        self._keys = keys
+
+    async def dial(self, maddr: multiaddr.Multiaddr) -> IRawConnection:
+        raw = await super().dial(maddr)
+        key = self._keys.current
+        self._keys.note(raw.get_remote_address(), key)
+        return PskConn(raw, key.hex())
+
+    async def dial_with_source(
+        self, maddr: multiaddr.Multiaddr, source: multiaddr.Multiaddr
+    ) -> IRawConnection:
+        raise OpenConnectionError("slurpfs dials from no chosen source address")
+
+    def create_listener(self, handler_function: THandler) -> TCPListener:
+        keys = self._keys
+
+        async def accept(stream: ReadWriteCloser) -> None:
+            await handler_function(_Inbound(stream, keys))
+
+        return super().create_listener(accept)
+
+
+async def _read_exactly(stream: ReadWriteCloser, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.read(n - len(data))
+        if not chunk:
+            raise _WrongKey("the connection ended before its first bytes")
+        data += chunk
+    return data
 
 
 def _check_psk(psk: bytes) -> None:
@@ -759,6 +955,14 @@ def _multiaddr(text: str) -> multiaddr.Multiaddr:
         return multiaddr.Multiaddr(text)
     except ValueError as exc:  # the parser's errors are ValueErrors
         raise ConfigError(f"bad peer address {text!r}: {exc}") from None
+
+
+def _remote_pair(conn: INetConn) -> tuple[str, int] | None:
+    """The connection's remote host and port (the key `_Keys.note` used)."""
+    for address in conn.get_transport_addresses():
+        with contextlib.suppress(ValueError, LookupError):
+            return str(address.value_for_protocol("ip4")), int(address.value_for_protocol("tcp"))
+    return None
 
 
 def _remote(conn: INetConn) -> object:

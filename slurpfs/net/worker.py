@@ -141,7 +141,11 @@ class ReplicationWorker:
         await self._complete_rotations(model)  # (a rotation heard of while not running)
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
         admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
-        self.transport = Transport(model.keyring.node, cluster.psk, replicator, members, admissions)
+        keys = cluster.keys()
+        self.transport = Transport(
+            model.keyring.node, keys.current, replicator, members, admissions
+        )
+        self.transport.set_keys(keys.current, keys.previous, keys.until)
         failed: list[BaseException] = []
         async with trio.open_nursery() as nursery:
             try:
@@ -203,6 +207,7 @@ class ReplicationWorker:
         if digest == self._digest:
             return
         self._digest = digest
+        await self._follow_keys(cluster)
         await trio.to_thread.run_sync(model.reload_keyring)  # trust, granted role keys
         await self._complete_rotations(model)
         model.max_clock_ahead_ms = cluster.settings().max_clock_offset_ms
@@ -214,6 +219,17 @@ class ReplicationWorker:
                 await self.peer.notify("members")  # the daemon reads its keys again too
             except PeerGone:
                 self.stop()
+
+    async def _follow_keys(self, cluster: Cluster) -> None:
+        """The transport dials with the cluster key in force (a removal rotated it)."""
+        try:
+            if await trio.to_thread.run_sync(cluster.heal_psk):
+                log.info("sealed the cluster key to the members lacking it, or rotated it")
+        except SlurpError as exc:  # (this node was removed: it signs nothing)
+            log.warning("cannot rotate the cluster key: %s", exc)
+        keys = await trio.to_thread.run_sync(cluster.keys)
+        if self.transport is not None:
+            self.transport.set_keys(keys.current, keys.previous, keys.until)
 
     def stop(self) -> None:
         self._stop.set()

@@ -183,6 +183,7 @@ class ReplicationClient:
             "problem": self.report.get("problem", ""),
             "listening": self.report.get("listening", []),
             "peers": self.peers,
+            "transport": self.report.get("transport", {}),
         }
 
     def render(self) -> str:
