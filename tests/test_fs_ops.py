@@ -38,12 +38,12 @@ from slurpfs.fs.inodes import Kind
 from slurpfs.fs.invalidate import Invalidator
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.scratch import ENTRY_BYTES
-from slurpfs.model import ContextStore, data_paths
+from slurpfs.model import ContextStore, VersionInfo, data_paths
 from slurpfs.service import control, mountcmd
 from slurpfs.service.daemon import MountError, TtlCleaner
 from slurpfs.store import Commit, VersionRecord
 from slurpfs.store.lmdb_store import WriterLock
-from slurpfs.ucxl import parse
+from slurpfs.ucxl import Address, parse
 
 DIR = f"ucxl/{AUTH}/src/auth.go"
 ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
@@ -558,6 +558,35 @@ async def test_invalidator_tells_the_kernel_about_outside_changes(
     model.delete(ADDR, DEV)
     await invalidator.cycle()
     assert kernel.entries == [(parent, DEV.encode())]
+
+
+async def test_the_invalidator_reads_the_store_only_where_the_kernel_looked(
+    fs: OpsHarness, model: ContextStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's catch-up streams thousands of versions nobody has looked up. Expected:
+    the invalidator (on the FUSE loop) reads a head only for an address the kernel
+    holds something of; it read one per changed context before."""
+    kernel = FakeKernel()
+    invalidator = Invalidator(fs.ops, kernel)
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"mine")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    await invalidator.cycle()
+    kernel.inodes.clear()
+    for i in range(20):
+        model.put(parse(f"ucxl://claude:tester@bzzz:auth/far/n{i}"), DEV, b"elsewhere")
+    model.put(ADDR, DEV, b"from another writer")
+    read: list[str] = []
+    stat = model.stat
+
+    def counted(address: Address, role: str) -> VersionInfo:
+        read.append(address.key)
+        return stat(address, role)
+
+    monkeypatch.setattr(model, "stat", counted)
+    await invalidator.cycle()
+    assert kernel.inodes == [ino]
+    assert read == [ADDR.key]
 
 
 async def test_a_context_purged_by_its_ttl_leaves_the_mount(

@@ -141,10 +141,12 @@ class Invalidator:
         own = self.ops.gateway.own_versions
         first: set[str] = set()  # addresses of this mount's own first versions
         while True:
-            seq, records = self.model.store.changes_since(self.seq)
-            if seq == self.seq:
+            before = self.seq
+            seq, records = self.model.store.changes_since(before)
+            if seq == before:
                 break
             self.seq = seq
+            self.ops.view.follow(before, seq, records)  # read once, for the view too
             for record in records:
                 if record.version_id in own:
                     # This mount wrote it and updated its nodes then; only a
@@ -177,12 +179,27 @@ class Invalidator:
         """What to tell the kernel about these (address key, role) changes."""
         actions = Actions()
         for key, role in changed:
+            if not self._known(key):
+                continue
             try:
                 address = Address.from_key(key)
             except InvalidAddress:
                 continue
             self._plan_one(address, role, actions)
         return actions
+
+    def _known(self, key: str) -> bool:
+        """Whether the kernel may hold anything a change at `key` makes stale: a node
+        at it or at its parent (`_plan_parent`), or a role name hidden by a rename.
+        A catch-up streams thousands of versions nobody has looked up: those cost
+        no store read here (on the FUSE loop)."""
+        inodes = self.ops.inodes
+        parent = key.rpartition("/")[0]
+        return (
+            bool(inodes.at_address(key))
+            or bool(parent and inodes.at_address(parent))
+            or self.ops.scratch.hides_any()
+        )
 
     def _plan_one(self, address: Address, role: str, actions: Actions) -> None:
         try:

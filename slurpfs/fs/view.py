@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Sequence
 from typing import TypeVar
 
 from slurpfs.errors import NotFound
 from slurpfs.model import ContextStore, Listing, VersionInfo
+from slurpfs.store.schema import VersionRecord
 from slurpfs.ucxl import Address
 
 K = TypeVar("K")
@@ -91,6 +93,14 @@ class StoreView:
         self._heads.clear()
         self._dirs.clear()
 
+    def follow(self, before: int, seq: int, records: Sequence[VersionRecord]) -> None:
+        """The change records from `before` to `seq`, read by someone else (the
+        invalidator): taken as `refresh` would read them, if the memo is at `before`."""
+        if self._seq != before or self._seq < 0 or len(records) >= TARGETED_LIMIT:
+            return  # ahead (a request refreshed first), or not started: `refresh` reads
+        self._drop_all_of(records)
+        self._seq = seq
+
     def _catch_up(self, seq: int) -> None:
         """The sequence moved to `seq`: drop what the records since the memo's say."""
         if self._seq < 0 or seq < self._seq:
@@ -102,12 +112,15 @@ class StoreView:
             self.changed()  # more may follow: the whole memo costs less to refill
             self._seq = seq
             return
+        self._drop_all_of(records)
+        # Records past `seq` (committed since it was read) were dropped too.
+        self._seq = max(seq, last)
+
+    def _drop_all_of(self, records: Sequence[VersionRecord]) -> None:
         if records:
             self.epoch += 1
         for record in records:
             self._drop(record.address, record.role)
-        # Records past `seq` (committed since it was read) were dropped too.
-        self._seq = max(seq, last)
 
     def _drop(self, key: str, role: str) -> None:
         """A version of (`key`, `role`) was committed: drop what it may have changed."""
