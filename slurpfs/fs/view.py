@@ -16,8 +16,9 @@ When (and what of) the memo is dropped:
   ``is_dir`` answers that were not yes and the listings that lack the next name
   down (a commit creates the directories it needs; it never removes one). The
   rest stays: a replication catch-up streaming thousands of versions into other
-  directories keeps a tree walk's memo. More than `TARGETED_LIMIT` records, or a
-  sequence that went backwards (a store restored), drop everything. So a
+  directories keeps a tree walk's memo. More than `TARGETED_LIMIT` records, a
+  damaged one, or a sequence that went backwards (a store restored) drop
+  everything. So a
   ``slurpfs put`` from another process, or a peer's version, is seen by the next
   request, exactly as without the memo.
 - `committed` does the same at once after a commit of this process (the next
@@ -42,7 +43,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TypeVar
 
-from slurpfs.errors import NotFound
+from slurpfs.errors import Corrupt, NotFound
 from slurpfs.model import ContextStore, Listing, VersionInfo
 from slurpfs.store.schema import VersionRecord
 from slurpfs.ucxl import Address
@@ -104,17 +105,24 @@ class StoreView:
     def _catch_up(self, seq: int) -> None:
         """The sequence moved to `seq`: drop what the records since the memo's say."""
         if self._seq < 0 or seq < self._seq:
-            self.changed()  # first use, or a store put back to an older state
-            self._seq = seq
+            self._start_over(seq)  # first use, or a store put back to an older state
             return
-        last, records = self.model.store.changes_since(self._seq, limit=TARGETED_LIMIT)
+        try:
+            last, records = self.model.store.changes_since(self._seq, limit=TARGETED_LIMIT)
+        except Corrupt:
+            # A damaged record: the invalidator reports it; requests go on.
+            self._start_over(seq)
+            return
         if len(records) >= TARGETED_LIMIT:
-            self.changed()  # more may follow: the whole memo costs less to refill
-            self._seq = seq
+            self._start_over(seq)  # more may follow: the whole memo costs less to refill
             return
         self._drop_all_of(records)
         # Records past `seq` (committed since it was read) were dropped too.
         self._seq = max(seq, last)
+
+    def _start_over(self, seq: int) -> None:
+        self.changed()
+        self._seq = seq
 
     def _drop_all_of(self, records: Sequence[VersionRecord]) -> None:
         if records:
