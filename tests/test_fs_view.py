@@ -203,3 +203,26 @@ async def test_writes_through_the_mount_keep_the_rest_of_the_memo(fs: OpsHarness
     misses = view.misses
     assert await sizes(fs, OTHER) == {DEV: 3}
     assert view.misses == misses
+
+
+async def test_attributes_of_files_and_directories_elsewhere_are_kept(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    """A peer's catch-up commits into other directories all the time. Expected: the
+    attributes the mount built for a file or directory stay (the very same object)
+    until a change at its own address; before, any commit rebuilt all of them."""
+    await two_directories(fs)
+    file = await fs.ino(f"{OTHER}/{DEV}")
+    directory = await fs.ino(OTHER)
+    kept = {ino: await fs.ops.getattr(ino, fs.ctx) for ino in (file, directory)}
+    model.put(ADDR, ARCH, b"elsewhere")
+    model.put(parse(f"ucxl://{ELSEWHERE}/far/away"), DEV, b"elsewhere")
+    assert await sizes(fs, DIR) == {ARCH: 9, DEV: 3}
+    for ino, attrs in kept.items():
+        assert await fs.ops.getattr(ino, fs.ctx) is attrs
+    model.put(parse(f"ucxl://{OTHER[5:]}"), DEV, b"changed")
+    model.put(parse(f"ucxl://{OTHER[5:]}/sub"), DEV, b"a new subdirectory")
+    assert (await fs.ops.getattr(file, fs.ctx)).st_size == 7
+    nlink = (await fs.ops.getattr(directory, fs.ctx)).st_nlink
+    assert nlink == kept[directory].st_nlink + 1
+    assert sorted(await fs.listdir(OTHER)) == [DEV, "sub"]
