@@ -716,9 +716,12 @@ class ContextStore:
                 reason=f"version {record.short_id} from {origin}",
             )
 
-    def committed(self, records: Sequence[VersionInfo]) -> None:
-        """Versions another path of this process stored (`slurpfs.ingest`): the
-        subscribers hear of them as of a local save."""
+    def committed(self, records: Sequence[VersionInfo], data: Sequence[bytes] = ()) -> None:
+        """Versions another path of this process stored (`slurpfs.ingest`, the commit
+        worker): the subscribers hear of them as of a local save, and `data` (their
+        plaintexts, if given, in the same order) goes to the plaintext cache."""
+        for record, plaintext in zip(records, data, strict=False):
+            self._cache.put(record.version_id, plaintext)
         for record in records:
             for callback in self._subscribers:
                 callback(record)

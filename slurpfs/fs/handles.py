@@ -341,6 +341,16 @@ class Gateway:
                 self._own(saved.info)
         return done, error
 
+    def stored_elsewhere(self, done: Sequence[Saved], data: Sequence[bytes]) -> None:
+        """Journaled saves (`data`) another process stored for this mount (the commit
+        worker): the bookkeeping of `store_journaled`, and the model's subscribers."""
+        self._changed()
+        stored = [(s.info, d) for s, d in zip(done, data, strict=True) if s.stored]
+        self.model.committed([info for info, _ in stored], [d for _, d in stored])
+        for info, _ in stored:
+            self.commits += 1
+            self._own(info)
+
     def _own(self, info: VersionInfo) -> None:
         if len(self.own_versions) >= OWN_LIMIT:
             self.own_versions.clear()  # nobody reads them back (no invalidator): start over
