@@ -170,3 +170,16 @@ def test_a_group_commit_on_an_older_head_makes_a_conflict_and_chains_on(
     assert saved[1].info.parents == (saved[0].info.version_id,)
     leaves = {v.version_id for v in model.store.leaves(address.key, "developer")}
     assert leaves == {theirs.version_id, saved[1].info.version_id}
+
+
+def test_a_scan_from_where_an_entry_starts_reads_that_one_and_the_rest(
+    tmp_path: Path, key: bytes
+) -> None:
+    j = journal.Journal(tmp_path / "journal", key)
+    j.append(ADDRESS, "developer", b"first\n", 1, None)
+    second = j.end
+    j.append(ADDRESS, "developer", b"second\n", 2, journal.CHAINED)
+    j.append(ADDRESS, "developer", b"third\n", 3, journal.CHAINED)
+    found = journal.scan(j.path, key, second)
+    assert found.problems == []
+    assert [e.data for e in found.entries] == [b"second\n", b"third\n"]

@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,7 @@ class Pending:
     """One journaled save waiting for its group commit."""
 
     seq: int
+    offset: int  # where its entry starts in the journal file
     node: Node
     content: Content
     address: Address
@@ -80,7 +81,8 @@ class Committer(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def commit(self, journal_id: bytes, first: int, last: int) -> list[Saved]: ...
+    async def commit(self, journal_id: bytes, offset: int, first: int, last: int) -> list[Saved]:
+        """Store entries `first`..`last` of the journal (the first at byte `offset`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class WriteBehind:
         self.delay = delay
         self._stored = stored  # the open-file layer's bookkeeping for a stored save
         self._queue: deque[Pending] = deque()
+        self._queued: Counter[tuple[str, str]] = Counter()  # per context (key, role)
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self.failure: SlurpError | OSError | None = None
@@ -129,6 +132,7 @@ class WriteBehind:
         assert content.buffer is not None
         data = bytes(content.buffer)
         based_on = self._head(address, role)
+        offset = self.journal.end
         try:
             seq = self.journal.append(address.key, role, data, content.mtime_ns, based_on)
         except OSError as exc:
@@ -137,7 +141,10 @@ class WriteBehind:
             raise StoreFull(
                 f"the write-behind journal {self.journal.path} is full: {exc.strerror}"
             ) from None
-        self._queue.append(Pending(seq, node, content, address, role, data, content.seq, based_on))
+        self._queue.append(
+            Pending(seq, offset, node, content, address, role, data, content.seq, based_on)
+        )
+        self._queued[address.key, role] += 1
         node.opens += 1  # held open until stored (`OpenFiles.stored`)
         content.journaled += 1
         self.gateway.journaled()
@@ -146,7 +153,7 @@ class WriteBehind:
     def _head(self, address: Address, role: str) -> bytes | None:
         """What this save builds on: this context's previous journaled save, else its head."""
         key = address.key
-        if any(p.address.key == key and p.role == role for p in self._queue):
+        if self._queued[key, role]:
             return CHAINED
         leaves = self.gateway.model.store.leaves(key, role)
         return leaves[0].version_id if leaves else None
@@ -174,6 +181,7 @@ class WriteBehind:
                 done, error = await self._store(batch)
                 for pending, saved in zip(batch, done, strict=False):
                     self._queue.popleft()
+                    self._unqueued(pending)
                     self._stored(pending, saved)
                     self.committed += 1
                 self.batches += 1
@@ -190,7 +198,9 @@ class WriteBehind:
         if worker is not None and worker.ready:
             last = batch[-1].seq
             try:
-                done = await worker.commit(self.journal.journal_id, batch[0].seq, last)
+                done = await worker.commit(
+                    self.journal.journal_id, batch[0].offset, batch[0].seq, last
+                )
             except SlurpError as exc:
                 # Its answer lost: the batch is stored if the store holds its mark.
                 if self.gateway.model.store.journal_mark() != self.journal.mark(last):
@@ -208,6 +218,12 @@ class WriteBehind:
             [(p.address, p.role, p.data, self._based_on(p, batch)) for p in batch],
             [self.journal.mark(p.seq) for p in batch],
         )
+
+    def _unqueued(self, pending: Pending) -> None:
+        ctx = (pending.address.key, pending.role)
+        self._queued[ctx] -= 1
+        if not self._queued[ctx]:
+            del self._queued[ctx]
 
     def _stored_head(self, pending: Pending) -> Saved:
         """What `pending` became, its answer lost: its context's head now."""

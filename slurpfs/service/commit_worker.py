@@ -7,7 +7,7 @@ the signature) and commits them in one LMDB transaction. That is the CPU of a
 save, and in the daemon's process it would hold the interpreter lock the FUSE
 loop needs. So the daemon asks this worker instead: ``commit`` names a range
 of journal entries (``journal``: the journal's id, ``first`` and ``last``: their
-seqs); the worker reads them from the journal file (they are on disk, encrypted,
+seqs, ``offset``: where the first starts in the file); the worker reads them from the journal file (they are on disk, encrypted,
 before the request is sent), stores them (`ContextStore.save_journaled`) and
 answers with what each became. The daemon does the rest of a commit's
 bookkeeping (its open files, the subscribers, the view).
@@ -93,13 +93,16 @@ class CommitClient:
         """Lines for ``.slurp/status``: whether it serves, and the batches it stored."""
         return {"commit_worker_ready": int(self.ready), "commit_worker_batches": self.batches}
 
-    async def commit(self, journal_id: bytes, first: int, last: int) -> list[Saved]:
-        """Store journal entries `first`..`last` in one transaction: what each became.
-        `SlurpError` (`PeerGone` if the worker went away) if it could not answer."""
+    async def commit(self, journal_id: bytes, offset: int, first: int, last: int) -> list[Saved]:
+        """Store journal entries `first`..`last` (the first at byte `offset` of the file)
+        in one transaction: what each became. `SlurpError` (`PeerGone` if the worker
+        went away) if it could not answer."""
         peer = self._peer
         if peer is None:
             raise SlurpError("the commit worker is not running")
-        answer = await peer.request("commit", journal=journal_id.hex(), first=first, last=last)
+        answer = await peer.request(
+            "commit", journal=journal_id.hex(), offset=offset, first=first, last=last
+        )
         self.batches += 1
         return [
             Saved(VersionRecord.unpack(bytes.fromhex(v), base64.b64decode(m)), stored=bool(s))
@@ -136,8 +139,12 @@ class CommitWorker:
     async def handle(self, message: Message) -> Mapping[str, Any] | None:
         if message.kind == "commit":
             journal_id = bytes.fromhex(str(message["journal"]))
-            first, last = int(message["first"]), int(message["last"])
-            saved = await trio.to_thread.run_sync(self._commit, journal_id, first, last)
+            offset, first, last = (
+                int(message["offset"]),
+                int(message["first"]),
+                int(message["last"]),
+            )
+            saved = await trio.to_thread.run_sync(self._commit, journal_id, offset, first, last)
             return {
                 "saved": [
                     [s.stored, s.info.version_id.hex(), base64.b64encode(s.info.pack()).decode()]
@@ -152,8 +159,9 @@ class CommitWorker:
             return None
         raise SlurpError(f"the commit worker does not know {message.kind!r}")
 
-    def _commit(self, journal_id: bytes, first: int, last: int) -> list[Saved]:
-        found = scan(self.path, self.key)  # (a torn tail past `last` is an append under way)
+    def _commit(self, journal_id: bytes, offset: int, first: int, last: int) -> list[Saved]:
+        # (A torn tail past `last` is an append under way.)
+        found = scan(self.path, self.key, offset)
         if found.journal_id != journal_id:
             raise SlurpError(f"{self.path} is not the journal {journal_id.hex()}")
         entries = [e for e in found.entries if first <= e.seq <= last]
