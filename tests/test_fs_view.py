@@ -116,3 +116,87 @@ def test_an_audit_line_is_what_json_dumps_gives(tmp_path: Path) -> None:
         body = json.loads(line)
         assert json.dumps(body, sort_keys=True, separators=(",", ":")).encode() == line
     assert [e.who for e in audit.read(path)] == odd
+
+
+OTHER = f"ucxl/{AUTH}/docs/readme.md"
+ELSEWHERE = "claude:tester@bzzz:auth"  # an authority nobody listed yet
+
+
+async def walked(fs: OpsHarness) -> dict[str, dict[str, int]]:
+    """List both directories with their files' sizes (what a tree walk asks for)."""
+    return {DIR: await sizes(fs, DIR), OTHER: await sizes(fs, OTHER)}
+
+
+async def two_directories(fs: OpsHarness) -> None:
+    for path, data in ((DIR, b"one"), (OTHER, b"two")):
+        await fs.makedirs(path)
+        await fs.write(f"{path}/{DEV}", data)
+    await walked(fs)
+
+
+async def test_a_commit_elsewhere_drops_only_what_it_changed(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    view = fs.ops.view
+    await two_directories(fs)
+    model.put(ADDR, ARCH, b"a new role file")  # another writer: a new file in a listed dir
+    assert await sizes(fs, DIR) == {ARCH: 15, DEV: 3}
+    misses = view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert view.misses == misses, "the other directory's listing and heads were kept"
+    model.put(ADDR, DEV, b"longer")
+    assert await walked(fs) == {DIR: {ARCH: 15, DEV: 6}, OTHER: {DEV: 3}}
+    model.delete(ADDR, DEV)
+    assert await sizes(fs, DIR) == {ARCH: 15}
+    assert not await fs.exists(f"{DIR}/{DEV}")
+    misses = view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert view.misses == misses
+
+
+async def test_directories_a_commit_elsewhere_creates_show_up_the_tree(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    view = fs.ops.view
+    await two_directories(fs)
+    top = f"ucxl/{AUTH}"
+    assert sorted(await fs.listdir(top)) == ["docs", "src"]
+    src = await fs.ino(f"{top}/src")
+    nlink = (await fs.ops.getattr(src, fs.ctx)).st_nlink
+    assert not await fs.exists(f"{top}/src/new")
+    assert not await fs.exists(f"ucxl/{ELSEWHERE}")
+    model.put(parse(f"ucxl://{AUTH}/src/new/deep/x.go"), DEV, b"x")
+    model.put(parse(f"ucxl://{ELSEWHERE}/t"), DEV, b"t")
+    assert await fs.listdir(f"{top}/src") == ["auth.go", "new"]
+    assert (await fs.ops.getattr(src, fs.ctx)).st_nlink == nlink + 1
+    assert await fs.read(f"{top}/src/new/deep/x.go/{DEV}") == b"x"
+    assert ELSEWHERE in await fs.listdir("ucxl")
+    misses = view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert view.misses == misses
+
+
+async def test_a_conflict_made_elsewhere_shows_in_the_next_listing(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    view = fs.ops.view
+    await two_directories(fs)
+    base = model.stat(ADDR, DEV)
+    model.put(ADDR, DEV, b"theirs")
+    model.save(ADDR, DEV, b"mine!!!", based_on=(base.version_id,))  # concurrent with theirs
+    (loser,) = model.conflicts(ADDR, DEV)
+    names = await fs.listdir(DIR)
+    assert sorted(names) == sorted([DEV, f"{DEV}.conflict-{loser.short_id}"])
+    misses = view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert view.misses == misses
+
+
+async def test_writes_through_the_mount_keep_the_rest_of_the_memo(fs: OpsHarness) -> None:
+    view = fs.ops.view
+    await two_directories(fs)
+    await fs.write(f"{DIR}/{DEV}", b"changed here")
+    assert await sizes(fs, DIR) == {DEV: 12}
+    misses = view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert view.misses == misses

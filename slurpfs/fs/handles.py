@@ -377,17 +377,22 @@ class Gateway:
         try:
             write(address)
         except BaseException:
-            self._changed()
+            self._forget()
             raise
         self._writes += 1
 
     def expired(self) -> None:
         """The TTL cleanup purged contexts (in a worker thread)."""
-        self._changed()
+        self._forget()
+
+    def _forget(self) -> None:
+        """The store changed in a way no change record tells: the view forgets it all."""
+        self._writes += 1
+        self.view.changed()
 
     def _changed(self) -> None:
         self._writes += 1
-        self.view.changed()
+        self.view.committed()
 
     async def get(self, address: Address, role: str, caller: Caller) -> Context:
         try:

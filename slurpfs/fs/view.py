@@ -6,16 +6,29 @@ role file's head (for its size and mtime), whether a name is a directory. Each i
 an LMDB read transaction plus decoding in the model. `StoreView` keeps the answers
 until the store changes, so a warm tree walk costs dictionary lookups.
 
-When the memo is dropped:
+When (and what of) the memo is dropped:
 
 - `refresh` (at the start of every handler that reads through the view) reads the
-  store's change sequence, which every commit of every process increments, and
-  drops everything if it moved. So a ``slurpfs put`` from another process is seen
-  by the next request, exactly as without the memo.
-- `changed` drops everything at once; the fs layer calls it after each change it
-  makes itself, including the ones that do not move the sequence (TTL purges:
+  store's change sequence, which every commit of every process increments. If it
+  moved, the change records since (`changes_since`: address and role of each new
+  version, by any process) say what to drop: the head of each (address, role),
+  the listing of its address (roles, conflicts), and up its ancestors the
+  ``is_dir`` answers that were not yes and the listings that lack the next name
+  down (a commit creates the directories it needs; it never removes one). The
+  rest stays: a replication catch-up streaming thousands of versions into other
+  directories keeps a tree walk's memo. More than `TARGETED_LIMIT` records, or a
+  sequence that went backwards (a store restored), drop everything. So a
+  ``slurpfs put`` from another process, or a peer's version, is seen by the next
+  request, exactly as without the memo.
+- `committed` does the same at once after a commit of this process (the next
+  request need not find it).
+- `changed` drops everything: for changes that leave no change record (TTL purges:
   only this daemon makes those). Its own ``mkdir`` and ``rmdir`` (which do not
-  move it either) correct the memo instead (`added_dir`, `removed_dir`).
+  move the sequence either) correct the memo instead (`added_dir`, `removed_dir`).
+
+`epoch` moves with every drop, targeted or not, and with every commit of this
+process: what callers derive from the view (attributes, listings' entries) they
+keep only while it stands still.
 
 Only the head of an address without a temporal segment is memoised; temporal
 views, history and conflicts always ask the model. Errors other than `NotFound`
@@ -36,6 +49,9 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 MAX_ENTRIES = 1 << 17  # per memo; past it the memo starts over (a walk of a huge tree)
+# Change records read to drop their entries one by one; past it, everything goes
+# (reading and walking more would cost more than listing again).
+TARGETED_LIMIT = 4096
 
 
 class StoreView:
@@ -54,18 +70,59 @@ class StoreView:
         self.misses = 0
 
     def refresh(self) -> None:
-        """Drop the memo if any process committed since it was filled."""
+        """Drop what any process committed since the memo was filled (module docstring)."""
         seq = self.model.store.sequence()
         if seq != self._seq:
-            self.changed()
-            self._seq = seq
+            self._catch_up(seq)
+
+    def committed(self) -> None:
+        """This process committed (or tried to): drop what its commit changed.
+
+        The epoch moves even if nothing was stored (a save of the head's very bytes):
+        the caller's own state (a file's buffer, its time) may have changed with it.
+        """
+        self.epoch += 1
+        self.refresh()
 
     def changed(self) -> None:
-        """This process changed the store: forget everything."""
+        """The store changed in a way no change record tells: forget everything."""
         self.epoch += 1
         self._listings.clear()
         self._heads.clear()
         self._dirs.clear()
+
+    def _catch_up(self, seq: int) -> None:
+        """The sequence moved to `seq`: drop what the records since the memo's say."""
+        if self._seq < 0 or seq < self._seq:
+            self.changed()  # first use, or a store put back to an older state
+            self._seq = seq
+            return
+        last, records = self.model.store.changes_since(self._seq, limit=TARGETED_LIMIT)
+        if len(records) >= TARGETED_LIMIT:
+            self.changed()  # more may follow: the whole memo costs less to refill
+            self._seq = seq
+            return
+        if records:
+            self.epoch += 1
+        for record in records:
+            self._drop(record.address, record.role)
+        # Records past `seq` (committed since it was read) were dropped too.
+        self._seq = max(seq, last)
+
+    def _drop(self, key: str, role: str) -> None:
+        """A version of (`key`, `role`) was committed: drop what it may have changed."""
+        self._heads.pop((key, role), None)
+        self._listings.pop(key, None)  # its roles and conflicts
+        while key:
+            # The commit made `key` a directory if it was not one: an answer of yes
+            # stands, and so does a parent's listing that already names it.
+            if self._dirs.get(key) is not True:
+                self._dirs.pop(key, None)
+            parent, _, name = key.rpartition("/")
+            listing = self._listings.get(parent)
+            if listing is not None and not _names(listing.dirs, name):
+                del self._listings[parent]
+            key = parent
 
     def added_dir(self, address: Address) -> None:
         """This process created the directory `address` in an existing parent.
@@ -149,6 +206,12 @@ class StoreView:
         else:
             self.hits += 1
         return found
+
+
+def _names(ordered: tuple[str, ...], name: str) -> bool:
+    """Whether `name` is in `ordered` (a listing's names, in the store's order)."""
+    at = bisect.bisect_left(ordered, name)
+    return at < len(ordered) and ordered[at] == name
 
 
 def _bounded(memo: dict[K, V]) -> dict[K, V]:
