@@ -24,6 +24,7 @@ import base64
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from slurpfs.errors import SlurpError
 from slurpfs.model import ContextStore, JournaledSave, Saved
 from slurpfs.service.wire import Message, Peer, PeerGone, WireError
 from slurpfs.service.workers import child_connect, child_start, serve_while
-from slurpfs.store.journal import CHAINED, FILE_NAME, Entry, journal_key, mark, scan
+from slurpfs.store.journal import CHAINED, FILE_NAME, Entry, journal_key, mark, pending, scan
 from slurpfs.store.schema import VersionRecord
 
 log = logging.getLogger("slurpfs.commit")
@@ -125,6 +126,7 @@ class CommitWorker:
         self.model = ContextStore.open(config, passphrase)
         self.path = journal_path(config)
         self.key = journal_key(self.model.keyring.node)
+        self._lock = threading.Lock()
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -160,6 +162,8 @@ class CommitWorker:
         raise SlurpError(f"the commit worker does not know {message.kind!r}")
 
     def _commit(self, journal_id: bytes, offset: int, first: int, last: int) -> list[Saved]:
+        """Store entries `first`..`last`; those the store's mark covers already (a request
+        the daemon gave up on, asked again) are answered with their context's head."""
         # (A torn tail past `last` is an append under way.)
         found = scan(self.path, self.key, offset)
         if found.journal_id != journal_id:
@@ -167,8 +171,17 @@ class CommitWorker:
         entries = [e for e in found.entries if first <= e.seq <= last]
         if [e.seq for e in entries] != list(range(first, last + 1)):
             raise SlurpError(f"{self.path}: entries {first}..{last} are not all readable")
-        saves = [_save(e) for e in entries]
-        return self.model.save_journaled(saves, mark(journal_id, last))
+        with self._lock:  # one request at a time: the mark is read, then moved
+            todo = {e.seq for e in pending(found, self.model.store.journal_mark())}
+            stored = [self._head(e) for e in entries if e.seq not in todo]
+            saves = [_save(e) for e in entries if e.seq in todo]
+            if saves:
+                stored += self.model.save_journaled(saves, mark(journal_id, last))
+            return stored
+
+    def _head(self, entry: Entry) -> Saved:
+        leaves = self.model.store.leaves(entry.address, entry.role)
+        return Saved(leaves[0], stored=True)
 
 
 def _save(entry: Entry) -> JournaledSave:
