@@ -134,6 +134,16 @@ class BatchReport:
 
 
 @dataclass(frozen=True, slots=True)
+class JournaledSave:
+    """A save write-behind journaled: `ContextStore.save_journaled` stores it."""
+
+    address: Address
+    role: str
+    data: bytes
+    based_on: tuple[bytes, ...] | None  # the head it was acknowledged on (`save`)
+
+
+@dataclass(frozen=True, slots=True)
 class Saved:
     """What a save did: the context's head afterwards, and whether it is a new version
     (false when the bytes equal the head's: see `ContextStore.save`)."""
@@ -608,6 +618,75 @@ class ContextStore:
             self._puts += 1
         return saved
 
+    def save_journaled(self, saves: Sequence[JournaledSave], journal: bytes) -> list[Saved]:
+        """Store write-behind's journaled saves, in order, in one LMDB transaction.
+
+        Each is what `save` of it would store (`based_on` as there; a save without
+        one builds on the version its predecessor in the batch made, else on the
+        head), and `journal`, the mark of the last, is stored with them. All or
+        nothing: an error stores none of them.
+        """
+        results: list[Saved | Commit] = []
+
+        def seal() -> list[Commit]:
+            results[:] = self._seal_journaled(saves)
+            return [r for r in results if isinstance(r, Commit)]
+
+        with self._writer():
+            commits = self._commit_retrying(
+                seal, f"a group commit of {len(saves)}", journal=journal
+            )
+        self._write_through(commits)
+        done = []
+        for save, result in zip(saves, results, strict=True):
+            if isinstance(result, Commit):
+                self._cache.put(result.record.version_id, save.data)
+                for callback in self._subscribers:
+                    callback(result.record)
+                result = Saved(result.record, stored=True)
+            done.append(result)
+        self._puts += len(commits)
+        return done
+
+    def _seal_journaled(self, saves: Sequence[JournaledSave]) -> list[Saved | Commit]:
+        """Per save: the commit that stores it, or `Saved` (not stored) if it equals its
+        head or its predecessor in the batch."""
+        made: dict[tuple[str, str], tuple[bytes, VersionInfo, tuple[bytes, ...]]] = {}
+        out: list[Saved | Commit] = []
+        for save in saves:
+            self._check_address(save.address, writing=True)
+            self._check_role(save.role)
+            ctx = (save.address.key, save.role)
+            result: Saved | Commit
+            if ctx in made:  # its predecessor is in this batch: it builds on that
+                data, record, leaves = made[ctx]
+                if data == save.data:
+                    result = Saved(record, stored=False)
+                else:
+                    result = self._seal_on(save, (record.version_id,), leaves)
+            elif (head := self._same_as_head(*ctx, save.data)) is not None:
+                result, leaves = Saved(head, stored=False), (head.version_id,)
+            else:
+                parents, leaves = self._leaves(*ctx)
+                result = self._seal_on(
+                    save, parents if save.based_on is None else save.based_on, leaves
+                )
+            if isinstance(result, Commit):
+                record = result.record
+                leaves = (*(v for v in leaves if v not in record.parents), record.version_id)
+            else:
+                record = result.info
+            made[ctx] = (save.data, record, leaves)
+            out.append(result)
+        return out
+
+    def _seal_on(
+        self, save: JournaledSave, parents: tuple[bytes, ...], leaves: tuple[bytes, ...]
+    ) -> Commit:
+        return self._seal(
+            save.address.key, save.role, save.data, parents, leaves, deleted=False, expires_ms=None
+        )
+
     def delete(self, address: Address, role: str, *, wait: bool = True) -> VersionInfo:
         """Store a deletion (tombstone); history stays. NotFound if nothing live is there.
 
@@ -637,9 +716,12 @@ class ContextStore:
                 reason=f"version {record.short_id} from {origin}",
             )
 
-    def committed(self, records: Sequence[VersionInfo]) -> None:
-        """Versions another path of this process stored (`slurpfs.ingest`): the
-        subscribers hear of them as of a local save."""
+    def committed(self, records: Sequence[VersionInfo], data: Sequence[bytes] = ()) -> None:
+        """Versions another path of this process stored (`slurpfs.ingest`, the commit
+        worker): the subscribers hear of them as of a local save, and `data` (their
+        plaintexts, if given, in the same order) goes to the plaintext cache."""
+        for record, plaintext in zip(records, data, strict=False):
+            self._cache.put(record.version_id, plaintext)
         for record in records:
             for callback in self._subscribers:
                 callback(record)

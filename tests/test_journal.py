@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from slurpfs.crypto.keys import NodeIdentity
-from slurpfs.model import ContextStore
+from slurpfs.model import ContextStore, JournaledSave
 from slurpfs.store import journal
 from slurpfs.ucxl import parse
 
@@ -113,3 +115,71 @@ def test_a_save_based_on_an_older_head_becomes_a_conflict(model: ContextStore) -
         for v in model.store.leaves(address.key, "developer")
     }
     assert leaves == {b"theirs\n", b"mine\n"}
+
+
+def write_transactions(model: ContextStore) -> int:
+    """The store's last LMDB transaction id, read by another process (as any reader would)."""
+    probe = "import lmdb, sys; print(lmdb.open(sys.argv[1], readonly=True).info()['last_txnid'])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(model.store.path)], capture_output=True, check=True
+    )
+    return int(done.stdout)
+
+
+def test_a_group_commit_stores_its_saves_in_one_transaction(model: ContextStore) -> None:
+    a, b = parse("ucxl://" + ADDRESS), parse("ucxl://" + ADDRESS + "/other")
+    base = model.put(a, "developer", b"base\n")
+    mark = journal.mark(b"\x07" * journal.ID_BYTES, 4)
+    before = write_transactions(model)
+    saved = model.save_journaled(
+        [
+            JournaledSave(a, "developer", b"one\n", (base.version_id,)),
+            JournaledSave(a, "developer", b"two\n", None),  # chained on "one"
+            JournaledSave(b, "developer", b"new\n", ()),
+            JournaledSave(a, "developer", b"two\n", None),  # equal to its predecessor
+        ],
+        mark,
+    )
+    assert write_transactions(model) == before + 1
+    assert [s.stored for s in saved] == [True, True, True, False]
+    assert saved[3].info == saved[1].info
+    assert saved[1].info.parents == (saved[0].info.version_id,)
+    assert saved[0].info.parents == (base.version_id,)
+    assert [v.version_id for v in model.store.leaves(a.key, "developer")] == [
+        saved[1].info.version_id
+    ]
+    assert model.get(a, "developer").data == b"two\n"
+    assert model.get(b, "developer").data == b"new\n"
+    assert model.store.journal_mark() == mark
+
+
+def test_a_group_commit_on_an_older_head_makes_a_conflict_and_chains_on(
+    model: ContextStore,
+) -> None:
+    address = parse("ucxl://" + ADDRESS)
+    base = model.put(address, "developer", b"base\n")
+    theirs = model.put(address, "developer", b"theirs\n")  # after the acknowledgement
+    mark = journal.mark(b"\x07" * journal.ID_BYTES, 2)
+    saved = model.save_journaled(
+        [
+            JournaledSave(address, "developer", b"mine\n", (base.version_id,)),
+            JournaledSave(address, "developer", b"mine, again\n", None),
+        ],
+        mark,
+    )
+    assert saved[1].info.parents == (saved[0].info.version_id,)
+    leaves = {v.version_id for v in model.store.leaves(address.key, "developer")}
+    assert leaves == {theirs.version_id, saved[1].info.version_id}
+
+
+def test_a_scan_from_where_an_entry_starts_reads_that_one_and_the_rest(
+    tmp_path: Path, key: bytes
+) -> None:
+    j = journal.Journal(tmp_path / "journal", key)
+    j.append(ADDRESS, "developer", b"first\n", 1, None)
+    second = j.end
+    j.append(ADDRESS, "developer", b"second\n", 2, journal.CHAINED)
+    j.append(ADDRESS, "developer", b"third\n", 3, journal.CHAINED)
+    found = journal.scan(j.path, key, second)
+    assert found.problems == []
+    assert [e.data for e in found.entries] == [b"second\n", b"third\n"]

@@ -249,3 +249,70 @@ def test_a_full_disk_fails_the_close_and_keeps_what_was_journaled(
         m.unmount()
     finally:
         m.sweep()
+
+
+def status(m: Mounted) -> dict[str, str]:
+    lines = (m.mnt / ".slurp" / "status").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def commit_worker_ready(m: Mounted) -> int:
+    """The commit worker's PID once it serves (it has opened the store)."""
+    wait_for(lambda: status(m).get("commit_worker_ready") == "1", what="the commit worker")
+    pid = int(status(m)["worker_commit_pid"])
+    assert pid > 0
+    return pid
+
+
+def batches(m: Mounted, n: int) -> None:
+    """Wait until .slurp/status (rendered anew every moment) counts `n` worker batches."""
+    wait_for(
+        lambda: status(m)["commit_worker_batches"] == str(n), what=f"{n} commit worker batches"
+    )
+
+
+def fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def test_the_group_commit_runs_in_the_commit_worker(mnt: Mounted) -> None:
+    commit_worker_ready(mnt)
+    dirs = [mnt.ucxl / AUTH / f"batch{i}" for i in range(5)]
+    for i, d in enumerate(dirs):
+        d.mkdir(parents=True)
+        (d / DEV).write_bytes(b"save %d\n" % i)
+    (dirs[0] / DEV).write_bytes(b"save 0, again\n")
+    fsync(dirs[0] / DEV)
+    batches(mnt, 1)  # one request for all six
+    assert status(mnt)["writebehind_batches"] == "1"
+    assert get(mnt, "batch0") == b"save 0, again\n"
+    assert [get(mnt, f"batch{i}") for i in range(1, 5)] == [b"save %d\n" % i for i in range(1, 5)]
+    assert versions(dirs[0], DEV) == 2
+    assert [versions(d, DEV) for d in dirs[1:]] == [1] * 4
+    assert (dirs[0] / DEV).read_bytes() == b"save 0, again\n"
+
+
+def test_a_killed_commit_worker_loses_nothing(mnt: Mounted) -> None:
+    mnt.expect_warnings = (  # the supervisor's line for the killed worker
+        r"task commit failed \(1 in a row\); restarting in \d+ s; the mount goes on serving",
+    )
+    first = commit_worker_ready(mnt)
+    d = mnt.ucxl / AUTH / "survives"
+    d.mkdir(parents=True)
+    (d / DEV).write_bytes(b"one\n")
+    (d / DEV).write_bytes(b"two\n")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not running(first), what="the commit worker to die")
+    fsync(d / DEV)  # the daemon stores them itself meanwhile
+    assert get(mnt, "survives") == b"two\n"
+    assert versions(d, DEV) == 2
+    second = commit_worker_ready(mnt)  # restarted
+    assert second != first
+    (d / DEV).write_bytes(b"three\n")
+    fsync(d / DEV)
+    batches(mnt, 1)  # (the first two were stored by the daemon)
+    assert versions(d, DEV) == 3
+    assert get(mnt, "survives") == b"three\n"
+    mnt.remount()
+    assert versions(d, DEV) == 3

@@ -180,12 +180,14 @@ def _measure(roots: dict[str, Path], work: Workload, opts: Options) -> dict[str,
                  lambda d, _: os.makedirs(d))  # fmt: skip
     creates = {n: list(zip(ds, work.new_docs, strict=True)) for n, ds in new_dirs.items()}
     cpu_before = {n: _thread_cpu_ns(_DAEMONS[r]) for n, r in roots.items() if r in _DAEMONS}
+    worker_before = {n: _worker_cpu_ns(_DAEMONS[r]) for n, r in roots.items() if r in _DAEMONS}
     _interleaved(out, "create_write", creates, lambda d, doc: _create(d / corpus.ROLE, doc.data))
     time.sleep(1.0)  # a group commit still running ends (durability.commit_delay is 10 ms)
     for name, before in cpu_before.items():
-        out[name]["create_write_cpu"] = _cpu_split(
-            before, _thread_cpu_ns(_DAEMONS[roots[name]]), _DAEMONS[roots[name]], len(creates[name])
-        )
+        pid, saves = _DAEMONS[roots[name]], len(creates[name])
+        out[name]["create_write_cpu"] = _cpu_split(before, _thread_cpu_ns(pid), pid, saves)
+        worker = _worker_cpu_ns(pid) - worker_before[name]
+        out[name]["create_write_cpu"]["commit_worker_us_per_save"] = round(worker / saves / 1000, 1)
 
     edits = {
         name: [(root / f, doc.data + f"edited in save {i}\n".encode())
@@ -211,6 +213,18 @@ def _thread_cpu_ns(pid: int) -> dict[int, int]:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
             out[int(tid)] = int(f.read().split()[0])
     return out
+
+
+def _worker_cpu_ns(pid: int) -> int:
+    """CPU time (ns) of the daemon's commit worker process (write-behind), 0 if none."""
+    total, children = 0, []
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    for child in children:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"slurpfs.service.commit_worker" in f.read():
+                total += sum(_thread_cpu_ns(int(child)).values())
+    return total
 
 
 def _cpu_split(before: dict[int, int], after: dict[int, int], pid: int, saves: int) -> Json:
@@ -499,7 +513,8 @@ def _markdown(data: Json) -> list[str]:
                      r.get("slurpfs"), r.get("slurpfs_wb"), goal, met])  # fmt: skip
     split = [
         f"{name}: {c['create_write_cpu']['fuse_loop_us_per_save']} µs on the FUSE loop + "
-        f"{c['create_write_cpu']['other_threads_us_per_save']} µs in other threads"
+        f"{c['create_write_cpu']['other_threads_us_per_save']} µs in other threads + "
+        f"{c['create_write_cpu'].get('commit_worker_us_per_save', 0)} µs in the commit worker"
         for name, c in cols.items()
         if "create_write_cpu" in c
     ]

@@ -205,7 +205,14 @@ class OpenFiles:
                 await self.writebehind.drain()  # a failing group commit: say why
             before = handle.node.written
             # A close that waits for peers (write_quorum) needs its version now.
-            await self.commit_own(handle, behind=self.gateway.replicated is None)
+            try:
+                await self.commit_own(handle, behind=self.gateway.replicated is None)
+            except (SlurpError, OSError) as exc:
+                if self.journaled(handle.node):
+                    # At once, not at release (the kernel sends that later): a
+                    # read right after this close gets the journaled save.
+                    self.write_failed(handle, exc)
+                raise
             await self._replicated(handle, before)
 
     async def fsync(self, handle: FileHandle) -> None:
@@ -386,15 +393,20 @@ class OpenFiles:
 
         Its later writes and its ``close`` fail with the same errno (a save that
         did not go through is never stored in part: a 20 MiB copy against an 8 MiB
-        limit leaves the file as it was). The file's unsaved changes are dropped,
-        unless another descriptor also changed the file: its close stores them.
+        limit leaves the file as it was). The file's unsaved changes are dropped
+        (back to its newest journaled save, with write-behind), unless another
+        descriptor also changed the file: its close stores them.
         """
         handle.failed = exc.errno or errno.EIO
         handle.wrote = handle.emptied = False
         content = handle.content
         others = (h for h in self.handles.files.values() if h.node is handle.node)
         if content is not None and not any(h.owes_commit for h in others):
-            content.discard()
+            if self.journaled(handle.node):  # its newest save is in the journal
+                assert self.writebehind is not None
+                content.set(self.writebehind.newest(content), content.base)
+            else:
+                content.discard()
 
     async def commit_own(self, handle: FileHandle, *, behind: bool = False) -> None:
         if handle.owes_commit:

@@ -18,6 +18,7 @@ scratch file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -33,7 +34,7 @@ from slurpfs.fs.inodes import Node
 from slurpfs.fs.scratch import ScratchFile
 from slurpfs.fs.tree import Entry
 from slurpfs.fs.view import StoreView
-from slurpfs.model import Context, ContextStore, Saved, VersionInfo, WriterBusy
+from slurpfs.model import Context, ContextStore, JournaledSave, Saved, VersionInfo, WriterBusy
 from slurpfs.store.journal import Journal
 from slurpfs.ucxl import Address
 
@@ -310,9 +311,15 @@ class Gateway:
         marks: list[bytes],
     ) -> tuple[list[Saved], SlurpError | OSError | None]:
         """Store journaled saves in order, in a worker thread (the group commit): what
-        was stored, and the error that stopped the rest (None if all were)."""
+        was stored, and the error that stopped the rest (None if all were).
+
+        All in one transaction (`ContextStore.save_journaled`); if that fails, one by
+        one, so the saves before the one that fails are stored and it is named."""
 
         def store() -> tuple[list[Saved], SlurpError | OSError | None]:
+            saves = [JournaledSave(*item) for item in items]
+            with contextlib.suppress(SlurpError, OSError):
+                return self.model.save_journaled(saves, marks[-1]), None
             done: list[Saved] = []
             for (address, role, data, based_on), mark in zip(items, marks, strict=True):
                 try:
@@ -333,6 +340,16 @@ class Gateway:
                 self.commits += 1
                 self._own(saved.info)
         return done, error
+
+    def stored_elsewhere(self, done: Sequence[Saved], data: Sequence[bytes]) -> None:
+        """Journaled saves (`data`) another process stored for this mount (the commit
+        worker): the bookkeeping of `store_journaled`, and the model's subscribers."""
+        self._changed()
+        stored = [(s.info, d) for s, d in zip(done, data, strict=True) if s.stored]
+        self.model.committed([info for info, _ in stored], [d for _, d in stored])
+        for info, _ in stored:
+            self.commits += 1
+            self._own(info)
 
     def _own(self, info: VersionInfo) -> None:
         if len(self.own_versions) >= OWN_LIMIT:

@@ -2,8 +2,11 @@
 
 With ``durability.write_behind`` the ``close`` of a changed role file appends
 the new content to the node-local journal (`slurpfs.store.journal`) and returns;
-the seal (signature, AEAD + zstd, key slots) and the LMDB commit run here, in a
-worker thread, for every save journaled within ``durability.commit_delay``.
+the group commit stores every save journaled within ``durability.commit_delay``
+in one LMDB transaction: the seal (signature, AEAD + zstd, key slots) and the
+commit run in the commit worker's process (`slurpfs.service.commit_worker`,
+which reads the saves from the journal), or here in a worker thread while that
+worker is not running or fails.
 
 Until its version is stored, a journaled save holds its node open (one
 ``opens`` per save), so the open-file layer keeps serving its buffer: reads,
@@ -27,10 +30,11 @@ import errno
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -61,6 +65,7 @@ class Pending:
     """One journaled save waiting for its group commit."""
 
     seq: int
+    offset: int  # where its entry starts in the journal file
     node: Node
     content: Content
     address: Address
@@ -68,6 +73,16 @@ class Pending:
     data: bytes
     content_seq: int  # the buffer's change count when it was journaled
     based_on: bytes | None
+
+
+class Committer(Protocol):
+    """Stores journal entries in another process (`slurpfs.service.commit_worker`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def commit(self, journal_id: bytes, offset: int, first: int, last: int) -> list[Saved]:
+        """Store entries `first`..`last` of the journal (the first at byte `offset`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +103,15 @@ class WriteBehind:
         gateway: Gateway,
         delay: float,
         stored: Callable[[Pending, Saved], None],
+        worker: Committer | None = None,
     ) -> None:
         self.journal = journal
+        self.worker = worker  # the commit worker (None: the group commit stores here)
         self.gateway = gateway
         self.delay = delay
         self._stored = stored  # the open-file layer's bookkeeping for a stored save
         self._queue: deque[Pending] = deque()
+        self._queued: Counter[tuple[str, str]] = Counter()  # per context (key, role)
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self.failure: SlurpError | OSError | None = None
@@ -114,6 +132,7 @@ class WriteBehind:
         assert content.buffer is not None
         data = bytes(content.buffer)
         based_on = self._head(address, role)
+        offset = self.journal.end
         try:
             seq = self.journal.append(address.key, role, data, content.mtime_ns, based_on)
         except OSError as exc:
@@ -122,7 +141,10 @@ class WriteBehind:
             raise StoreFull(
                 f"the write-behind journal {self.journal.path} is full: {exc.strerror}"
             ) from None
-        self._queue.append(Pending(seq, node, content, address, role, data, content.seq, based_on))
+        self._queue.append(
+            Pending(seq, offset, node, content, address, role, data, content.seq, based_on)
+        )
+        self._queued[address.key, role] += 1
         node.opens += 1  # held open until stored (`OpenFiles.stored`)
         content.journaled += 1
         self.gateway.journaled()
@@ -131,7 +153,7 @@ class WriteBehind:
     def _head(self, address: Address, role: str) -> bytes | None:
         """What this save builds on: this context's previous journaled save, else its head."""
         key = address.key
-        if any(p.address.key == key and p.role == role for p in self._queue):
+        if self._queued[key, role]:
             return CHAINED
         leaves = self.gateway.model.store.leaves(key, role)
         return leaves[0].version_id if leaves else None
@@ -156,12 +178,10 @@ class WriteBehind:
         async with self._lock:
             while self._queue:
                 batch = list(self._queue)
-                done, error = await self.gateway.store_journaled(
-                    [(p.address, p.role, p.data, self._based_on(p, batch)) for p in batch],
-                    [self.journal.mark(p.seq) for p in batch],
-                )
+                done, error = await self._store(batch)
                 for pending, saved in zip(batch, done, strict=False):
                     self._queue.popleft()
+                    self._unqueued(pending)
                     self._stored(pending, saved)
                     self.committed += 1
                 self.batches += 1
@@ -170,6 +190,45 @@ class WriteBehind:
                     raise error
                 self.failure = None
             self.journal.truncate()
+
+    async def _store(self, batch: list[Pending]) -> tuple[list[Saved], SlurpError | OSError | None]:
+        """Store `batch` by the commit worker if it runs, else here (in a thread): what
+        was stored, and the error that stopped the rest."""
+        worker = self.worker
+        if worker is not None and worker.ready:
+            last = batch[-1].seq
+            try:
+                done = await worker.commit(
+                    self.journal.journal_id, batch[0].offset, batch[0].seq, last
+                )
+            except SlurpError as exc:
+                # Its answer lost: the batch is stored if the store holds its mark.
+                if self.gateway.model.store.journal_mark() != self.journal.mark(last):
+                    log.info("the commit worker did not store %d saves: %s", len(batch), exc)
+                    return await self._store_here(batch)
+                done = [self._stored_head(p) for p in batch]
+            self.gateway.stored_elsewhere(done, [p.data for p in batch])
+            return done, None
+        return await self._store_here(batch)
+
+    async def _store_here(
+        self, batch: list[Pending]
+    ) -> tuple[list[Saved], SlurpError | OSError | None]:
+        return await self.gateway.store_journaled(
+            [(p.address, p.role, p.data, self._based_on(p, batch)) for p in batch],
+            [self.journal.mark(p.seq) for p in batch],
+        )
+
+    def _unqueued(self, pending: Pending) -> None:
+        ctx = (pending.address.key, pending.role)
+        self._queued[ctx] -= 1
+        if not self._queued[ctx]:
+            del self._queued[ctx]
+
+    def _stored_head(self, pending: Pending) -> Saved:
+        """What `pending` became, its answer lost: its context's head now."""
+        leaves = self.gateway.model.store.leaves(pending.address.key, pending.role)
+        return Saved(leaves[0], stored=True)
 
     def _based_on(self, pending: Pending, batch: list[Pending]) -> tuple[bytes, ...] | None:
         """The `ContextStore.save` parents of `pending` (None: the current head)."""

@@ -71,6 +71,7 @@ from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore
 from slurpfs.net.members import cluster_dir
 from slurpfs.service.cache_tier import RedisProbe, open_tier
+from slurpfs.service.commit_worker import COMMIT_WORKER, CommitClient
 from slurpfs.service.control import ControlServer, notify_daemon, socket_path
 from slurpfs.service.endpoints import Endpoints, MountProbe
 from slurpfs.service.http import HttpServer
@@ -378,6 +379,7 @@ class Daemon:
             metrics=Metrics(),
         )
         self.invalidator = Invalidator(self.ops, kernel or FuseKernel())
+        self._passphrase = passphrase  # for the commit worker (write-behind)
         self.search_client = SearchClient(config, passphrase)
         self.search = WorkerProcess(
             "search", SEARCH_WORKER, self.search_client, log_format=config.log.format
@@ -429,6 +431,8 @@ class Daemon:
         self.http = self._http_server()
         self.redis = self._redis_tier()
         self.group_commit: GroupCommit | None = None
+        self.committer: CommitClient | None = None
+        self.commit_worker: WorkerProcess | None = None
 
     def _redis_tier(self) -> RedisProbe | None:
         """The Redis tier of envelopes (``cache.redis_url``), wired into the model."""
@@ -466,16 +470,24 @@ class Daemon:
         path = directory / journal.FILE_NAME
         if self.config.durability.write_behind:
             key = journal.journal_key(self.model.keyring.node)
+            self.committer = CommitClient(self.config, self._passphrase)
+            self.commit_worker = WorkerProcess(
+                "commit", COMMIT_WORKER, self.committer, log_format=self.config.log.format
+            )
             wb = WriteBehind(
                 journal.Journal(path, key),
                 self.ops.gateway,
                 self.config.durability.commit_delay,
                 self.ops.files.stored,
+                self.committer,
             )
             self.ops.files.writebehind = wb
             self.ops.gateway.journal = wb.journal
             self.group_commit = GroupCommit(wb)
             self.ops.stat_sources.append(lambda: flatten(wb.statistics(), "writebehind_"))
+            worker = self.commit_worker
+            self.ops.stat_sources.append(lambda: flatten(worker.statistics(), "worker_commit_"))
+            self.ops.stat_sources.append(self.committer.report)
         else:
             path.unlink(missing_ok=True)
         self.ops.health.extra.append(JournalHealth(directory, wb).check)
@@ -531,6 +543,8 @@ class Daemon:
     async def _members_changed(self) -> None:
         """The member log changed (merged from a peer): trust and granted role keys."""
         await trio.to_thread.run_sync(self.model.reload_keyring)
+        if self.committer is not None:
+            await self.committer.keys_changed()
         self.ops.roles.set_held(self.model.held_roles())
         held = ", ".join(sorted(self.model.held_roles())) or "(none)"
         log.info("the member log changed: keys read again (roles held: %s)", held)
@@ -658,6 +672,8 @@ class Daemon:
         await start("sync", self.syncer)
         await start("ttl", self.ttl)
         await start("keys", self.keys)
+        if self.commit_worker is not None:
+            await start("commit", self.commit_worker)
         if self.group_commit is not None:
             await start("group_commit", self.group_commit)
         await start("busy_poll", self.ops.busy)

@@ -141,8 +141,9 @@ def decode_payload(payload: bytes) -> Entry:
     return Entry(seq, address, role, payload[at:], mtime_ns, based_on)
 
 
-def scan(path: Path, key: bytes) -> Scan:
-    """Read every entry of the journal at `path` (an empty `Scan` if there is none).
+def scan(path: Path, key: bytes, start: int = HEADER_BYTES) -> Scan:
+    """Read every entry of the journal at `path` (an empty `Scan` if there is none),
+    or those from byte `start` on (where an entry begins: `Journal.end` before it).
 
     An entry whose tag does not verify is reported and skipped (its length says
     where the next one starts); a length that runs past the end of the file is a
@@ -156,7 +157,7 @@ def scan(path: Path, key: bytes) -> Scan:
         return Scan(None, problems=[f"{path}: not a journal (no header): {len(raw)} bytes unread"])
     header = raw[:HEADER_BYTES]
     found = Scan(header[len(MAGIC) :])
-    at = HEADER_BYTES
+    at = max(start, HEADER_BYTES)
     while at < len(raw):
         if at + _LENGTH.size > len(raw):
             found.problems.append(f"{path}: torn entry at byte {at}: {len(raw) - at} bytes unread")
@@ -234,6 +235,11 @@ class Journal:
 
     def mark(self, seq: int) -> bytes:
         return mark(self.journal_id, seq)
+
+    @property
+    def end(self) -> int:
+        """Where the next entry will start (`scan`'s `start`)."""
+        return self._size
 
     def sync(self) -> None:
         """Make every entry appended so far durable (any thread; nothing to do, no fsync).
