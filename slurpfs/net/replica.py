@@ -58,6 +58,7 @@ from slurpfs.errors import Corrupt, SlurpError
 from slurpfs.ingest import Incoming, Ingest, IngestReport, MissingParents
 from slurpfs.model import ContextStore
 from slurpfs.net.merge import merge_leaves
+from slurpfs.net.rebalance import Rebalancer, decode_has_answer
 from slurpfs.net.transport import PeerState, Transport, TransportError
 
 log = logging.getLogger("slurpfs.replica")
@@ -108,9 +109,11 @@ class Op:
     PULL = 3  # request: epoch ‖ since u64 ‖ limit u32; reply: epoch ‖ last u64 ‖ more u8 ‖ items
     FETCH = 4  # request: version ids; reply: items (those held)
     DIGEST = 5  # request: level u8 ‖ indices u16...; reply: digests or ids (32 bytes each)
+    HAS = 7  # request: version ids; reply: a bit per id (1: a copy of its body is held)
     PUSH = 16  # data: epoch ‖ items (with their sequence numbers)
     ACK = 17  # data: version ids now held
     PULL_NOW = 18  # data: the sender skipped changes (backlog): pull from your cursor
+    HELD = 19  # data: placement digest[16] ‖ copies u64 ‖ caches u64 ‖ partitions u32 ‖ bitmap
 
 
 class MemberView(Protocol):
@@ -383,6 +386,7 @@ class Replicator:
         self.rejected = 0  # versions refused by ingest (checks failed)
         self.ingested = 0
         self.merges = 0  # merge versions this node wrote for concurrent leaves
+        self.rebalancer: Rebalancer | None = None  # moves bodies (`slurpfs.net.rebalance`)
 
     # -- running -------------------------------------------------------------------------
 
@@ -434,6 +438,7 @@ class Replicator:
                 while True:
                     await self._until(peer, up=True)
                     peer.up, peer.down_since = True, None
+                    self._rebalance_poke()
                     try:
                         await self._session(peer)
                     except* SlurpError as group:
@@ -447,6 +452,12 @@ class Replicator:
                         await trio.sleep(1.0)  # a failure while connected: not in a loop
                     else:
                         peer.up, peer.down_since = False, time.time()
+                        if self.rebalancer is not None:
+                            self.rebalancer.forget(peer.node_id)
+
+    def _rebalance_poke(self) -> None:
+        if self.rebalancer is not None:
+            self.rebalancer.poke()
 
     def _state(self, node_id: bytes) -> PeerState | None:
         if self.transport is None:
@@ -821,6 +832,12 @@ class Replicator:
             raise ProtocolError("an empty replication frame")
         if frame[0] == Op.ACK:
             self._acked_by(peer, frame[1:])
+        elif frame[0] == Op.HELD:
+            if self.rebalancer is not None:
+                try:
+                    self.rebalancer.received_held(peer.node_id, frame[1:])
+                except Corrupt as exc:
+                    raise ProtocolError(str(exc)) from None
         elif frame[0] == Op.PULL_NOW:
             self._want_pull(peer)
         elif frame[0] == Op.PUSH:
@@ -894,11 +911,48 @@ class Replicator:
             return await trio.to_thread.run_sync(self._serve_fetch, payload)
         if op == Op.DIGEST:
             return await self._serve_digest(payload)
+        if op == Op.HAS and self.rebalancer is not None:
+            try:
+                return await trio.to_thread.run_sync(self.rebalancer.serve_has, payload)
+            except Corrupt as exc:
+                raise ProtocolError(str(exc)) from None
         raise ProtocolError(f"unknown replication request {op}")
 
     async def _request(self, peer: _Peer, purpose: str, op: int, payload: bytes) -> bytes:
         assert self.transport is not None
         return await self.transport.request(peer.node_id, purpose, bytes([op]) + payload)
+
+    # -- for the rebalancer (`slurpfs.net.rebalance.Peers`) -----------------------------------
+
+    def down_since(self) -> dict[bytes, float | None]:
+        """Each peer's time of going down (None: up)."""
+        return {n: None if p.up else (p.down_since or 0.0) for n, p in self._peers.items()}
+
+    async def send_held(self, node: bytes, payload: bytes) -> bool:
+        if self.transport is None or node not in self._peers:
+            return False
+        try:
+            await self.transport.send(node, "meta", [bytes([Op.HELD]) + payload])
+        except TransportError:
+            return False
+        return True
+
+    async def ask_has(self, node: bytes, ids: Sequence[bytes]) -> list[bool]:
+        peer = self._peers.get(node)
+        if peer is None:
+            raise ProtocolError(f"{node.hex()[:16]} is not a peer")
+        answer = await self._request(peer, "meta", Op.HAS, b"".join(ids))
+        try:
+            return decode_has_answer(answer, len(ids))
+        except Corrupt as exc:
+            raise ProtocolError(str(exc)) from None
+
+    async def fetch_bodies(self, node: bytes, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The bodies of `ids` that `node` holds (unverified: `Store.put_body` checks them)."""
+        peer = self._peers.get(node)
+        if peer is None:
+            raise ProtocolError(f"{node.hex()[:16]} is not a peer")
+        return {v.version_id: v.envelope for v in await self._fetch(peer, ids)}
 
     # -- digests ---------------------------------------------------------------------------
 

@@ -555,6 +555,8 @@ class Daemon:
         self.model.subscribe(client.committed)
         self.ops.gateway.replicated = client.replicated
         self.ops.health.extra.append(client.check)
+        self.ops.health.extra.append(client.check_replication)
+        client.metrics = self.ops.metrics
         self.ops.stat_sources.append(client.status_lines)
         self.ops.stat_sources.append(
             lambda: flatten(self.replication.statistics(), "worker_replication_")
