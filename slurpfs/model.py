@@ -1263,6 +1263,11 @@ class ContextStore:
             self._gets += 1
         return data
 
+    def is_local(self, version_id: bytes) -> bool:
+        """True if reading the version needs no other member: its plaintext is cached
+        or its body held here (else the read may wait for a holder: not on a loop)."""
+        return self._cache.contains(version_id) or self._store.has_body(version_id)
+
     def _remote_read(self, info: VersionInfo) -> StoredVersion:
         """A body this node does not hold (a stub here), from its holders through
         `fetch_body`; verified by `_open` like any envelope (no fast path)."""
