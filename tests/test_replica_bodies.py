@@ -23,6 +23,7 @@ import lmdb
 import pytest
 from conftest import WEAK_KDF, Node, Nodes, assert_no_canary, find_canary, run_cli
 from fsutil import Mounted, raises_oserror, running, session_members, wait_for
+from redisutil import shared
 from replica_nodes import (
     AUTH,
     ROLE,
@@ -35,9 +36,11 @@ from replica_nodes import (
 )
 
 from slurpfs import compact
+from slurpfs import model as model_module
 from slurpfs.backup import create as backup_create
 from slurpfs.backup import keys as backup_keys
 from slurpfs.backup import restore as backup_restore
+from slurpfs.cache.redis_tier import RedisTier, envelope_key
 from slurpfs.crypto import envelope as env
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import BodyUnavailable, Corrupt, NotFound
@@ -153,6 +156,28 @@ def test_dropping_and_putting_back_a_body(node: Node, model: ContextStore) -> No
     assert fresh.get(ADDR, DEV).data == b"held here\n"
 
 
+def test_the_oldest_cached_bodies_are_evicted_past_the_limit(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, a_model = nodes.new("a")
+    infos = [a_model.put(parse(f"ucxl://{AUTH}/c/{i}"), DEV, b"%d" % i) for i in range(12)]
+    b, b_model = twin(nodes, a, a_model)
+    Ingest(b_model).accept([metadata_only(a_model, i) for i in infos])
+    bodies = {i.version_id: a_model.store.envelope(i.version_id) or b"" for i in infos}
+    b_model.fetch_body = lambda info: bodies[info.version_id]
+    monkeypatch.setattr(model_module, "BODY_CACHE_VERSIONS", 10)
+    for i in range(12):
+        assert b_model.get(parse(f"ucxl://{AUTH}/c/{i}"), DEV).data == b"%d" % i
+    # at 11 cached the two fetched first went (down to 9; the same millisecond orders
+    # by id), then the twelfth came
+    assert b_model.store.body_count() == (0, 10)
+    assert b_model.store.has_body(infos[11].version_id)
+    evicted = [i for i in infos if not b_model.store.has_body(i.version_id)]
+    assert len(evicted) == 2
+    assert all(b_model.store.stub(i.version_id) is not None for i in evicted)
+    assert b_model.get(parse(f"ucxl://{AUTH}/c/{infos.index(evicted[0])}"), DEV).data
+
+
 # -- ingest: metadata only, then the body ------------------------------------------------
 
 
@@ -224,6 +249,37 @@ def test_a_read_of_a_stub_fetches_verifies_and_caches_the_body(nodes: Nodes) -> 
     assert b_model.store.body_count() == (0, 1)  # kept as a cache
     b_model = b.reopen(b_model)  # no plaintext cache, no fetch: read from the cache
     assert b_model.get(ADDR, DEV).data == CANARY
+
+
+def test_a_stubs_body_is_read_from_the_redis_tier_before_any_holder(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    a, a_model = nodes.new("a")
+    first = a_model.put(ADDR, DEV, b"first " + CANARY)
+    b, b_model = twin(nodes, a, a_model)
+    Ingest(b_model).accept([metadata_only(a_model, first)])
+    body = a_model.store.envelope(first.version_id)
+    assert body is not None
+    asked: list[bytes] = []
+
+    def fetch_body(wanted: VersionInfo) -> bytes:
+        asked.append(wanted.version_id)
+        return body
+
+    with shared(tmp_path / "redis") as server:
+        tier = RedisTier(server.url)
+        try:
+            b_model.envelopes, b_model.fetch_body = tier, fetch_body
+            assert b_model.get(ADDR, DEV).data == b"first " + CANARY
+            assert asked == [first.version_id]  # not in Redis: from a holder ...
+            assert server.values() == {envelope_key(first.version_id): body}  # ... and kept
+            b_model = b.reopen(b_model)
+            b_model.store.drop_body(first.version_id)  # (the cache evicted)
+            b_model.envelopes, b_model.fetch_body = tier, fetch_body
+            assert b_model.get(ADDR, DEV).data == b"first " + CANARY
+            assert asked == [first.version_id]  # the tier answered: no holder asked
+        finally:
+            tier.close()
 
 
 # -- fsck, backup and restore, the indexer on stubs ----------------------------------------
