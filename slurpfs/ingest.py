@@ -36,7 +36,12 @@ nothing here: it is not merged into a version already stored, and it is stored
 as it came with a new version (a version a writer sealed before it heard of the
 rotation stays whole, and passes on to the nodes that still hold that
 generation, which check it then), its role still checked to be a reader.
-Accepted versions commit in one store transaction, under the same writer
+A version may come *metadata only* (`Incoming.body` False: a stub in place of
+the envelope, sent to a member that is not a holder of its address): the same
+checks but the ciphertext hash and the id, which cannot be made without the
+body; it is stored as a stub. A whole version for one stored as a stub fills
+in its body (checked against the stub and the id; a body that is not the
+version's refuses the batch). Accepted versions commit in one store transaction, under the same writer
 locks as local saves, with this node's *verified* tag (the
 signature need not be checked again on each read). Their HLCs reach the local
 clock through the leaves the next local save reads, so a save made after an

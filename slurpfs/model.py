@@ -87,6 +87,8 @@ CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]
 # Later than every TTL: the head "as of then" is None exactly when the context has one.
 _END_OF_TIME_MS = (1 << 64) - 1
 DEFAULT_CLOCK_AHEAD_MS = 60_000  # the cluster setting's default (`slurpfs.net.members`)
+# Bodies fetched from their holders kept as caches at most; past it the oldest tenth go.
+BODY_CACHE_VERSIONS = 4096
 
 # Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
@@ -1263,6 +1265,11 @@ class ContextStore:
             self._gets += 1
         return data
 
+    def is_local(self, version_id: bytes) -> bool:
+        """True if reading the version needs no other member: its plaintext is cached
+        or its body held here (else the read may wait for a holder: not on a loop)."""
+        return self._cache.contains(version_id) or self._store.has_body(version_id)
+
     def _remote_read(self, info: VersionInfo) -> StoredVersion:
         """A body this node does not hold (a stub here), from its holders through
         `fetch_body`; verified by `_open` like any envelope (no fast path)."""
@@ -1279,9 +1286,14 @@ class ContextStore:
         return StoredVersion(body, self._store.slots(info.version_id), [], None)
 
     def _keep_fetched(self, info: VersionInfo, body: bytes) -> None:
-        """Keep a fetched, verified body as a cache (never counted as a copy)."""
+        """Keep a fetched, verified body as a cache (never counted as a copy), and in
+        the Redis tier when there is one (the next node that lacks it reads it there)."""
+        if self.envelopes is not None:
+            self.envelopes.put(info.version_id, body)
         try:
             self._store.put_body(info.version_id, body, cache=True)
+            if self._store.body_count()[1] > BODY_CACHE_VERSIONS:
+                self._store.evict_caches(BODY_CACHE_VERSIONS * 9 // 10)
         except SlurpError as exc:
             log.warning("version %s: the fetched body was not kept: %s", info.short_id, exc)
 

@@ -17,7 +17,9 @@ Messages (docs/FORMAT.md, "Worker protocol"):
 
 * from the daemon: ``committed`` (the daemon committed: push), ``cluster`` (the
   member log may have changed: read it again), ``stop``; requests ``quorum``
-  (wait for ``n`` peer acks of ``ids``) and ``peers`` (the members' state);
+  (wait for ``n`` peer acks of ``ids``), ``peers`` (the members' state) and
+  ``body`` (the envelope of a version this node holds only a stub of, from its
+  holders: `Replicator.fetch_body`);
 * to the daemon: ``changed`` after each ingest (the daemon's invalidator runs
   at once, so a peer's save shows through the mount), ``members`` when the
   member log changed (trust and granted role keys: the daemon reloads its
@@ -40,7 +42,7 @@ from typing import Any
 import trio
 
 from slurpfs.config import Config, loads
-from slurpfs.errors import SlurpError
+from slurpfs.errors import BodyUnavailable, SlurpError
 from slurpfs.ingest import IngestReport
 from slurpfs.model import ContextStore
 from slurpfs.net.join import Admissions
@@ -151,6 +153,12 @@ class ReplicationWorker:
             replicator,
             down_after=self.down_after,
         )
+        token = trio.lowlevel.current_trio_token()
+        # This process's own reads of bodies held elsewhere (merging concurrent leaves),
+        # from the threads trio runs them in.
+        model.fetch_body = lambda info: trio.from_thread.run(
+            replicator.fetch_body, info.version_id, info.address, trio_token=token
+        )
         await self._complete_rotations(model)  # (a rotation heard of while not running)
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
         admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
@@ -242,6 +250,9 @@ class ReplicationWorker:
             out["ingested"] = replicator.ingested
             out["rejected"] = replicator.rejected
             out["merges"] = replicator.merges
+            out["bodies_fetched"] = replicator.bodies_fetched
+            out["bodies_refused"] = replicator.bodies_refused
+            out["handed_off"] = replicator.handed_off
         if self.rebalancer is not None and self.model is not None:
             out.update(self._bodies(self.rebalancer, self.model, out.get("peers", [])))
         if self.transport is not None:
@@ -295,9 +306,18 @@ class ReplicationWorker:
             return await self._quorum(message)
         elif message.kind == "peers":
             return self.status()
+        elif message.kind == "body":
+            return await self._body(message)
         else:
             raise SlurpError(f"the replication worker does not know {message.kind!r}")
         return None
+
+    async def _body(self, message: Message) -> Mapping[str, Any]:
+        if self.replicator is None:
+            raise BodyUnavailable(self.problem or "replication is not running")
+        version_id = bytes.fromhex(str(message["version"]))
+        body = await self.replicator.fetch_body(version_id, str(message["address"]))
+        return {"envelope": base64.b64encode(body).decode("ascii")}
 
     async def _quorum(self, message: Message) -> Mapping[str, Any]:
         if self.replicator is None:

@@ -554,6 +554,7 @@ class Daemon:
         client = self.replication_client
         self.model.subscribe(client.committed)
         self.ops.gateway.replicated = client.replicated
+        self.model.fetch_body = client.fetch_body
         self.ops.health.extra.append(client.check)
         self.ops.health.extra.append(client.check_replication)
         client.metrics = self.ops.metrics

@@ -7,8 +7,10 @@ what the worker last reported. A ``changed`` notice from the worker (a peer's
 versions were ingested) runs the kernel cache invalidator at once, so an open
 ``tail -f`` or a new ``cat`` on this mount sees a peer's save.
 
-It also serves, from that report: ``.slurp/peers``, the ``peers`` and
-``replication`` health checks, the status lines, and `replicated` (``replication.write_quorum``: an
+It fetches the bodies of versions this node holds only stubs of
+(`ContextStore.fetch_body`: the worker asks their holders), and serves, from
+its report: ``.slurp/peers``, the ``peers`` and ``replication`` health
+checks, the status lines, and `replicated` (``replication.write_quorum``: an
 ``fsync`` or ``close`` of a written file waits for that many peers' acks).
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 import trio
 
 from slurpfs.config import Config, render_toml
+from slurpfs.errors import BodyUnavailable
 from slurpfs.health import FAIL, OK, WARN, Check
 from slurpfs.metrics import Metrics
 from slurpfs.model import VersionInfo
@@ -37,6 +40,8 @@ __all__ = ["REPLICATION_WORKER", "ReplicationClient", "render_peers_table"]
 
 REPLICATION_WORKER = "slurpfs.net.worker"
 QUORUM_SLACK = 2.0  # seconds the daemon waits for the worker's answer past the timeout
+BODY_WAIT = 10.0  # hang guard: the worker answers within slurpfs.net.replica.BODY_DEADLINE
+LOGGED_BODIES = 1024  # versions whose unavailable body was logged (each once)
 
 
 class ReplicationClient:
@@ -63,6 +68,8 @@ class ReplicationClient:
         self.changes = 0  # `changed` notices received (ingests)
         self.quorum_waits = self.quorum_failures = 0
         self.metrics: Metrics | None = None  # the daemon's: body gauges follow the reports
+        self.bodies_fetched = self.bodies_unavailable = 0
+        self._logged: dict[bytes, None] = {}  # versions whose unavailable body was logged
 
     # -- WorkerLogic -------------------------------------------------------------------
 
@@ -181,6 +188,45 @@ class ReplicationClient:
         )
         raise OSError(5, f"write quorum not reached: {why}")
 
+    def fetch_body(self, info: VersionInfo) -> bytes:
+        """`ContextStore.fetch_body`: the body of a version this node holds a stub of,
+        from the worker (which asks the holders). Runs in a worker thread of the
+        daemon; `BodyUnavailable` (EIO) when no holder gave it, logged once per
+        version with the members asked; never waits past `BODY_WAIT`."""
+        token = self._token
+        if token is None or threading.get_ident() == self._loop_thread:
+            raise self._unavailable(info, "the replication worker is not running", ())
+        return trio.from_thread.run(self._fetch_body, info, trio_token=token)
+
+    async def _fetch_body(self, info: VersionInfo) -> bytes:
+        peer = self._peer
+        why, tried = "the replication worker is not running", ()
+        if peer is not None:
+            why = "the replication worker did not answer"
+            with trio.move_on_after(BODY_WAIT):
+                try:
+                    answer = await peer.request(
+                        "body", version=info.version_id.hex(), address=info.address
+                    )
+                    self.bodies_fetched += 1
+                    return base64.b64decode(str(answer["envelope"]))
+                except RemoteError as exc:
+                    why, tried = str(exc), tuple(exc.fields.get("tried", ()))
+                except PeerGone as exc:
+                    why = str(exc)
+        raise self._unavailable(info, why, tried)
+
+    def _unavailable(self, info: VersionInfo, why: str, tried: Sequence[str]) -> BodyUnavailable:
+        self.bodies_unavailable += 1
+        if info.version_id not in self._logged:
+            self._logged[info.version_id] = None
+            if len(self._logged) > LOGGED_BODIES:
+                del self._logged[next(iter(self._logged))]
+            log.error("cannot read %s [%s]: %s", info.address, info.role, why)
+        return BodyUnavailable(
+            f"the body of version {info.short_id} is unavailable: {why}", tuple(tried)
+        )
+
     # -- what the worker reported ------------------------------------------------------
 
     @property
@@ -264,6 +310,8 @@ class ReplicationClient:
             "task_replication_rejected": self.report.get("rejected", 0),
             "task_replication_quorum_waits": self.quorum_waits,
             "task_replication_quorum_failures": self.quorum_failures,
+            "task_replication_bodies_fetched": self.bodies_fetched,
+            "task_replication_bodies_unavailable": self.bodies_unavailable,
             **self._body_lines(),
         }
 
@@ -276,8 +324,8 @@ class ReplicationClient:
             "task_replication_under_replicated": self.report.get("under_replicated", 0),
             "task_replication_partitions_lacking": rebalance.get("lacking", 0),
             "task_replication_partitions_surplus": rebalance.get("surplus", 0),
-            "task_replication_bodies_fetched": rebalance.get("fetched", 0),
-            "task_replication_bodies_dropped": rebalance.get("dropped", 0),
+            "task_replication_rebalance_fetched": rebalance.get("fetched", 0),
+            "task_replication_rebalance_dropped": rebalance.get("dropped", 0),
         }
 
 

@@ -613,6 +613,14 @@ class Store:
             raise self._failure(exc, "write") from None
         return True
 
+    def evict_caches(self, keep: int) -> int:
+        """Drop the oldest fetched bodies (caches) until at most `keep` are left;
+        returns how many were dropped (their versions keep their stubs)."""
+        with self._txn() as txn:
+            cached = [(bytes(v), bytes(k)) for k, v in txn.cursor(db=self._dbs[s.DB_CACHED])]
+        cached.sort()
+        return sum(self.drop_body(vid) for _, vid in cached[: max(0, len(cached) - keep)])
+
     def has_body(self, version_id: bytes) -> bool:
         """True if the body of the version is held here (a copy or a cache)."""
         with self._txn() as txn:
