@@ -383,7 +383,9 @@ class Commands:
                 report.problems.extend(f"search index: {p}" for p in check_index(model))
         summary = (
             f"{report.versions} versions, {report.contexts} contexts, {report.directories} directories,"
-            f" {report.decrypted} decrypted: "
+            f" {report.decrypted} decrypted"
+            + (f", {report.stubs} held by other members (stubs)" if report.stubs else "")
+            + ": "
             + ("clean" if report.ok else f"{len(report.problems)} problems")
             + (
                 f"; {report.conflicts} contexts with unresolved conflicts"
@@ -400,6 +402,7 @@ class Commands:
                 "contexts": report.contexts,
                 "decrypted": report.decrypted,
                 "conflicts": report.conflicts,
+                "stubs": report.stubs,
                 "problems": report.problems,
             },
             "\n".join([*report.problems, summary]),

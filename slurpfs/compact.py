@@ -98,6 +98,8 @@ def dictionary_gain(model: ContextStore, role: str) -> DictionaryGain:
         head = model.store.record(leaves[0])
         if head is None or head.deleted or head.size > SMALL_DOCUMENT or head.size == 0:
             continue
+        if not model.is_local(head.version_id):
+            continue  # its body is held by other members: sampled there
         samples.append(model.node_read(head))
         if len(samples) >= SAMPLE_LIMIT:
             break

@@ -16,6 +16,10 @@ class SlurpError(Exception):
     errno: int = errno.EIO
     exit_code: int = 1
 
+    def details(self) -> dict[str, object]:
+        """Fields beyond the message that travel with the error between processes."""
+        return {}
+
 
 class ConfigError(SlurpError):
     """A configuration key is unknown or has a bad value; the message names the key."""
@@ -116,6 +120,22 @@ class AuthenticationFailed(Corrupt):
 
 class WrongKey(Corrupt):
     """A key slot for a held role does not open with that role's private key."""
+
+
+class BodyUnavailable(SlurpError):
+    """A version's body is held by other members (placement) and none of them gave
+    it in time: down, partitioned, or what they sent was not the version's.
+    `tried` names the nodes asked (hex node ids), in the order asked."""
+
+    errno = errno.EIO
+    exit_code = 1
+
+    def __init__(self, message: str, tried: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.tried = tried
+
+    def details(self) -> dict[str, object]:
+        return {"tried": list(self.tried)}
 
 
 class QueryError(SlurpError):

@@ -36,7 +36,12 @@ nothing here: it is not merged into a version already stored, and it is stored
 as it came with a new version (a version a writer sealed before it heard of the
 rotation stays whole, and passes on to the nodes that still hold that
 generation, which check it then), its role still checked to be a reader.
-Accepted versions commit in one store transaction, under the same writer
+A version may come *metadata only* (`Incoming.body` False: a stub in place of
+the envelope, sent to a member that is not a holder of its address): the same
+checks but the ciphertext hash and the id, which cannot be made without the
+body; it is stored as a stub. A whole version for one stored as a stub fills
+in its body (checked against the stub and the id; a body that is not the
+version's refuses the batch). Accepted versions commit in one store transaction, under the same writer
 locks as local saves, with this node's *verified* tag (the
 signature need not be checked again on each read). Their HLCs reach the local
 clock through the leaves the next local save reads, so a save made after an
@@ -79,9 +84,10 @@ class Incoming:
     that a context's TTL replicates with its versions."""
 
     version_id: bytes
-    envelope: bytes
+    envelope: bytes  # with `body` False: the version's stub (`env.Stub`)
     slots: Sequence[env.KeySlot]
     expires_ms: int | None = None
+    body: bool = True  # False: metadata only, the body is held by the address's holders
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,7 @@ class IngestReport:
     sequence: int  # the store's change sequence after the commit
     reslotted: tuple[bytes, ...] = ()  # already stored, gained key slots (a rotation)
     numbers: tuple[int, ...] = ()  # each stored version's number in the change log
+    bodies: tuple[bytes, ...] = ()  # stored as stubs before, their bodies held now
 
 
 class Ingest:
@@ -132,17 +139,41 @@ class Ingest:
                         tuple(item.slots),
                         expires_ms=item.expires_ms,
                         verified=local.verified_tag(verify_key, record.version_id),
+                        stub=not item.body,
                     )
                 )
+            bodies = self._bodies_to_hold([i for i in items if i.version_id not in fresh_ids])
             sequence = store.commit(commits) if commits else store.sequence()
             numbers = tuple(range(sequence - len(commits) + 1, sequence + 1))
             for version_id, slots in added.items():
                 sequence = store.replace_slots(version_id, slots, ())
+            for version_id, envelope in bodies.items():
+                store.put_body(version_id, envelope, cache=False)
         stored = tuple(c.record for c in commits)
         if origin:
             self.model.record_replicated(stored, origin)
         self.model.committed(stored)
-        return IngestReport(stored, len(items) - len(fresh), sequence, tuple(added), numbers)
+        return IngestReport(
+            stored, len(items) - len(fresh), sequence, tuple(added), numbers, tuple(bodies)
+        )
+
+    def _bodies_to_hold(self, known: Sequence[Incoming]) -> dict[bytes, bytes]:
+        """The bodies that came for versions stored here as stubs, checked against
+        their stubs (`Corrupt` for one that is not the version's: the batch is refused)."""
+        store = self.model.store
+        out: dict[bytes, bytes] = {}
+        for item in known:
+            if not item.body or item.version_id in out or store.has_body(item.version_id):
+                continue
+            stub = store.stub(item.version_id)
+            short = item.version_id.hex()[:16]
+            if stub is None:
+                raise Corrupt(f"version {short}: stored without a body or a stub")
+            body = env.Envelope.decode(item.envelope)
+            if not env.Stub.decode(stub).matches(body, item.version_id):
+                raise Corrupt(f"version {short}: a body that is not the version's")
+            out[item.version_id] = item.envelope
+        return out
 
     def _slots_to_merge(self, known: Sequence[Incoming]) -> dict[bytes, list[env.KeySlot]]:
         """The slots of already stored versions that this node lacks, checked
@@ -173,11 +204,15 @@ class Ingest:
         )
 
     def _check(self, item: Incoming, batch: dict[bytes, VersionRecord]) -> VersionRecord:
-        envelope = env.Envelope.decode(item.envelope)
         short = item.version_id.hex()[:16]
-        if envelope.version_id != item.version_id:
-            raise Corrupt(f"version {short}: the envelope does not hash to its id")
-        h = envelope.header
+        if item.body:
+            envelope = env.Envelope.decode(item.envelope)
+            if envelope.version_id != item.version_id:
+                raise Corrupt(f"version {short}: the envelope does not hash to its id")
+            h = envelope.header
+        else:  # metadata only: the id is checked when the body comes (`Store.put_body`)
+            stub = env.Stub.decode(item.envelope)
+            h = stub.header
         try:
             ucxl.parse("ucxl://" + h.address)
         except InvalidAddress as exc:
@@ -185,7 +220,10 @@ class Ingest:
         keyring = self.model.keyring
         if h.role not in keyring.roles():
             raise Corrupt(f"version {short}: role {h.role!r} is not known on this node")
-        env.verify(envelope, address=h.address, role=h.role, keyring=keyring)
+        if item.body:
+            env.verify(envelope, address=h.address, role=h.role, keyring=keyring)
+        else:
+            env.verify_stub(stub, keyring=keyring)
         cutoff = self._removed().get(h.author)
         if cutoff is not None and h.hlc > cutoff:
             raise RemovedAuthor(

@@ -15,7 +15,8 @@ Two kinds of metric live in it:
 
 Adding metrics (replication, say): observe latencies into ``Metrics.replication``
 (labels ``push``/``fetch``), failures into ``Metrics.replication_failures``, each
-peer's lag into ``Metrics.replication_lag.labels(peer)`` (the alert rules in
+peer's lag into ``Metrics.replication_lag.labels(peer)``, body counts into
+``Metrics.replication_bodies`` and ``replication_under_replicated`` (the alert rules in
 ``monitoring/`` use these names), and register the component's flattened
 statistics with `Metrics.add_statistics`, listing its monotone totals in
 `COUNTERS`.
@@ -174,6 +175,16 @@ class Metrics:
         # seconds each peer is behind, and failed pushes and fetches.
         self.replication_lag = Gauge(
             PREFIX + "replication_lag_seconds", "Seconds a peer is behind", ["peer"], registry=r
+        )
+        # Bodies held here (copies, caches) and addresses with fewer than R reachable
+        # copies, as the worker last counted them.
+        self.replication_bodies = Gauge(
+            PREFIX + "replication_bodies", "Bodies held here by kind", ["kind"], registry=r
+        )
+        self.replication_under_replicated = Gauge(
+            PREFIX + "replication_under_replicated",
+            "Addresses with fewer than R reachable copies of their bodies",
+            registry=r,
         )
         self.replication_failures = Events(
             Counter(PREFIX + "replication_failures", "Failed replication by op", ["op"], registry=r)

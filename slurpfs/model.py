@@ -46,6 +46,7 @@ from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.errors import (
     AccessDenied,
     AlreadyExists,
+    BodyUnavailable,
     Busy,
     Corrupt,
     EnvelopeMisplaced,
@@ -86,6 +87,8 @@ CONFLICT_NAME = re.compile(rf"(?P<role>{ROLE_PATTERN})\.conflict-(?P<id>[0-9a-f]
 # Later than every TTL: the head "as of then" is None exactly when the context has one.
 _END_OF_TIME_MS = (1 << 64) - 1
 DEFAULT_CLOCK_AHEAD_MS = 60_000  # the cluster setting's default (`slurpfs.net.members`)
+# Bodies fetched from their holders kept as caches at most; past it the oldest tenth go.
+BODY_CACHE_VERSIONS = 4096
 
 # Re-seal attempts on leaves that moved (`ContextStore._commit_retrying`).
 _COMMIT_RETRIES = 64
@@ -335,6 +338,10 @@ class ContextStore:
         # Envelope bodies beside the store (the Redis tier), when a daemon configures one:
         # written through on every save, read when the store lacks a body.
         self.envelopes: EnvelopeTier | None = None
+        # The body of a version held only by other members (placement): a daemon with a
+        # replication worker sets this to ask it (`BodyUnavailable` when no holder gives
+        # it); None: such a read fails with `BodyUnavailable` at once.
+        self.fetch_body: Callable[[VersionInfo], bytes] | None = None
 
     def instrument(self, metrics: Metrics) -> None:
         """Observe reads, saves, sealing and opening, and audit entries into `metrics`."""
@@ -1314,11 +1321,11 @@ class ContextStore:
         cached = self._cache.get(info.version_id)
         if cached is not None:
             return cached
+        remote = False
         if stored is None:
             stored = self._store.read_version(info.version_id) or self._tier_read(info)
         if stored is None:
-            self._corrupt += 1
-            raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
+            stored, remote = self._remote_read(info), True
         try:
             with self.crypto_latency.time("open"):
                 data = self._open(info, usable, stored)
@@ -1333,10 +1340,44 @@ class ContextStore:
                 reason=f"version {info.short_id} failed authentication",
             )
             raise
+        if remote:
+            self._keep_fetched(info, stored.envelope)
         if keep:
             self._cache.put(info.version_id, data)
             self._gets += 1
         return data
+
+    def is_local(self, version_id: bytes) -> bool:
+        """True if reading the version needs no other member: its plaintext is cached
+        or its body held here (else the read may wait for a holder: not on a loop)."""
+        return self._cache.contains(version_id) or self._store.has_body(version_id)
+
+    def _remote_read(self, info: VersionInfo) -> StoredVersion:
+        """A body this node does not hold (a stub here), from its holders through
+        `fetch_body`; verified by `_open` like any envelope (no fast path)."""
+        if self._store.stub(info.version_id) is None:
+            self._corrupt += 1
+            raise Corrupt(f"version {info.short_id} of {info.address} is missing its envelope")
+        if self.fetch_body is None:
+            raise BodyUnavailable(
+                f"version {info.short_id} of {info.address}: its body is held by other"
+                " members; read it through a mount of this node (its replication worker"
+                " fetches it)"
+            )
+        body = self.fetch_body(info)
+        return StoredVersion(body, self._store.slots(info.version_id), [], None)
+
+    def _keep_fetched(self, info: VersionInfo, body: bytes) -> None:
+        """Keep a fetched, verified body as a cache (never counted as a copy), and in
+        the Redis tier when there is one (the next node that lacks it reads it there)."""
+        if self.envelopes is not None:
+            self.envelopes.put(info.version_id, body)
+        try:
+            self._store.put_body(info.version_id, body, cache=True)
+            if self._store.body_count()[1] > BODY_CACHE_VERSIONS:
+                self._store.evict_caches(BODY_CACHE_VERSIONS * 9 // 10)
+        except SlurpError as exc:
+            log.warning("version %s: the fetched body was not kept: %s", info.short_id, exc)
 
     def _tier_read(self, info: VersionInfo) -> StoredVersion | None:
         """A body the store lacks, from the envelope tier, with the store's key slots.

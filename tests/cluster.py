@@ -21,7 +21,9 @@ the namespaces (which takes their veths and the bridge with them): it touches
 nothing it did not make.
 
 `SlurpNode` is a data directory and mount point on a host, driven through the
-CLI in the host's namespace; `History` records each acknowledged write through a
+CLI in the host's namespace (`SlurpNode.copies` reads which bodies its store
+holds, `SlurpNode.health` its mount's health checks); `ClusterNodes` makes N of
+them one cluster (and adds more later); `History` records each acknowledged write through a
 mount and `History.check` is the set-full checker: after healing, every node
 shows the same state and every acknowledged write is in its address's history
 (or a conflict), with the time each write took to become visible on every node.
@@ -45,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ NOTES = Path(tempfile.gettempdir()) / "slurpfs-netns"  # a note per namespace ma
 SUBNET = "10.77.0"  # /24, inside the namespaces only
 PORT = 7400
 GUARD = 120.0  # seconds: a hang guard, never an expectation
+DEV = "developer"  # the role every test node is granted
 _RUNS = itertools.count(1)
 
 
@@ -408,6 +412,38 @@ class SlurpNode:
         unexpected = [m for m in loud if not any(re.fullmatch(p, m) for p in expected)]
         assert not unexpected, f"{self.name}'s daemon logged: " + "; ".join(unexpected)
 
+    def configure(self, section: str, key: str, value: str) -> None:
+        """Set ``[section] key = value`` (TOML) in the node's config.toml (before mounting)."""
+        path = self.data / "config.toml"
+        text = path.read_text()
+        head = f"[{section}]\n"
+        at = text.index(head) + len(head)
+        end = text.find("\n[", at)
+        body = text[at : len(text) if end < 0 else end + 1]
+        lines = [x for x in body.splitlines(keepends=True) if not x.startswith(f"{key} =")]
+        path.write_text(text[:at] + f"{key} = {value}\n" + "".join(lines) + text[at + len(body) :])
+
+    def copies(self) -> set[bytes]:
+        """The version ids whose body this node's store holds as a copy (not a cache),
+        read from its store directly (LMDB readers do not disturb a running daemon)."""
+        from slurpfs.store.lmdb_store import Store
+
+        store = Store(self.data / "store", map_size=1 << 36, readonly=True)
+        try:
+            return set(store.body_ids(copies_only=True))
+        finally:
+            store.close()
+
+    def health(self) -> dict[str, tuple[str, str]]:
+        """The mount's health checks (``.slurp/health``): name -> (status word, detail)."""
+        text = (self.mnt / ".slurp" / "health").read_text()
+        checks = {}
+        for line in text.splitlines()[1:]:
+            name, _, rest = line.partition(": ")
+            word, _, detail = rest.partition(" - ")
+            checks[name] = (word, detail)
+        return checks
+
     def pause(self) -> None:
         self.network.signal_all(self.host, signal.SIGSTOP)
 
@@ -417,6 +453,74 @@ class SlurpNode:
     def path(self, address: str, role: str) -> Path:
         """The role file of ``address`` (``authority/path...``) in this node's mount."""
         return self.ucxl / address / role
+
+
+class ClusterNodes:
+    """The nodes of one test, on one network; `close` checks each daemon's end."""
+
+    def __init__(self, network: Network, root: Path) -> None:
+        self.network = network
+        self.root = root
+        self.all: list[SlurpNode] = []
+        self.expected_warnings: list[str] = []
+        self.config: list[tuple[str, str, str]] = []  # (section, key, value) for every node
+
+    def add(self) -> SlurpNode:
+        node = SlurpNode(self.network, self.network.hosts[len(self.all)], self.root)
+        self.all.append(node)
+        return node
+
+    def _init(self, node: SlurpNode) -> None:
+        node.init()
+        for section, key, value in self.config:
+            node.configure(section, key, value)
+
+    def cluster(self, count: int) -> list[SlurpNode]:
+        """`count` new nodes made one cluster through the CLI, each granted the
+        developer role, mounted, and seeing every other member up."""
+        members = [self.add() for _ in range(count)]
+        for node in members:
+            self._init(node)
+        founder = members[0]
+        founder.mount()  # a join dials the inviter's running mount
+        for node in members[1:]:
+            node.join(founder.invite())
+            founder.cli("keys", "grant", DEV, "--to", node.node_id)
+        for node in members[1:]:
+            node.mount()
+        for node in members[1:]:  # the grant reaches it with the member log
+            wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
+        for node in members:
+            wait_until(f"{node.name} sees every member up", partial(all_up, node, members))
+        return members
+
+    def join(self, founder: SlurpNode) -> SlurpNode:
+        """One more node joins through `founder` (mounted), is granted the developer
+        role and mounted; returns once it holds the role."""
+        node = self.add()
+        self._init(node)
+        node.join(founder.invite())
+        founder.cli("keys", "grant", DEV, "--to", node.node_id)
+        node.mount()
+        wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
+        return node
+
+    def close(self) -> None:
+        """Unmount each running node cleanly and check its log (after a passing test)."""
+        for node in self.all:
+            if node.pid:
+                node.unmount()
+            node.check_log(self.expected_warnings)
+
+
+def holds(node: SlurpNode, role: str) -> bool:
+    listed = json.loads(node.cli("keys", "list", "--json").stdout)["roles"]
+    return any(r["role"] == role and r["held"] for r in listed)
+
+
+def all_up(node: SlurpNode, members: Sequence[SlurpNode]) -> bool:
+    states = node.states()
+    return all(states.get(m.node_id) == "up" for m in members if m is not node)
 
 
 # -- the checker -------------------------------------------------------------------------

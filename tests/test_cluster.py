@@ -16,15 +16,15 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
 from cluster import (
+    DEV,
     NOT_ROOT,
+    ClusterNodes,
     History,
     Network,
-    SlurpNode,
     WriteLoop,
     conflicts,
     shows,
@@ -41,58 +41,6 @@ pytestmark = [
 ]
 
 AUTH = "claude:architect@bzzz:auth"
-DEV = "developer"
-
-
-class ClusterNodes:
-    """The nodes of one test, on one network; `close` checks each daemon's end."""
-
-    def __init__(self, network: Network, root: Path) -> None:
-        self.network = network
-        self.root = root
-        self.all: list[SlurpNode] = []
-        self.expected_warnings: list[str] = []
-
-    def add(self) -> SlurpNode:
-        node = SlurpNode(self.network, self.network.hosts[len(self.all)], self.root)
-        self.all.append(node)
-        return node
-
-    def cluster(self, count: int) -> list[SlurpNode]:
-        """`count` new nodes made one cluster through the CLI, each granted the
-        developer role, mounted, and seeing every other member up."""
-        members = [self.add() for _ in range(count)]
-        for node in members:
-            node.init()
-        founder = members[0]
-        founder.mount()  # a join dials the inviter's running mount
-        for node in members[1:]:
-            node.join(founder.invite())
-            founder.cli("keys", "grant", DEV, "--to", node.node_id)
-        for node in members[1:]:
-            node.mount()
-        for node in members[1:]:  # the grant reaches it with the member log
-            wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
-        for node in members:
-            wait_until(f"{node.name} sees every member up", partial(all_up, node, members))
-        return members
-
-    def close(self) -> None:
-        """Unmount each running node cleanly and check its log (after a passing test)."""
-        for node in self.all:
-            if node.pid:
-                node.unmount()
-            node.check_log(self.expected_warnings)
-
-
-def holds(node: SlurpNode, role: str) -> bool:
-    listed = json.loads(node.cli("keys", "list", "--json").stdout)["roles"]
-    return any(r["role"] == role and r["held"] for r in listed)
-
-
-def all_up(node: SlurpNode, members: list[SlurpNode]) -> bool:
-    states = node.states()
-    return all(states.get(m.node_id) == "up" for m in members if m is not node)
 
 
 @pytest.fixture

@@ -53,6 +53,12 @@ def test_statistics_are_counters_or_gauges_whatever_the_role_names() -> None:
         "slurpfs_index_documents_qa": ("gauge", "slurpfs_index_documents_qa", 1),
         "slurpfs_uptime": ("gauge", "slurpfs_uptime", 1.5),
         "slurpfs_model_puts": ("counter", "slurpfs_model_puts_total", 7),
+        # (an unlabelled gauge: 0 until the replication worker reports)
+        "slurpfs_replication_under_replicated": (
+            "gauge",
+            "slurpfs_replication_under_replicated",
+            0,
+        ),
     }
     # Nothing observed yet: the histograms and labelled counters are declared, typed.
     assert {n: f.type for n, f in found.items() if not f.samples} == {
@@ -65,6 +71,7 @@ def test_statistics_are_counters_or_gauges_whatever_the_role_names() -> None:
         "slurpfs_errors": "counter",
         "slurpfs_audit_events": "counter",
         "slurpfs_replication_lag_seconds": "gauge",
+        "slurpfs_replication_bodies": "gauge",
         "slurpfs_replication_failures": "counter",
     }
 

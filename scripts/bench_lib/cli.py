@@ -15,7 +15,9 @@ from types import FrameType
 
 from bench_lib.common import Json, Options, Section, machine
 
-SECTIONS = ("model", "mount", "search", "worker", "footprint", "replication", "placement", "backup")
+SECTIONS = (
+    "model", "mount", "search", "worker", "footprint", "replication", "placement", "backup", "scale",
+)  # fmt: skip
 
 
 def _section(name: str) -> Callable[[Options], Section]:
@@ -31,6 +33,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import worker
 
         return worker.run
+    if name == "scale":
+        from bench_lib import scale
+
+        return scale.run
     if name == "replication":
         from bench_lib import replication
 
@@ -63,7 +69,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         "--only",
         default="model,mount,search,worker",
         help=f"comma-separated sections of {', '.join(SECTIONS)} "
-        "(footprint, replication, placement and backup run only when named)",
+        "(footprint, replication, placement, backup and scale run only when named)",
     )
     parser.add_argument(
         "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"

@@ -237,11 +237,13 @@ def _ingest(
             item = fmt.parse_version(payload)
             if item.version_id not in live:
                 continue  # purged or dropped by retention after it was backed up
-            header = env.Envelope.decode(item.envelope).header
+            body = not item.envelope.startswith(env.STUB_MAGIC)  # a stub: held elsewhere
+            decode = env.Envelope.decode if body else env.Stub.decode
+            header = decode(item.envelope).header
             if at_ms is not None and (header.hlc >> 16) > at_ms:
                 continue
             contexts.add(s.context_key(header.address, header.role))
-            batch.append(Incoming(item.version_id, item.envelope, item.slots))
+            batch.append(Incoming(item.version_id, item.envelope, item.slots, body=body))
             if len(batch) >= BATCH:
                 flush()
     flush()

@@ -250,6 +250,80 @@ class Envelope:
         return env
 
 
+STUB_MAGIC = b"SLES"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """An envelope without its ciphertext: what a node that does not hold a version's
+    body keeps (docs/FORMAT.md, "Stub"). The signed header (with ``ct_hash``), the
+    ciphertext's length and the signature travel and are verified like an envelope's;
+    the version id cannot be checked until the body arrives (`matches`)."""
+
+    header: Header
+    ct_len: int
+    signature: bytes
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Stub:
+        return cls(envelope.header, len(envelope.ciphertext), envelope.signature)
+
+    def encode(self) -> bytes:
+        header = self.header.encode()
+        return b"".join(
+            (
+                _PREAMBLE.pack(STUB_MAGIC, FORMAT, len(header)),
+                header,
+                _U32.pack(self.ct_len),
+                self.signature,
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Stub:
+        """Parse stub bytes exactly (`MalformedEnvelope` on any defect)."""
+        r = _Reader(bytes(data), "stub")
+        magic, fmt, header_len = r.unpack(_PREAMBLE)
+        if magic != STUB_MAGIC:
+            raise MalformedEnvelope("not a stub (bad magic)")
+        if fmt != FORMAT:
+            raise MalformedEnvelope(f"unsupported stub format {fmt}")
+        header = Header.decode(r.take(header_len, "header"))
+        (ct_len,) = r.unpack(_U32)
+        signature = r.take(SIGNATURE_BYTES, "signature")
+        r.end()
+        if ct_len < TAG_BYTES:
+            raise MalformedEnvelope("ciphertext shorter than the AEAD tag")
+        if header.compression == COMPRESSION_RAW and header.size != ct_len - TAG_BYTES:
+            raise MalformedEnvelope("raw ciphertext length does not match the plaintext size")
+        return cls(header, ct_len, signature)
+
+    def matches(self, envelope: Envelope, version_id: bytes) -> bool:
+        """True if `envelope` is this stub's body: same header, length and signature,
+        its ciphertext hashes to the signed ``ct_hash`` and the whole to `version_id`."""
+        return (
+            envelope.header == self.header
+            and len(envelope.ciphertext) == self.ct_len
+            and hmac.compare_digest(envelope.signature, self.signature)
+            and hmac.compare_digest(blake2b_256(envelope.ciphertext), self.header.ct_hash)
+            and hmac.compare_digest(envelope.version_id, version_id)
+        )
+
+
+def verify_stub(stub: Stub, *, keyring: Keyring) -> None:
+    """The checks of `verify` a stub allows: a trusted author and its signature."""
+    h = stub.header
+    if not keyring.is_trusted(h.author):
+        raise UntrustedAuthor(f"envelope author {h.author.hex()} is not a trusted node")
+    if not verify_signature(h.author, h.signed_message(), stub.signature):
+        raise BadSignature(f"bad header signature on a stub at {h.address!r} role {h.role!r}")
+
+
+def stub_bytes(envelope: bytes) -> bytes:
+    """The stub of envelope bytes (`MalformedEnvelope` if they do not parse)."""
+    return Stub.of(Envelope.decode(envelope)).encode()
+
+
 @dataclass(frozen=True)
 class KeySlot:
     """The data key of one version, sealed to one role generation's public key."""

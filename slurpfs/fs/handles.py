@@ -396,11 +396,13 @@ class Gateway:
 
     async def get(self, address: Address, role: str, caller: Caller) -> Context:
         try:
-            size = self.view.stat(address, role).size
+            info = self.view.stat(address, role)
+            # a body held only by other members is fetched, in a worker thread
+            big = info.size > self.inline_bytes or not self.model.is_local(info.version_id)
         except NotFound:
-            size = 0  # the model says what is there (and audits the attempt)
+            big = False  # the model says what is there (and audits the attempt)
         return await self._run(
-            size > self.inline_bytes,
+            big,
             functools.partial(self.model.get, address, role, caller.roles, who=caller.who),
         )
 
@@ -411,7 +413,7 @@ class Gateway:
         self, address: Address, role: str, info: VersionInfo, caller: Caller
     ) -> Context:
         return await self._run(
-            info.size > self.inline_bytes,
+            info.size > self.inline_bytes or not self.model.is_local(info.version_id),
             functools.partial(
                 self.model.get_version,
                 address,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from slurpfs import frontmatter
-from slurpfs.errors import AccessDenied, Corrupt, KeyMissing, QueryError
+from slurpfs.errors import AccessDenied, BodyUnavailable, Corrupt, KeyMissing, QueryError
 from slurpfs.index.document import FACETS, MAX_INDEXED_CHARS, IndexDoc, doc_key, extract
 from slurpfs.index.engine import ENGINES, RoleIndex, engine_setup, read_version
 from slurpfs.index.query import MAX_LIMIT, check_syntax
@@ -75,6 +75,7 @@ class SearchStatistics:
     rebuilt: tuple[str, ...]  # role indexes built from the store when opened
     searches: int
     query_errors: int
+    remote: int = 0  # contexts not indexed: their bodies are held by other members
 
 
 class SearchService:
@@ -92,6 +93,7 @@ class SearchService:
         self._stale: set[tuple[str, str]] = set()
         self._rebuilt: list[str] = []
         self._totals = ApplyReport()
+        self._remote = 0  # heads not indexed: their bodies are held by other members
         self._searches = self._query_errors = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -150,7 +152,7 @@ class SearchService:
             return None
         try:
             data = read_version(self.model, record)
-        except (Corrupt, KeyMissing):
+        except (Corrupt, KeyMissing, BodyUnavailable):
             return None
         return frontmatter.parse(data).body[:MAX_INDEXED_CHARS]
 
@@ -201,6 +203,11 @@ class SearchService:
             log.error("not indexing %s [%s]: %s", address, role, exc)
             return None, 1, head.hlc
         except KeyMissing:
+            return None, 0, head.hlc
+        except BodyUnavailable:
+            # Held by other members (placement): indexed where a body is held, not
+            # fetched here (that would copy every body to every node).
+            self._remote += 1
             return None, 0, head.hlc
         return extract(head, data), 0, head.hlc
 
@@ -538,4 +545,5 @@ class SearchService:
             rebuilt=tuple(self._rebuilt),
             searches=self._searches,
             query_errors=self._query_errors,
+            remote=self._remote,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import dataclasses
 import fcntl
 import json
 import socket
@@ -37,6 +38,8 @@ Handler = Callable[[argparse.Namespace, config.Config, bytes | None], int]
 KeystoreOf = Callable[[config.Config, bytes | None], Keystore]
 ModelOf = Callable[[config.Config, bytes | None], "ContextStore"]
 _SIOCGIFADDR = 0x8915
+# `slurpfs.net.placement.MAX_PARTITIONS` (not imported: it loads numpy, and its threads)
+MAX_PARTITIONS = 1 << 20
 
 
 class PeerCommands:
@@ -156,6 +159,40 @@ class PeerCommands:
         )
         return 0
 
+    def settings(
+        self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None
+    ) -> int:
+        """Print the cluster's signed settings; with ``--factor`` or ``--partitions``,
+        sign a settings entry with the new values first (every member places bodies
+        by the log, never by a local value)."""
+        cluster = self._cluster(cfg, passphrase)
+        current = cluster.settings()
+        changed = args.factor is not None or args.partitions is not None
+        if changed:
+            factor = current.factor if args.factor is None else (args.factor or None)
+            partitions = current.partitions if args.partitions is None else args.partitions
+            new = dataclasses.replace(current, factor=factor, partitions=partitions)
+            if new != current:
+                cluster.set_settings(new)
+                _tell_daemon(cfg)
+            current = cluster.settings()
+        members = len(cluster.members())
+        data = {
+            "factor": current.factor or 0,
+            "partitions": current.partitions,
+            "max_clock_offset_ms": current.max_clock_offset_ms,
+            "members": members,
+        }
+        holders = "every member" if current.factor is None else f"{current.factor}"
+        _emit(
+            args,
+            data,
+            f"replication factor: {holders} ({min(current.factor or members, members)} of"
+            f" {members} members hold each body)\npartitions: {current.partitions}\n"
+            f"max clock offset: {current.max_clock_offset_ms} ms",
+        )
+        return 0
+
     def list(self, args: argparse.Namespace, cfg: config.Config, passphrase: bytes | None) -> int:
         """The members in the log (a minimal list; the replication layer shows their state)."""
         cluster = self._cluster(cfg, passphrase)
@@ -196,6 +233,24 @@ def register(
     r = peers.add_parser("remove", parents=[common], help="remove a member for good")
     r.add_argument("node", metavar="NODE", help="node id (hex prefix) or name")
     r.set_defaults(handler=commands.remove)
+    st = peers.add_parser(
+        "settings",
+        parents=[common],
+        help="show the cluster's signed settings, or sign new ones (--factor, --partitions)",
+    )
+    st.add_argument(
+        "--factor",
+        type=_count(0, 255),
+        metavar="R",
+        help="members that hold each body (0: every member holds everything)",
+    )
+    st.add_argument(
+        "--partitions",
+        type=_partitions,
+        metavar="N",
+        help="partitions addresses hash into (4096 by default; a change re-places every body)",
+    )
+    st.set_defaults(handler=commands.settings)
     g = keys_sub.add_parser("grant", parents=[common], help="give a member a role's keys")
     g.add_argument("role")
     g.add_argument("--to", required=True, metavar="NODE", help="node id (hex prefix) or name")
@@ -329,6 +384,23 @@ def _emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:
 
 def _say(text: str) -> None:
     print(f"slurpfs: {text}", file=sys.stderr)
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {low} to {high}")
+        return value
+
+    return parse
+
+
+def _partitions(text: str) -> int:
+    return _count(1, MAX_PARTITIONS)(text)
 
 
 def _ttl(text: str) -> float:

@@ -21,6 +21,16 @@ happens, per peer:
   (`PUSH_BACKLOG` changes): past it we skip ahead and tell the peer to pull.
   A receiver acknowledges what it holds after each batch; the acks are what
   ``replication.write_quorum`` waits for.
+* **Placement.** With a replication factor R in the member log's settings,
+  envelope bodies go only to the R holders of each address
+  (`slurpfs.net.placement`); every other member gets the version's metadata
+  and its stub (item kind 2). A node that holds only a stub sends a stub, even
+  to a holder (the holder takes the body from another). An author that is not
+  a holder keeps its new body until every holder acknowledged it, then drops
+  it. `fetch_body` reads a body this node does not hold from the holders in
+  failover order (then the author and any other member that is up), each
+  bounded by `BODY_TIMEOUT`; a body that does not hash to its id is refused and
+  the next one asked.
 * **Missing parents.** A version whose parents are not here makes the
   receiver fetch them (and theirs) from the sender before ingesting again.
 * **Digests.** Version ids are grouped into buckets (4096, by a hash of the
@@ -54,10 +64,12 @@ import trio
 
 from slurpfs import hlc
 from slurpfs.crypto import envelope as env
-from slurpfs.errors import Corrupt, SlurpError
+from slurpfs.errors import BodyUnavailable, Corrupt, SlurpError
 from slurpfs.ingest import Incoming, Ingest, IngestReport, MissingParents
 from slurpfs.model import ContextStore
 from slurpfs.net.merge import merge_leaves
+from slurpfs.net.placement import Placement
+from slurpfs.net.rebalance import Rebalancer, decode_has_answer
 from slurpfs.net.transport import PeerState, Transport, TransportError
 
 log = logging.getLogger("slurpfs.replica")
@@ -86,6 +98,8 @@ REPAIR_BUCKETS = 64  # buckets whose ids one request lists (a repair pages throu
 UP_POLL = 0.1  # seconds between looks at whether a peer is up
 RECENT = 50_000  # version ids remembered for acks and origins
 INBOX = 64  # push batches waiting per peer before the sender is slowed down
+BODY_TIMEOUT = 2.0  # seconds one member is given to send a body (then the next is asked)
+BODY_DEADLINE = 8.0  # seconds a body read may take in all, every member asked
 
 V = TypeVar("V")
 _U64 = struct.Struct(">Q")
@@ -108,9 +122,12 @@ class Op:
     PULL = 3  # request: epoch ‖ since u64 ‖ limit u32; reply: epoch ‖ last u64 ‖ more u8 ‖ items
     FETCH = 4  # request: version ids; reply: items (those held)
     DIGEST = 5  # request: level u8 ‖ indices u16...; reply: digests or ids (32 bytes each)
+    BODIES = 6  # request: version ids; reply: count u32 ‖ (id[32] ‖ length u32 ‖ envelope)...
+    HAS = 7  # request: version ids; reply: a bit per id (1: a copy of its body is held)
     PUSH = 16  # data: epoch ‖ items (with their sequence numbers)
     ACK = 17  # data: version ids now held
     PULL_NOW = 18  # data: the sender skipped changes (backlog): pull from your cursor
+    HELD = 19  # data: placement digest[16] ‖ copies u64 ‖ caches u64 ‖ partitions u32 ‖ bitmap
 
 
 class MemberView(Protocol):
@@ -125,6 +142,10 @@ class MemberView(Protocol):
 class SettingsView(Protocol):
     @property
     def max_clock_offset_ms(self) -> int: ...
+    @property
+    def factor(self) -> int | None: ...
+    @property
+    def partitions(self) -> int: ...
 
 
 class ClusterView(Protocol):
@@ -197,6 +218,7 @@ def encode_item(item: Item) -> bytes:
     v = item.version
     if v is None:
         return head + b"\0"
+    kind = b"\1" if v.body else b"\2"  # 2: metadata only, `envelope` is the stub
     slots = b"".join(
         bytes([len(s.role.encode())]) + s.role.encode() + _U32.pack(s.generation)
         + _U16.pack(len(s.sealed)) + s.sealed
@@ -205,7 +227,7 @@ def encode_item(item: Item) -> bytes:
     return b"".join(
         (
             head,
-            b"\1",
+            kind,
             _U64.pack(v.expires_ms or 0),
             _U32.pack(len(v.envelope)),
             v.envelope,
@@ -216,9 +238,11 @@ def encode_item(item: Item) -> bytes:
 
 
 def decode_item(r: _Reader) -> Item:
-    seq, version_id, full = r.u64(), r.take(32), r.u8()
-    if not full:
+    seq, version_id, kind = r.u64(), r.take(32), r.u8()
+    if not kind:
         return Item(seq, version_id, None)
+    if kind not in (1, 2):
+        raise ProtocolError(f"unknown item kind {kind}")
     expires = r.u64()
     envelope = r.take(r.u32())
     slots = []
@@ -229,7 +253,9 @@ def decode_item(r: _Reader) -> Item:
             raise ProtocolError("a key slot's role is not UTF-8") from None
         generation = r.u32()
         slots.append(env.KeySlot(role, generation, r.take(r.u16())))
-    return Item(seq, version_id, Incoming(version_id, envelope, slots, expires or None))
+    return Item(
+        seq, version_id, Incoming(version_id, envelope, slots, expires or None, body=kind == 1)
+    )
 
 
 def _items(r: _Reader) -> list[Item]:
@@ -383,6 +409,14 @@ class Replicator:
         self.rejected = 0  # versions refused by ingest (checks failed)
         self.ingested = 0
         self.merges = 0  # merge versions this node wrote for concurrent leaves
+        self.rebalancer: Rebalancer | None = None  # moves bodies (`slurpfs.net.rebalance`)
+        # The placement of the member log as last read (`placement`; None: not computed)
+        self._placed: tuple[Placement | None] | None = None
+        # version id -> peers it was sent to whole (their acks then mean they hold the body)
+        self._sent_whole: OrderedDict[bytes, set[bytes]] = OrderedDict()
+        self.bodies_fetched = 0  # bodies fetched from other members for reads here
+        self.bodies_refused = 0  # bodies a member sent that were not the version's
+        self.handed_off = 0  # bodies dropped here once every holder acknowledged them
 
     # -- running -------------------------------------------------------------------------
 
@@ -396,6 +430,7 @@ class Replicator:
 
     def members_changed(self) -> None:
         """The member log changed: the transport's allowlist and our peer tasks follow."""
+        self._placed = None  # (settings and members: placement is computed again)
         members = {m.node_id: m for m in self.cluster.members()}
         if self.transport is not None:
             self.transport.set_members(
@@ -434,6 +469,7 @@ class Replicator:
                 while True:
                     await self._until(peer, up=True)
                     peer.up, peer.down_since = True, None
+                    self._rebalance_poke()
                     try:
                         await self._session(peer)
                     except* SlurpError as group:
@@ -447,6 +483,12 @@ class Replicator:
                         await trio.sleep(1.0)  # a failure while connected: not in a loop
                     else:
                         peer.up, peer.down_since = False, time.time()
+                        if self.rebalancer is not None:
+                            self.rebalancer.forget(peer.node_id)
+
+    def _rebalance_poke(self) -> None:
+        if self.rebalancer is not None:
+            self.rebalancer.poke()
 
     def _state(self, node_id: bytes) -> PeerState | None:
         if self.transport is None:
@@ -570,7 +612,7 @@ class Replicator:
                 if not more:
                     return
 
-    def _serve_pull(self, payload: bytes) -> bytes:
+    def _serve_pull(self, payload: bytes, peer: bytes) -> bytes:
         r = _Reader(payload)
         epoch, since, limit = r.take(EPOCH_BYTES), r.u64(), min(r.u32(), PULL_BATCH)
         r.end()
@@ -582,7 +624,7 @@ class Replicator:
         items: list[Item] = []
         size = 0
         for seq, record in records:
-            item = self._item(seq, record.version_id, full=True)
+            item = self._item(seq, record.version_id, full=True, to=peer)
             if item is None:
                 continue
             items.append(item)
@@ -593,19 +635,26 @@ class Replicator:
         more = last < store.sequence()
         return mine + _U64.pack(last) + bytes([more]) + _pack_items(items)
 
-    def _item(self, seq: int, version_id: bytes, *, full: bool) -> Item | None:
+    def _item(self, seq: int, version_id: bytes, *, full: bool, to: bytes) -> Item | None:
+        """The change as it goes to peer `to`: its id only (not `full`), whole (`to`
+        holds the address's bodies and the body is here), else metadata only."""
         if not full:
             return Item(seq, version_id, None)
         store = self.model.store
         record = store.record(version_id)
-        envelope = store.envelope(version_id)
-        if record is None or envelope is None:
+        if record is None:
             return None  # purged meanwhile
+        body = store.envelope(version_id) if self._wants_body(to, record.address) else None
+        envelope = body if body is not None else store.stub(version_id)
+        if envelope is None:
+            return None  # purged meanwhile
+        if body is not None:
+            _remember(self._sent_whole, version_id, self._sent_whole.get(version_id, set()) | {to})
         expires = store.expiry(record.address, record.role)
         return Item(
             seq,
             version_id,
-            Incoming(version_id, envelope, store.slots(version_id), expires),
+            Incoming(version_id, envelope, store.slots(version_id), expires, body=body is not None),
         )
 
     # -- ingesting -------------------------------------------------------------------------
@@ -689,9 +738,9 @@ class Replicator:
         """Fold the concurrent leaves the ingested versions made (`merge_leaves`), on the
         one member designated for it, so that merges do not multiply; the merge versions
         replicate like any save."""
-        if not self._designated_merger():
-            return
-        contexts = dict.fromkeys((r.address, r.role) for r in report.stored)
+        contexts = dict.fromkeys(
+            (r.address, r.role) for r in report.stored if self._merges(r.address)
+        )
         merged = 0
         for address, role in contexts:
             try:
@@ -706,6 +755,15 @@ class Replicator:
             self.local_changed()  # push the merge versions
             if self._on_ingest is not None:  # and show them through the mount at once
                 await self._on_ingest(report)
+
+    def _merges(self, address: str) -> bool:
+        """This node merges an address's concurrent versions: its first holder that
+        is up (it has the bodies), or without a factor `_designated_merger`."""
+        holders = self.holders(address)
+        if holders is None:
+            return self._designated_merger()
+        up = [n for n in holders if n == self._me or self._is_up(n)]
+        return bool(up) and up[0] == self._me
 
     def _designated_merger(self) -> bool:
         """This node merges when it has the smallest id among the members that are up."""
@@ -736,12 +794,12 @@ class Replicator:
         r.end()
         return [i.version for i in items if i.version is not None]
 
-    def _serve_fetch(self, payload: bytes) -> bytes:
+    def _serve_fetch(self, payload: bytes, peer: bytes) -> bytes:
         if len(payload) % 32:
             raise ProtocolError("a fetch request's ids are not 32 bytes each")
         items = []
         for at in range(0, len(payload), 32):
-            item = self._item(0, payload[at : at + 32], full=True)
+            item = self._item(0, payload[at : at + 32], full=True, to=peer)
             if item is not None:
                 items.append(item)
         return _pack_items(items)
@@ -787,7 +845,7 @@ class Replicator:
         items = []
         for seq, record in records:
             full = self._origin.get(record.version_id) != (peer.node_id, seq)
-            item = self._item(seq, record.version_id, full=full)
+            item = self._item(seq, record.version_id, full=full, to=peer.node_id)
             if item is not None:
                 items.append(item)
         if not items:
@@ -821,6 +879,12 @@ class Replicator:
             raise ProtocolError("an empty replication frame")
         if frame[0] == Op.ACK:
             self._acked_by(peer, frame[1:])
+        elif frame[0] == Op.HELD:
+            if self.rebalancer is not None:
+                try:
+                    self.rebalancer.received_held(peer.node_id, frame[1:])
+                except Corrupt as exc:
+                    raise ProtocolError(str(exc)) from None
         elif frame[0] == Op.PULL_NOW:
             self._want_pull(peer)
         elif frame[0] == Op.PUSH:
@@ -871,6 +935,7 @@ class Replicator:
         peer.acked += len(ids) // 32
         self._acked.set()
         self._acked = trio.Event()
+        self._hand_off_later([ids[at : at + 32] for at in range(0, len(ids), 32)])
 
     async def request(self, peer: bytes, purpose: str, frame: bytes) -> bytes:
         """`Receiver.request`: answer a peer's hello, log, pull, fetch or digest."""
@@ -889,16 +954,55 @@ class Replicator:
             await self._merge_log(theirs)
             return mine
         if op == Op.PULL:
-            return await trio.to_thread.run_sync(self._serve_pull, payload)
+            return await trio.to_thread.run_sync(self._serve_pull, payload, peer)
         if op == Op.FETCH:
-            return await trio.to_thread.run_sync(self._serve_fetch, payload)
+            return await trio.to_thread.run_sync(self._serve_fetch, payload, peer)
+        if op == Op.BODIES:
+            return await trio.to_thread.run_sync(self._serve_bodies, payload)
         if op == Op.DIGEST:
             return await self._serve_digest(payload)
+        if op == Op.HAS and self.rebalancer is not None:
+            try:
+                return await trio.to_thread.run_sync(self.rebalancer.serve_has, payload)
+            except Corrupt as exc:
+                raise ProtocolError(str(exc)) from None
         raise ProtocolError(f"unknown replication request {op}")
 
     async def _request(self, peer: _Peer, purpose: str, op: int, payload: bytes) -> bytes:
         assert self.transport is not None
         return await self.transport.request(peer.node_id, purpose, bytes([op]) + payload)
+
+    # -- for the rebalancer (`slurpfs.net.rebalance.Peers`) -----------------------------------
+
+    def down_since(self) -> dict[bytes, float | None]:
+        """Each peer's time of going down (None: up)."""
+        return {n: None if p.up else (p.down_since or 0.0) for n, p in self._peers.items()}
+
+    async def send_held(self, node: bytes, payload: bytes) -> bool:
+        if self.transport is None or node not in self._peers:
+            return False
+        try:
+            await self.transport.send(node, "meta", [bytes([Op.HELD]) + payload])
+        except TransportError:
+            return False
+        return True
+
+    async def ask_has(self, node: bytes, ids: Sequence[bytes]) -> list[bool]:
+        peer = self._peers.get(node)
+        if peer is None:
+            raise ProtocolError(f"{node.hex()[:16]} is not a peer")
+        answer = await self._request(peer, "meta", Op.HAS, b"".join(ids))
+        try:
+            return decode_has_answer(answer, len(ids))
+        except Corrupt as exc:
+            raise ProtocolError(str(exc)) from None
+
+    async def fetch_bodies(self, node: bytes, ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The bodies of `ids` that `node` holds (unverified: `Store.put_body` checks them)."""
+        peer = self._peers.get(node)
+        if peer is None:
+            raise ProtocolError(f"{node.hex()[:16]} is not a peer")
+        return _bodies(await self._request(peer, "bodies", Op.BODIES, b"".join(ids)))
 
     # -- digests ---------------------------------------------------------------------------
 
@@ -958,20 +1062,154 @@ class Replicator:
 
     async def quorum(self, version_ids: Sequence[bytes], n: int, timeout: float) -> None:  # noqa: ASYNC109 (the wait is the request)
         """Return once `n` peers acknowledged every one of `version_ids`, else
-        `QuorumFailed` after `timeout` seconds."""
+        `QuorumFailed` after `timeout` seconds. With a replication factor only the
+        holders' acknowledgements of bodies sent whole count, and `n` is at most
+        the holders other than this node."""
         self.local_changed()
         with trio.move_on_after(timeout):
             while True:
-                have = min((len(self._acks.get(v, ())) for v in version_ids), default=n)
-                if have >= n:
+                if all(have >= need for have, need in self._quorum(version_ids, n)):
                     return
                 await self._acked.wait()
-        have = min((len(self._acks.get(v, ())) for v in version_ids), default=0)
+        have = min((have for have, _ in self._quorum(version_ids, n)), default=0)
         up = sum(p.up for p in self._peers.values())
         raise QuorumFailed(
             f"{have} of the {n} peer acknowledgements replication.write_quorum asks for"
             f" came within {timeout:g} s ({up} of {len(self._peers)} peers up)"
         )
+
+    def _quorum(self, version_ids: Sequence[bytes], n: int) -> list[tuple[int, int]]:
+        """(acknowledgements that count, how many are needed) of each version."""
+        out = []
+        for version_id in version_ids:
+            acked = self._acks.get(version_id, set())
+            record = self.model.store.record(version_id)
+            holders = None if record is None else self.holders(record.address)
+            if holders is None:
+                out.append((len(acked), n))
+                continue
+            whole = self._sent_whole.get(version_id, set())
+            others = [h for h in holders if h != self._me]
+            out.append((sum(h in acked and h in whole for h in others), min(n, len(others))))
+        return out
+
+    # -- bodies: placement, remote reads, handing off ----------------------------------------
+
+    def placement(self) -> Placement | None:
+        """The placement the member log gives (None: no factor, every member holds
+        every body); computed again after the log changed (`members_changed`)."""
+        placed = self._placed
+        if placed is None:
+            factor = self.cluster.settings().factor
+            placed = self._placed = (
+                None if factor is None else Placement.of_cluster(self.cluster),
+            )
+        return placed[0]
+
+    def holders(self, address: str) -> tuple[bytes, ...] | None:
+        """The holders of an address's bodies in failover order (None: every member)."""
+        placement = self.placement()
+        return None if placement is None else placement.holders_of_address(address)
+
+    def _wants_body(self, node: bytes, address: str) -> bool:
+        holders = self.holders(address)
+        return holders is None or node in holders
+
+    def _serve_bodies(self, payload: bytes) -> bytes:
+        """The bodies held here (copies or caches) of the ids asked for."""
+        if len(payload) % 32:
+            raise ProtocolError("a bodies request's ids are not 32 bytes each")
+        found = []
+        for at in range(0, len(payload), 32):
+            version_id = payload[at : at + 32]
+            body = self.model.store.envelope(version_id)
+            if body is not None:
+                found.append(version_id + _U32.pack(len(body)) + body)
+        return _U32.pack(len(found)) + b"".join(found)
+
+    async def fetch_body(self, version_id: bytes, address: str) -> bytes:
+        """The body of a version this node does not hold: asked of its holders in
+        failover order, then its author and the other members that are up, each
+        for at most `BODY_TIMEOUT` (a member that is down is skipped); checked to
+        hash to its id. `BodyUnavailable` naming who was asked, after at most
+        `BODY_DEADLINE` seconds."""
+        tried: list[tuple[bytes, str]] = []
+        with trio.move_on_after(BODY_DEADLINE):
+            for node in self._body_sources(version_id, address):
+                body, why = await self._body_from(node, version_id)
+                if body is not None:
+                    self.bodies_fetched += 1
+                    return body
+                tried.append((node, why))
+        asked = ", ".join(f"{self._name(n)} ({why})" for n, why in tried) or "no member"
+        raise BodyUnavailable(
+            f"version {version_id.hex()[:16]} of {address}: no member gave its body"
+            f" (asked {asked})",
+            tuple(n.hex() for n, _ in tried),
+        )
+
+    def _body_sources(self, version_id: bytes, address: str) -> list[bytes]:
+        holders = self.holders(address) or ()
+        record = self.model.store.record(version_id)
+        author = () if record is None else (record.author,)
+        order = dict.fromkeys((*holders, *author, *sorted(self._peers)))
+        return [node for node in order if node != self._me and node in self._peers]
+
+    def _name(self, node: bytes) -> str:
+        peer = self._peers.get(node)
+        return peer.name if peer is not None else node.hex()[:16]
+
+    async def _body_from(self, node: bytes, version_id: bytes) -> tuple[bytes | None, str]:
+        """(the body from `node`, or None and why not)."""
+        if self.transport is None or not self._is_up(node):
+            return None, "down"
+        frame = bytes([Op.BODIES]) + version_id
+        answer = b""
+        with trio.move_on_after(BODY_TIMEOUT):
+            try:
+                answer = await self.transport.request(node, "bodies", frame, timeout=BODY_TIMEOUT)
+            except TransportError as exc:
+                return None, str(exc)
+        if not answer:
+            return None, f"no answer in {BODY_TIMEOUT:g} s"
+        try:
+            body = _bodies(answer).get(version_id)
+        except ProtocolError as exc:
+            return None, str(exc)
+        if body is None:
+            return None, "does not hold it"
+        if env.blake2b_256(body) != version_id:
+            self.bodies_refused += 1
+            log.warning("%s sent a body for version %s that does not hash to its id: refused",
+                        self._name(node), version_id.hex()[:16])  # fmt: skip
+            return None, "sent a body that is not the version's"
+        return body, ""
+
+    def _hand_off_later(self, ids: list[bytes]) -> None:
+        if self._nursery is not None and self.placement() is not None:
+            self._nursery.start_soon(self._hand_off, ids)
+
+    async def _hand_off(self, ids: list[bytes]) -> None:
+        try:
+            self.handed_off += await trio.to_thread.run_sync(self._drop_handed_off, ids)
+        except SlurpError as exc:
+            log.warning("bodies handed off to their holders were not dropped here: %s", exc)
+
+    def _drop_handed_off(self, ids: Sequence[bytes]) -> int:
+        """Drop the copies this node keeps of bodies it does not hold (an author that
+        is not a holder) once every holder acknowledged them, sent whole."""
+        store = self.model.store
+        dropped = 0
+        for version_id in ids:
+            record = store.record(version_id)
+            holders = None if record is None else self.holders(record.address)
+            if holders is None or self._me in holders or store.is_cached(version_id):
+                continue
+            acked = self._acks.get(version_id, set())
+            whole = self._sent_whole.get(version_id, set())
+            if all(h in acked and h in whole for h in holders):
+                dropped += store.drop_body(version_id)
+        return dropped
 
     # -- reports ---------------------------------------------------------------------------
 
@@ -1021,6 +1259,16 @@ class Replicator:
             down_since=peer.down_since,
             last_error=peer.last_error,
         )
+
+
+def _bodies(answer: bytes) -> dict[bytes, bytes]:
+    r = _Reader(answer)
+    out = {}
+    for _ in range(r.u32()):
+        version_id = r.take(32)
+        out[version_id] = r.take(r.u32())
+    r.end()
+    return out
 
 
 def _remember(table: OrderedDict[bytes, V], key: bytes, value: V) -> None:

@@ -17,7 +17,9 @@ Messages (docs/FORMAT.md, "Worker protocol"):
 
 * from the daemon: ``committed`` (the daemon committed: push), ``cluster`` (the
   member log may have changed: read it again), ``stop``; requests ``quorum``
-  (wait for ``n`` peer acks of ``ids``) and ``peers`` (the members' state);
+  (wait for ``n`` peer acks of ``ids``), ``peers`` (the members' state) and
+  ``body`` (the envelope of a version this node holds only a stub of, from its
+  holders: `Replicator.fetch_body`);
 * to the daemon: ``changed`` after each ingest (the daemon's invalidator runs
   at once, so a peer's save shows through the mount), ``members`` when the
   member log changed (trust and granted role keys: the daemon reloads its
@@ -40,11 +42,12 @@ from typing import Any
 import trio
 
 from slurpfs.config import Config, loads
-from slurpfs.errors import SlurpError
+from slurpfs.errors import BodyUnavailable, SlurpError
 from slurpfs.ingest import IngestReport
 from slurpfs.model import ContextStore
 from slurpfs.net.join import Admissions
 from slurpfs.net.members import Cluster
+from slurpfs.net.rebalance import Rebalancer
 from slurpfs.net.replica import QuorumFailed, Replicator
 from slurpfs.net.transport import Transport
 from slurpfs.service.wire import Message, Peer, PeerGone
@@ -95,6 +98,8 @@ class ReplicationWorker:
         self._digest = b""
         self._last: dict[str, Any] = {}
         self._poke = trio.Event()
+        self.rebalancer: Rebalancer | None = None
+        self.down_after = 600.0
 
     async def run(self, hello: Message) -> None:
         try:
@@ -107,6 +112,7 @@ class ReplicationWorker:
     async def _serve(self, hello: Message) -> None:
         try:
             config = loads(str(hello["config"]))
+            self.down_after = config.replication.down_after
             secret = hello.fields.get("passphrase")
             passphrase = None if secret is None else base64.b64decode(secret)
             self.model = await trio.to_thread.run_sync(ContextStore.open, config, passphrase)
@@ -138,6 +144,21 @@ class ReplicationWorker:
         replicator = self.replicator = Replicator(
             model, cluster, on_ingest=self._ingested, on_log=self._poke.set
         )
+        self.rebalancer = replicator.rebalancer = Rebalancer(
+            model,
+            cluster,
+            cluster.me().node_id,
+            lambda: [m.node_id for m in cluster.members()],
+            lambda: (cluster.settings().factor, cluster.settings().partitions),
+            replicator,
+            down_after=self.down_after,
+        )
+        token = trio.lowlevel.current_trio_token()
+        # This process's own reads of bodies held elsewhere (merging concurrent leaves),
+        # from the threads trio runs them in.
+        model.fetch_body = lambda info: trio.from_thread.run(
+            replicator.fetch_body, info.version_id, info.address, trio_token=token
+        )
         await self._complete_rotations(model)  # (a rotation heard of while not running)
         members = {m.node_id: (m.addrs[0] if m.addrs else None) for m in cluster.members()}
         admissions = Admissions(cluster, admitted=lambda member: self._poke.set())
@@ -155,6 +176,7 @@ class ReplicationWorker:
             if not failed:
                 log.info("replication listening on %s", ", ".join(self.listening))
                 nursery.start_soon(replicator.run, self.transport)
+                nursery.start_soon(self.rebalancer.run)
                 nursery.start_soon(self._report)
                 nursery.start_soon(self._watch_cluster)
                 nursery.start_soon(self._watch_store, model, replicator)
@@ -244,9 +266,30 @@ class ReplicationWorker:
             out["ingested"] = replicator.ingested
             out["rejected"] = replicator.rejected
             out["merges"] = replicator.merges
+            out["bodies_fetched"] = replicator.bodies_fetched
+            out["bodies_refused"] = replicator.bodies_refused
+            out["handed_off"] = replicator.handed_off
+        if self.rebalancer is not None and self.model is not None:
+            out.update(self._bodies(self.rebalancer, self.model, out.get("peers", [])))
         if self.transport is not None:
             out["transport"] = dataclasses.asdict(self.transport.statistics())
         return out
+
+    @staticmethod
+    def _bodies(
+        rebalancer: Rebalancer, model: ContextStore, peers: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Body counts (this node's, each peer's as it announced them) and rebalancing."""
+        copies, caches = model.store.body_count()
+        announced = {n.hex(): c for n, c in rebalancer.peer_bodies().items()}
+        for p in peers:
+            p["bodies"] = copies if p["state"] == "me" else announced.get(p["node_id"])
+        report = rebalancer.report()
+        return {
+            "bodies": {"copies": copies, "caches": caches},
+            "under_replicated": report.under_replicated,
+            "rebalance": dataclasses.asdict(report),
+        }
 
     async def _report(self) -> None:
         try:
@@ -279,9 +322,18 @@ class ReplicationWorker:
             return await self._quorum(message)
         elif message.kind == "peers":
             return self.status()
+        elif message.kind == "body":
+            return await self._body(message)
         else:
             raise SlurpError(f"the replication worker does not know {message.kind!r}")
         return None
+
+    async def _body(self, message: Message) -> Mapping[str, Any]:
+        if self.replicator is None:
+            raise BodyUnavailable(self.problem or "replication is not running")
+        version_id = bytes.fromhex(str(message["version"]))
+        body = await self.replicator.fetch_body(version_id, str(message["address"]))
+        return {"envelope": base64.b64encode(body).decode("ascii")}
 
     async def _quorum(self, message: Message) -> Mapping[str, Any]:
         if self.replicator is None:

@@ -569,7 +569,10 @@ class Daemon:
         client = self.replication_client
         self.model.subscribe(client.committed)
         self.ops.gateway.replicated = client.replicated
+        self.model.fetch_body = client.fetch_body
         self.ops.health.extra.append(client.check)
+        self.ops.health.extra.append(client.check_replication)
+        client.metrics = self.ops.metrics
         self.ops.stat_sources.append(client.status_lines)
         self.ops.stat_sources.append(
             lambda: flatten(self.replication.statistics(), "worker_replication_")

@@ -7,8 +7,10 @@ what the worker last reported. A ``changed`` notice from the worker (a peer's
 versions were ingested) runs the kernel cache invalidator at once, so an open
 ``tail -f`` or a new ``cat`` on this mount sees a peer's save.
 
-It also serves, from that report: ``.slurp/peers``, the ``peers`` health
-check, the status lines, and `replicated` (``replication.write_quorum``: an
+It fetches the bodies of versions this node holds only stubs of
+(`ContextStore.fetch_body`: the worker asks their holders), and serves, from
+its report: ``.slurp/peers``, the ``peers`` and ``replication`` health
+checks, the status lines, and `replicated` (``replication.write_quorum``: an
 ``fsync`` or ``close`` of a written file waits for that many peers' acks).
 """
 
@@ -26,7 +28,9 @@ from typing import Any
 import trio
 
 from slurpfs.config import Config, render_toml
+from slurpfs.errors import BodyUnavailable
 from slurpfs.health import FAIL, OK, WARN, Check
+from slurpfs.metrics import Metrics
 from slurpfs.model import VersionInfo
 from slurpfs.service.wire import Message, Peer, PeerGone, RemoteError, WireError
 
@@ -36,6 +40,8 @@ __all__ = ["REPLICATION_WORKER", "ReplicationClient", "render_peers_table"]
 
 REPLICATION_WORKER = "slurpfs.net.worker"
 QUORUM_SLACK = 2.0  # seconds the daemon waits for the worker's answer past the timeout
+BODY_WAIT = 10.0  # hang guard: the worker answers within slurpfs.net.replica.BODY_DEADLINE
+LOGGED_BODIES = 1024  # versions whose unavailable body was logged (each once)
 
 
 class ReplicationClient:
@@ -61,6 +67,9 @@ class ReplicationClient:
         self.report: dict[str, Any] = {}
         self.changes = 0  # `changed` notices received (ingests)
         self.quorum_waits = self.quorum_failures = 0
+        self.metrics: Metrics | None = None  # the daemon's: body gauges follow the reports
+        self.bodies_fetched = self.bodies_unavailable = 0
+        self._logged: dict[bytes, None] = {}  # versions whose unavailable body was logged
 
     # -- WorkerLogic -------------------------------------------------------------------
 
@@ -82,9 +91,18 @@ class ReplicationClient:
                 await self._on_members()
         elif message.kind == "status":
             self.report.update(message.fields)
+            self._gauges()
         else:
             raise WireError(f"the replication worker sent an unexpected {message.kind!r}")
         return None
+
+    def _gauges(self) -> None:
+        metrics, bodies = self.metrics, self.report.get("bodies")
+        if metrics is None or not bodies:
+            return
+        metrics.replication_bodies.labels("copy").set(bodies["copies"])
+        metrics.replication_bodies.labels("cache").set(bodies["caches"])
+        metrics.replication_under_replicated.set(self.report.get("under_replicated") or 0)
 
     def connected(self, peer: Peer) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -170,6 +188,45 @@ class ReplicationClient:
         )
         raise OSError(5, f"write quorum not reached: {why}")
 
+    def fetch_body(self, info: VersionInfo) -> bytes:
+        """`ContextStore.fetch_body`: the body of a version this node holds a stub of,
+        from the worker (which asks the holders). Runs in a worker thread of the
+        daemon; `BodyUnavailable` (EIO) when no holder gave it, logged once per
+        version with the members asked; never waits past `BODY_WAIT`."""
+        token = self._token
+        if token is None or threading.get_ident() == self._loop_thread:
+            raise self._unavailable(info, "the replication worker is not running", ())
+        return trio.from_thread.run(self._fetch_body, info, trio_token=token)
+
+    async def _fetch_body(self, info: VersionInfo) -> bytes:
+        peer = self._peer
+        why, tried = "the replication worker is not running", ()
+        if peer is not None:
+            why = "the replication worker did not answer"
+            with trio.move_on_after(BODY_WAIT):
+                try:
+                    answer = await peer.request(
+                        "body", version=info.version_id.hex(), address=info.address
+                    )
+                    self.bodies_fetched += 1
+                    return base64.b64decode(str(answer["envelope"]))
+                except RemoteError as exc:
+                    why, tried = str(exc), tuple(exc.fields.get("tried", ()))
+                except PeerGone as exc:
+                    why = str(exc)
+        raise self._unavailable(info, why, tried)
+
+    def _unavailable(self, info: VersionInfo, why: str, tried: Sequence[str]) -> BodyUnavailable:
+        self.bodies_unavailable += 1
+        if info.version_id not in self._logged:
+            self._logged[info.version_id] = None
+            if len(self._logged) > LOGGED_BODIES:
+                del self._logged[next(iter(self._logged))]
+            log.error("cannot read %s [%s]: %s", info.address, info.role, why)
+        return BodyUnavailable(
+            f"the body of version {info.short_id} is unavailable: {why}", tuple(tried)
+        )
+
     # -- what the worker reported ------------------------------------------------------
 
     @property
@@ -184,6 +241,9 @@ class ReplicationClient:
             "listening": self.report.get("listening", []),
             "peers": self.peers,
             "transport": self.report.get("transport", {}),
+            "bodies": self.report.get("bodies"),
+            "under_replicated": self.report.get("under_replicated"),
+            "rebalance": self.report.get("rebalance"),
         }
 
     def render(self) -> str:
@@ -216,6 +276,24 @@ class ReplicationClient:
             return Check("peers", WARN, f"{up} of {total} peers up")
         return Check("peers", OK, f"{up} of {total} peers up")
 
+    def check_replication(self) -> Check:
+        """The ``replication`` health check: fails while an address has fewer than R
+        reachable copies of its bodies, warns while bodies move to new holders."""
+        rebalance = self.report.get("rebalance")
+        if self.state != "running" or not rebalance:
+            return Check("replication", WARN, f"no report from the worker yet ({self.state})")
+        short = int(self.report.get("under_replicated") or 0)
+        if short:
+            return Check(
+                "replication",
+                FAIL,
+                f"{short} addresses have fewer than R reachable copies"
+                f" ({rebalance['under_replicated_partitions']} partitions){_frozen(rebalance)}",
+            )
+        if rebalance["lacking"] or rebalance["surplus"]:
+            return Check("replication", WARN, f"bodies moving: {_moving(rebalance)}")
+        return Check("replication", OK, f"every address has R copies; {_holding(self.report)}")
+
     def status_lines(self) -> dict[str, object]:
         """``task_replication_*`` lines of ``.slurp/status``."""
         peers = [p for p in self.peers if p["state"] in ("up", "down")]
@@ -233,7 +311,40 @@ class ReplicationClient:
             "task_replication_rejected": self.report.get("rejected", 0),
             "task_replication_quorum_waits": self.quorum_waits,
             "task_replication_quorum_failures": self.quorum_failures,
+            "task_replication_bodies_fetched": self.bodies_fetched,
+            "task_replication_bodies_unavailable": self.bodies_unavailable,
+            **self._body_lines(),
         }
+
+    def _body_lines(self) -> dict[str, object]:
+        bodies = self.report.get("bodies") or {}
+        rebalance = self.report.get("rebalance") or {}
+        return {
+            "task_replication_body_copies": bodies.get("copies", 0),
+            "task_replication_body_caches": bodies.get("caches", 0),
+            "task_replication_under_replicated": self.report.get("under_replicated", 0),
+            "task_replication_partitions_lacking": rebalance.get("lacking", 0),
+            "task_replication_partitions_surplus": rebalance.get("surplus", 0),
+            "task_replication_rebalance_fetched": rebalance.get("fetched", 0),
+            "task_replication_rebalance_dropped": rebalance.get("dropped", 0),
+        }
+
+
+def _frozen(rebalance: Mapping[str, Any]) -> str:
+    if rebalance.get("frozen"):
+        return "; a quarter or more of the members are down: no re-replication"
+    if rebalance.get("left_out"):
+        return f"; re-replicating the partitions of {rebalance['left_out']} members down"
+    return ""
+
+
+def _moving(rebalance: Mapping[str, Any]) -> str:
+    return f"{rebalance['lacking']} partitions to fetch here, {rebalance['surplus']} to hand over"
+
+
+def _holding(report: Mapping[str, Any]) -> str:
+    bodies = report.get("bodies") or {}
+    return f"{bodies.get('copies', 0)} copies and {bodies.get('caches', 0)} caches held here"
 
 
 def _ms(value: object) -> str:
@@ -254,7 +365,9 @@ def render_peers_table(snapshot: Mapping[str, Any]) -> str:
         lines.append(f"replication: {snapshot['problem']}")
     if snapshot.get("listening"):
         lines.append(f"listening: {', '.join(snapshot['listening'])}")
-    header = ("NODE", "NAME", "STATE", "MODE", "ADDRESS", "RTT", "OFFSET", "CONTACT", "LAG")
+    lines += _body_summary(snapshot)
+    header = ("NODE", "NAME", "STATE", "MODE", "ADDRESS", "RTT", "OFFSET", "CONTACT", "LAG",
+              "BODIES")  # fmt: skip
     rows = [header]
     for p in snapshot.get("peers", []):
         rows.append(
@@ -268,11 +381,27 @@ def render_peers_table(snapshot: Mapping[str, Any]) -> str:
                 _ms(p.get("clock_offset_ms")),
                 _ago(p.get("last_contact"), now),
                 "-" if p.get("lag") is None else str(p["lag"]),
+                "-" if p.get("bodies") is None else str(p["bodies"]),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _body_summary(snapshot: Mapping[str, Any]) -> list[str]:
+    """The lines on bodies above the table (none before the worker reported them)."""
+    bodies, rebalance = snapshot.get("bodies"), snapshot.get("rebalance")
+    if not bodies or not rebalance:
+        return []
+    lines = [
+        f"bodies: {bodies['copies']} copies, {bodies['caches']} caches;"
+        f" under-replicated addresses: {snapshot.get('under_replicated') or 0}"
+        f"{_frozen(rebalance)}"
+    ]
+    if rebalance["lacking"] or rebalance["surplus"]:
+        lines.append(f"moving: {_moving(rebalance)}")
+    return lines
 
 
 def snapshot_json(snapshot: Mapping[str, Any]) -> str:

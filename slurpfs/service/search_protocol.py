@@ -147,6 +147,7 @@ def search_from_wire(data: Mapping[str, Any]) -> SearchStatistics:
         rebuilt=tuple(str(r) for r in data["rebuilt"]),
         searches=int(data["searches"]),
         query_errors=int(data["query_errors"]),
+        remote=int(data.get("remote", 0)),
     )
 
 

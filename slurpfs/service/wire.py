@@ -56,9 +56,10 @@ class PeerGone(SlurpError):
 class RemoteError(SlurpError):
     """The other side answered a request with an error."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.fields = dict(details or {})  # the error's other fields (`SlurpError.details`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +233,9 @@ class Peer:
             if message.kind == "ok":
                 call.succeed(message.fields)
             else:
-                kind = str(message.fields.get("kind", "SlurpError"))
-                call.fail(RemoteError(kind, str(message.fields.get("message", ""))))
+                fields = dict(message.fields)
+                kind = str(fields.pop("kind", "SlurpError"))
+                call.fail(RemoteError(kind, str(fields.pop("message", "")), fields))
             return
         if message.id is None:
             await self.handler(message)  # a notice: here, in order (its error ends serve)
@@ -245,9 +247,8 @@ class Peer:
             answer = await self.handler(message)
         except SlurpError as exc:
             with contextlib.suppress(PeerGone):
-                await self._send(
-                    Message("error", {"kind": type(exc).__name__, "message": str(exc)}, ident)
-                )
+                fields = {**exc.details(), "kind": type(exc).__name__, "message": str(exc)}
+                await self._send(Message("error", fields, ident))
             return
         with contextlib.suppress(PeerGone):  # asked, then gone: nobody to answer
             await self._send(Message("ok", dict(answer or {}), ident))

@@ -16,14 +16,24 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 
+from slurpfs.crypto import envelope as env
 from slurpfs.crypto.envelope import KeySlot
-from slurpfs.errors import AddressTooLong, Corrupt, NotEmpty, NotFound, SlurpError, StoreFull
+from slurpfs.errors import (
+    AddressTooLong,
+    Corrupt,
+    MalformedEnvelope,
+    NotEmpty,
+    NotFound,
+    SlurpError,
+    StoreFull,
+)
 from slurpfs.store import schema as s
 from slurpfs.store.schema import VersionRecord
 from slurpfs.store.snapshot import Snapshot
@@ -81,7 +91,9 @@ class StaleHead(SlurpError):
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """One version to store. `expected_leaves` (when given) must still be the leaves."""
+    """One version to store. `expected_leaves` (when given) must still be the leaves.
+    With `stub`, `envelope` is the version's stub (`slurpfs.crypto.envelope.Stub`):
+    its metadata is stored, its body is not held here."""
 
     record: VersionRecord
     envelope: bytes
@@ -90,6 +102,7 @@ class Commit:
     expires_ms: int | None = None
     local_slots: Sequence[KeySlot] = ()
     verified: bytes | None = None
+    stub: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,11 +340,14 @@ class Store:
         current = self._leaf_ids(txn, ctx)
         if c.expected_leaves is not None and set(current) != set(c.expected_leaves):
             raise StaleHead(f"{rec.address} [{rec.role}] changed concurrently")
-        if not txn.put(rec.version_id, c.envelope, db=dbs[s.DB_ENVELOPES], overwrite=False):
+        if not txn.put(rec.version_id, rec.pack(), db=dbs[s.DB_META], overwrite=False):
             return  # content-addressed: already stored, nothing else to do
-        txn.put(rec.version_id, rec.pack(), db=dbs[s.DB_META])
-        self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, len(c.envelope))
-        self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, rec.size)
+        if c.stub:
+            txn.put(rec.version_id, c.envelope, db=dbs[s.DB_STUBS])
+        else:
+            txn.put(rec.version_id, c.envelope, db=dbs[s.DB_ENVELOPES])
+            self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, len(c.envelope))
+            self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, rec.size)
         for slot in c.local_slots:
             txn.put(
                 s.slot_key(rec.version_id, slot.role, slot.generation),
@@ -431,6 +447,8 @@ class Store:
                     self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, -len(envelope))
                     self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, -self._record(txn, vid).size)
                 txn.delete(vid, db=self._dbs[s.DB_ENVELOPES])
+                txn.delete(vid, db=self._dbs[s.DB_STUBS])
+                txn.delete(vid, db=self._dbs[s.DB_CACHED])
                 txn.delete(vid, db=self._dbs[s.DB_META])
                 for slot_key in self._slot_keys(txn, vid):
                     txn.delete(slot_key, db=self._dbs[s.DB_SLOTS])
@@ -515,12 +533,136 @@ class Store:
             self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, -len(envelope))
             self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, -rec.size)
         txn.delete(vid, db=self._dbs[s.DB_ENVELOPES])
+        txn.delete(vid, db=self._dbs[s.DB_STUBS])
+        txn.delete(vid, db=self._dbs[s.DB_CACHED])
         txn.delete(vid, db=self._dbs[s.DB_META])
         for slot_key in self._slot_keys(txn, vid):
             txn.delete(slot_key, db=self._dbs[s.DB_SLOTS])
         for slot_key, _ in list(_scan(txn, self._dbs[s.DB_LOCAL_SLOTS], vid)):
             txn.delete(slot_key, db=self._dbs[s.DB_LOCAL_SLOTS])
         txn.delete(vid, db=self._dbs[s.DB_VERIFIED])
+
+    # -- bodies (placement: a version's body only on the holders of its address) --
+
+    def put_body(self, version_id: bytes, envelope: bytes, *, cache: bool) -> bool:
+        """Hold the body of a version stored as a stub; True if it was not held.
+
+        The body must be the stub's: the same signed header, length and signature,
+        a ciphertext that hashes to the header's ``ct_hash`` and an envelope that
+        hashes to the id (`Corrupt` otherwise; nothing changes). `cache`: a body
+        fetched for a read, kept as a cache (never counted as a copy; `drop_body`
+        evicts it); a copy put over a cache makes it a copy. `NotFound` for a
+        version the store has no record of.
+        """
+        try:
+            body = env.Envelope.decode(envelope)
+        except MalformedEnvelope as exc:
+            raise Corrupt(
+                f"version {version_id.hex()[:16]}: a body that does not parse: {exc}"
+            ) from None
+        try:
+            with self._txn(write=True) as txn:
+                return self._put_body(txn, version_id, body, cache=cache)
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+
+    def _put_body(
+        self, txn: lmdb.Transaction, vid: bytes, body: env.Envelope, *, cache: bool
+    ) -> bool:
+        dbs = self._dbs
+        if txn.get(vid, db=dbs[s.DB_ENVELOPES]) is not None:
+            if not cache:
+                txn.delete(vid, db=dbs[s.DB_CACHED])  # a copy now
+            return False
+        raw = txn.get(vid, db=dbs[s.DB_STUBS])
+        if raw is None:
+            raise NotFound(f"no version {vid.hex()[:16]} in the store")
+        if not env.Stub.decode(bytes(raw)).matches(body, vid):
+            raise Corrupt(f"version {vid.hex()[:16]}: a body that is not the version's")
+        encoded = body.encode()
+        txn.put(vid, encoded, db=dbs[s.DB_ENVELOPES])
+        txn.delete(vid, db=dbs[s.DB_STUBS])
+        if cache:
+            txn.put(vid, s.U64.pack(int(time.time() * 1000)), db=dbs[s.DB_CACHED])
+        self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, len(encoded))
+        self._add_to_counter(txn, s.INFO_PLAINTEXT_BYTES, self._record(txn, vid).size)
+        return True
+
+    def drop_body(self, version_id: bytes) -> bool:
+        """Keep only the stub of a version (the caller checked that R holders have
+        its body); True if a body (copy or cache) was dropped."""
+        dbs = self._dbs
+        try:
+            with self._txn(write=True) as txn:
+                raw = txn.get(version_id, db=dbs[s.DB_ENVELOPES])
+                if raw is None:
+                    return False
+                envelope = bytes(raw)
+                try:
+                    stub = env.stub_bytes(envelope)
+                except MalformedEnvelope as exc:
+                    raise self.damaged(f"version {version_id.hex()[:16]}: {exc}") from None
+                txn.put(version_id, stub, db=dbs[s.DB_STUBS])
+                txn.delete(version_id, db=dbs[s.DB_ENVELOPES])
+                txn.delete(version_id, db=dbs[s.DB_CACHED])
+                self._add_to_counter(txn, s.INFO_ENVELOPE_BYTES, -len(envelope))
+                self._add_to_counter(
+                    txn, s.INFO_PLAINTEXT_BYTES, -self._record(txn, version_id).size
+                )
+        except (lmdb.Error, OSError) as exc:
+            raise self._failure(exc, "write") from None
+        return True
+
+    def evict_caches(self, keep: int) -> int:
+        """Drop the oldest fetched bodies (caches) until at most `keep` are left;
+        returns how many were dropped (their versions keep their stubs)."""
+        with self._txn() as txn:
+            cached = [(bytes(v), bytes(k)) for k, v in txn.cursor(db=self._dbs[s.DB_CACHED])]
+        cached.sort()
+        return sum(self.drop_body(vid) for _, vid in cached[: max(0, len(cached) - keep)])
+
+    def has_body(self, version_id: bytes) -> bool:
+        """True if the body of the version is held here (a copy or a cache)."""
+        with self._txn() as txn:
+            return txn.get(version_id, db=self._dbs[s.DB_ENVELOPES]) is not None
+
+    def is_cached(self, version_id: bytes) -> bool:
+        """True if the body held is a cache (fetched for a read), not a copy."""
+        with self._txn() as txn:
+            return txn.get(version_id, db=self._dbs[s.DB_CACHED]) is not None
+
+    def stub(self, version_id: bytes) -> bytes | None:
+        """The version's stub: the one stored, or made from the body held."""
+        with self._txn() as txn:
+            raw = txn.get(version_id, db=self._dbs[s.DB_STUBS])
+            if raw is not None:
+                return bytes(raw)
+            body = txn.get(version_id, db=self._dbs[s.DB_ENVELOPES])
+        return None if body is None else env.stub_bytes(bytes(body))
+
+    def body_ids(self, *, copies_only: bool = True) -> Iterator[bytes]:
+        """Ids of the versions whose body is held here (with `copies_only`, caches
+        left out); a snapshot."""
+        with self._txn() as txn:
+            ids = [
+                bytes(k) for k in txn.cursor(db=self._dbs[s.DB_ENVELOPES]).iternext(values=False)
+            ]
+            cached = txn.cursor(db=self._dbs[s.DB_CACHED])
+            out = [v for v in ids if not (copies_only and cached.set_key(v))]
+        yield from out
+
+    def stub_ids(self) -> Iterator[bytes]:
+        """Ids of the versions stored without their body; a snapshot."""
+        with self._txn() as txn:
+            ids = [bytes(k) for k in txn.cursor(db=self._dbs[s.DB_STUBS]).iternext(values=False)]
+        yield from ids
+
+    def body_count(self) -> tuple[int, int]:
+        """(copies, caches): bodies held here (LMDB entry counts, no scan)."""
+        with self._txn() as txn:
+            bodies = int(txn.stat(self._dbs[s.DB_ENVELOPES])["entries"])
+            caches = int(txn.stat(self._dbs[s.DB_CACHED])["entries"])
+        return bodies - caches, caches
 
     def was_dropped(self, version_id: bytes) -> bool:
         """True if the retention policy removed this version (`drop_versions`)."""

@@ -30,6 +30,8 @@ DB_TTL_BY_CONTEXT = b"ttl_ctx"  # context -> expiry ms u64
 DB_CHANGES = b"changes"  # sequence u64 -> version id
 DB_VERIFIED = b"verified"  # version id -> node-local verified tag [16]
 DB_LOCAL_SLOTS = b"local_slots"  # version id | role \0 | generation u32 -> nonce | sealed key
+DB_STUBS = b"stubs"  # version id -> stub (the envelope without its ciphertext): body not held
+DB_CACHED = b"cached"  # version id -> u64 ms: the body in `envelopes` is a cache, not a copy
 ALL_DBS = (
     DB_INFO,
     DB_ENVELOPES,
@@ -43,6 +45,8 @@ ALL_DBS = (
     DB_CHANGES,
     DB_VERIFIED,
     DB_LOCAL_SLOTS,
+    DB_STUBS,
+    DB_CACHED,
 )
 
 INFO_FORMAT = b"format"

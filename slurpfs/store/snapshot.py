@@ -20,7 +20,8 @@ __all__ = ["Snapshot", "StoredCopy"]
 
 
 class StoredCopy:
-    """One version as stored: record, envelope and key slots (no node-local data)."""
+    """One version as stored: record, envelope (or its stub, when the body is not
+    held here: `slurpfs.crypto.envelope.STUB_MAGIC`) and key slots (no node-local data)."""
 
     __slots__ = ("envelope", "record", "slots")
 
@@ -83,6 +84,8 @@ class Snapshot:
         txn, dbs = self._txn, self._dbs
         meta = txn.get(version_id, db=dbs[s.DB_META])
         envelope = txn.get(version_id, db=dbs[s.DB_ENVELOPES])
+        if envelope is None:  # a version whose body is not held here: its stub
+            envelope = txn.get(version_id, db=dbs[s.DB_STUBS])
         if meta is None or envelope is None:
             raise KeyError(version_id.hex())
         slots = []
