@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 from typing import cast
 
@@ -35,15 +36,15 @@ from slurpfs.crypto import envelope as env
 from slurpfs.errors import NotInitialised
 from slurpfs.fs.access import RoleMap, read_sup_groups
 from slurpfs.fs.inodes import Kind
-from slurpfs.fs.invalidate import Invalidator
+from slurpfs.fs.invalidate import COALESCE, Invalidator
 from slurpfs.fs.ops import Operations
 from slurpfs.fs.scratch import ENTRY_BYTES
-from slurpfs.model import ContextStore, data_paths
+from slurpfs.model import ContextStore, VersionInfo, data_paths
 from slurpfs.service import control, mountcmd
 from slurpfs.service.daemon import MountError, TtlCleaner
 from slurpfs.store import Commit, VersionRecord
 from slurpfs.store.lmdb_store import WriterLock
-from slurpfs.ucxl import parse
+from slurpfs.ucxl import Address, parse
 
 DIR = f"ucxl/{AUTH}/src/auth.go"
 ADDR = parse(f"ucxl://{AUTH}/src/auth.go")
@@ -558,6 +559,101 @@ async def test_invalidator_tells_the_kernel_about_outside_changes(
     model.delete(ADDR, DEV)
     await invalidator.cycle()
     assert kernel.entries == [(parent, DEV.encode())]
+
+
+async def test_the_invalidator_reads_the_store_only_where_the_kernel_looked(
+    fs: OpsHarness, model: ContextStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's catch-up streams thousands of versions nobody has looked up. Expected:
+    the invalidator (on the FUSE loop) reads a head only for an address the kernel
+    holds something of; it read one per changed context before."""
+    kernel = FakeKernel()
+    invalidator = Invalidator(fs.ops, kernel)
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"mine")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    await invalidator.cycle()
+    kernel.inodes.clear()
+    for i in range(20):
+        model.put(parse(f"ucxl://claude:tester@bzzz:auth/far/n{i}"), DEV, b"elsewhere")
+    model.put(ADDR, DEV, b"from another writer")
+    read: list[str] = []
+    stat = model.stat
+
+    def counted(address: Address, role: str) -> VersionInfo:
+        read.append(address.key)
+        return stat(address, role)
+
+    monkeypatch.setattr(model, "stat", counted)
+    await invalidator.cycle()
+    assert kernel.inodes == [ino]
+    assert read == [ADDR.key]
+
+
+async def test_a_stream_of_peer_batches_shares_invalidation_cycles(
+    fs: OpsHarness,
+    model: ContextStore,
+    monkeypatch: pytest.MonkeyPatch,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A catch-up sends a `changed` notice per ingested batch (`nudge`). Expected: a lone
+    batch is invalidated at once; batches coming close together wait for one cycle,
+    `COALESCE` after the last that found changes; a poke never waits. Before, every
+    notice ran a cycle of its own. (Times are the mock clock's, moved by hand.)"""
+    kernel = FakeKernel()
+    invalidator = Invalidator(fs.ops, kernel, interval=3600)
+    await fs.makedirs(DIR)
+    await fs.write(f"{DIR}/{DEV}", b"mine")
+    ino = await fs.ino(f"{DIR}/{DEV}")
+    await invalidator.cycle()
+    kernel.inodes.clear()
+    found: list[float] = []  # when each cycle that found changes started
+    cycle = invalidator.cycle
+
+    async def recorded() -> int:
+        started, before = trio.current_time(), invalidator.seq
+        told = await cycle()
+        if invalidator.seq != before:
+            found.append(started)
+        return told
+
+    async def settled(count: int) -> None:
+        """Let every task (and the cycle's thread) run until nothing moves."""
+        for _ in range(50):
+            await trio.testing.wait_all_tasks_blocked()
+            if len(found) > count:
+                break
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+
+    async def batch(data: bytes) -> float:
+        model.put(ADDR, DEV, data)
+        invalidator.nudge()
+        return trio.current_time()
+
+    monkeypatch.setattr(invalidator, "cycle", recorded)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(invalidator.run)
+        sent = await batch(b"peer 0")
+        await settled(1)
+        assert found == [sent]
+        assert kernel.inodes == [ino]
+        for i in range(1, 6):
+            await batch(f"peer {i}".encode())
+            await settled(1)
+        assert found == [sent], "a stream waits"
+        mock_clock.jump(COALESCE)
+        await settled(2)
+        assert found == [sent, sent + COALESCE]
+        mock_clock.jump(1)
+        sent = await batch(b"after a quiet second")
+        await settled(3)
+        assert found[2:] == [sent]
+        mock_clock.jump(COALESCE / 2)
+        model.put(ADDR, DEV, b"a writer that waits")
+        poked = trio.current_time()
+        await invalidator.poke()
+        assert found[3:] == [poked]
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_context_purged_by_its_ttl_leaves_the_mount(

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 from conftest import MemoryAnchors, audit_keys
-from fsutil import AUTH, OpsHarness
+from fsutil import AUTH, FakeKernel, OpsHarness
 
 from slurpfs import audit
+from slurpfs.fs.invalidate import Invalidator
 from slurpfs.model import ContextStore
 from slurpfs.ucxl import parse
 
@@ -180,10 +181,12 @@ async def test_a_conflict_made_elsewhere_shows_in_the_next_listing(
     fs: OpsHarness, model: ContextStore
 ) -> None:
     view = fs.ops.view
+    invalidator = Invalidator(fs.ops, FakeKernel())
     await two_directories(fs)
     base = model.stat(ADDR, DEV)
     model.put(ADDR, DEV, b"theirs")
     model.save(ADDR, DEV, b"mine!!!", based_on=(base.version_id,))  # concurrent with theirs
+    await invalidator.cycle()  # reads the records first: the view takes them from it
     (loser,) = model.conflicts(ADDR, DEV)
     names = await fs.listdir(DIR)
     assert sorted(names) == sorted([DEV, f"{DEV}.conflict-{loser.short_id}"])
@@ -200,3 +203,26 @@ async def test_writes_through_the_mount_keep_the_rest_of_the_memo(fs: OpsHarness
     misses = view.misses
     assert await sizes(fs, OTHER) == {DEV: 3}
     assert view.misses == misses
+
+
+async def test_attributes_of_files_and_directories_elsewhere_are_kept(
+    fs: OpsHarness, model: ContextStore
+) -> None:
+    """A peer's catch-up commits into other directories all the time. Expected: the
+    attributes the mount built for a file or directory stay (the very same object)
+    until a change at its own address; before, any commit rebuilt all of them."""
+    await two_directories(fs)
+    file = await fs.ino(f"{OTHER}/{DEV}")
+    directory = await fs.ino(OTHER)
+    kept = {ino: await fs.ops.getattr(ino, fs.ctx) for ino in (file, directory)}
+    model.put(ADDR, ARCH, b"elsewhere")
+    model.put(parse(f"ucxl://{ELSEWHERE}/far/away"), DEV, b"elsewhere")
+    assert await sizes(fs, DIR) == {ARCH: 9, DEV: 3}
+    for ino, attrs in kept.items():
+        assert await fs.ops.getattr(ino, fs.ctx) is attrs
+    model.put(parse(f"ucxl://{OTHER[5:]}"), DEV, b"changed")
+    model.put(parse(f"ucxl://{OTHER[5:]}/sub"), DEV, b"a new subdirectory")
+    assert (await fs.ops.getattr(file, fs.ctx)).st_size == 7
+    nlink = (await fs.ops.getattr(directory, fs.ctx)).st_nlink
+    assert nlink == kept[directory].st_nlink + 1
+    assert sorted(await fs.listdir(OTHER)) == [DEV, "sub"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,6 +39,9 @@ from slurpfs.ucxl import Address
 log = logging.getLogger("slurpfs.fs")
 
 POLL_INTERVAL = 0.5
+# Seconds: while a peer's batches stream in (nudges closer than this), at most one
+# cycle per this after one that found changes; a lone push, or a poke, goes at once.
+COALESCE = 0.05
 
 
 class Kernel(Protocol):
@@ -99,6 +103,10 @@ class Invalidator:
         self._requested = 0
         self._completed = 0
         self._wakeup = trio.Event()
+        self._poked = trio.Event()
+        self._busy = -math.inf  # when the last cycle that found changes started
+        self._nudged = -math.inf  # when the last `nudge` came
+        self._streaming = False  # it came less than `COALESCE` after the one before
         self._progress = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self._stopped = False
@@ -112,9 +120,13 @@ class Invalidator:
             while True:
                 with trio.move_on_after(self.interval):
                     await self._wakeup.wait()
-                self._wakeup = trio.Event()
+                await self._coalesce()
+                self._wakeup, self._poked = trio.Event(), trio.Event()
                 target = self._requested
+                started, before = trio.current_time(), self.seq
                 await self.cycle()
+                if self.seq != before:
+                    self._busy = started
                 self._completed = max(self._completed, target)
                 self._progress.set()
                 self._progress = trio.Event()
@@ -127,11 +139,29 @@ class Invalidator:
     def statistics(self) -> InvalidatorStatistics:
         return InvalidatorStatistics(seq=self.seq, invalidations=self.ops.invalidations)
 
+    async def _coalesce(self) -> None:
+        """Soon after a cycle that found changes, wait out the rest of `COALESCE`
+        (more of a stream arrives meanwhile), unless a poke waits."""
+        wait = self._busy + COALESCE - trio.current_time()
+        if wait > 0 and self._streaming and self._completed >= self._requested:
+            with trio.move_on_after(wait):
+                await self._poked.wait()
+
+    def nudge(self) -> None:
+        """A peer's versions were stored: a cycle now, or, if the previous nudge came less
+        than `COALESCE` ago (a stream), `COALESCE` after the last cycle that found
+        changes. Nobody waits for it: the replication worker goes on."""
+        now = trio.current_time()
+        self._streaming = now - self._nudged < COALESCE
+        self._nudged = now
+        self._wakeup.set()
+
     async def poke(self) -> None:
         """Return once a full cycle that started after this call has finished."""
         self._requested += 1
         target = self._requested
         self._wakeup.set()
+        self._poked.set()
         while self._completed < target:
             await self._progress.wait()
 
@@ -141,10 +171,12 @@ class Invalidator:
         own = self.ops.gateway.own_versions
         first: set[str] = set()  # addresses of this mount's own first versions
         while True:
-            seq, records = self.model.store.changes_since(self.seq)
-            if seq == self.seq:
+            before = self.seq
+            seq, records = self.model.store.changes_since(before)
+            if seq == before:
                 break
             self.seq = seq
+            self.ops.view.follow(before, seq, records)  # read once, for the view too
             for record in records:
                 if record.version_id in own:
                     # This mount wrote it and updated its nodes then; only a
@@ -177,12 +209,27 @@ class Invalidator:
         """What to tell the kernel about these (address key, role) changes."""
         actions = Actions()
         for key, role in changed:
+            if not self._known(key):
+                continue
             try:
                 address = Address.from_key(key)
             except InvalidAddress:
                 continue
             self._plan_one(address, role, actions)
         return actions
+
+    def _known(self, key: str) -> bool:
+        """Whether the kernel may hold anything a change at `key` makes stale: a node
+        at it or at its parent (`_plan_parent`), or a role name hidden by a rename.
+        A catch-up streams thousands of versions nobody has looked up: those cost
+        no store read here (on the FUSE loop)."""
+        inodes = self.ops.inodes
+        parent = key.rpartition("/")[0]
+        return (
+            bool(inodes.at_address(key))
+            or bool(parent and inodes.at_address(parent))
+            or self.ops.scratch.hides_any()
+        )
 
     def _plan_one(self, address: Address, role: str, actions: Actions) -> None:
         try:

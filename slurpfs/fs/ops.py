@@ -182,8 +182,8 @@ class Operations(pyfuse3.Operations):
         """`attrs` of a directory or role file, kept on the node while the view stands.
 
         A walk asks for the same attributes over and over (readdirplus, getattr).
-        They change only with the store (the view's epoch moves) or while the
-        file is open (its buffer is then what counts). `uid` is the caller's (a
+        They change only with the store (`StoreView.current`: until a change at
+        its address) or while the file is open (its buffer is then what counts). `uid` is the caller's (a
         per-user status file is sized for them).
         """
         epoch = self.view.epoch
@@ -191,8 +191,13 @@ class Operations(pyfuse3.Operations):
         # Open but not yet loaded or written (a read served from the page cache):
         # the attributes are still the stored version's.
         stored = content is None or (content.buffer is None and not content.dirty)
-        kept = node.attrs
-        if kept is not None and kept[0] == epoch and stored:
+        kept, address = node.attrs, node.address
+        if (
+            kept is not None
+            and stored
+            and address is not None
+            and self.view.current(address.key, kept[0])
+        ):
             return kept[1]
         s = self.tree.stat(node, known, uid=uid)
         attrs = self.attrs(node, s)

@@ -229,6 +229,10 @@ class ScratchStore:
             if not hidden:
                 del self._hidden[where]
 
+    def hides_any(self) -> bool:
+        """Whether any role name is hidden (by a backup-by-rename) anywhere."""
+        return bool(self._hidden)
+
     def is_hidden(self, where: DirKey, role: str) -> bool:
         return role in self._hidden.get(where, ())
 

@@ -125,8 +125,7 @@ class Tree:
         self.virtual = virtual
         self.roles = frozenset(model.role_names)
         self.sorted_roles = tuple(sorted(self.roles))
-        self._stored: dict[str, StoredEntries] = {}
-        self._stored_epoch = -1
+        self._stored: dict[str, tuple[int, StoredEntries]] = {}  # with the view's epoch
         self.uid = owner_uid
         self.gid = owner_gid
         self.started_ns = time.time_ns()
@@ -322,13 +321,12 @@ class Tree:
     def _stored_entries(self, address: Address) -> StoredEntries:
         """The part of a listing that comes from the store, kept while the view stands."""
         epoch = self.view.epoch
-        if epoch != self._stored_epoch or len(self._stored) >= MAX_STORED:
+        if len(self._stored) >= MAX_STORED:
             self._stored.clear()
-            self._stored_epoch = epoch
         key = str(address)  # temporal views list differently
-        stored = self._stored.get(key)
-        if stored is not None:
-            return stored
+        kept = self._stored.get(key)
+        if kept is not None and self.view.current(address.key, kept[0]):
+            return kept[1]
         listing = self.view.list_dir(address)
         dirs = []
         for name in listing.dirs:
@@ -358,7 +356,8 @@ class Tree:
                 for role, info in listing.conflicts
             )
         )
-        stored = self._stored[key] = StoredEntries(tuple(dirs), tuple(roles), conflicts)
+        stored = StoredEntries(tuple(dirs), tuple(roles), conflicts)
+        self._stored[key] = (epoch, stored)
         return stored
 
     def _roles_with_history(self, address: Address) -> list[str]:

@@ -16,8 +16,9 @@ When (and what of) the memo is dropped:
   ``is_dir`` answers that were not yes and the listings that lack the next name
   down (a commit creates the directories it needs; it never removes one). The
   rest stays: a replication catch-up streaming thousands of versions into other
-  directories keeps a tree walk's memo. More than `TARGETED_LIMIT` records, or a
-  sequence that went backwards (a store restored), drop everything. So a
+  directories keeps a tree walk's memo. More than `TARGETED_LIMIT` records, a
+  damaged one, or a sequence that went backwards (a store restored) drop
+  everything. So a
   ``slurpfs put`` from another process, or a peer's version, is seen by the next
   request, exactly as without the memo.
 - `committed` does the same at once after a commit of this process (the next
@@ -26,9 +27,11 @@ When (and what of) the memo is dropped:
   only this daemon makes those). Its own ``mkdir`` and ``rmdir`` (which do not
   move the sequence either) correct the memo instead (`added_dir`, `removed_dir`).
 
-`epoch` moves with every drop, targeted or not, and with every commit of this
-process: what callers derive from the view (attributes, listings' entries) they
-keep only while it stands still.
+`epoch` moves with every drop and every commit of this process. What callers
+derive from the view about an address (a directory's attributes and entries, a
+role file's attributes) they keep while `current` says so: until a drop touches
+that address (or its listing), and until a full drop, a commit of this process
+or a ``mkdir``/``rmdir`` here (these void everything callers keep, as before).
 
 Only the head of an address without a temporal segment is memoised; temporal
 views, history and conflicts always ask the model. Errors other than `NotFound`
@@ -39,10 +42,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Sequence
 from typing import TypeVar
 
-from slurpfs.errors import NotFound
+from slurpfs.errors import Corrupt, NotFound
 from slurpfs.model import ContextStore, Listing, VersionInfo
+from slurpfs.store.schema import VersionRecord
 from slurpfs.ucxl import Address
 
 K = TypeVar("K")
@@ -63,11 +68,23 @@ class StoreView:
         self._listings: dict[str, Listing] = {}
         self._heads: dict[tuple[str, str], VersionInfo | None] = {}
         self._dirs: dict[str, bool] = {}
-        # Moves whenever anything memoised here may have changed: what callers
-        # derive from the view (attributes) is theirs to keep while it stands still.
+        # Moves whenever anything memoised here may have changed (see `current`).
         self.epoch = 0
+        self._void = 0  # what callers derived before this epoch is void
+        self._touched: dict[str, int] = {}  # address key -> epoch of its last drop
         self.hits = 0
         self.misses = 0
+
+    def current(self, key: str, epoch: int) -> bool:
+        """Whether what a caller derived from the view at `epoch` about the address
+        `key` (without temporal segment; "" for the authorities) still stands."""
+        return epoch >= self._void and self._touched.get(key, 0) <= epoch
+
+    def _void_all(self) -> None:
+        """Nothing callers derived before now stands."""
+        self.epoch += 1
+        self._void = self.epoch
+        self._touched.clear()
 
     def refresh(self) -> None:
         """Drop what any process committed since the memo was filled (module docstring)."""
@@ -81,38 +98,61 @@ class StoreView:
         The epoch moves even if nothing was stored (a save of the head's very bytes):
         the caller's own state (a file's buffer, its time) may have changed with it.
         """
-        self.epoch += 1
+        self._void_all()
         self.refresh()
 
     def changed(self) -> None:
         """The store changed in a way no change record tells: forget everything."""
-        self.epoch += 1
+        self._void_all()
         self._listings.clear()
         self._heads.clear()
         self._dirs.clear()
 
+    def follow(self, before: int, seq: int, records: Sequence[VersionRecord]) -> None:
+        """The change records from `before` to `seq`, read by someone else (the
+        invalidator): taken as `refresh` would read them, if the memo is at `before`."""
+        if self._seq != before or self._seq < 0 or len(records) >= TARGETED_LIMIT:
+            return  # ahead (a request refreshed first), or not started: `refresh` reads
+        self._drop_all_of(records)
+        self._seq = seq
+
     def _catch_up(self, seq: int) -> None:
         """The sequence moved to `seq`: drop what the records since the memo's say."""
         if self._seq < 0 or seq < self._seq:
-            self.changed()  # first use, or a store put back to an older state
-            self._seq = seq
+            self._start_over(seq)  # first use, or a store put back to an older state
             return
-        last, records = self.model.store.changes_since(self._seq, limit=TARGETED_LIMIT)
+        try:
+            last, records = self.model.store.changes_since(self._seq, limit=TARGETED_LIMIT)
+        except Corrupt:
+            # A damaged record: the invalidator reports it; requests go on.
+            self._start_over(seq)
+            return
         if len(records) >= TARGETED_LIMIT:
-            self.changed()  # more may follow: the whole memo costs less to refill
-            self._seq = seq
+            self._start_over(seq)  # more may follow: the whole memo costs less to refill
             return
-        if records:
-            self.epoch += 1
-        for record in records:
-            self._drop(record.address, record.role)
+        self._drop_all_of(records)
         # Records past `seq` (committed since it was read) were dropped too.
         self._seq = max(seq, last)
+
+    def _start_over(self, seq: int) -> None:
+        self.changed()
+        self._seq = seq
+
+    def _drop_all_of(self, records: Sequence[VersionRecord]) -> None:
+        if not records:
+            return
+        self.epoch += 1
+        if len(self._touched) >= MAX_ENTRIES:
+            self._void_all()  # (bounded: voiding everything is always right)
+        for record in records:
+            self._drop(record.address, record.role)
 
     def _drop(self, key: str, role: str) -> None:
         """A version of (`key`, `role`) was committed: drop what it may have changed."""
         self._heads.pop((key, role), None)
         self._listings.pop(key, None)  # its roles and conflicts
+        touched = self._touched
+        touched[key] = self.epoch
         while key:
             # The commit made `key` a directory if it was not one: an answer of yes
             # stands, and so does a parent's listing that already names it.
@@ -120,8 +160,10 @@ class StoreView:
                 self._dirs.pop(key, None)
             parent, _, name = key.rpartition("/")
             listing = self._listings.get(parent)
-            if listing is not None and not _names(listing.dirs, name):
-                del self._listings[parent]
+            if listing is None or not _names(listing.dirs, name):
+                # (not memoised: a caller may have derived from an older listing)
+                self._listings.pop(parent, None)
+                touched[parent] = self.epoch
             key = parent
 
     def added_dir(self, address: Address) -> None:
@@ -131,13 +173,13 @@ class StoreView:
         rather than dropped: a ``mkdir`` loop must not list its parent again and
         again (each ``getattr`` of the parent counts its subdirectories).
         """
-        self.epoch += 1
+        self._void_all()
         self._edit_parent(address, add=True)
         self._dirs[address.key] = True
 
     def removed_dir(self, address: Address) -> None:
         """This process removed the (empty) directory `address`."""
-        self.epoch += 1
+        self._void_all()
         self._edit_parent(address, add=False)
         self._dirs[address.key] = False
         self._listings.pop(address.key, None)

@@ -535,9 +535,10 @@ class Daemon:
         await self.invalidator.forget(contexts)
 
     async def _peer_changed(self) -> None:
-        """The replication worker stored a peer's versions: show them now."""
+        """The replication worker stored a peer's versions: show them now (a stream of
+        them, as in a catch-up, at most one invalidation cycle per `COALESCE`)."""
         self.search_client.wake()
-        await self.invalidator.poke()
+        self.invalidator.nudge()
 
     async def _members_changed(self) -> None:
         """The member log changed (merged from a peer): trust and granted role keys."""
