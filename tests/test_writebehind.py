@@ -1,8 +1,9 @@
 """Write-behind (``durability.write_behind``) through real mounts: a ``close`` acknowledged
 from the encrypted journal loses nothing to SIGKILL, stores each save exactly once,
 keeps no plaintext at rest, reports damaged entries, and ``fsync`` waits for the
-group commit. The group commit waits 30 s here (``durability.commit_delay``), so
-what a test sees before it happened came from the journal."""
+group commit, which the commit worker process stores (a killed one loses nothing).
+The group commit waits 30 s here (``durability.commit_delay``), so what a test sees
+before it happened came from the journal."""
 
 from __future__ import annotations
 
