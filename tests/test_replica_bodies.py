@@ -568,10 +568,16 @@ def test_bodies_live_on_their_holders_and_reads_fail_over(nodes: Nodes, tmp_path
         assert role_file(n2, "p", tampered).read_bytes() == content(tampered)
         assert "does not hash to its id: refused" in n2.log.read_text()
 
-        # the first holder killed: reads fail over to the other one
+        # the first holder not answering (stopped: as if partitioned away), then
+        # killed: reads fail over to the other one
+        stopped = worker_pid(n1)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            assert role_file(n2, "p", failover[0]).read_bytes() == content(failover[0])
+        finally:
+            os.kill(stopped, signal.SIGCONT)
         kill_daemon(n1)
-        for name in failover:
-            assert role_file(n2, "p", name).read_bytes() == content(name)
+        assert role_file(n2, "p", failover[1]).read_bytes() == content(failover[1])
 
         # both holders gone (one killed, one not answering): EIO, not a hang
         worker = worker_pid(n0)
