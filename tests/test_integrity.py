@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Nodes, cli_env, raw_store, run_cli, run_cli_process
-from fsutil import Mounted, fill, is_mounted, raises_oserror
+from fsutil import Mounted, fill, is_mounted, raises_oserror, wait_for
 
 from slurpfs.errors import Corrupt
 from slurpfs.model import data_paths
@@ -425,8 +425,44 @@ def test_a_mount_on_a_full_ext4_disk_is_enospc_and_loses_nothing(
             r"audit log \S+/audit\.log: only \d+ of \d+ bytes of an entry could be written"
             r" \(disk full\?\); access refused until it can be recorded",
             r"indexing failed, retrying in \S+ s: .*",
-            r"search is unavailable on this mount: no space left for the search index of"
-            r" role '\w+'",
+            r"search indexes not opened: no space left for the search index of role '\w+';"
+            r" trying again in \S+ s",
+        )
+        m.unmount()
+    finally:
+        m.sweep()
+
+
+@pytest.mark.mount
+def test_search_waits_out_a_full_disk_and_is_built_once_there_is_room(
+    ext4_disk: Path, nodes: Nodes, tmp_path: Path
+) -> None:
+    # Expected: the first index build meets the full disk, the daemon says so (a
+    # warning; the reason in .slurp/status) and tries again; once there is room
+    # (reads wait for it too: each is audited first) the index is built and searches
+    # answer, without a remount.
+    node, model = nodes.new(str(ext4_disk.relative_to(tmp_path) / "data"))
+    for n in range(40):
+        model.put(parse(f"ucxl://{AUTH}/notes/n{n}"), DEV, f"quokka number {n}\n".encode())
+    node.close_all()
+    filler = ext4_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - (64 << 10))  # room for the daemon, not the index
+    m = Mounted(node.data_dir, tmp_path / "mnt")
+    m.mount()
+    try:
+        status = m.mnt / ".slurp" / "status"
+        wait_for(lambda: "search waits for disk space" in status.read_text(), 60, "the full disk")
+        filler.unlink()
+        assert (m.ucxl / AUTH / "notes" / "n7" / DEV).read_bytes() == b"quokka number 7\n"
+        wait_for(lambda: "search_ready: 1" in status.read_text(), 120, "the index build")
+        assert len([n for n in os.listdir(m.mnt / ".search" / "quokka") if n[0] != "."]) == 40
+        m.expect_warnings = (
+            r"search indexes not opened: no space left for the search index of role '\w+';"
+            r" trying again in \S+ s",
+            r"indexing failed, retrying in \S+ s: .*",
+            # (a worker whose mapped store page found no room dies of SIGBUS: restarted)
+            r"task search failed \(\d+ in a row\); restarting in \S+ s; the mount goes on serving",
         )
         m.unmount()
     finally:

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from slurpfs.config import loads
-from slurpfs.errors import SlurpError
+from slurpfs.errors import SlurpError, StoreFull
 from slurpfs.index.indexer import Indexer
 from slurpfs.index.sealed import open_table
 from slurpfs.index.searcher import ProgressState, SearchProgress, SearchUnavailable
@@ -46,6 +46,8 @@ log = logging.getLogger("slurpfs.index")
 STATUS_INTERVAL = 0.1  # seconds between checks for news to report (sequence, progress)
 STATISTICS_INTERVAL = 1.0  # seconds between reports of the statistics
 QUERY_THREADS = 4
+FULL_DISK_RETRY = 5.0  # seconds before the indexes are opened again after a full disk
+FULL_DISK_RETRY_MAX = 60.0
 BACKLOG_SHOWN = 256  # changes behind from which a running indexer reports "catching up"
 
 
@@ -123,7 +125,7 @@ class SearchWorker:
             secret = hello.fields.get("passphrase")
             passphrase = None if secret is None else base64.b64decode(secret)
             self.model = await trio.to_thread.run_sync(self._open_store, config, passphrase)
-            self.service = await trio.to_thread.run_sync(self._open_service)
+            self.service = await self._open_service_waiting()
         except Stopped:
             log.info("stopped opening the search indexes: shutting down")
             return False
@@ -148,6 +150,27 @@ class SearchWorker:
         model = ContextStore.open(config, passphrase)
         open_table(model.store)  # before any other thread could (see there)
         return model
+
+    async def _open_service_waiting(self) -> SearchService:
+        """Open (or build) the indexes. A full disk is waited out (tried again with
+        backoff, the reason in the status meanwhile) rather than leaving the mount
+        without search until it is mounted again."""
+        delay = FULL_DISK_RETRY
+        while True:
+            try:
+                service = await trio.to_thread.run_sync(self._open_service)
+            except StoreFull as exc:
+                log.warning("search indexes not opened: %s; trying again in %g s", exc, delay)
+                self._reason = f"search waits for disk space: {exc}"
+                self._phase("unavailable")
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+                if self._stop.is_set():
+                    raise Stopped("the daemon is shutting down") from None
+                delay = min(delay * 2, FULL_DISK_RETRY_MAX)
+                continue
+            self._reason = ""
+            return service
 
     def _open_service(self) -> SearchService:
         assert self.model is not None
