@@ -226,7 +226,10 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
     def moved(key: str) -> int:
         return sum(r[key] - before.get(name, {}).get(key, 0) for name, r in after.items())
 
-    fetched, fetched_bytes = moved("fetched"), moved("fetched_bytes")
+    # The joiner started empty: every copy it holds moved to it (by the pull of the
+    # versions, sent whole to a holder, or fetched by its rebalancer).
+    fetched = _peers(sixth.data)["bodies"]["copies"]
+    fetched_bytes = json.loads(_cli("status", "--json", "--data", sixth.data))["stored_bytes"]
     copies = FACTOR * versions
     print(f"scale: the join moved {fetched} of {copies} copies in {elapsed:.1f} s", file=sys.stderr)
     return {
@@ -234,6 +237,7 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
         "copies": copies,
         "moved_fraction": round(fetched / copies, 4),
         "moved_bytes": fetched_bytes,
+        "fetched_by_rebalancing": moved("fetched"),
         "dropped": moved("dropped"),
         "expected_fraction": round(1 / len(everyone), 4),
         "seconds": round(elapsed, 1),
