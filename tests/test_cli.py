@@ -443,6 +443,7 @@ def test_fsck_and_status(data: Path) -> None:
         "contexts": 1,
         "decrypted": 2,
         "conflicts": 0,
+        "stubs": 0,
         "problems": [],
     }
     assert shallow["decrypted"] == 0

@@ -568,10 +568,16 @@ def test_bodies_live_on_their_holders_and_reads_fail_over(nodes: Nodes, tmp_path
         assert role_file(n2, "p", tampered).read_bytes() == content(tampered)
         assert "does not hash to its id: refused" in n2.log.read_text()
 
-        # the first holder killed: reads fail over to the other one
+        # the first holder not answering (stopped: as if partitioned away), then
+        # killed: reads fail over to the other one
+        stopped = worker_pid(n1)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            assert role_file(n2, "p", failover[0]).read_bytes() == content(failover[0])
+        finally:
+            os.kill(stopped, signal.SIGCONT)
         kill_daemon(n1)
-        for name in failover:
-            assert role_file(n2, "p", name).read_bytes() == content(name)
+        assert role_file(n2, "p", failover[1]).read_bytes() == content(failover[1])
 
         # both holders gone (one killed, one not answering): EIO, not a hang
         worker = worker_pid(n0)
@@ -604,3 +610,48 @@ def flip_ciphertext(data: Path, version_id: bytes | None) -> None:
             txn.put(version_id, tampered(bytes(body)), db=db)
     finally:
         store.close()
+
+
+@pytest.mark.mount
+def test_a_factor_signed_while_mounted_places_new_bodies(nodes: Nodes, tmp_path: Path) -> None:
+    mounts = make_cluster(nodes, tmp_path, 2)
+    n0, n1 = mounts
+    ids = [node_id(m.data) for m in mounts]
+    place = placement.Placement.compute(ids, 1)
+    # written on n0, held by n1 alone once the factor is 1
+    name = names_placed(place, ids, (1,), 1, "moved")[0]
+    try:
+        for m in mounts:
+            m.mount()
+        wait_connected(mounts)
+        before = "before-" + name
+        write(role_file(n0, "p", before), content(before))
+        wait_content(role_file(n1, "p", before), content(before))
+
+        settings = n0.cli("peers", "settings", "--factor", "1", "--json")
+        assert b'"factor": 1' in settings.stdout
+        wait_for(
+            lambda: b'"factor": 1' in n1.cli("peers", "settings", "--json").stdout,
+            SYNC_TIMEOUT,
+            "the signed factor on n1",
+        )
+        write(role_file(n0, "p", name), content(name))
+
+        def handed_off() -> bool:
+            vid = OnDisk(n0.data).head(name)
+            return (
+                vid is not None
+                and OnDisk(n1.data).holds_only(vid, body=True)
+                and OnDisk(n0.data).holds_only(vid, body=False)
+            )
+
+        wait_for(handed_off, SYNC_TIMEOUT, "n0 to hand the new body to its holder n1")
+        vid = OnDisk(n0.data).head(before)
+        assert vid is not None
+        assert OnDisk(n0.data).holds_only(vid, body=True)  # (moving old bodies: rebalancing)
+        assert role_file(n0, "p", name).read_bytes() == content(name)  # (cached, or from n1)
+        for m in mounts:
+            m.unmount()
+    finally:
+        for m in mounts:
+            m.sweep()
