@@ -426,13 +426,22 @@ class SlurpNode:
     def copies(self) -> set[bytes]:
         """The version ids whose body this node's store holds as a copy (not a cache),
         read from its store directly (LMDB readers do not disturb a running daemon)."""
-        from slurpfs.store.lmdb_store import Store
+        import lmdb
 
-        store = Store(self.data / "store", map_size=1 << 36, readonly=True)
+        from slurpfs.store import schema
+
+        if not (self.data / "store" / "data.mdb").exists():
+            return set()
+        env = lmdb.open(str(self.data / "store"), readonly=True, max_dbs=64, map_size=1 << 36)
         try:
-            return set(store.body_ids(copies_only=True))
+            with env.begin() as txn:  # (handles opened in a read transaction live in it)
+                bodies = env.open_db(schema.DB_ENVELOPES, txn=txn, create=False)
+                cached = env.open_db(schema.DB_CACHED, txn=txn, create=False)
+                held = {bytes(k) for k in txn.cursor(db=bodies).iternext(values=False)}
+                held -= {bytes(k) for k in txn.cursor(db=cached).iternext(values=False)}
         finally:
-            store.close()
+            env.close()
+        return held
 
     def health(self) -> dict[str, tuple[str, str]]:
         """The mount's health checks (``.slurp/health``): name -> (status word, detail)."""
@@ -494,13 +503,18 @@ class ClusterNodes:
             wait_until(f"{node.name} sees every member up", partial(all_up, node, members))
         return members
 
-    def join(self, founder: SlurpNode) -> SlurpNode:
+    def join(
+        self, founder: SlurpNode, before_mount: Callable[[SlurpNode], None] | None = None
+    ) -> SlurpNode:
         """One more node joins through `founder` (mounted), is granted the developer
-        role and mounted; returns once it holds the role."""
+        role and mounted (`before_mount` is called with it just before); returns once
+        it holds the role."""
         node = self.add()
         self._init(node)
         node.join(founder.invite())
         founder.cli("keys", "grant", DEV, "--to", node.node_id)
+        if before_mount is not None:
+            before_mount(node)
         node.mount()
         wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
         return node

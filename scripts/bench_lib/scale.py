@@ -42,7 +42,7 @@ NODES = 5
 MAX_DOCS = 2000
 SAMPLE = 200  # contexts read per kind (remote, local)
 GOAL_REMOTE_P50_MS = 10.0
-SETTLE_LIMIT_S = 600.0
+SETTLE_LIMIT_S = 300.0
 
 
 def run(opts: Options) -> Section:
@@ -194,10 +194,19 @@ def _measure(base: Path, opts: Options) -> Json:
         reader = nodes[1]
         remote, local = _split(docs, nodes, reader)
         rng = random.Random(5)
-        out["remote_read"] = _ms(_first_reads(reader.mnt, rng.sample(remote, SAMPLE)))
-        out["local_read"] = _ms(_first_reads(reader.mnt, rng.sample(local, SAMPLE)))
+        out["remote_read"] = _ms(
+            _first_reads(reader.mnt, rng.sample(remote, min(SAMPLE, len(remote))))
+        )
+        out["local_read"] = _ms(
+            _first_reads(reader.mnt, rng.sample(local, min(SAMPLE, len(local))))
+        )
         out["load_1min"].append(os.getloadavg()[0])
-        out["join"] = _join_sixth(base, nodes, stack, len(docs))
+        print(f"scale: remote read {out['remote_read']}, local read {out['local_read']}",
+              file=sys.stderr)  # fmt: skip
+        try:
+            out["join"] = _join_sixth(base, nodes, stack, len(docs))
+        except RuntimeError as exc:  # (the read figures above still stand)
+            out["join"] = {"error": str(exc)}
         out["load_1min"].append(os.getloadavg()[0])
     out["daemons"] = {n.name: n.info for n in nodes}
     return out
@@ -217,7 +226,10 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
     def moved(key: str) -> int:
         return sum(r[key] - before.get(name, {}).get(key, 0) for name, r in after.items())
 
-    fetched, fetched_bytes = moved("fetched"), moved("fetched_bytes")
+    # The joiner started empty: every copy it holds moved to it (by the pull of the
+    # versions, sent whole to a holder, or fetched by its rebalancer).
+    fetched = _peers(sixth.data)["bodies"]["copies"]
+    fetched_bytes = json.loads(_cli("status", "--json", "--data", sixth.data))["stored_bytes"]
     copies = FACTOR * versions
     print(f"scale: the join moved {fetched} of {copies} copies in {elapsed:.1f} s", file=sys.stderr)
     return {
@@ -225,6 +237,7 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
         "copies": copies,
         "moved_fraction": round(fetched / copies, 4),
         "moved_bytes": fetched_bytes,
+        "fetched_by_rebalancing": moved("fetched"),
         "dropped": moved("dropped"),
         "expected_fraction": round(1 / len(everyone), 4),
         "seconds": round(elapsed, 1),
@@ -234,6 +247,16 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
 def _markdown(data: Json) -> list[str]:
     remote, local, join = data["remote_read"], data["local_read"], data["join"]
     store = data["store_bytes"]
+    if "error" in join:
+        moved = f"- a sixth node joins: **failed**: {join['error']}"
+    else:
+        moved = (
+            f"- a sixth node joins: {join['moved_bodies']:,} of {join['copies']:,} copies moved"
+            f" ({join['moved_fraction']:.1%}; 1/N = {join['expected_fraction']:.1%}),"
+            f" {join['moved_bytes'] / 1e6:.1f} MB of {data['factor'] * store / 1e6:.1f} MB of"
+            f" copies; {join['dropped']:,} old copies dropped after the new holder confirmed;"
+            f" settled in {join['seconds']} s"
+        )
     return [
         f"### Replication at scale: {data['nodes']} nodes, factor {data['factor']},"
         f" {data['versions']:,} contexts, mounts on loopback",
@@ -245,11 +268,7 @@ def _markdown(data: Json) -> list[str]:
         f" {remote['max_ms']} ms ({remote['n']} contexts; goal p50 < {GOAL_REMOTE_P50_MS:.0f} ms)",
         f"- first read of a context B holds: p50 {local['p50_ms']} ms, p99 {local['p99_ms']} ms,"
         f" max {local['max_ms']} ms ({local['n']} contexts)",
-        f"- a sixth node joins: {join['moved_bodies']:,} of {join['copies']:,} copies moved"
-        f" ({join['moved_fraction']:.1%}; 1/N = {join['expected_fraction']:.1%}),"
-        f" {join['moved_bytes'] / 1e6:.1f} MB of {data['factor'] * store / 1e6:.1f} MB of copies;"
-        f" {join['dropped']:,} old copies dropped after the new holder confirmed; settled in"
-        f" {join['seconds']} s",
+        moved,
         "- 1-minute load average at start, after the reads, at the end: "
         + ", ".join(f"{x:.2f}" for x in data["load_1min"]),
     ]
