@@ -58,6 +58,9 @@ PORT = 7400
 GUARD = 120.0  # seconds: a hang guard, never an expectation
 DEV = "developer"  # the role every test node is granted
 _RUNS = itertools.count(1)
+# py-lmdb refuses a second open of one environment in a process: the tests' threads
+# (a sampler beside the test's own checks) read stores one at a time.
+_STORE_READS = threading.Lock()
 
 
 def missing_tools() -> list[str]:
@@ -432,15 +435,16 @@ class SlurpNode:
 
         if not (self.data / "store" / "data.mdb").exists():
             return set()
-        env = lmdb.open(str(self.data / "store"), readonly=True, max_dbs=64, map_size=1 << 36)
-        try:
-            with env.begin() as txn:  # (handles opened in a read transaction live in it)
-                bodies = env.open_db(schema.DB_ENVELOPES, txn=txn, create=False)
-                cached = env.open_db(schema.DB_CACHED, txn=txn, create=False)
-                held = {bytes(k) for k in txn.cursor(db=bodies).iternext(values=False)}
-                held -= {bytes(k) for k in txn.cursor(db=cached).iternext(values=False)}
-        finally:
-            env.close()
+        with _STORE_READS:
+            env = lmdb.open(str(self.data / "store"), readonly=True, max_dbs=64, map_size=1 << 36)
+            try:
+                with env.begin() as txn:  # (handles opened in a read transaction live in it)
+                    bodies = env.open_db(schema.DB_ENVELOPES, txn=txn, create=False)
+                    cached = env.open_db(schema.DB_CACHED, txn=txn, create=False)
+                    held = {bytes(k) for k in txn.cursor(db=bodies).iternext(values=False)}
+                    held -= {bytes(k) for k in txn.cursor(db=cached).iternext(values=False)}
+            finally:
+                env.close()
         return held
 
     def health(self) -> dict[str, tuple[str, str]]:

@@ -56,6 +56,15 @@ def scale(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterNod
     assert not network.leftovers(), network.leftovers()
 
 
+# What a node may log when a peer vanishes mid-exchange (a frame cut short, a
+# rebalancing pass or a hand-off that met the lost peer): all retried by themselves.
+PEER_LOST = [
+    r"peer \S+ broke the frame protocol(?: on \S+)?: .*",
+    r"rebalancing failed \(trying again\): .*",
+    r"bodies handed off to their holders were not dropped here: .*",
+]
+
+
 def five(scale: ClusterNodes) -> list[SlurpNode]:
     """Five nodes, one cluster, factor 2 signed by the founder."""
     nodes = scale.cluster(5)
@@ -170,7 +179,7 @@ def test_a_holder_partitioned_away_mid_read_fails_over(scale: ClusterNodes) -> N
     finally:
         scale.network.heal()
     wait_until(f"{reader.name} sees every member up", partial(all_up, reader, nodes))
-    scale.expected_warnings += [r".*"]  # (the partitioned holder's peers log its loss)
+    scale.expected_warnings += PEER_LOST  # (none logged on a quiet machine)
 
 
 def test_a_stopped_node_leaves_everything_readable_and_is_re_replicated(
@@ -190,7 +199,7 @@ def test_a_stopped_node_leaves_everything_readable_and_is_re_replicated(
     wait_until("re-replicated to R", partial(exactly_placed, rest, ids), SETTLE)
     wait_until("the four rebalanced", partial(rebalanced, rest), SETTLE)
     assert nodes[0].health()["replication"][0] == "ok"
-    scale.expected_warnings += [r".*"]  # (its peers log the lost connection)
+    scale.expected_warnings += PEER_LOST  # (none logged on a quiet machine)
 
 
 class CopySampler:

@@ -798,7 +798,8 @@ def test_sigkill_during_writes_then_recovery(mnt: Mounted, ctxdir: Path) -> None
     os.kill(pid, signal.SIGKILL)
     # Read on through `writer.stdout` (not `communicate`, which reads the pipe
     # beneath it): lines that came with the last readline are in its buffer.
-    rest = writer.stdout.read()
+    with writer.stdout:
+        rest = writer.stdout.read()
     writer.wait(timeout=60)
     done += [int(x) for x in rest.split()]
     with raises_oserror(errno.ENOTCONN):

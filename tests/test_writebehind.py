@@ -257,12 +257,18 @@ def status(m: Mounted) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if ": " in line)
 
 
-def commit_worker_ready(m: Mounted) -> int:
-    """The commit worker's PID once it serves (it has opened the store)."""
-    wait_for(lambda: status(m).get("commit_worker_ready") == "1", what="the commit worker")
-    pid = int(status(m)["worker_commit_pid"])
-    assert pid > 0
-    return pid
+def commit_worker_ready(m: Mounted, *, not_pid: int = 0) -> int:
+    """The commit worker's PID once it serves (it has opened the store); with
+    `not_pid`, a worker other than that one (the status may name a killed worker
+    until the daemon has seen it end)."""
+
+    def serving() -> int:
+        fields = status(m)
+        pid = int(fields.get("worker_commit_pid", "0") or 0)
+        return pid if fields.get("commit_worker_ready") == "1" and pid != not_pid else 0
+
+    wait_for(lambda: serving() > 0, what="the commit worker")
+    return serving()
 
 
 def batches(m: Mounted, n: int) -> None:
@@ -308,8 +314,8 @@ def test_a_killed_commit_worker_loses_nothing(mnt: Mounted) -> None:
     fsync(d / DEV)  # the daemon stores them itself meanwhile
     assert get(mnt, "survives") == b"two\n"
     assert versions(d, DEV) == 2
-    second = commit_worker_ready(mnt)  # restarted
-    assert second != first
+    second = commit_worker_ready(mnt, not_pid=first)  # restarted
+    assert running(second)
     (d / DEV).write_bytes(b"three\n")
     fsync(d / DEV)
     batches(mnt, 1)  # (the first two were stored by the daemon)
