@@ -231,20 +231,11 @@ class Envelope:
         """
         data = bytes(data)
         r = _Reader(data, "envelope")
-        magic, fmt, header_len = r.unpack(_PREAMBLE)
-        if magic != MAGIC:
-            raise MalformedEnvelope("not an envelope (bad magic)")
-        if fmt != FORMAT:
-            raise MalformedEnvelope(f"unsupported envelope format {fmt}")
-        header = Header.decode(r.take(header_len, "header"))
-        (ct_len,) = r.unpack(_U32)
+        header, ct_len = _read_head(r, MAGIC, "envelope")
         ciphertext = r.take(ct_len, "ciphertext")
         signature = r.take(SIGNATURE_BYTES, "signature")
         r.end()
-        if ct_len < TAG_BYTES:
-            raise MalformedEnvelope("ciphertext shorter than the AEAD tag")
-        if header.compression == COMPRESSION_RAW and header.size != ct_len - TAG_BYTES:
-            raise MalformedEnvelope("raw ciphertext length does not match the plaintext size")
+        _check_ct_len(header, ct_len)
         env = cls(header, ciphertext, signature)
         env.__dict__["encoded"] = data  # canonical: re-encoding gives the same bytes
         return env
@@ -283,19 +274,10 @@ class Stub:
     def decode(cls, data: bytes) -> Stub:
         """Parse stub bytes exactly (`MalformedEnvelope` on any defect)."""
         r = _Reader(bytes(data), "stub")
-        magic, fmt, header_len = r.unpack(_PREAMBLE)
-        if magic != STUB_MAGIC:
-            raise MalformedEnvelope("not a stub (bad magic)")
-        if fmt != FORMAT:
-            raise MalformedEnvelope(f"unsupported stub format {fmt}")
-        header = Header.decode(r.take(header_len, "header"))
-        (ct_len,) = r.unpack(_U32)
+        header, ct_len = _read_head(r, STUB_MAGIC, "stub")
         signature = r.take(SIGNATURE_BYTES, "signature")
         r.end()
-        if ct_len < TAG_BYTES:
-            raise MalformedEnvelope("ciphertext shorter than the AEAD tag")
-        if header.compression == COMPRESSION_RAW and header.size != ct_len - TAG_BYTES:
-            raise MalformedEnvelope("raw ciphertext length does not match the plaintext size")
+        _check_ct_len(header, ct_len)
         return cls(header, ct_len, signature)
 
     def matches(self, envelope: Envelope, version_id: bytes) -> bool:
@@ -347,6 +329,25 @@ class Sealed:
     # The version's data key, for this node's local key slots (slurpfs.crypto.local);
     # process memory only, never stored as is.
     data_key: bytes = field(default=b"", repr=False)
+
+
+def _read_head(r: _Reader, magic: bytes, what: str) -> tuple[Header, int]:
+    """The preamble, header and ciphertext length an envelope and a stub share."""
+    found, fmt, header_len = r.unpack(_PREAMBLE)
+    if found != magic:
+        raise MalformedEnvelope(f"not {'an' if what[0] in 'aeiou' else 'a'} {what} (bad magic)")
+    if fmt != FORMAT:
+        raise MalformedEnvelope(f"unsupported {what} format {fmt}")
+    header = Header.decode(r.take(header_len, "header"))
+    (ct_len,) = r.unpack(_U32)
+    return header, ct_len
+
+
+def _check_ct_len(header: Header, ct_len: int) -> None:
+    if ct_len < TAG_BYTES:
+        raise MalformedEnvelope("ciphertext shorter than the AEAD tag")
+    if header.compression == COMPRESSION_RAW and header.size != ct_len - TAG_BYTES:
+        raise MalformedEnvelope("raw ciphertext length does not match the plaintext size")
 
 
 class _Reader:
