@@ -32,11 +32,11 @@ from typing import Any
 import trio
 
 from slurpfs import ucxl
-from slurpfs.config import Config, loads, render_toml
+from slurpfs.config import Config, loads
 from slurpfs.errors import SlurpError
 from slurpfs.model import ContextStore, JournaledSave, Saved
 from slurpfs.service.wire import Message, Peer, PeerGone, WireError
-from slurpfs.service.workers import child_connect, child_start, serve_while
+from slurpfs.service.workers import child_connect, child_start, serve_while, store_hello
 from slurpfs.store.journal import CHAINED, FILE_NAME, Entry, journal_key, mark, pending, scan
 from slurpfs.store.schema import VersionRecord
 
@@ -63,11 +63,7 @@ class CommitClient:
         self.batches = 0  # stored by the worker
 
     def setup(self) -> Mapping[str, Any]:
-        secret = self._passphrase
-        return {
-            "config": render_toml(self._config),
-            "passphrase": None if secret is None else base64.b64encode(secret).decode(),
-        }
+        return store_hello(self._config, self._passphrase)
 
     async def handle(self, message: Message) -> Mapping[str, Any] | None:
         if message.kind != "ready" or message.id is not None:

@@ -4,15 +4,15 @@ and the metrics."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from typing import Any
 
 import trio
 
-from slurpfs.config import Config, render_toml
+from slurpfs.config import Config
 from slurpfs.health import OK, WARN, Check
 from slurpfs.service.wire import Message, Peer, WireError
+from slurpfs.service.workers import store_hello
 
 
 class MaintenanceClient:
@@ -24,11 +24,7 @@ class MaintenanceClient:
         self.status: dict[str, Any] = {}
 
     def setup(self) -> Mapping[str, Any]:
-        secret = self._passphrase
-        return {
-            "config": render_toml(self._config),
-            "passphrase": None if secret is None else base64.b64encode(secret).decode(),
-        }
+        return store_hello(self._config, self._passphrase)
 
     async def handle(self, message: Message) -> Mapping[str, Any] | None:
         if message.kind != "status" or message.id is not None:

@@ -18,7 +18,6 @@ is unavailable, it fails at once with `SearchUnavailable` (EAGAIN, and
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import logging
@@ -28,7 +27,7 @@ from typing import Any
 
 import trio
 
-from slurpfs.config import Config, render_toml
+from slurpfs.config import Config
 from slurpfs.index.indexer import IndexerStatistics
 from slurpfs.index.results import SearchResult
 from slurpfs.index.searcher import SearchProgress, SearchUnavailable
@@ -42,6 +41,7 @@ from slurpfs.service.search_protocol import (
     search_from_wire,
 )
 from slurpfs.service.wire import Message, Peer, PeerGone, RemoteError, WireError
+from slurpfs.service.workers import store_hello
 
 log = logging.getLogger("slurpfs.daemon")
 
@@ -86,11 +86,7 @@ class SearchClient:
     # -- WorkerLogic -------------------------------------------------------------------
 
     def setup(self) -> Mapping[str, Any]:
-        secret = self._passphrase
-        return {
-            "config": render_toml(self.config),
-            "passphrase": None if secret is None else base64.b64encode(secret).decode(),
-        }
+        return store_hello(self.config, self._passphrase)
 
     async def handle(self, message: Message) -> Mapping[str, Any] | None:
         if message.kind != "status" or message.id is not None:

@@ -27,12 +27,13 @@ from typing import Any
 
 import trio
 
-from slurpfs.config import Config, render_toml
+from slurpfs.config import Config
 from slurpfs.errors import BodyUnavailable
 from slurpfs.health import FAIL, OK, WARN, Check
 from slurpfs.metrics import Metrics
 from slurpfs.model import VersionInfo
 from slurpfs.service.wire import Message, Peer, PeerGone, RemoteError, WireError
+from slurpfs.service.workers import store_hello
 
 log = logging.getLogger("slurpfs.daemon")
 
@@ -74,11 +75,7 @@ class ReplicationClient:
     # -- WorkerLogic -------------------------------------------------------------------
 
     def setup(self) -> Mapping[str, Any]:
-        secret = self._passphrase
-        return {
-            "config": render_toml(self.config),
-            "passphrase": None if secret is None else base64.b64encode(secret).decode(),
-        }
+        return store_hello(self.config, self._passphrase)
 
     async def handle(self, message: Message) -> Mapping[str, Any] | None:
         if message.id is not None:

@@ -36,6 +36,7 @@ and the socket: a worker writes no files of its own.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import logging
@@ -51,6 +52,7 @@ from typing import Any, Protocol
 import trio
 
 from slurpfs import logs
+from slurpfs.config import Config, render_toml
 from slurpfs.errors import SlurpError
 from slurpfs.service.wire import Message, Peer, PeerGone
 
@@ -68,6 +70,15 @@ __all__ = [
 
 HELLO_TIMEOUT = 60.0  # seconds a new child has to answer hello (imports, on a busy machine)
 _PR_SET_PDEATHSIG = 1
+
+
+def store_hello(config: Config, passphrase: bytes | None) -> dict[str, Any]:
+    """The hello of a worker that opens the store: the effective configuration as
+    TOML text and the key passphrase (base64, or None)."""
+    return {
+        "config": render_toml(config),
+        "passphrase": None if passphrase is None else base64.b64encode(passphrase).decode(),
+    }
 
 
 class WorkerDied(SlurpError):
