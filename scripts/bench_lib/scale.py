@@ -26,7 +26,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +34,7 @@ from pathlib import Path
 from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section
 from bench_lib.mount import ENV
-from bench_lib.replication import _free_port, _import, _path, _until
+from bench_lib.replication import _cli, _free_port, _import, _path, _until
 
 FACTOR = 2
 NODES = 5
@@ -53,14 +52,6 @@ def run(opts: Options) -> Section:
     finally:
         daemons.remove(base, label="scale")
     return Section(data, _markdown(data))
-
-
-def _cli(*args: str | Path) -> str:
-    argv = daemons.slurpfs(*map(str, args))
-    done = subprocess.run(argv, capture_output=True, text=True, env=ENV, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"slurpfs {' '.join(map(str, args))}: {done.stderr.strip()[-800:]}")
-    return done.stdout
 
 
 def _peers(data: Path) -> Json:
