@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from conftest import WEAK_KDF, Nodes
@@ -124,3 +124,18 @@ def wait_connected(mounts: Sequence[Mounted]) -> None:
         wait_for(
             functools.partial(all_up, m, len(mounts) - 1), SYNC_TIMEOUT, f"{m.data}'s peers up"
         )
+
+
+def cluster_of(nodes: Nodes, root: Path, count: int, toml: str = "") -> Iterator[list[Mounted]]:
+    """`count` nodes in one cluster, mounted and connected; unmounted (checked) after."""
+    mounts = make_cluster(nodes, root, count, toml=toml)
+    try:
+        for m in mounts:
+            m.mount()
+        wait_connected(mounts)
+        yield mounts
+        for m in mounts:
+            m.unmount()
+    finally:
+        for m in mounts:
+            m.sweep()

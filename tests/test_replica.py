@@ -26,6 +26,7 @@ from replica_nodes import (
     ROLE,
     SYNC_TIMEOUT,
     address,
+    cluster_of,
     free_port,
     make_cluster,
     peers_json,
@@ -37,21 +38,6 @@ from replica_nodes import (
 )
 
 pytestmark = pytest.mark.mount
-
-
-def cluster_of(nodes: Nodes, root: Path, count: int, toml: str = "") -> Iterator[list[Mounted]]:
-    """`count` nodes in one cluster, mounted and connected; unmounted (checked) after."""
-    mounts = make_cluster(nodes, root, count, toml=toml)
-    try:
-        for m in mounts:
-            m.mount()
-        wait_connected(mounts)
-        yield mounts
-        for m in mounts:
-            m.unmount()
-    finally:
-        for m in mounts:
-            m.sweep()
 
 
 @pytest.fixture

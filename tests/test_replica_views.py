@@ -19,7 +19,7 @@ from replica_nodes import (
     AUTH,
     ROLE,
     SYNC_TIMEOUT,
-    make_cluster,
+    cluster_of,
     read,
     role_file,
     wait_connected,
@@ -32,17 +32,7 @@ pytestmark = pytest.mark.mount
 
 @pytest.fixture
 def pair(nodes: Nodes, tmp_path: Path) -> Iterator[list[Mounted]]:
-    mounts = make_cluster(nodes, tmp_path, 2, toml="[replication]\nauto_merge = false\n")
-    try:
-        for m in mounts:
-            m.mount()
-        wait_connected(mounts)
-        yield mounts
-        for m in mounts:
-            m.unmount()
-    finally:
-        for m in mounts:
-            m.sweep()
+    yield from cluster_of(nodes, tmp_path, 2, toml="[replication]\nauto_merge = false\n")
 
 
 def conflict_files(m: Mounted, *parts: str) -> list[str]:
