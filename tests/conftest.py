@@ -47,7 +47,7 @@ import zstandard
 
 from slurpfs import audit, cli, config, fsck
 from slurpfs.crypto.keys import NodeIdentity
-from slurpfs.crypto.keystore import KdfParams
+from slurpfs.crypto.keystore import KdfParams, Keystore
 from slurpfs.model import ContextStore, verify_audit
 from slurpfs.store import schema as s
 
@@ -221,6 +221,25 @@ class Nodes:
         node = Node(cfg, [model])
         self.created.append(node)
         return node, model
+
+
+def twin(
+    nodes: Nodes, a: Node, a_model: ContextStore, *, trust: bool = True
+) -> tuple[Node, ContextStore]:
+    """A second node ("b") holding the same role keys as `a` (its own node key),
+    which trusts `a`'s signatures when `trust`; opened."""
+    b, b_model = nodes.new("b")
+    b.close(b_model)
+    for name in ("roles", "public.json"):
+        source, target = a.data_dir / "keys" / name, b.data_dir / "keys" / name
+        if source.is_dir():
+            shutil.rmtree(target)
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+    if trust:
+        Keystore(b.data_dir, None, WEAK_KDF).trust_node(a_model.keyring.node.node_id)
+    return b, b.open()
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@ the envelopes are handed over as a peer or a restore would hand them)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import WEAK_KDF, Node, Nodes
+from conftest import WEAK_KDF, Nodes, twin
 
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.errors import BadSignature, Corrupt, UntrustedAuthor
@@ -18,23 +16,6 @@ from slurpfs.ucxl import parse
 
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
 DEV = "developer"
-
-
-def twin(nodes: Nodes, a: Node, a_model: ContextStore, *, trust: bool = True) -> ContextStore:
-    """A second node holding the same role keys as `a` (its own node key), which
-    trusts `a`'s signatures when `trust`."""
-    b, b_model = nodes.new("b")
-    b.close(b_model)
-    for name in ("roles", "public.json"):
-        source, target = a.data_dir / "keys" / name, b.data_dir / "keys" / name
-        if source.is_dir():
-            shutil.rmtree(target)
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-    if trust:
-        Keystore(b.data_dir, None, WEAK_KDF).trust_node(a_model.keyring.node.node_id)
-    return b.open()
 
 
 def shipped(model: ContextStore, *infos: VersionInfo) -> list[Incoming]:
@@ -57,7 +38,7 @@ def test_versions_from_another_node_read_the_same_here(nodes: Nodes) -> None:
     a_model.put(ADDR, DEV, b"second\n")
     a_model.delete(ADDR, DEV)
     a_model.put(ADDR, DEV, b"third\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
     heard: list[VersionInfo] = []
     b_model.subscribe(heard.append)
 
@@ -80,7 +61,7 @@ def test_a_version_whose_parents_are_missing_is_refused_until_they_come(nodes: N
     a, a_model = nodes.new("a")
     first = a_model.put(ADDR, DEV, b"first\n")
     second = a_model.put(ADDR, DEV, b"second\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
     ingest = Ingest(b_model)
 
     with pytest.raises(MissingParents) as refused:
@@ -100,7 +81,7 @@ def test_a_version_whose_parents_are_missing_is_refused_until_they_come(nodes: N
 def test_an_untrusted_author_is_refused(nodes: Nodes) -> None:
     a, a_model = nodes.new("a")
     a_model.put(ADDR, DEV, b"from a node nobody trusts\n")
-    b_model = twin(nodes, a, a_model, trust=False)
+    _, b_model = twin(nodes, a, a_model, trust=False)
 
     with pytest.raises(UntrustedAuthor):
         Ingest(b_model).accept(everything(a_model))
@@ -111,7 +92,7 @@ def test_a_damaged_or_forged_envelope_is_refused_and_the_batch_with_it(nodes: No
     a, a_model = nodes.new("a")
     first = a_model.put(ADDR, DEV, b"first\n")
     second = a_model.put(ADDR, DEV, b"second\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
     good, bad = shipped(a_model, first, second)
     flipped = bytearray(bad.envelope)
     flipped[-1] ^= 1  # a byte of the signature
@@ -129,7 +110,7 @@ def test_a_damaged_or_forged_envelope_is_refused_and_the_batch_with_it(nodes: No
 def test_a_key_slot_for_a_role_that_does_not_read_it_is_refused(nodes: Nodes) -> None:
     a, a_model = nodes.new("a")
     a_model.put(ADDR, DEV, b"for developers\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
     (item,) = everything(a_model)
     reviewer = [s for s in item.slots if s.role == "architect"][0]
     odd = Incoming(
@@ -146,7 +127,7 @@ def test_concurrent_versions_give_both_nodes_the_same_head_and_conflict(nodes: N
     # Both nodes write on the same parent while apart, then exchange what they wrote.
     a, a_model = nodes.new("a")
     base = a_model.put(ADDR, DEV, b"base\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
     Keystore(a.data_dir, None, WEAK_KDF).trust_node(b_model.keyring.node.node_id)
     a_model = a.reopen(a_model)  # (the keyring is read at open)
     Ingest(b_model).accept(shipped(a_model, base))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import WEAK_KDF, Node, Nodes, assert_no_canary, find_canary, run_cli
+from conftest import WEAK_KDF, Node, Nodes, assert_no_canary, find_canary, run_cli, twin
 from fsutil import Mounted, raises_oserror, running, session_members, wait_for
 from redisutil import shared
 from replica_nodes import (
@@ -54,21 +54,6 @@ from slurpfs.ucxl import parse
 ADDR = parse("ucxl://claude:architect@bzzz:auth/src/auth.go")
 DEV = "developer"
 CANARY = b"CANARY-bodies-7f3a91c2e5"
-
-
-def twin(nodes: Nodes, a: Node, a_model: ContextStore) -> tuple[Node, ContextStore]:
-    """A second node with `a`'s role keys that trusts `a`'s signatures."""
-    b, b_model = nodes.new("b")
-    b.close(b_model)
-    for name in ("roles", "public.json"):
-        source, target = a.data_dir / "keys" / name, b.data_dir / "keys" / name
-        if source.is_dir():
-            shutil.rmtree(target)
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-    Keystore(b.data_dir, None, WEAK_KDF).trust_node(a_model.keyring.node.node_id)
-    return b, b.open()
 
 
 def metadata_only(model: ContextStore, info: VersionInfo) -> Incoming:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import Nodes
-from test_ingest import ADDR, DEV, everything, twin
+from conftest import Nodes, twin
+from test_ingest import ADDR, DEV, everything
 
 from slurpfs import hlc
 from slurpfs.ingest import Ingest
@@ -22,7 +22,7 @@ def test_a_leaf_from_a_fast_clock_does_not_drag_the_local_clock(nodes: Nodes) ->
     a, a_model = nodes.new("a")
     a_model._clock = hlc.HybridClock(lambda: time.time_ns() + HOUR_NS)  # an hour ahead
     ahead = a_model.put(ADDR, DEV, b"from the future\n")
-    b_model = twin(nodes, a, a_model)
+    _, b_model = twin(nodes, a, a_model)
 
     stored = Ingest(b_model).accept(everything(a_model)).stored
     assert [v.version_id for v in stored] == [ahead.version_id]  # kept, never dropped
