@@ -12,6 +12,9 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,11 +127,28 @@ def test_a_killed_worker_restarts_while_the_mount_serves(nodes: Nodes, tmp_path:
         m.sweep()
 
 
+@contextmanager
+def busy_cores() -> Iterator[None]:
+    """A busy loop at normal priority on every core until the block ends."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def test_sigterm_during_a_first_index_build(nodes: Nodes, tmp_path: Path) -> None:
     # A first mount of a few thousand imported contexts: the worker builds the
     # indexes and its progress shows in .slurp/status, .slurp/health and
-    # `slurpfs status`. SIGTERM meanwhile: the daemon stops the worker (the build
-    # gives up), exits 0, and leaves no process behind.
+    # `slurpfs status`. SIGTERM meanwhile, on a machine whose cores are all busy
+    # (the worker runs at idle priority, so it gets almost no CPU then): the daemon
+    # raises the worker's priority and stops it (the build gives up), exits 0
+    # without killing anything, and leaves no process behind.
     # (whoosh: a build long enough to watch and interrupt; sqlite builds these in seconds)
     m = imported(nodes, tmp_path, BUILD_CONTEXTS, engine="whoosh")
     m.mount()
@@ -148,19 +168,30 @@ def test_sigterm_during_a_first_index_build(nodes: Nodes, tmp_path: Path) -> Non
         assert "building the search indexes" in error, error
         daemon, worker = daemon_pid(m), worker_pid(m)
         assert children(daemon) == [worker]
-        os.kill(daemon, signal.SIGTERM)
-        wait_for(lambda: not is_mounted(m.mnt), timeout=60, what="the daemon to unmount")
-        wait_for(lambda: not running(daemon), timeout=60, what="the daemon to exit")
+        with busy_cores():
+            os.kill(daemon, signal.SIGTERM)
+            wait_for(lambda: not is_mounted(m.mnt), timeout=60, what="the daemon to unmount")
+            wait_for(lambda: not running(daemon), timeout=60, what="the daemon to exit")
         assert not running(worker)
-        m.check_ended()  # "exiting with status 0", no warning, nothing left behind
-        # The build gives up at its next context read; whoosh's batch writes and its
-        # final commit cannot be interrupted (ARCHITECTURE, "Known limits"), and that
-        # is where this build spends its time, so it may end first: either way the
-        # daemon exits 0 within the shutdown time with the worker gone.
+        m.check_ended()  # "exiting with status 0", no warning, nothing killed or left behind
+        # The build gives up between documents; inside the engine's batch writes or
+        # final commit (whoosh: tens of seconds here) the worker abandons it after a
+        # moment and exits 0. Or the build ended first. Never a kill.
         log = m.log.read_text()
-        assert "stopped opening the search indexes: shutting down" in log or (
-            "search ready:" in log
+        assert (
+            "stopped opening the search indexes: shutting down" in log
+            or "stopping: abandoning the search indexes' build" in log
+            or "search ready:" in log
         ), log
+        # Nothing saved was lost: the next mount builds (or finishes) and searches.
+        m.mount()
+        wait_for(
+            lambda: status(m).get("search_progress", "").startswith("ready"),
+            timeout=300,
+            what="the indexes after the abandoned build",
+        )
+        assert len(hits(m, "word3")) == len(range(3, BUILD_CONTEXTS, 97))
+        m.unmount()
     finally:
         m.sweep()
 

@@ -153,6 +153,40 @@ async def test_stopping_a_starting_worker_ends_it_cleanly(model: ContextStore) -
     assert worker.statistics().unexpected_exits == 0
 
 
+def scheduler(pid: int) -> set[int]:
+    """The scheduling policies of the threads of process `pid`."""
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="leaving SCHED_IDLE takes CAP_SYS_NICE")
+@pytest.mark.expect_warnings(
+    r"the search worker \(pid \d+\) did not exit within 5 s of being asked to stop: killing it"
+)
+async def test_a_stopping_worker_gets_its_priority_back_and_is_killed_if_it_hangs(
+    model: ContextStore,
+) -> None:
+    # The worker runs at SCHED_IDLE (every thread). Asked to stop, it is first put
+    # back at normal priority (at idle priority on a busy machine it would take
+    # minutes to exit); one that still does not exit (here: SIGSTOPped) is killed
+    # after `stop_timeout`, logged once as a warning and not as a failed task.
+    client = SearchClient(model.config, None)
+    worker = WorkerProcess("search", SEARCH_WORKER, client, stop_timeout=5)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, "search", worker)
+        await until(ready(client), "the worker to open its indexes")
+        pid = worker.pid
+        assert scheduler(pid) == {os.SCHED_IDLE}
+        os.kill(pid, signal.SIGSTOP)
+        nursery.start_soon(supervisor.stop, 30)
+        await until(lambda: scheduler(pid) == {os.SCHED_OTHER}, "the priority to be raised", 5)
+    assert not running(pid)
+    assert worker.statistics().last_exit == "was killed by SIGKILL"
+    assert worker.statistics().unexpected_exits == 0
+    [state] = supervisor.states()
+    assert (state.state, state.failures) == ("stopped", 0)
+
+
 async def test_a_service_that_cannot_open_leaves_the_mount_up(model: ContextStore) -> None:
     # The worker cannot open search (an engine it does not know): it stays up and
     # says why; .search/ shows it in .error, the health check fails, and the

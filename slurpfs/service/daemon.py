@@ -80,7 +80,7 @@ from slurpfs.service.maintenance_worker import MAINTENANCE_WORKER
 from slurpfs.service.remote_search import SEARCH_WORKER, SearchClient
 from slurpfs.service.replication import REPLICATION_WORKER, ReplicationClient
 from slurpfs.service.supervisor import Stoppable, Supervisor
-from slurpfs.service.workers import WorkerProcess, background_priority
+from slurpfs.service.workers import WorkerProcess, background_priority, foreground_priority
 from slurpfs.store import journal
 
 log = logging.getLogger("slurpfs.daemon")
@@ -295,6 +295,8 @@ class KeyPreparer:
             self.model.key_pool = None
             self._stop.set()
             self._wake.set()
+            if thread.native_id is not None:  # else it never ran: nothing to wait for
+                foreground_priority(os.getpid(), threads=[thread.native_id])
             with trio.CancelScope(shield=True):  # it finishes the key in hand (< 1 ms)
                 await trio.to_thread.run_sync(thread.join)
             self.pool.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ STATISTICS_INTERVAL = 1.0  # seconds between reports of the statistics
 QUERY_THREADS = 4
 FULL_DISK_RETRY = 5.0  # seconds before the indexes are opened again after a full disk
 FULL_DISK_RETRY_MAX = 60.0
+ABANDON_AFTER = 2.0  # seconds a stopping worker waits for an opening or a build to give up
 BACKLOG_SHOWN = 256  # changes behind from which a running indexer reports "catching up"
 
 
@@ -96,12 +98,36 @@ class SearchWorker:
         """Open, build or catch up, index until stopped; close everything at the end."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report)
+            nursery.start_soon(self._abandon_when_stuck)
             try:
                 await self._serve(hello)
             finally:
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._close)
+
+    async def _abandon_when_stuck(self) -> None:
+        """Once asked to stop: if the indexes are still being opened, built or caught
+        up `ABANDON_AFTER` seconds later, exit at once (status 0) rather than wait.
+
+        A build gives up only between documents: the engine's batch writes and final
+        commit cannot be interrupted (for whoosh and thousands of documents, tens of
+        seconds). Nothing is lost by leaving it: a build's indexes are in memory
+        until each role index is saved whole (one store transaction), a catch-up step
+        saves in one transaction too, and the next start resumes from what was saved.
+        The loop is free meanwhile (the work runs in a thread), so this runs on time.
+        """
+        await self._stop.wait()
+        await trio.sleep(ABANDON_AFTER)
+        if self.indexer is None:
+            work = {"building": "build", "catching up": "catch-up"}.get(self._state, "opening")
+            log.info(
+                "stopping: abandoning the search indexes' %s (nothing saved is lost; "
+                "the next start goes on from what was saved)",
+                work,
+            )
+            logging.shutdown()
+            os._exit(0)
 
     async def _serve(self, hello: Message) -> None:
         if not await self._open(hello):

@@ -65,10 +65,12 @@ __all__ = [
     "WorkerStatistics",
     "background_priority",
     "child_start",
+    "foreground_priority",
     "process_rss",
 ]
 
 HELLO_TIMEOUT = 60.0  # seconds a new child has to answer hello (imports, on a busy machine)
+STOP_TIMEOUT = 15.0  # seconds a child has to exit once asked to stop; then it is killed
 _PR_SET_PDEATHSIG = 1
 
 
@@ -125,6 +127,7 @@ class WorkerProcess:
         log_level: int | None = None,
         log_format: str = "text",
         hello_timeout: float = HELLO_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.name = name
         self.module = module
@@ -132,11 +135,13 @@ class WorkerProcess:
         self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
         self.log_format = log_format  # the daemon's `log.format`: the child writes to its log
         self.hello_timeout = hello_timeout
+        self.stop_timeout = stop_timeout
         self.pid = 0
         self._stopping = trio.Event()
         self._stopped = False
         self._starts = self._deaths = 0
         self._last_exit = ""
+        self._killed = False  # killed after `stop_timeout` (already logged)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._stopped:
@@ -151,6 +156,7 @@ class WorkerProcess:
         finally:
             theirs.close()
         self._starts += 1
+        self._killed = False
         self.pid = child.pid
         log.info("%s worker started (pid %d)", self.name, child.pid)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
@@ -168,6 +174,8 @@ class WorkerProcess:
             self.logic.disconnected(f"{status} ({reason})")
         if self.stopping and child.returncode == 0:
             log.info("%s worker (pid %d) stopped", self.name, child.pid)
+            return
+        if self._killed:
             return
         self._deaths += 1
         raise WorkerDied(f"the {self.name} worker (pid {child.pid}) {status}")
@@ -208,17 +216,37 @@ class WorkerProcess:
                 nursery.cancel_scope.cancel()
                 return f"no hello within {self.hello_timeout:g} s"
             self.logic.connected(peer)
-            nursery.start_soon(self._stop_when_asked, peer)
+            nursery.start_soon(self._stop_when_asked, peer, child, exited)
             nursery.start_soon(self.logic.feed, peer)
             await peer.serve()  # until the child closes its end (exits)
             await exited.wait()
             nursery.cancel_scope.cancel()
         return "asked to stop" if self._stopped else "unexpectedly"
 
-    async def _stop_when_asked(self, peer: Peer) -> None:
+    async def _stop_when_asked(
+        self, peer: Peer, child: subprocess.Popen[bytes], exited: trio.Event
+    ) -> None:
+        """Once `stop` is called: lift the child out of its background priority (a
+        worker at ``SCHED_IDLE`` on a machine whose cores are busy gets almost no CPU
+        and would take minutes to wind down), ask it to stop, and kill it if it has
+        not exited `stop_timeout` seconds later (what a worker keeps is crash-safe:
+        it is killed the same way when the daemon dies)."""
         await self._stopping.wait()
+        foreground_priority(child.pid)
         with contextlib.suppress(PeerGone):
             await peer.notify("stop")
+        with trio.move_on_after(self.stop_timeout):
+            await exited.wait()
+            return
+        log.warning(
+            "the %s worker (pid %d) did not exit within %g s of being asked to stop: killing it",
+            self.name,
+            child.pid,
+            self.stop_timeout,
+        )
+        self._killed = True
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
 
     def stop(self) -> None:
         self._stopped = True
@@ -345,6 +373,31 @@ def background_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 19)  # per thread on Linux
         except OSError as again:
             log.debug("nice 19 refused too (%s): running at normal priority", again)
+
+
+def foreground_priority(pid: int, *, threads: list[int] | None = None) -> None:
+    """Put the threads of process `pid` (all, or those `threads` name) back at normal
+    priority (``SCHED_OTHER``, nice 0), so that they can wind down promptly: a
+    background thread holding the interpreter lock would otherwise hold up the
+    threads that wait for it. Leaving ``SCHED_IDLE`` takes ``CAP_SYS_NICE`` (or an
+    ``RLIMIT_NICE`` that allows nice 0); without it the threads keep their priority
+    (and a stop may take until the caller's patience runs out)."""
+    if threads is None:
+        try:
+            threads = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:  # gone already
+            return
+    for tid in threads:
+        try:
+            if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except PermissionError:
+            log.debug("cannot raise the priority of process %d (thread %d) back", pid, tid)
+            return
 
 
 async def child_connect(
