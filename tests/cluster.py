@@ -51,6 +51,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from conftest import suite_settings
+
 NETNS_DIR = Path("/run/netns")
 NOTES = Path(tempfile.gettempdir()) / "slurpfs-netns"  # a note per namespace made
 SUBNET = "10.77.0"  # /24, inside the namespaces only
@@ -321,6 +323,7 @@ def node_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "SLURPFS_TEST_WEAK_KDF": "1",
+        **suite_settings(),
     }
     env.update(extra or {})
     return env

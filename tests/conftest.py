@@ -137,7 +137,7 @@ def make_config(
     overrides: Mapping[str, object] | None = None,
 ) -> config.Config:
     """A configuration for `data_dir`; `toml` is written to a file and loaded."""
-    env = {"HOME": os.environ["HOME"], **(environ or {})}
+    env = {"HOME": os.environ["HOME"], **suite_settings(), **(environ or {})}
     path = None
     if toml is not None:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -343,16 +343,30 @@ def reachable_dir() -> Iterator[Path]:
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A minimal environment for slurpfs subprocesses (weak KDF, test HOME)."""
+    """A minimal environment for slurpfs subprocesses (weak KDF, test HOME; write-behind
+    when the suite runs with `WRITE_BEHIND_SWITCH`)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ["HOME"],
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "SLURPFS_TEST_WEAK_KDF": "1",
+        **suite_settings(),
     }
     env.update(extra or {})
     return env
+
+
+# ``SLURPFS_TEST_WRITE_BEHIND=1 scripts/test``: the whole suite with write-behind on
+# in every node and mount it makes (a test's own environment still wins).
+WRITE_BEHIND_SWITCH = "SLURPFS_TEST_WRITE_BEHIND"
+
+
+def suite_settings() -> dict[str, str]:
+    """Configuration the whole run applies (as environment overrides)."""
+    if os.environ.get(WRITE_BEHIND_SWITCH) == "1":
+        return {"SLURPFS_DURABILITY_WRITE_BEHIND": "true"}
+    return {}
 
 
 def run_cli_process(
