@@ -358,15 +358,14 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 # ``SLURPFS_TEST_WRITE_BEHIND=1 scripts/test``: the whole suite with write-behind on
-# in every node and mount it makes (a test's own environment still wins).
-WRITE_BEHIND_SWITCH = "SLURPFS_TEST_WRITE_BEHIND"
+# in every node and mount it makes (a test's own environment still wins). Read once
+# here: `scrubbed_env` removes every SLURPFS_ variable before each test.
+WRITE_BEHIND = os.environ.get("SLURPFS_TEST_WRITE_BEHIND") == "1"
 
 
 def suite_settings() -> dict[str, str]:
     """Configuration the whole run applies (as environment overrides)."""
-    if os.environ.get(WRITE_BEHIND_SWITCH) == "1":
-        return {"SLURPFS_DURABILITY_WRITE_BEHIND": "true"}
-    return {}
+    return {"SLURPFS_DURABILITY_WRITE_BEHIND": "true"} if WRITE_BEHIND else {}
 
 
 def run_cli_process(

@@ -41,6 +41,10 @@ def transport(m: Mounted) -> dict[str, Any]:
     return stats
 
 
+def refused_more(m: Mounted, than: int) -> bool:
+    return int(transport(m)["refused_keys"]) > than
+
+
 def keys_accepted(m: Mounted, count: int) -> bool:
     return transport(m).get("keys_accepted") == count
 
@@ -108,7 +112,13 @@ def test_a_removed_node_cannot_connect_once_the_cluster_key_rotated(
         for m, target in ((a, a_target), (b, b_target)):
             attempt = intrude(c_seed, old_psk, target)
             assert attempt["connected"] is False, attempt
-            assert transport(m)["refused_keys"] > refused[m.data]  # closed at its first bytes
+            # closed at its first bytes and counted (the count reaches `peers` with the
+            # worker's next status report)
+            wait_for(
+                functools.partial(refused_more, m, refused[m.data]),
+                SYNC_TIMEOUT,
+                f"{m.data} to count the refused key",
+            )
         assert read(role_file(c, "psk", "after")) is None  # c's own mount never hears of it
         assert read(role_file(c, "psk", "during")) is None
         for m in mounts:

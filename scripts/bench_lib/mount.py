@@ -199,11 +199,40 @@ def _measure(roots: dict[str, Path], work: Workload, opts: Options) -> dict[str,
         for target, data in per_column:
             if target.read_bytes() != data:
                 raise RuntimeError(f"{target}: the saved content did not stick")
+    for name, root in roots.items():
+        if root in _CONFIGS:
+            out[name]["close_to_visible"] = _close_to_visible(root, work)
     return out
 
 
 CHUNKS = 8  # per-op loops: how many turns each column takes
 _DAEMONS: dict[Path, int] = {}  # mount root -> the slurpfs daemon's pid
+_CONFIGS: dict[Path, Any] = {}  # mount root -> the slurpfs configuration of its data
+VISIBLE_SAVES = 50  # saves timed from `close` to the version seen by another process
+VISIBLE_LIMIT_NS = 10_000_000_000  # a save not seen this long after its close: an error
+
+
+def _close_to_visible(root: Path, work: Workload) -> Json:
+    """From a save's `close` returning in the mount to its version in the store as
+    another process reads it (this one, polling the store every 0.2 ms), as a
+    ``slurpfs get`` would see it: no time with a synchronous close, the group commit's
+    with write-behind."""
+    from slurpfs import ucxl
+    from slurpfs.model import ContextStore
+
+    samples = []
+    with ContextStore.open(_CONFIGS[root], None) as model:
+        for i, (rel, doc) in enumerate(zip(work.files, work.docs[:VISIBLE_SAVES], strict=False)):
+            key = ucxl.parse(doc.address).key
+            before = model.store.leaves(key, corpus.ROLE)
+            (root / rel).write_bytes(doc.data + f"seen by another process {i}\n".encode())
+            start = time.perf_counter_ns()
+            while model.store.leaves(key, corpus.ROLE) == before:
+                if time.perf_counter_ns() - start > VISIBLE_LIMIT_NS:
+                    raise RuntimeError(f"{rel}: the save was not in the store 10 s after close")
+                time.sleep(0.0002)
+            samples.append(time.perf_counter_ns() - start)
+    return latency(samples)
 
 
 def _thread_cpu_ns(pid: int) -> dict[int, int]:
@@ -388,6 +417,7 @@ def _slurpfs(base: Path, work: Workload, extra: Json, *, write_behind: bool = Fa
         argv, mnt, base / "slurpfs.log", extra, env=env, stop=stop, label="mount"
     ) as pid:
         _DAEMONS[mnt] = pid
+        _CONFIGS[mnt] = cfg
         _settle(pid, extra)
         if write_behind:
             yield mnt, "slurpfs mount --foreground, durability.write_behind = true"
@@ -520,6 +550,16 @@ def _markdown(data: Json) -> list[str]:
     ]
     if split:
         lines += ["- daemon CPU per create+write+close: " + "; ".join(split), ""]
+    seen = [
+        f"{name}: p50 {c['close_to_visible']['p50_us'] / 1000:.2f} ms, p99 "
+        f"{c['close_to_visible']['p99_us'] / 1000:.2f} ms, max "
+        f"{c['close_to_visible']['max_us'] / 1000:.2f} ms"
+        for name, c in cols.items()
+        if "close_to_visible" in c
+    ]
+    if seen:
+        lines += ["- a save's `close` → its version seen by another process: " + "; ".join(seen)]
+        lines.append("")
     lines += table(
         ["test", "plain", "gocryptfs", "pyfuse3 floor", "slurpfs", "slurpfs write-behind",
          "plain / gocryptfs", "floor / gocryptfs", "slurpfs / gocryptfs",
