@@ -184,6 +184,20 @@ def test_history_in_the_mount_shows_journaled_saves(mnt: Mounted) -> None:
     assert get(mnt, "listed") == b"second\n"
 
 
+def test_temporal_views_in_the_mount_count_journaled_saves(mnt: Mounted) -> None:
+    # Three saves still in the journal (the group commit waits 30 s): a temporal
+    # segment counts them as versions, exactly as with a synchronous close.
+    d = mnt.ucxl / AUTH / "timed"
+    d.mkdir(parents=True)
+    for text in (b"one\n", b"two\n", b"three\n"):
+        (d / DEV).write_bytes(text)
+    auth = mnt.ucxl / AUTH
+    assert (auth / "~~1" / "timed" / DEV).read_bytes() == b"two\n"
+    assert (auth / "^^0" / "timed" / DEV).read_bytes() == b"one\n"
+    (d / DEV).write_bytes(b"four\n")  # journaled; the segment looked up again sees it
+    assert (auth / "~~1" / "timed" / DEV).read_bytes() == b"three\n"
+
+
 def test_identical_saves_store_no_version(mnt: Mounted) -> None:
     d = mnt.ucxl / AUTH / "same"
     d.mkdir(parents=True)

@@ -51,6 +51,7 @@ from slurpfs.fs.virtual import PRIVATE_STATUS, FsStatistics, VirtualFiles
 from slurpfs.health import Health
 from slurpfs.metrics import Metrics
 from slurpfs.model import ContextStore, VersionInfo, data_paths
+from slurpfs.ucxl import Temporal
 
 log = logging.getLogger("slurpfs.fs")
 
@@ -58,6 +59,20 @@ _BLOCK = 4096
 _SEARCH_KINDS = frozenset({Kind.SEARCH, Kind.QUERY, Kind.QUERY_FILE, Kind.QUERY_LINK})
 _KEPT_KINDS = frozenset({Kind.DIR, Kind.ROLE})  # attributes kept on the node (`tree_attrs`)
 _HISTORY_KINDS = frozenset({Kind.HISTORY, Kind.HISTORY_ROLE})  # list stored versions only
+
+
+def _stored_versions_only(parent: Node, name: bytes) -> bool:
+    """Whether the lookup of `name` in `parent` answers from stored versions only:
+    history, and temporal views (a segment such as ``~~1`` or a time, and everything
+    under one), which count versions, not saves still in the write-behind journal."""
+    if parent.kind in _HISTORY_KINDS:
+        return True
+    address = parent.address
+    if address is None:
+        return False
+    if address.temporal is not None:
+        return True
+    return not address.path and Temporal.is_temporal(os.fsdecode(name))
 
 
 class Operations(pyfuse3.Operations):
@@ -222,8 +237,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.node(parent_inode)
-        if parent.kind in _HISTORY_KINDS:
-            await self.files.settle()  # history lists stored versions: journaled ones first
+        if _stored_versions_only(parent, name):
+            await self.files.settle()  # journaled saves become versions first
         self.view.refresh()
         if self.search.resolves(parent, name):
             node, s = await self.search.child(parent, name, self.caller(ctx))
