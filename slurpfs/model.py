@@ -723,12 +723,25 @@ class ContextStore:
                 reason=f"version {record.short_id} from {origin}",
             )
 
-    def committed(self, records: Sequence[VersionInfo], data: Sequence[bytes] = ()) -> None:
+    def committed(
+        self,
+        records: Sequence[VersionInfo],
+        data: Sequence[bytes] = (),
+        *,
+        write_through: bool = False,
+    ) -> None:
         """Versions another path of this process stored (`slurpfs.ingest`, the commit
         worker): the subscribers hear of them as of a local save, and `data` (their
-        plaintexts, if given, in the same order) goes to the plaintext cache."""
+        plaintexts, if given, in the same order) goes to the plaintext cache. With
+        `write_through` (saves of this node that another process sealed) their
+        envelopes go to the envelope tier, as a save here sends its own."""
         for record, plaintext in zip(records, data, strict=False):
             self._cache.put(record.version_id, plaintext)
+        if write_through and self.envelopes is not None:
+            for record in records:
+                stored = self._store.read_version(record.version_id)
+                if stored is not None:
+                    self.envelopes.put(record.version_id, stored.envelope)
         for record in records:
             for callback in self._subscribers:
                 callback(record)

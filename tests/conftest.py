@@ -531,8 +531,8 @@ def _comm(tid: int) -> str | None:
     try:
         with open(f"/proc/self/task/{tid}/comm") as f:
             return f.read().strip()
-    except FileNotFoundError:
-        return None  # it ended meanwhile
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # it ended meanwhile (between the listing and the read)
 
 
 # -- canaries --------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from conftest import Node, Nodes, find_canary
 from fsutil import AUTH, Mounted, mounted_at, wait_for
 from redisutil import RedisServer, SharedRedis, running, shared
+from test_writebehind import commit_worker_ready, status
 
 from slurpfs.cache.redis_tier import RedisTier, envelope_key
 from slurpfs.config import CacheConfig
@@ -282,12 +283,43 @@ def test_a_mount_keeps_serving_while_redis_is_killed_and_reconnects(
         srv.stop()
 
 
+@pytest.mark.mount
+@needs_fuse
+def test_saves_a_write_behind_mount_journaled_are_written_through(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """With write-behind the commit worker seals and commits a mount's saves in its
+    own process: their envelopes still reach the Redis tier (after the group commit),
+    as a synchronous save's do."""
+    srv = RedisServer(tmp_path / "redis", LFU)
+    srv.start()
+    try:
+        env = {"SLURPFS_CACHE_REDIS_URL": srv.url, "SLURPFS_DURABILITY_WRITE_BEHIND": "true"}
+        m = mounted_at(nodes, tmp_path, env=env)
+        try:
+            commit_worker_ready(m)
+            where = m.ucxl / AUTH / "journaled"
+            where.mkdir(parents=True)
+            for n in range(3):
+                (where / "developer").write_text(f"save {n}\n")
+            wait_for(lambda: len(srv.values()) == 3, what="three envelopes in Redis")
+            wait_for(  # sealed in the worker (its count reaches the status a moment later)
+                lambda: status(m)["commit_worker_batches"] != "0", what="the worker's batches"
+            )
+            m.unmount()
+        finally:
+            m.sweep()
+    finally:
+        srv.stop()
+
+
 def _outage_and_back(m: Mounted, srv: RedisServer) -> None:
     health = m.mnt / ".slurp" / "health"
     where = m.ucxl / AUTH / "src"
     where.mkdir(parents=True)
     (where / "developer").write_text("first\n")
-    assert len(srv.values()) == 1  # written through at the save
+    # written through at the commit (with write-behind: the group commit's)
+    wait_for(lambda: len(srv.values()) == 1, what="the envelope in Redis")
     wait_for(lambda: "redis: ok - redis://127.0.0.1:" in health.read_text(), what="probe")
 
     srv.kill()
@@ -305,6 +337,6 @@ def _outage_and_back(m: Mounted, srv: RedisServer) -> None:
     srv.start()  # an empty server on the same port
     wait_for(lambda: "redis: ok" in health.read_text(), what="the reconnection")
     (where / "developer").write_text("third\n")
-    assert len(srv.values()) == 1  # the new version's envelope
+    wait_for(lambda: len(srv.values()) == 1, what="the new version's envelope in Redis")
     metrics = (m.mnt / ".slurp" / "metrics").read_text()
     assert "\nslurpfs_redis_reconnects_total 1.0\n" in metrics

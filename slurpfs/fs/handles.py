@@ -346,7 +346,9 @@ class Gateway:
         worker): the bookkeeping of `store_journaled`, and the model's subscribers."""
         self._changed()
         stored = [(s.info, d) for s, d in zip(done, data, strict=True) if s.stored]
-        self.model.committed([info for info, _ in stored], [d for _, d in stored])
+        self.model.committed(
+            [info for info, _ in stored], [d for _, d in stored], write_through=True
+        )
         for info, _ in stored:
             self.commits += 1
             self._own(info)
