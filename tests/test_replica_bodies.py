@@ -159,6 +159,7 @@ def test_the_oldest_cached_bodies_are_evicted_past_the_limit(
     assert b_model.store.has_body(infos[11].version_id)
     evicted = [i for i in infos if not b_model.store.has_body(i.version_id)]
     assert len(evicted) == 2
+    assert b_model.caches_evicted == 2  # counted (the status's dropped: cache_evicted)
     assert all(b_model.store.stub(i.version_id) is not None for i in evicted)
     assert b_model.get(parse(f"ucxl://{AUTH}/c/{infos.index(evicted[0])}"), DEV).data
 

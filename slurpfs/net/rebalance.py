@@ -48,6 +48,7 @@ from slurpfs.net.placement import Placement, weight
 log = logging.getLogger("slurpfs.replica")
 
 __all__ = [
+    "DROP_CAUSES",
     "Held",
     "Rebalancer",
     "decode_held",
@@ -63,6 +64,12 @@ FETCH_BATCH = 64  # bodies per fetch request
 FETCH_PER_PASS = 1024  # bodies fetched at most per pass (then announce, then go on)
 DROP_BATCH = 256  # ids per HAS request
 DIGEST_BYTES = 16
+# Why a node turned a body it held back into a stub (the worker's status ``dropped``):
+# ``moved``: this rebalancer, once the partition's holders confirmed it; ``handed_off``:
+# a body sent whole to every holder of its address (its author, or a former holder that
+# passed it on) once each acknowledged it (`slurpfs.net.replica`); ``cache_evicted``: a
+# body fetched for a read, kept as a cache, evicted past the limit (`ContextStore`).
+DROP_CAUSES = ("moved", "handed_off", "cache_evicted")
 
 _HELD_HEAD = struct.Struct(">16sQQI")  # placement digest, copies, caches, partitions
 _DIGEST_DOMAIN = b"slurpfs/effective-placement/v1\0"

@@ -47,7 +47,7 @@ from slurpfs.ingest import IngestReport
 from slurpfs.model import ContextStore
 from slurpfs.net.join import Admissions
 from slurpfs.net.members import Cluster
-from slurpfs.net.rebalance import Rebalancer
+from slurpfs.net.rebalance import DROP_CAUSES, Rebalancer
 from slurpfs.net.replica import QuorumFailed, Replicator
 from slurpfs.net.transport import Transport
 from slurpfs.service.wire import Message, Peer, PeerGone
@@ -271,6 +271,8 @@ class ReplicationWorker:
             out["handed_off"] = replicator.handed_off
         if self.rebalancer is not None and self.model is not None:
             out.update(self._bodies(self.rebalancer, self.model, out.get("peers", [])))
+            if replicator is not None:
+                out["dropped"] = _dropped(self.rebalancer, replicator, self.model)
         if self.transport is not None:
             out["transport"] = dataclasses.asdict(self.transport.statistics())
         return out
@@ -341,6 +343,12 @@ class ReplicationWorker:
         ids = [bytes.fromhex(str(v)) for v in message["ids"]]
         await self.replicator.quorum(ids, int(message["n"]), float(message["timeout"]))
         return {}
+
+
+def _dropped(rebalancer: Rebalancer, replicator: Replicator, model: ContextStore) -> dict[str, int]:
+    """Bodies this process turned back into stubs since it started, by cause (`DROP_CAUSES`)."""
+    counts = (rebalancer.dropped, replicator.handed_off, model.caches_evicted)
+    return dict(zip(DROP_CAUSES, counts, strict=True))
 
 
 async def _main(sock: socket.socket) -> int:
