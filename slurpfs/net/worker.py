@@ -58,11 +58,15 @@ log = logging.getLogger("slurpfs.replica")
 STATUS_INTERVAL = 1.0  # seconds between looks for news in the members' state
 CLUSTER_POLL = 1.0  # seconds between looks at the member log on disk
 STORE_POLL = 0.5  # seconds between looks at the store's change sequence
-# Not SCHED_IDLE as the search worker: on a busy machine an idle-priority worker
-# waited up to seconds for a CPU, and a peer's save should show in milliseconds
-# (measured on 2 shared cores: p99 0.5-1.8 s idle-priority, 30 ms at nice 0).
-# Its work is small (about 1 ms of CPU per version), so a mild nice value.
-NICE = 10
+# The daemon's priority (nice 0), not lower. At idle priority a peer's save waited
+# up to seconds for a CPU (measured on 2 shared cores: p99 0.5-1.8 s, 30 ms at nice
+# 0). At nice 10 a busy machine (load 10 of ordinary processes on 2 cores) left the
+# worker a few percent of a CPU, shared by its event loop with the threads that
+# serve pulls and ingest: it answered its peers' pings seconds late, each side saw
+# the other go down every few seconds, and every pull in flight was cut off, so a
+# new member got no versions for as long as the machine stayed busy. Liveness needs
+# the loop to run in time; the work is bounded by the protocol (batches, backlog).
+NICE = 0
 
 
 def listen_address(config: Config, cluster: Cluster) -> str:
