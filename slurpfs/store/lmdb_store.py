@@ -712,11 +712,23 @@ class Store:
     # prefixed with "aux:" so it can never collide with the store's own tables.
 
     def _aux_db(self, name: bytes, *, create: bool) -> lmdb._Database | None:
+        """The handle of auxiliary table `name` (None: there is none and not `create`).
+
+        Opened in a transaction of our own: ``open_db`` without one begins a write
+        transaction while holding the interpreter lock, so while another thread's
+        write transaction waited for that lock (between two puts), both waited
+        forever. That froze a replication worker whose store was new (its cursor
+        table did not exist yet, so each look from the event loop opened it again)
+        while its ingest threads committed. A read transaction opens an existing
+        table (or finds none) without the writer lock; creating one takes the writer
+        lock the way every write does, letting go of the interpreter lock meanwhile.
+        """
         with self._lock:
             db = self._aux.get(name)
             if db is None:
                 try:
-                    db = self._env.open_db(b"aux:" + name, create=create)
+                    with self._env.begin(write=create) as txn:
+                        db = self._env.open_db(b"aux:" + name, txn=txn, create=create)
                 except lmdb.NotFoundError:
                     return None
                 except _DAMAGE as exc:
