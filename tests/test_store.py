@@ -664,8 +664,9 @@ writing.wait()
 for i in range(300):  # the event loop, meanwhile: a table that does not exist, new ones
     time.sleep(0.001)
     store.aux_get(b"absent", b"key")
-    if i % 30 == 0:
-        store.aux_get(b"new%d" % i, b"key")
+    if i % 30 == 0:  # (run "again": tables an earlier process made, opened in this one)
+        found = store.aux_get(b"new%d" % i, b"key")
+        assert found == (b"value" if sys.argv[2] == "again" else None), found
         store.aux_write(b"new%d" % i, {b"key": b"value"})
 stop.set()
 thread.join()
@@ -680,10 +681,11 @@ def test_tables_opened_by_one_thread_while_another_writes_do_not_deadlock(
     table) and creates some while another thread commits write transactions (ingest):
     opening a table must not wait for the writer while holding the interpreter lock
     that the writer needs to finish (both waited forever)."""
-    script = [sys.executable, "-c", DEADLOCK, str(tmp_path / "store")]
-    try:
-        done = subprocess.run(script, env=cli_env(), capture_output=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the two threads deadlocked (no end within the 60 s hang guard)")
-    assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout == b"done\n"
+    for run in ("first", "again"):
+        script = [sys.executable, "-c", DEADLOCK, str(tmp_path / "store"), run]
+        try:
+            done = subprocess.run(script, env=cli_env(), capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{run}: the two threads deadlocked (no end within the 60 s hang guard)")
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout == b"done\n"
