@@ -60,6 +60,7 @@ COUNTERS = tuple(
         r"http_(connections|requests|bad_requests|timeouts|rejected|failures)",
         r"worker_[a-z_]+_(starts|unexpected_exits)",
         r"task_[a-z_]+_restarts",
+        r"task_replication_bodies_dropped_[a-z_]+",
     )
 )
 _UNMETRIC = re.compile(r"[^a-zA-Z0-9_:]")

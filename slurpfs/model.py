@@ -342,6 +342,7 @@ class ContextStore:
         # replication worker sets this to ask it (`BodyUnavailable` when no holder gives
         # it); None: such a read fails with `BodyUnavailable` at once.
         self.fetch_body: Callable[[VersionInfo], bytes] | None = None
+        self.caches_evicted = 0  # fetched bodies (caches) dropped to keep their number bounded
 
     def instrument(self, metrics: Metrics) -> None:
         """Observe reads, saves, sealing and opening, and audit entries into `metrics`."""
@@ -1388,7 +1389,7 @@ class ContextStore:
         try:
             self._store.put_body(info.version_id, body, cache=True)
             if self._store.body_count()[1] > BODY_CACHE_VERSIONS:
-                self._store.evict_caches(BODY_CACHE_VERSIONS * 9 // 10)
+                self.caches_evicted += self._store.evict_caches(BODY_CACHE_VERSIONS * 9 // 10)
         except SlurpError as exc:
             log.warning("version %s: the fetched body was not kept: %s", info.short_id, exc)
 

@@ -9,6 +9,7 @@ invite`` / ``join`` do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from conftest import WEAK_KDF, Nodes
-from fsutil import Mounted, wait_for
+from fsutil import Mounted, session_members, wait_for
 
 from slurpfs.crypto.keystore import Keystore
 from slurpfs.net import members
@@ -77,6 +78,16 @@ def _copy_role_keys(source: Path, target: Path) -> None:
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
+
+
+def worker_pid(m: Mounted) -> int:
+    """The replication worker of `m`'s daemon (a process of its session)."""
+    for member in session_members(m.pid):
+        pid = int(member.split()[0])
+        with contextlib.suppress(OSError):
+            if b"slurpfs.net.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError(f"no replication worker in the session of {m.pid}")
 
 
 def role_file(m: Mounted, *parts: str) -> Path:

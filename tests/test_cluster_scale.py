@@ -235,6 +235,17 @@ class CopySampler:
             self._stop.wait(0.05)
 
 
+def dropped_report(node: SlurpNode) -> dict[str, int] | None:
+    """The bodies `node` reports dropping, by cause, once its report is fresh (the copies
+    it reports are those its store holds: the two come from one look); else None."""
+    snapshot = node.peers()
+    bodies, dropped = snapshot.get("bodies"), snapshot.get("dropped")
+    if not bodies or dropped is None or bodies["copies"] != len(node.copies()):
+        return None
+    assert isinstance(dropped, dict)
+    return dropped
+
+
 def test_a_joining_node_takes_its_share_and_no_body_drops_below_r(
     scale: ClusterNodes,
 ) -> None:
@@ -243,6 +254,10 @@ def test_a_joining_node_takes_its_share_and_no_body_drops_below_r(
     ids = version_ids(nodes[0])
     wait_until("bodies only on their holders", partial(exactly_placed, nodes, ids), SETTLE)
     wait_until("every node rebalanced", partial(rebalanced, nodes), SETTLE)
+    held_before = {n.name: n.copies() for n in nodes}
+    dropped_before = {
+        n.name: wait_until("a fresh report", partial(dropped_report, n)) for n in nodes
+    }
     with CopySampler(nodes, ids) as sampler:
         wait_until("a first sample", lambda: sampler.samples > 0)
         joiner = scale.join(nodes[0], before_mount=sampler.order.append)  # sampled last
@@ -259,3 +274,13 @@ def test_a_joining_node_takes_its_share_and_no_body_drops_below_r(
     assert moved == sum(joiner.node_id in holders_of(placed(everyone), a) for a in ids)
     for node in everyone:
         assert reads_all(node), node.name
+    # Every copy that left an old node is counted by its cause, and only those.
+    for node in nodes:
+        after = wait_until("a fresh report", partial(dropped_report, node))
+        held = node.copies()
+        assert held <= held_before[node.name], node.name  # a join only takes copies away
+        counted = {c: after[c] - dropped_before[node.name][c] for c in after}
+        print(f"{node.name} dropped {counted}")
+        assert sum(counted.values()) == len(held_before[node.name] - held), (node.name, counted)
+        assert counted["cache_evicted"] == 0, node.name
+    assert sum(wait_until("a fresh report", partial(dropped_report, joiner)).values()) == 0

@@ -156,3 +156,23 @@ def test_peers_shows_body_counts_and_under_replicated_addresses() -> None:
 def deliver_status(made: ReplicationClient) -> None:
     """Deliver the client's own report again as a worker ``status`` notice."""
     trio.run(made.handle, Message("status", dict(made.report)))
+
+
+def test_bodies_dropped_are_shown_by_cause_with_the_daemons_own_evictions() -> None:
+    shown = client({"bodies": {"copies": 9, "caches": 1}, "under_replicated": 0,
+                    "rebalance": rebalance(dropped=5),
+                    "dropped": {"moved": 5, "handed_off": 7, "cache_evicted": 1}})  # fmt: skip
+    shown.evicted_here = lambda: 2  # the daemon's reads evicted two caches
+    assert shown.snapshot()["dropped"] == {"moved": 5, "handed_off": 7, "cache_evicted": 3}
+    assert "dropped: 5 moved to their new holders, 7 handed off to their holders, 3 caches" \
+        " evicted" in shown.render()  # fmt: skip
+    lines = shown.status_lines()
+    assert lines["task_replication_bodies_dropped_moved"] == 5
+    assert lines["task_replication_bodies_dropped_handed_off"] == 7
+    assert lines["task_replication_bodies_dropped_cache_evicted"] == 3
+    shown.metrics = Metrics(process=False)
+    shown.metrics.add_statistics(shown.status_lines)
+    scraped = shown.metrics.render().decode()
+    assert "slurpfs_task_replication_bodies_dropped_handed_off_total 7.0" in scraped
+    # A worker that reports no drops yet (an older one): no line, no number made up.
+    assert client({}).snapshot()["dropped"] is None

@@ -6,6 +6,7 @@ other node's store with the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -34,6 +35,7 @@ from replica_nodes import (
     role_file,
     wait_connected,
     wait_content,
+    worker_pid,
     write,
 )
 
@@ -332,3 +334,56 @@ def test_edits_made_apart_are_merged_once_and_the_merge_shows_on_both_mounts(
     history = json.loads(a.cli("history", f"{AUTH}/merge/notes", "--role", ROLE, "--json").stdout)
     assert len(history) == 4  # base, a's edit, b's edit, one merge
     assert len(history[-1]["parents"]) == 2, history[-1]
+
+
+BUSY = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """`count` processes spinning at the normal priority (a machine busy with other
+    work); stopped by their pids."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def seen_down(m: Mounted, since: int) -> list[str]:
+    """The "peer ... is down" lines `m`'s daemon log holds past offset `since`."""
+    text = m.log.read_bytes()[since:].decode(errors="replace")
+    return [line for line in text.splitlines() if line.endswith(" is down")]
+
+
+def test_a_fresh_node_catches_up_on_a_busy_machine_without_losing_its_peer(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """A node that starts empty pulls a store of hundreds of contexts while ordinary
+    processes keep every core busy: it reads everything and neither node sees the
+    other go down. Its replication worker runs at its daemon's priority (at nice 10,
+    with five nodes on a busy machine, workers answered pings seconds late: peers went
+    down every few seconds and each pull in flight was cut off)."""
+    a, b = make_cluster(nodes, tmp_path, 2)
+    files = {f"f{i}": f"context {i}\n".encode() * 100 for i in range(400)}
+    try:
+        a.mount()
+        for name, data in files.items():
+            write(role_file(a, "busy", name), data)
+        since = a.log.stat().st_size
+        b_since = b.log.stat().st_size if b.log.exists() else 0
+        with busy_cores(4 * (os.cpu_count() or 1)):
+            b.mount()
+            for name, data in files.items():
+                wait_content(role_file(b, "busy", name), data)
+            worker = worker_pid(b)  # (long past setting its priority)
+            assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, b.pid)
+            assert not seen_down(b, b_since), seen_down(b, b_since)
+            assert not seen_down(a, since), seen_down(a, since)
+        a.unmount()
+        b.unmount()
+    finally:
+        a.sweep()
+        b.sweep()

@@ -9,7 +9,6 @@ the real-process tests below run three nodes on loopback with R = 2.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import WEAK_KDF, Node, Nodes, assert_no_canary, find_canary, run_cli, twin
-from fsutil import Mounted, raises_oserror, running, session_members, wait_for
+from fsutil import Mounted, raises_oserror, running, wait_for
 from redisutil import shared
 from replica_nodes import (
     AUTH,
@@ -32,6 +31,7 @@ from replica_nodes import (
     role_file,
     wait_connected,
     wait_content,
+    worker_pid,
     write,
 )
 
@@ -159,6 +159,7 @@ def test_the_oldest_cached_bodies_are_evicted_past_the_limit(
     assert b_model.store.has_body(infos[11].version_id)
     evicted = [i for i in infos if not b_model.store.has_body(i.version_id)]
     assert len(evicted) == 2
+    assert b_model.caches_evicted == 2  # counted (the status's dropped: cache_evicted)
     assert all(b_model.store.stub(i.version_id) is not None for i in evicted)
     assert b_model.get(parse(f"ucxl://{AUTH}/c/{infos.index(evicted[0])}"), DEV).data
 
@@ -461,16 +462,6 @@ class OnDisk:
         if body:
             return copy
         return not copy and (version_id in self.stubs or version_id in self.cached)
-
-
-def worker_pid(m: Mounted) -> int:
-    """The replication worker of `m`'s daemon (a process of its session)."""
-    for member in session_members(m.pid):
-        pid = int(member.split()[0])
-        with contextlib.suppress(OSError):
-            if b"slurpfs.net.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-    raise AssertionError(f"no replication worker in the session of {m.pid}")
 
 
 def kill_daemon(m: Mounted) -> None:

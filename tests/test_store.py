@@ -527,7 +527,7 @@ def test_two_processes_writing_one_context_keep_it_linear(
             p.stdin.write(b"go\n")
             p.stdin.flush()
         for p in procs:
-            assert p.wait(timeout=120) == 0
+            assert p.wait(timeout=60) == 0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -641,3 +641,51 @@ def test_the_longest_address_fits_every_store_key(model: ContextStore, tmp_path:
     listing = model.list_dir(parse(f"ucxl://{authority}/{path[0]}"))
     assert (listing.dirs, listing.roles) == ((path[1],), ())
     assert model.list_dir(address).roles == (DEV,)
+
+
+DEADLOCK = """
+import sys, threading, time
+from pathlib import Path
+from slurpfs.store import Store
+
+store = Store(Path(sys.argv[1]), map_size=1 << 28)
+stop = threading.Event()
+writing = threading.Event()
+
+def writer():  # an ingest thread: write transaction after write transaction, many puts each
+    batch = {b"%d" % i: b"x" * 64 for i in range(5000)}
+    while not stop.is_set():
+        store.aux_write(b"busy", batch)
+        writing.set()
+
+thread = threading.Thread(target=writer)
+thread.start()
+writing.wait()
+for i in range(300):  # the event loop, meanwhile: a table that does not exist, new ones
+    time.sleep(0.001)
+    store.aux_get(b"absent", b"key")
+    if i % 30 == 0:  # (run "again": tables an earlier process made, opened in this one)
+        found = store.aux_get(b"new%d" % i, b"key")
+        assert found == (b"value" if sys.argv[2] == "again" else None), found
+        store.aux_write(b"new%d" % i, {b"key": b"value"})
+stop.set()
+thread.join()
+print("done")
+"""
+
+
+def test_tables_opened_by_one_thread_while_another_writes_do_not_deadlock(
+    tmp_path: Path,
+) -> None:
+    """A thread looks up auxiliary tables that do not exist yet (a new replica's cursor
+    table) and creates some while another thread commits write transactions (ingest):
+    opening a table must not wait for the writer while holding the interpreter lock
+    that the writer needs to finish (both waited forever)."""
+    for run in ("first", "again"):
+        script = [sys.executable, "-c", DEADLOCK, str(tmp_path / "store"), run]
+        try:
+            done = subprocess.run(script, env=cli_env(), capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{run}: the two threads deadlocked (no end within the 60 s hang guard)")
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout == b"done\n"

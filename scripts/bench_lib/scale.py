@@ -109,19 +109,29 @@ def _form(nodes: Sequence[Node]) -> None:
                 _until(f"{node.name} holds the role", functools.partial(_holds_role, node))
 
 
+def _status(node: Node) -> dict[str, str]:
+    """The mount's ``.slurp/status`` lines: a file read, so that polling starts no
+    process and takes no CPU from the nodes measured (a ``slurpfs peers`` per node
+    and round kept a core busy on a 2-core machine)."""
+    text = (node.mnt / ".slurp" / "status").read_text()
+    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+
+_STILL = ("under_replicated", "partitions_lacking", "partitions_surplus")
+
+
 def _settled(nodes: Sequence[Node], versions: int) -> Callable[[], bool]:
-    """Every node reports R copies of everything and nothing to move."""
+    """Every node's worker reports R copies of everything and nothing to move."""
 
     def check() -> bool:
         copies = 0
         for node in nodes:
-            snapshot = _peers(node.data)
-            rebalance = snapshot.get("rebalance") or {}
-            if snapshot.get("under_replicated") != 0 or not rebalance:
+            status = _status(node)
+            if status.get("task_replication_worker") != "running":
                 return False
-            if rebalance["lacking"] or rebalance["surplus"]:
+            if any(status.get(f"task_replication_{k}") != "0" for k in _STILL):
                 return False
-            copies += snapshot["bodies"]["copies"]
+            copies += int(status.get("task_replication_body_copies", "0"))
         return copies == FACTOR * versions
 
     return check
@@ -204,7 +214,7 @@ def _measure(base: Path, opts: Options) -> Json:
 
 
 def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, versions: int) -> Json:
-    before = {n.name: _peers(n.data)["rebalance"] for n in nodes}
+    before = {n.name: _peers(n.data) for n in nodes}
     sixth = Node(base, "f")
     _join(nodes[0], sixth)
     t0 = time.monotonic()
@@ -212,10 +222,21 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
     everyone = [*nodes, sixth]
     _until("six nodes rebalanced", _settled(everyone, versions), SETTLE_LIMIT_S)
     elapsed = time.monotonic() - t0
-    after = {n.name: _peers(n.data)["rebalance"] for n in everyone}
+    after = {n.name: _peers(n.data) for n in everyone}
 
     def moved(key: str) -> int:
-        return sum(r[key] - before.get(name, {}).get(key, 0) for name, r in after.items())
+        return sum(
+            r["rebalance"][key] - before.get(name, {}).get("rebalance", {}).get(key, 0)
+            for name, r in after.items()
+        )
+
+    def dropped(cause: str) -> int:
+        return sum(
+            r["dropped"][cause] - before.get(name, {}).get("dropped", {}).get(cause, 0)
+            for name, r in after.items()
+        )
+
+    left = sum(before[n]["bodies"]["copies"] - after[n]["bodies"]["copies"] for n in before)
 
     # The joiner started empty: every copy it holds moved to it (by the pull of the
     # versions, sent whole to a holder, or fetched by its rebalancer).
@@ -229,7 +250,8 @@ def _join_sixth(base: Path, nodes: list[Node], stack: contextlib.ExitStack, vers
         "moved_fraction": round(fetched / copies, 4),
         "moved_bytes": fetched_bytes,
         "fetched_by_rebalancing": moved("fetched"),
-        "dropped": moved("dropped"),
+        "dropped": {cause: dropped(cause) for cause in ("moved", "handed_off", "cache_evicted")},
+        "copies_left_old_nodes": left,
         "expected_fraction": round(1 / len(everyone), 4),
         "seconds": round(elapsed, 1),
     }
@@ -245,7 +267,9 @@ def _markdown(data: Json) -> list[str]:
             f"- a sixth node joins: {join['moved_bodies']:,} of {join['copies']:,} copies moved"
             f" ({join['moved_fraction']:.1%}; 1/N = {join['expected_fraction']:.1%}),"
             f" {join['moved_bytes'] / 1e6:.1f} MB of {data['factor'] * store / 1e6:.1f} MB of"
-            f" copies; {join['dropped']:,} old copies dropped after the new holder confirmed;"
+            f" copies; {join['copies_left_old_nodes']:,} copies left the five (dropped:"
+            f" {join['dropped']['moved']:,} by the rebalancer after the new holder confirmed,"
+            f" {join['dropped']['handed_off']:,} handed off once every holder acknowledged);"
             f" settled in {join['seconds']} s"
         )
     return [

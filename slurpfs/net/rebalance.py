@@ -48,6 +48,7 @@ from slurpfs.net.placement import Placement, weight
 log = logging.getLogger("slurpfs.replica")
 
 __all__ = [
+    "DROP_CAUSES",
     "Held",
     "Rebalancer",
     "decode_held",
@@ -63,6 +64,12 @@ FETCH_BATCH = 64  # bodies per fetch request
 FETCH_PER_PASS = 1024  # bodies fetched at most per pass (then announce, then go on)
 DROP_BATCH = 256  # ids per HAS request
 DIGEST_BYTES = 16
+# Why a node turned a body it held back into a stub (the worker's status ``dropped``):
+# ``moved``: this rebalancer, once the partition's holders confirmed it; ``handed_off``:
+# a body sent whole to every holder of its address (its author, or a former holder that
+# passed it on) once each acknowledged it (`slurpfs.net.replica`); ``cache_evicted``: a
+# body fetched for a read, kept as a cache, evicted past the limit (`ContextStore`).
+DROP_CAUSES = ("moved", "handed_off", "cache_evicted")
 
 _HELD_HEAD = struct.Struct(">16sQQI")  # placement digest, copies, caches, partitions
 _DIGEST_DOMAIN = b"slurpfs/effective-placement/v1\0"
@@ -353,6 +360,7 @@ class Rebalancer:
     async def _fetch(self, placement: Placement, lacking: Mapping[int, list[bytes]]) -> int:
         """Fetch (or promote from a cache) bodies this node should hold; how many came."""
         store, got, budget = self.model.store, 0, FETCH_PER_PASS
+        failed: set[bytes] = set()  # peers a request failed to this pass: not asked again
         for partition, ids in sorted(lacking.items()):
             cached = {v for v in ids if store.has_body(v)}
             for vid in cached:
@@ -363,15 +371,20 @@ class Rebalancer:
             for node in self._sources(placement, partition):
                 if not wanted:
                     break
-                wanted, came = await self._fetch_from(node, wanted)
+                if node in failed:
+                    continue
+                wanted, came, ok = await self._fetch_from(node, wanted)
                 got += came
+                if not ok:
+                    failed.add(node)
             budget -= len(ids)
             if budget <= 0:
                 break
         return got
 
-    async def _fetch_from(self, node: bytes, wanted: list[bytes]) -> tuple[list[bytes], int]:
-        """Ask `node` for `wanted` bodies; what is still wanted, and how many came."""
+    async def _fetch_from(self, node: bytes, wanted: list[bytes]) -> tuple[list[bytes], int, bool]:
+        """Ask `node` for `wanted` bodies: what is still wanted, how many came, and
+        False if a request failed (the peer is not asked again this pass)."""
         came = 0
         still: list[bytes] = []
         for at in range(0, len(wanted), FETCH_BATCH):
@@ -381,14 +394,14 @@ class Rebalancer:
             except SlurpError as exc:
                 self.fetch_failures += 1
                 log.info("fetching bodies from %s failed: %s", node.hex()[:16], exc)
-                return still + wanted[at:], came
+                return still + wanted[at:], came, False
             for vid in batch:
                 envelope = bodies.get(vid)
                 if envelope is not None and await self._put(vid, envelope):
                     came += 1
                 else:
                     still.append(vid)
-        return still, came
+        return still, came, True
 
     async def _put(self, vid: bytes, envelope: bytes) -> bool:
         try:

@@ -509,6 +509,7 @@ class Replicator:
 
     async def _session(self, peer: _Peer) -> None:
         """One connection's replication: hello, pull, then push and repair until down."""
+        log.debug("replicating with %s (%s): hello", peer.name, peer.node_id.hex()[:16])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._end_when_down, peer, nursery.cancel_scope)
             peer.pushed_seq = self.model.store.sequence()
@@ -605,6 +606,8 @@ class Replicator:
                 what = "initial sync" if start == 0 else "catching up"
                 peer.syncing = (what, last - start, peer.their_seq - start) if more else None
                 await self._ingest(peer, [i.version for i in items if i.version is not None])
+                log.debug("pulled %d changes of %s (%d to %d of %d)", len(items), peer.name,
+                          since, last, peer.their_seq)  # fmt: skip
                 peer.pulled += len(items)
                 self._set_cursor(peer, epoch, last)
                 await self._ack(peer, [i.version_id for i in items])
@@ -677,6 +680,8 @@ class Replicator:
                     ) from None
                 batch = _ordered(fetched + batch)
                 continue
+            log.debug("from %s: %d versions stored, %d known", peer.name, len(report.stored),
+                      report.known)  # fmt: skip
             await self._ingested(peer, report)
             return
         raise SlurpError(f"versions from {peer.name}: too many missing ancestors")

@@ -47,7 +47,7 @@ from slurpfs.ingest import IngestReport
 from slurpfs.model import ContextStore
 from slurpfs.net.join import Admissions
 from slurpfs.net.members import Cluster
-from slurpfs.net.rebalance import Rebalancer
+from slurpfs.net.rebalance import DROP_CAUSES, Rebalancer
 from slurpfs.net.replica import QuorumFailed, Replicator
 from slurpfs.net.transport import Transport
 from slurpfs.service.wire import Message, Peer, PeerGone
@@ -58,11 +58,15 @@ log = logging.getLogger("slurpfs.replica")
 STATUS_INTERVAL = 1.0  # seconds between looks for news in the members' state
 CLUSTER_POLL = 1.0  # seconds between looks at the member log on disk
 STORE_POLL = 0.5  # seconds between looks at the store's change sequence
-# Not SCHED_IDLE as the search worker: on a busy machine an idle-priority worker
-# waited up to seconds for a CPU, and a peer's save should show in milliseconds
-# (measured on 2 shared cores: p99 0.5-1.8 s idle-priority, 30 ms at nice 0).
-# Its work is small (about 1 ms of CPU per version), so a mild nice value.
-NICE = 10
+# The daemon's priority (nice 0), not lower. At idle priority a peer's save waited
+# up to seconds for a CPU (measured on 2 shared cores: p99 0.5-1.8 s, 30 ms at nice
+# 0). At nice 10 a busy machine (load 10 of ordinary processes on 2 cores) left the
+# worker a few percent of a CPU, shared by its event loop with the threads that
+# serve pulls and ingest: it answered its peers' pings seconds late, each side saw
+# the other go down every few seconds and every pull in flight was cut off (five
+# nodes did not spread 1,000 bodies in 300 s). Liveness needs the loop to run in
+# time; the work is bounded by the protocol (batches, backlog).
+NICE = 0
 
 
 def listen_address(config: Config, cluster: Cluster) -> str:
@@ -271,6 +275,8 @@ class ReplicationWorker:
             out["handed_off"] = replicator.handed_off
         if self.rebalancer is not None and self.model is not None:
             out.update(self._bodies(self.rebalancer, self.model, out.get("peers", [])))
+            if replicator is not None:
+                out["dropped"] = _dropped(self.rebalancer, replicator, self.model)
         if self.transport is not None:
             out["transport"] = dataclasses.asdict(self.transport.statistics())
         return out
@@ -341,6 +347,12 @@ class ReplicationWorker:
         ids = [bytes.fromhex(str(v)) for v in message["ids"]]
         await self.replicator.quorum(ids, int(message["n"]), float(message["timeout"]))
         return {}
+
+
+def _dropped(rebalancer: Rebalancer, replicator: Replicator, model: ContextStore) -> dict[str, int]:
+    """Bodies this process turned back into stubs since it started, by cause (`DROP_CAUSES`)."""
+    counts = (rebalancer.dropped, replicator.handed_off, model.caches_evicted)
+    return dict(zip(DROP_CAUSES, counts, strict=True))
 
 
 async def _main(sock: socket.socket) -> int:

@@ -572,6 +572,7 @@ class Daemon:
         self.model.subscribe(client.committed)
         self.ops.gateway.replicated = client.replicated
         self.model.fetch_body = client.fetch_body
+        client.evicted_here = lambda: self.model.caches_evicted
         self.ops.health.extra.append(client.check)
         self.ops.health.extra.append(client.check_replication)
         client.metrics = self.ops.metrics

@@ -32,6 +32,7 @@ from slurpfs.errors import BodyUnavailable
 from slurpfs.health import FAIL, OK, WARN, Check
 from slurpfs.metrics import Metrics
 from slurpfs.model import VersionInfo
+from slurpfs.net.rebalance import DROP_CAUSES
 from slurpfs.service.wire import Message, Peer, PeerGone, RemoteError, WireError
 from slurpfs.service.workers import store_hello
 
@@ -71,6 +72,8 @@ class ReplicationClient:
         self.metrics: Metrics | None = None  # the daemon's: body gauges follow the reports
         self.bodies_fetched = self.bodies_unavailable = 0
         self._logged: dict[bytes, None] = {}  # versions whose unavailable body was logged
+        # Caches the daemon's own reads evicted (`ContextStore.caches_evicted`; the daemon sets it)
+        self.evicted_here: Callable[[], int] = lambda: 0
 
     # -- WorkerLogic -------------------------------------------------------------------
 
@@ -241,7 +244,16 @@ class ReplicationClient:
             "bodies": self.report.get("bodies"),
             "under_replicated": self.report.get("under_replicated"),
             "rebalance": self.report.get("rebalance"),
+            "dropped": self.dropped() if self.report.get("dropped") is not None else None,
         }
+
+    def dropped(self) -> dict[str, int]:
+        """Bodies turned back into stubs here, by cause (`DROP_CAUSES`): the worker's
+        since it started, and the caches the daemon's own reads evicted."""
+        worker = self.report.get("dropped") or {}
+        out = {cause: int(worker.get(cause, 0)) for cause in DROP_CAUSES}
+        out["cache_evicted"] += self.evicted_here()
+        return out
 
     def render(self) -> str:
         """``.slurp/peers``."""
@@ -324,6 +336,7 @@ class ReplicationClient:
             "task_replication_partitions_surplus": rebalance.get("surplus", 0),
             "task_replication_rebalance_fetched": rebalance.get("fetched", 0),
             "task_replication_rebalance_dropped": rebalance.get("dropped", 0),
+            **{f"task_replication_bodies_dropped_{c}": n for c, n in self.dropped().items()},
         }
 
 
@@ -398,6 +411,13 @@ def _body_summary(snapshot: Mapping[str, Any]) -> list[str]:
     ]
     if rebalance["lacking"] or rebalance["surplus"]:
         lines.append(f"moving: {_moving(rebalance)}")
+    dropped = snapshot.get("dropped")
+    if dropped:
+        lines.append(
+            f"dropped: {dropped['moved']} moved to their new holders,"
+            f" {dropped['handed_off']} handed off to their holders,"
+            f" {dropped['cache_evicted']} caches evicted"
+        )
     return lines
 
 

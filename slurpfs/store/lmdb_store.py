@@ -712,17 +712,34 @@ class Store:
     # prefixed with "aux:" so it can never collide with the store's own tables.
 
     def _aux_db(self, name: bytes, *, create: bool) -> lmdb._Database | None:
+        """The handle of auxiliary table `name` (None: there is none and not `create`).
+
+        Opened in a write transaction of our own: ``open_db`` without one begins
+        its write transaction while holding the interpreter lock, so while another
+        thread's write transaction waited for that lock (between two puts), both
+        waited forever. That froze a replication worker whose store was new (its
+        cursor table did not exist yet, so each look from the event loop opened it
+        again) while its ingest threads committed. `lmdb.Environment.begin` waits
+        for the writer lock without the interpreter lock. (A handle opened in a read
+        transaction is not valid after it; a read-only store has no writer.)
+        """
         with self._lock:
             db = self._aux.get(name)
             if db is None:
                 try:
-                    db = self._env.open_db(b"aux:" + name, create=create)
+                    db = self._open_aux(b"aux:" + name, create=create)
                 except lmdb.NotFoundError:
                     return None
                 except _DAMAGE as exc:
                     raise self.damaged(_reason(exc)) from None
                 self._aux[name] = db
             return db
+
+    def _open_aux(self, name: bytes, *, create: bool) -> lmdb._Database:
+        if self._readonly:
+            return self._env.open_db(name, create=False)
+        with self._env.begin(write=True) as txn:
+            return self._env.open_db(name, txn=txn, create=create)
 
     def aux_get(self, name: bytes, key: bytes) -> bytes | None:
         """The value under `key` in auxiliary table `name`, or None."""
