@@ -53,6 +53,8 @@ from typing import Any
 
 from conftest import suite_settings
 
+from slurpfs.net.transport import peer_id_of
+
 NETNS_DIR = Path("/run/netns")
 NOTES = Path(tempfile.gettempdir()) / "slurpfs-netns"  # a note per namespace made
 SUBNET = "10.77.0"  # /24, inside the namespaces only
@@ -329,6 +331,12 @@ def node_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def refused_member(node: SlurpNode) -> str:
+    """The warning a member logs when `node`, a member it does not know yet, dials it."""
+    peer = peer_id_of(bytes.fromhex(node.node_id))
+    return rf"refused a connection from non-member {re.escape(str(peer))} at \S+"
+
+
 class SlurpNode:
     """A data directory and a mount point on a host, driven through the CLI there."""
 
@@ -504,6 +512,9 @@ class ClusterNodes:
             founder.cli("keys", "grant", DEV, "--to", node.node_id)
         for node in members[1:]:
             node.mount()
+        # A member mounted before the member log told it of a later joiner refuses
+        # that joiner's first dials (once it learns, the joiner's next dial is let in).
+        self.expected_warnings += [refused_member(node) for node in members]
         for node in members[1:]:  # the grant reaches it with the member log
             wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
         for node in members:
@@ -522,6 +533,7 @@ class ClusterNodes:
         founder.cli("keys", "grant", DEV, "--to", node.node_id)
         if before_mount is not None:
             before_mount(node)
+        self.expected_warnings.append(refused_member(node))  # (as in `cluster`)
         node.mount()
         wait_until(f"{node.name} holds {DEV}", partial(holds, node, DEV))
         return node
