@@ -40,6 +40,17 @@ def address(port: int) -> str:
     return f"/ip4/127.0.0.1/tcp/{port}"
 
 
+def unclustered(nodes: Nodes, root: Path, *names: str) -> list[Mounted]:
+    """A data directory per name, in no cluster yet (not mounted): for tests that
+    found and join through the CLI."""
+    mounts = []
+    for name in names:
+        node, model = nodes.new(name)
+        node.close(model)
+        mounts.append(Mounted(node.data_dir, root / f"mnt-{name}"))
+    return mounts
+
+
 def make_cluster(
     nodes: Nodes,
     root: Path,

@@ -128,6 +128,14 @@ async def walked(fs: OpsHarness) -> dict[str, dict[str, int]]:
     return {DIR: await sizes(fs, DIR), OTHER: await sizes(fs, OTHER)}
 
 
+async def other_directory_kept(fs: OpsHarness) -> None:
+    """The other directory's listing and heads are still in the memo: reading them
+    again misses nothing."""
+    misses = fs.ops.view.misses
+    assert await sizes(fs, OTHER) == {DEV: 3}
+    assert fs.ops.view.misses == misses
+
+
 async def two_directories(fs: OpsHarness) -> None:
     for path, data in ((DIR, b"one"), (OTHER, b"two")):
         await fs.makedirs(path)
@@ -138,27 +146,21 @@ async def two_directories(fs: OpsHarness) -> None:
 async def test_a_commit_elsewhere_drops_only_what_it_changed(
     fs: OpsHarness, model: ContextStore
 ) -> None:
-    view = fs.ops.view
     await two_directories(fs)
     model.put(ADDR, ARCH, b"a new role file")  # another writer: a new file in a listed dir
     assert await sizes(fs, DIR) == {ARCH: 15, DEV: 3}
-    misses = view.misses
-    assert await sizes(fs, OTHER) == {DEV: 3}
-    assert view.misses == misses, "the other directory's listing and heads were kept"
+    await other_directory_kept(fs)
     model.put(ADDR, DEV, b"longer")
     assert await walked(fs) == {DIR: {ARCH: 15, DEV: 6}, OTHER: {DEV: 3}}
     model.delete(ADDR, DEV)
     assert await sizes(fs, DIR) == {ARCH: 15}
     assert not await fs.exists(f"{DIR}/{DEV}")
-    misses = view.misses
-    assert await sizes(fs, OTHER) == {DEV: 3}
-    assert view.misses == misses
+    await other_directory_kept(fs)
 
 
 async def test_directories_a_commit_elsewhere_creates_show_up_the_tree(
     fs: OpsHarness, model: ContextStore
 ) -> None:
-    view = fs.ops.view
     await two_directories(fs)
     top = f"ucxl/{AUTH}"
     assert sorted(await fs.listdir(top)) == ["docs", "src"]
@@ -172,15 +174,12 @@ async def test_directories_a_commit_elsewhere_creates_show_up_the_tree(
     assert (await fs.ops.getattr(src, fs.ctx)).st_nlink == nlink + 1
     assert await fs.read(f"{top}/src/new/deep/x.go/{DEV}") == b"x"
     assert ELSEWHERE in await fs.listdir("ucxl")
-    misses = view.misses
-    assert await sizes(fs, OTHER) == {DEV: 3}
-    assert view.misses == misses
+    await other_directory_kept(fs)
 
 
 async def test_a_conflict_made_elsewhere_shows_in_the_next_listing(
     fs: OpsHarness, model: ContextStore
 ) -> None:
-    view = fs.ops.view
     invalidator = Invalidator(fs.ops, FakeKernel())
     await two_directories(fs)
     base = model.stat(ADDR, DEV)
@@ -190,19 +189,14 @@ async def test_a_conflict_made_elsewhere_shows_in_the_next_listing(
     (loser,) = model.conflicts(ADDR, DEV)
     names = await fs.listdir(DIR)
     assert sorted(names) == sorted([DEV, f"{DEV}.conflict-{loser.short_id}"])
-    misses = view.misses
-    assert await sizes(fs, OTHER) == {DEV: 3}
-    assert view.misses == misses
+    await other_directory_kept(fs)
 
 
 async def test_writes_through_the_mount_keep_the_rest_of_the_memo(fs: OpsHarness) -> None:
-    view = fs.ops.view
     await two_directories(fs)
     await fs.write(f"{DIR}/{DEV}", b"changed here")
     assert await sizes(fs, DIR) == {DEV: 12}
-    misses = view.misses
-    assert await sizes(fs, OTHER) == {DEV: 3}
-    assert view.misses == misses
+    await other_directory_kept(fs)
 
 
 async def test_attributes_of_files_and_directories_elsewhere_are_kept(

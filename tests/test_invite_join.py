@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import Nodes
-from fsutil import Mounted
-from replica_nodes import address, free_port
+from replica_nodes import address, free_port, unclustered
 
 pytestmark = pytest.mark.mount
 
 
 def test_a_node_joins_the_moment_invite_returns(nodes: Nodes, tmp_path: Path) -> None:
-    mounts = []
-    for name in ("a", "b"):
-        node, model = nodes.new(name)
-        node.close(model)
-        mounts.append(Mounted(node.data_dir, tmp_path / f"mnt-{name}"))
-    a, b = mounts
+    a, b = unclustered(nodes, tmp_path, "a", "b")
     try:
         a.mount()  # no cluster yet: `invite` founds it and the mount starts its worker
         port = free_port()

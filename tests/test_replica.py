@@ -33,6 +33,7 @@ from replica_nodes import (
     peers_json,
     read,
     role_file,
+    unclustered,
     wait_connected,
     wait_content,
     worker_pid,
@@ -269,12 +270,7 @@ def test_nodes_joined_and_granted_on_the_command_line_replicate(
 ) -> None:
     """The whole path a user takes: invite on a mounted node, join from a new one,
     grant it a role; the joiner's mount then reads what the inviter wrote."""
-    mounts = []
-    for name in ("a", "b"):
-        node, model = nodes.new(name)
-        node.close(model)
-        mounts.append(Mounted(node.data_dir, tmp_path / f"mnt-{name}"))
-    a, b = mounts
+    a, b = unclustered(nodes, tmp_path, "a", "b")
     try:
         a.mount()
         invite = a.cli("peers", "invite", "--listen", address(free_port()))
