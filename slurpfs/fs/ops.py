@@ -237,7 +237,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.node(parent_inode)
-        if _stored_versions_only(parent, name):
+        if self.files.writebehind is not None and _stored_versions_only(parent, name):
             await self.files.settle()  # journaled saves become versions first
         self.view.refresh()
         if self.search.resolves(parent, name):
