@@ -174,6 +174,24 @@ def test_fsync_waits_for_the_group_commit(mnt: Mounted) -> None:
         os.close(fd)
 
 
+def test_fsync_of_the_directory_waits_for_the_group_commit(mnt: Mounted) -> None:
+    """An editor's save ends with ``fsync`` of the directory: the saves closed before
+    it are versions, on stable storage, when it returns (as after a file's ``fsync``)."""
+    d = mnt.ucxl / AUTH / "dirsynced"
+    d.mkdir(parents=True)
+    (d / DEV).write_bytes(b"first\n")
+    fsync(d / DEV)
+    (d / DEV).write_bytes(b"closed, then the directory synced\n")
+    assert get(mnt, "dirsynced") == b"first\n"  # another process: still journaled
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert get(mnt, "dirsynced") == b"closed, then the directory synced\n"
+    assert versions(d, DEV) == 2
+
+
 def test_history_in_the_mount_shows_journaled_saves(mnt: Mounted) -> None:
     d = mnt.ucxl / AUTH / "listed"
     d.mkdir(parents=True)

@@ -584,6 +584,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        # As a file's: journaled saves become versions first (the group commit).
+        await self.files.settle()
         await self.gateway.sync()
 
     # -- extended attributes ----------------------------------------------------------
