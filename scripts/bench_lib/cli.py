@@ -17,6 +17,7 @@ from bench_lib.common import Json, Options, Section, machine
 
 SECTIONS = (
     "model", "mount", "search", "worker", "footprint", "replication", "placement", "backup", "scale",
+    "maintenance",
 )  # fmt: skip
 
 
@@ -49,6 +50,10 @@ def _section(name: str) -> Callable[[Options], Section]:
         from bench_lib import backup
 
         return backup.run
+    if name == "maintenance":
+        from bench_lib import maintenance
+
+        return maintenance.run
     from bench_lib import search
 
     return search.run_footprint if name == "footprint" else search.run
@@ -69,7 +74,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         "--only",
         default="model,mount,search,worker",
         help=f"comma-separated sections of {', '.join(SECTIONS)} "
-        "(footprint, replication, placement, backup and scale run only when named)",
+        "(footprint, replication, placement, backup, scale and maintenance run only when named)",
     )
     parser.add_argument(
         "--docs", type=int, help="contexts of the model, mount and worker sections (default 10,000)"
