@@ -87,7 +87,7 @@ class NodeConfig:
 @dataclasses.dataclass(frozen=True)
 class DurabilityConfig:
     sync_interval: float = _bounded(1.0, 0.001, 3600.0)
-    write_behind: bool = False  # acknowledge close once the save is in the journal
+    write_behind: bool = True  # acknowledge close once the save is in the journal
     commit_delay: float = _bounded(0.01, 0.0, 60.0)  # seconds a journaled save waits
 
 

@@ -343,8 +343,8 @@ def reachable_dir() -> Iterator[Path]:
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A minimal environment for slurpfs subprocesses (weak KDF, test HOME; write-behind
-    when the suite runs with `WRITE_BEHIND_SWITCH`)."""
+    """A minimal environment for slurpfs subprocesses (weak KDF, test HOME; the run's
+    `suite_settings`)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ["HOME"],
@@ -357,15 +357,16 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-# ``SLURPFS_TEST_WRITE_BEHIND=1 scripts/test``: the whole suite with write-behind on
-# in every node and mount it makes (a test's own environment still wins). Read once
-# here: `scrubbed_env` removes every SLURPFS_ variable before each test.
-WRITE_BEHIND = os.environ.get("SLURPFS_TEST_WRITE_BEHIND") == "1"
+# ``SLURPFS_TEST_WRITE_BEHIND=0 scripts/test``: the whole suite with write-behind off
+# (on by default) in every node and mount it makes; ``=1`` sets it on explicitly. A
+# test's own environment still wins. Read once here: `scrubbed_env` removes every
+# SLURPFS_ variable before each test.
+WRITE_BEHIND = {"0": "false", "1": "true"}.get(os.environ.get("SLURPFS_TEST_WRITE_BEHIND", ""))
 
 
 def suite_settings() -> dict[str, str]:
     """Configuration the whole run applies (as environment overrides)."""
-    return {"SLURPFS_DURABILITY_WRITE_BEHIND": "true"} if WRITE_BEHIND else {}
+    return {} if WRITE_BEHIND is None else {"SLURPFS_DURABILITY_WRITE_BEHIND": WRITE_BEHIND}
 
 
 def run_cli_process(
