@@ -3,14 +3,15 @@
 Imports `--docs` contexts of 4 KiB (the mount section's corpus), each with two
 versions (the second one line longer), into a new data directory, makes the
 backup key pair and mounts it with the default configuration. Once the daemon is
-idle (its first index built), a *round* of probes measures what a user of the
-mount meets: warm `cat` of a sample of files (one `xargs cat`), open/read/close
-of single files and the editor's atomic save (temporary file, `fsync`, rename,
-`fsync` of the directory), each per operation. Rounds run on the idle mount,
-then again and again while `slurpfs backup create DEST --full` runs in another
-process, and while `slurpfs compact` (with `retention.keep_versions = 1`) drops
-every context's older version; the command's own time is reported too. The
-machine may be shared: the 1-minute load average is recorded.
+idle (its first index built) and every file was read once, *cycles* of probes
+measure what a user of the mount meets: `cat` of 100 files (one `xargs cat`),
+20 open/read/close of single files and 2 editor's atomic saves (temporary file,
+`fsync`, rename, `fsync` of the directory), each timed. Cycles run on the idle
+mount, then while `slurpfs backup create DEST --full` runs in another process,
+and while `slurpfs compact` (with `retention.keep_versions = 1`) drops every
+context's older version; only probes that ended before the command did count,
+and the command's own time is reported. The machine may be shared: the 1-minute
+load average is recorded.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, table
 from bench_lib.mount import ENV, _atomic_save
 
-CAT_FILES = 1000  # files `cat` reads per round
-READS = 200  # single-file reads per round
-SAVES = 20  # atomic saves per round
-IDLE_ROUNDS = 3
+CAT_FILES = 100  # files one `cat` probe reads
+READS = 20  # single-file reads per cycle
+SAVES = 2  # atomic saves per cycle
+IDLE_CYCLES = 60
 COMMAND_LIMIT_S = 1800.0
 GOAL = 1.5  # p50 during maintenance within this factor of idle (what the section checks)
 
@@ -69,44 +70,52 @@ def _cli(data: Path, *args: str) -> list[str]:
     return daemons.slurpfs(*args, "--data", str(data))
 
 
-def _round(mnt: Path, files: list[str], rng: random.Random, n: int) -> Json:
-    """One round of probes: `cat` of a sample, single reads, atomic saves (µs each)."""
-    sample = rng.sample(files, min(CAT_FILES, len(files)))
-    listing = mnt.parent / "cat.list"
-    listing.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in sample))
-    t0 = time.perf_counter()
-    subprocess.run(["xargs", "-0", "-a", str(listing), "cat"], cwd=mnt,
-                   stdout=subprocess.DEVNULL, check=True)  # fmt: skip
-    cat_ms = (time.perf_counter() - t0) * 1000
-    reads = []
-    for rel in rng.sample(files, min(READS, len(files))):
-        t = time.perf_counter_ns()
-        fd = os.open(mnt / rel, os.O_RDONLY)
-        try:
-            while os.read(fd, 1 << 16):
-                pass
-        finally:
-            os.close(fd)
-        reads.append((time.perf_counter_ns() - t) / 1000)
-    saves = []
-    for i, rel in enumerate(rng.sample(files, min(SAVES, len(files)))):
-        content = f"saved during round {n}, save {i}\n".encode() * 64
-        t = time.perf_counter_ns()
-        _atomic_save(mnt / rel, content)
-        saves.append((time.perf_counter_ns() - t) / 1000)
-    return {"cat_ms": cat_ms, "read_us": reads, "save_us": saves}
+class Probes:
+    """Timed probes of the mount: (kind, end time, value) of each, in order."""
+
+    def __init__(self, mnt: Path, files: list[str], rng: random.Random) -> None:
+        self.mnt, self.files, self.rng = mnt, files, rng
+        self.listing = mnt.parent / "cat.list"
+        self.saves = 0
+
+    def cycle(self) -> list[tuple[str, float, float]]:
+        """`cat` of a sample (ms), single reads and atomic saves (µs)."""
+        out = []
+        sample = self.rng.sample(self.files, min(CAT_FILES, len(self.files)))
+        self.listing.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in sample))
+        t = time.perf_counter()
+        subprocess.run(["xargs", "-0", "-a", str(self.listing), "cat"], cwd=self.mnt,
+                       stdout=subprocess.DEVNULL, check=True)  # fmt: skip
+        out.append(("cat_ms", time.monotonic(), (time.perf_counter() - t) * 1000))
+        for rel in self.rng.sample(self.files, min(READS, len(self.files))):
+            t = time.perf_counter()
+            fd = os.open(self.mnt / rel, os.O_RDONLY)
+            try:
+                while os.read(fd, 1 << 16):
+                    pass
+            finally:
+                os.close(fd)
+            out.append(("read_us", time.monotonic(), (time.perf_counter() - t) * 1e6))
+        for rel in self.rng.sample(self.files, min(SAVES, len(self.files))):
+            self.saves += 1
+            content = f"saved by the maintenance bench, save {self.saves}\n".encode() * 64
+            t = time.perf_counter()
+            _atomic_save(self.mnt / rel, content)
+            out.append(("save_us", time.monotonic(), (time.perf_counter() - t) * 1e6))
+        return out
 
 
-def _summary(rounds: list[Json]) -> Json:
-    reads = sorted(x for r in rounds for x in r["read_us"])
-    saves = sorted(x for r in rounds for x in r["save_us"])
+def _summary(probes: list[tuple[str, float, float]]) -> Json:
+    def values(kind: str) -> list[float]:
+        return sorted(v for k, _, v in probes if k == kind)
 
-    def pct(values: list[float], q: float) -> float:
-        return round(values[min(len(values) - 1, int(len(values) * q))], 1)
+    def pct(ordered: list[float], q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 1)
 
+    cat, reads, saves = values("cat_ms"), values("read_us"), values("save_us")
     return {
-        "rounds": len(rounds),
-        "cat_ms": round(statistics.median(r["cat_ms"] for r in rounds), 1),
+        "probes": {"cat": len(cat), "reads": len(reads), "saves": len(saves)},
+        "cat_ms": round(statistics.median(cat), 1),
         "read_p50_us": round(statistics.median(reads), 1),
         "read_p99_us": pct(reads, 0.99),
         "save_p50_us": round(statistics.median(saves), 1),
@@ -115,10 +124,9 @@ def _summary(rounds: list[Json]) -> Json:
     }
 
 
-def _during(mnt: Path, files: list[str], rng: random.Random, argv: list[str], log: Path,
-            env: dict[str, str]) -> Json:  # fmt: skip
-    """Rounds of probes while `argv` runs (at least one), the command's time and output."""
-    rounds: list[Json] = []
+def _during(probes: Probes, argv: list[str], log: Path, env: dict[str, str]) -> Json:
+    """Cycles of probes while `argv` runs; only probes that ended before it count."""
+    seen: list[tuple[str, float, float]] = []
     load = [os.getloadavg()[0]]
     ended: list[float] = []
     t0 = time.monotonic()
@@ -132,10 +140,8 @@ def _during(mnt: Path, files: list[str], rng: random.Random, argv: list[str], lo
         waiter = threading.Thread(target=wait)
         waiter.start()
         try:
-            while True:
-                rounds.append(_round(mnt, files, rng, len(rounds)))
-                if ended or time.monotonic() - t0 > COMMAND_LIMIT_S:
-                    break
+            while not ended and time.monotonic() - t0 < COMMAND_LIMIT_S:
+                seen += probes.cycle()
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -143,8 +149,11 @@ def _during(mnt: Path, files: list[str], rng: random.Random, argv: list[str], lo
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[3:]} exited {proc.returncode}: {log.read_text()[-500:]}")
     load.append(os.getloadavg()[0])
+    counted = [p for p in seen if p[1] <= ended[0]]
+    if not any(k == "save_us" for k, _, _ in counted):
+        raise RuntimeError(f"{argv[3:]} ended before a probe of every kind did; more --docs")
     said = "; ".join(line.strip() for line in log.read_text().splitlines() if line.strip())
-    return {**_summary(rounds), "command_s": round(ended[0] - t0, 2), "output": said,
+    return {**_summary(counted), "command_s": round(ended[0] - t0, 2), "output": said,
             "load_1min": load}  # fmt: skip
 
 
@@ -166,15 +175,22 @@ def _measure(base: Path, opts: Options) -> Json:
     out: Json = {"documents": opts.docs, "load_1min": [os.getloadavg()[0]]}
     with daemons.running(argv, mnt, base / "slurpfs.log", out, env=ENV, stop=stop,
                          label="maintenance") as pid:  # fmt: skip
-        out["settled_s"] = daemons.settle(pid, limit_s=900, window_s=2.0)
-        _round(mnt, files, rng, -1)  # warm-up
-        out["idle"] = _summary([_round(mnt, files, rng, n) for n in range(IDLE_ROUNDS)])
+        out["settled_s"] = daemons.settle(pid, limit_s=1800, window_s=2.0)
+        listing = base / "all.list"
+        listing.write_bytes(b"".join(os.fsencode(f) + b"\0" for f in files))
+        subprocess.run(["xargs", "-0", "-a", str(listing), "cat"], cwd=mnt,
+                       stdout=subprocess.DEVNULL, check=True)  # fmt: skip
+        probes = Probes(mnt, files, rng)
+        quiet: list[tuple[str, float, float]] = []
+        for _ in range(IDLE_CYCLES):
+            quiet += probes.cycle()
+        out["idle"] = _summary(quiet)
         print(f"maintenance: idle {out['idle']}", file=sys.stderr)
         backup = [*_cli(data, "backup", "create", str(base / "backups")), "--full"]
-        out["backup"] = _during(mnt, files, rng, backup, base / "backup.log", ENV)
+        out["backup"] = _during(probes, backup, base / "backup.log", ENV)
         print(f"maintenance: during a backup {out['backup']}", file=sys.stderr)
         daemons.settle(pid, limit_s=300, window_s=2.0)
-        out["compact"] = _during(mnt, files, rng, _cli(data, "compact"), base / "compact.log",
+        out["compact"] = _during(probes, _cli(data, "compact"), base / "compact.log",
                                  {**ENV, "SLURPFS_RETENTION_KEEP_VERSIONS": "1"})  # fmt: skip
         print(f"maintenance: during a compaction {out['compact']}", file=sys.stderr)
         out["load_1min"].append(os.getloadavg()[0])
@@ -189,7 +205,7 @@ def _measure(base: Path, opts: Options) -> Json:
 
 def _markdown(data: Json) -> list[str]:
     labels = {
-        "cat_ms": f"`cat` of {min(CAT_FILES, data['documents']):,} files (warm, median round) [ms]",
+        "cat_ms": f"`cat` of {min(CAT_FILES, data['documents']):,} files (warm), p50 [ms]",
         "read_p50_us": "open/read/close, p50 [µs]",
         "read_p99_us": "open/read/close, p99 [µs]",
         "save_p50_us": "atomic save, p50 [µs]",
@@ -217,11 +233,17 @@ def _markdown(data: Json) -> list[str]:
             rows,
         ),  # fmt: skip
         "",
-        f"- rounds: idle {idle['rounds']}, backup {backup['rounds']}, compaction"
-        f" {compact['rounds']}; the backup took {backup['command_s']} s"
+        f"- probes (cat / reads / saves): idle {_counts(idle)}, during the backup"
+        f" {_counts(backup)}, during the compaction {_counts(compact)}; the backup took"
+        f" {backup['command_s']} s"
         f" ({backup['output']}), the compaction {compact['command_s']} s"
         f" ({compact['output']})",
         f"- goal: p50 during maintenance within {GOAL}x of idle",
         f"- 1-minute load average: start/end {data['load_1min']}, during the backup"
         f" {backup['load_1min']}, during the compaction {compact['load_1min']}",
     ]
+
+
+def _counts(summary: Json) -> str:
+    n = summary["probes"]
+    return f"{n['cat']} / {n['reads']} / {n['saves']}"
