@@ -6,7 +6,7 @@ backup key pair and mounts it with the default configuration. Once the daemon is
 idle (its first index built) and every file was read once, *cycles* of probes
 measure what a user of the mount meets: `cat` of 100 files (one `xargs cat`),
 20 open/read/close of single files and 2 editor's atomic saves (temporary file,
-`fsync`, rename, `fsync` of the directory), each timed. Cycles run on the idle
+`fsync`, rename, `fsync` of the directory), each timed (a save also in parts). Cycles run on the idle
 mount, then while `slurpfs backup create DEST --full` runs in another process,
 and while `slurpfs compact` (with `retention.keep_versions = 1`) drops every
 context's older version; only probes that ended before the command did count,
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, table
-from bench_lib.mount import ENV, _atomic_save
+from bench_lib.mount import ENV
 
 CAT_FILES = 100  # files one `cat` probe reads
 READS = 20  # single-file reads per cycle
@@ -99,10 +99,35 @@ class Probes:
         for rel in self.rng.sample(self.files, min(SAVES, len(self.files))):
             self.saves += 1
             content = f"saved by the maintenance bench, save {self.saves}\n".encode() * 64
-            t = time.perf_counter()
-            _atomic_save(self.mnt / rel, content)
-            out.append(("save_us", time.monotonic(), (time.perf_counter() - t) * 1e6))
+            steps = _atomic_save_steps(self.mnt / rel, content)
+            end = time.monotonic()
+            out.append(("save_us", end, sum(steps)))
+            out.append(("rename_us", end, steps[1]))
+            out.append(("syncdir_us", end, steps[2]))
         return out
+
+
+def _atomic_save_steps(target: Path, data: bytes) -> tuple[float, float, float]:
+    """`bench_lib.mount._atomic_save`, timed in three parts (µs): the temporary file
+    (create, write, fsync, close), the rename over the target, the directory's fsync."""
+    t0 = time.perf_counter()
+    tmp = target.with_name(f"{target.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    t1 = time.perf_counter()
+    os.replace(tmp, target)
+    t2 = time.perf_counter()
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    t3 = time.perf_counter()
+    return (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6
 
 
 def _summary(probes: list[tuple[str, float, float]]) -> Json:
@@ -121,6 +146,8 @@ def _summary(probes: list[tuple[str, float, float]]) -> Json:
         "save_p50_us": round(statistics.median(saves), 1),
         "save_p99_us": pct(saves, 0.99),
         "save_max_us": round(saves[-1], 1),
+        "rename_p99_us": pct(values("rename_us"), 0.99),
+        "syncdir_p99_us": pct(values("syncdir_us"), 0.99),
     }
 
 
@@ -238,6 +265,12 @@ def _markdown(data: Json) -> list[str]:
         f" {backup['command_s']} s"
         f" ({backup['output']}), the compaction {compact['command_s']} s"
         f" ({compact['output']})",
+        f"- the atomic saves' tail, p99 of the `rename` / of the directory's `fsync` [µs]:"
+        f" idle {idle['rename_p99_us']:,.0f} / {idle['syncdir_p99_us']:,.0f}, during the backup"
+        f" {backup['rename_p99_us']:,.0f} / {backup['syncdir_p99_us']:,.0f}, during the"
+        f" compaction {compact['rename_p99_us']:,.0f} / {compact['syncdir_p99_us']:,.0f};"
+        f" the slowest save: idle {idle['save_max_us']:,.0f}, backup"
+        f" {backup['save_max_us']:,.0f}, compaction {compact['save_max_us']:,.0f}",
         f"- goal: p50 during maintenance within {GOAL}x of idle",
         f"- 1-minute load average: start/end {data['load_1min']}, during the backup"
         f" {backup['load_1min']}, during the compaction {compact['load_1min']}",
