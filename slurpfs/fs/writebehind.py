@@ -12,9 +12,10 @@ Until its version is stored, a journaled save holds its node open (one
 ``opens`` per save), so the open-file layer keeps serving its buffer: reads,
 ``stat`` and listings in the mount see the save at once. Other processes see it
 after the group commit. Anything that must see the store as the mount's users
-do (``fsync`` of a file or directory, a synchronous commit, unlink, rename, rmdir, shutdown) first
-waits for the group commit (`drain`), so saves are stored in the order they were
-acknowledged, each as one version, exactly as without write-behind.
+do (``fsync`` of a file or a directory, a synchronous commit, unlink, rename,
+rmdir, shutdown) first waits for the group commit (`drain`), so saves are stored
+in the order they were acknowledged, each as one version, exactly as without
+write-behind.
 
 A save is sealed on the head it was acknowledged on (`Entry.based_on`): if
 another process committed a version of the same context in between, the save
