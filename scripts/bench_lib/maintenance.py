@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, table
-from bench_lib.mount import ENV
+from bench_lib.mount import ENV, atomic_save_steps
 
 CAT_FILES = 100  # files one `cat` probe reads
 READS = 20  # single-file reads per cycle
@@ -99,35 +99,12 @@ class Probes:
         for rel in self.rng.sample(self.files, min(SAVES, len(self.files))):
             self.saves += 1
             content = f"saved by the maintenance bench, save {self.saves}\n".encode() * 64
-            steps = _atomic_save_steps(self.mnt / rel, content)
+            steps = atomic_save_steps(self.mnt / rel, content)
             end = time.monotonic()
             out.append(("save_us", end, sum(steps)))
             out.append(("rename_us", end, steps[1]))
             out.append(("syncdir_us", end, steps[2]))
         return out
-
-
-def _atomic_save_steps(target: Path, data: bytes) -> tuple[float, float, float]:
-    """`bench_lib.mount._atomic_save`, timed in three parts (µs): the temporary file
-    (create, write, fsync, close), the rename over the target, the directory's fsync."""
-    t0 = time.perf_counter()
-    tmp = target.with_name(f"{target.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    t1 = time.perf_counter()
-    os.replace(tmp, target)
-    t2 = time.perf_counter()
-    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    t3 = time.perf_counter()
-    return (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6
 
 
 def _summary(probes: list[tuple[str, float, float]]) -> Json:
