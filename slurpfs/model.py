@@ -739,10 +739,8 @@ class ContextStore:
         for record, plaintext in zip(records, data, strict=False):
             self._cache.put(record.version_id, plaintext)
         if write_through and self.envelopes is not None:
-            for record in records:
-                stored = self._store.read_version(record.version_id)
-                if stored is not None:
-                    self.envelopes.put(record.version_id, stored.envelope)
+            stored = [(r.version_id, self._store.read_version(r.version_id)) for r in records]
+            self.envelopes.put_many([(vid, s.envelope) for vid, s in stored if s is not None])
         for record in records:
             for callback in self._subscribers:
                 callback(record)
@@ -810,8 +808,7 @@ class ContextStore:
     def _write_through(self, commits: Sequence[Commit]) -> None:
         """Committed envelopes to the envelope tier (it never raises for an outage)."""
         if self.envelopes is not None:
-            for commit in commits:
-                self.envelopes.put(commit.record.version_id, commit.envelope)
+            self.envelopes.put_many([(c.record.version_id, c.envelope) for c in commits])
 
     def _same_as_head(self, address: str, role: str, data: bytes) -> VersionInfo | None:
         """The head, if a save of `data` would change nothing: it is the only leaf,

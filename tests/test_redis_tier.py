@@ -81,6 +81,21 @@ def test_an_envelope_is_kept_by_its_id_and_its_expiry_refreshed(
     assert (stats.hits, stats.misses, stats.puts, stats.errors) == (2, 1, 1, 0)
 
 
+def test_a_batch_of_envelopes_is_kept_in_one_call(
+    tier: RedisTier, server: SharedRedis | RedisServer
+) -> None:
+    """Expected (a group commit's write-through): every envelope of the batch is read
+    back by its id with the full TTL, each counted as a put; an entry whose id is not a
+    version id is left out, as `put` leaves it."""
+    batch = [envelope(n) for n in (10, 200, 3000)]
+    tier.put_many([*batch, (b"short id", b"SLEV not stored")])
+    assert [tier.get(vid) for vid, _ in batch] == [body for _, body in batch]
+    r = server.client()
+    assert all(590 <= r.ttl(envelope_key(vid)) <= 600 for vid, _ in batch)
+    assert r.dbsize() == 3
+    assert tier.statistics().puts == 3
+
+
 @pytest.mark.expect_warnings(r"the Redis tier at \S+ returned a value that is not the envelope .*")
 def test_a_value_that_is_not_the_envelope_of_its_id_is_never_served(
     tier: RedisTier, server: SharedRedis | RedisServer, caplog: pytest.LogCaptureFixture

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -15,3 +16,6 @@ class EnvelopeTier(Protocol):
     def get(self, version_id: bytes) -> bytes | None: ...
 
     def put(self, version_id: bytes, envelope: bytes) -> None: ...
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """`put` of each (version id, envelope), in one round trip."""

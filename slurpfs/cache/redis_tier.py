@@ -34,7 +34,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -152,16 +152,25 @@ class RedisTier:
     def put(self, version_id: bytes, envelope: bytes) -> None:
         """Keep `envelope` (whose id is `version_id`) for ``ttl`` seconds; nothing while
         Redis is unreachable (a failure is counted and logged, never raised)."""
-        if len(version_id) != VERSION_ID_BYTES or not self._may_call():
+        self.put_many([(version_id, envelope)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """`put` of each (version id, envelope), in one round trip (a pipeline): a
+        group commit's batch costs the caller one wait for Redis, not one per save."""
+        items = [(vid, body) for vid, body in items if len(vid) == VERSION_ID_BYTES]
+        if not items or not self._may_call():
             return
         try:
             with self.latency.time("put"):
-                self._redis.set(envelope_key(version_id), envelope, ex=self.ttl)
+                pipe = self._redis.pipeline(transaction=False)
+                for vid, body in items:
+                    pipe.set(envelope_key(vid), body, ex=self.ttl)
+                pipe.execute()
         except redis.RedisError as exc:
             self._failed(exc)
             return
         self._succeeded()
-        self._count(puts=1)
+        self._count(puts=len(items))
 
     # -- health --------------------------------------------------------------------------
 
