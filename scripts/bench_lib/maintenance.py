@@ -28,6 +28,7 @@ from pathlib import Path
 from bench_lib import corpus, daemons
 from bench_lib.common import Json, Options, Section, table
 from bench_lib.mount import ENV, atomic_save_steps
+from bench_lib.worker import import_docs
 
 CAT_FILES = 100  # files one `cat` probe reads
 READS = 20  # single-file reads per cycle
@@ -45,25 +46,6 @@ def run(opts: Options) -> Section:
     finally:
         daemons.remove(base, label="maintenance")
     return Section(data, _markdown(data))
-
-
-def _import(base: Path, docs: list[corpus.Doc]) -> Path:
-    from slurpfs import config, ucxl
-    from slurpfs.model import BatchItem, ContextStore
-
-    data = base / "data"
-    cfg = config.load(environ={"HOME": str(base)}, overrides={"node.data_dir": str(data)})
-    with ContextStore.init(cfg, None) as store:
-        for suffix in (b"", b"edited once\n"):
-            for i in range(0, len(docs), 500):
-                batch = [
-                    BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data + suffix)
-                    for d in docs[i : i + 500]
-                ]
-                report = store.put_many(batch)
-                if report.failed:
-                    raise RuntimeError(f"import failed: {report.failed[:3]}")
-    return data
 
 
 def _cli(data: Path, *args: str) -> list[str]:
@@ -163,7 +145,7 @@ def _during(probes: Probes, argv: list[str], log: Path, env: dict[str, str]) -> 
 
 def _measure(base: Path, opts: Options) -> Json:
     docs = list(corpus.generate(opts.docs))
-    data = _import(base, docs)
+    data = import_docs(base, docs, versions=(b"", b"edited once\n"))
     keys = subprocess.run(
         [*_cli(data, "backup", "keys", "init"), "--private-key", str(base / "backup.key")],
         env=ENV, capture_output=True, check=False,

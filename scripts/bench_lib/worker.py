@@ -47,7 +47,9 @@ def run(opts: Options) -> Section:
     return Section(data, _markdown(data))
 
 
-def _import(base: Path, docs: list[corpus.Doc]) -> Path:
+def import_docs(base: Path, docs: list[corpus.Doc], versions: tuple[bytes, ...] = (b"",)) -> Path:
+    """A new data directory under `base` holding `docs`: one version of each per entry
+    of `versions` (appended to its text), in that order."""
     from slurpfs import config, ucxl
     from slurpfs.model import BatchItem, ContextStore
 
@@ -55,15 +57,17 @@ def _import(base: Path, docs: list[corpus.Doc]) -> Path:
     cfg = config.load(environ={"HOME": str(base)}, overrides={"node.data_dir": str(data)})
     t0 = time.perf_counter()
     with ContextStore.init(cfg, None) as store:
-        for i in range(0, len(docs), 500):
-            batch = [
-                BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data) for d in docs[i : i + 500]
-            ]
-            report = store.put_many(batch)
-            if report.failed:
-                raise RuntimeError(f"import failed: {report.failed[:3]}")
-    print(f"worker: imported {len(docs)} contexts in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)  # fmt: skip
+        for suffix in versions:
+            for i in range(0, len(docs), 500):
+                batch = [
+                    BatchItem(ucxl.parse(d.address), corpus.ROLE, d.data + suffix)
+                    for d in docs[i : i + 500]
+                ]
+                report = store.put_many(batch)
+                if report.failed:
+                    raise RuntimeError(f"import failed: {report.failed[:3]}")
+    print(f"bench: imported {len(docs)} contexts x {len(versions)} versions in"
+          f" {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
     return data
 
 
@@ -151,7 +155,7 @@ def _freshness(mnt: Path) -> Json:
 
 def _measure(base: Path, opts: Options) -> Json:
     docs = list(corpus.generate(opts.docs))
-    data = _import(base, docs)
+    data = import_docs(base, docs)
     mnt = base / "mnt"
     mnt.mkdir()
     files = base / "files.list"
